@@ -1,0 +1,3 @@
+//! meshgate-dataplane: the per-core shards and the connection pipeline.
+
+pub mod rt;

@@ -1,0 +1,2 @@
+//! meshgate-perf
+fn main() {}
