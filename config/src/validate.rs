@@ -1,0 +1,1104 @@
+//! `TryFrom<raw::Config> for Config`: defaults, value checks and cross references.
+//!
+//! Each field is checked on its own and each problem recorded, so one pass reports everything;
+//! the validated [`Config`] is assembled only when nothing was found.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::duration::{format_duration, parse_duration};
+use crate::error::ConfigError;
+use crate::load::nearest;
+use crate::raw;
+use crate::types::{
+    AdminConfig, Balance, Cluster, Config, Listener, Protocol, Route, RouteAction, RuntimeConfig,
+    WeightedCluster,
+};
+
+/// The only file format version this release reads.
+pub(crate) const VERSION: u32 = 1;
+
+pub(crate) const DEFAULT_ADMIN_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_RING_ENTRIES: u32 = 1024;
+pub(crate) const MAX_RING_ENTRIES: u32 = 32768;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_BACKLOG: u32 = 1024;
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const MAX_NAME_LEN: usize = 64;
+/// `sizeof(sockaddr_un.sun_path) - 1` on Linux.
+pub(crate) const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+/// Protocol names this release recognises but does not implement yet.
+const PLANNED_PROTOCOLS: [&str; 4] = ["tls-passthrough", "tls", "http", "https"];
+
+impl TryFrom<raw::Config> for Config {
+    type Error = Vec<ConfigError>;
+
+    fn try_from(raw: raw::Config) -> Result<Config, Vec<ConfigError>> {
+        let mut validator = Validator::default();
+        match validator.config(raw) {
+            Some(config) if validator.errors.is_empty() => Ok(config),
+            _ if !validator.errors.is_empty() => Err(validator.errors),
+            _ => Err(vec![ConfigError {
+                path: String::new(),
+                message: "internal error: config rejected without a reason".to_owned(),
+                hint: Some(
+                    "this is a meshgate bug; please report it with the config file".to_owned(),
+                ),
+                line: None,
+                column: None,
+            }]),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+/// Names declared in one array of tables: name -> index of the first declaration.
+#[derive(Default)]
+struct Names {
+    first: HashMap<String, usize>,
+    in_order: Vec<String>,
+}
+
+impl Names {
+    fn index(&self, name: &str) -> Option<usize> {
+        self.first.get(name).copied()
+    }
+
+    /// "did you mean ...? " plus the list of defined names, for hints.
+    fn suggest(&self, name: &str, kind: &str) -> String {
+        let candidates: Vec<&str> = self.in_order.iter().map(String::as_str).collect();
+        let mut hint = String::new();
+        if let Some(near) = nearest(name, &candidates) {
+            hint.push_str(&format!("did you mean \"{near}\"? "));
+        }
+        if candidates.is_empty() {
+            hint.push_str(&format!("no {kind}s are defined; add a [[{kind}s]] table"));
+        } else {
+            hint.push_str(&format!("{kind}s defined: {}", quoted_list(&candidates)));
+        }
+        hint
+    }
+}
+
+fn quoted_list(names: &[&str]) -> String {
+    const MAX: usize = 10;
+    let mut list = names
+        .iter()
+        .take(MAX)
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX {
+        list.push_str(&format!(" and {} more", names.len() - MAX));
+    }
+    list
+}
+
+impl Validator {
+    fn error(
+        &mut self,
+        path: impl Into<String>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+            hint: Some(hint.into()),
+            line: None,
+            column: None,
+        });
+    }
+
+    fn config(&mut self, raw: raw::Config) -> Option<Config> {
+        let version = self.version(raw.version);
+        let admin = self.admin(raw.admin.unwrap_or_default());
+        let runtime = self.runtime(raw.runtime.unwrap_or_default());
+
+        let listener_names = self.names(
+            "listeners",
+            "listener",
+            raw.listeners.iter().map(|l| l.name.as_deref()),
+        );
+        // Route names are only checked for syntax and duplicates; nothing refers to them.
+        self.names(
+            "routes",
+            "route",
+            raw.routes.iter().map(|r| r.name.as_deref()),
+        );
+        let cluster_names = self.names(
+            "clusters",
+            "cluster",
+            raw.clusters.iter().map(|c| c.name.as_deref()),
+        );
+
+        let mut listeners: Vec<Option<Listener>> = raw
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| self.listener(index, listener))
+            .collect();
+        let clusters: Vec<Option<Cluster>> = raw
+            .clusters
+            .into_iter()
+            .enumerate()
+            .map(|(index, cluster)| self.cluster(index, cluster))
+            .collect();
+        let unresolved_route_listener = raw.routes.iter().any(|route| {
+            route
+                .listener
+                .as_deref()
+                .and_then(|name| listener_names.index(name))
+                .is_none()
+        });
+        let routes: Vec<Option<Route>> = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, route)| self.route(index, route, &listener_names, &cluster_names))
+            .collect();
+
+        self.bind_routes(&mut listeners, &routes, unresolved_route_listener);
+        self.listener_addresses(&listeners, admin.as_ref());
+
+        let config = Config {
+            version: version?,
+            admin: admin?,
+            runtime: runtime?,
+            listeners: listeners.into_iter().collect::<Option<_>>()?,
+            routes: routes.into_iter().collect::<Option<_>>()?,
+            clusters: clusters.into_iter().collect::<Option<_>>()?,
+        };
+        Some(config)
+    }
+
+    fn version(&mut self, version: Option<i64>) -> Option<u32> {
+        match version {
+            Some(v) if v == i64::from(VERSION) => Some(VERSION),
+            Some(v) => {
+                self.error(
+                    "version",
+                    format!(
+                        "unsupported config version {v}; this release reads version {VERSION} only"
+                    ),
+                    format!(
+                        "set `version = {VERSION}` and use the fields described in \
+                         docs/config-reference.md"
+                    ),
+                );
+                None
+            }
+            None => {
+                self.error(
+                    "version",
+                    "missing `version`",
+                    format!("add `version = {VERSION}` as the first line of the file"),
+                );
+                None
+            }
+        }
+    }
+
+    fn admin(&mut self, raw: raw::Admin) -> Option<AdminConfig> {
+        let danger_allow_non_loopback = raw.danger_allow_non_loopback.unwrap_or(false);
+        let address = match raw.address {
+            None => Some(DEFAULT_ADMIN_ADDRESS),
+            Some(text) => {
+                let address = self.address("admin.address", &text, AddressUse::Admin)?;
+                if !address.ip().to_canonical().is_loopback() && !danger_allow_non_loopback {
+                    self.error(
+                        "admin.address",
+                        format!("admin address {address} is not a loopback address"),
+                        "the admin API has no authentication: bind it to 127.0.0.1 or [::1], or \
+                         set danger_allow_non_loopback = true under [admin] to expose it anyway",
+                    );
+                    return None;
+                }
+                Some(address)
+            }
+        };
+        let unix_socket = match raw.unix_socket {
+            None => None,
+            Some(text) => Some(self.unix_socket(&text)?),
+        };
+        Some(AdminConfig {
+            address,
+            unix_socket,
+            danger_allow_non_loopback,
+        })
+    }
+
+    fn unix_socket(&mut self, text: &str) -> Option<PathBuf> {
+        const PATH: &str = "admin.unix_socket";
+        const EXAMPLE: &str = "e.g. unix_socket = \"/run/meshgate/admin.sock\"";
+        let path = PathBuf::from(text);
+        if text.is_empty() {
+            self.error(
+                PATH,
+                "unix_socket is empty",
+                format!("give an absolute path, {EXAMPLE}, or remove the field"),
+            );
+            None
+        } else if !path.is_absolute() {
+            self.error(
+                PATH,
+                format!("unix_socket {text:?} is not an absolute path"),
+                format!("a relative path would depend on the working directory; {EXAMPLE}"),
+            );
+            None
+        } else if text.len() > MAX_UNIX_SOCKET_PATH {
+            self.error(
+                PATH,
+                format!(
+                    "unix_socket path is {} bytes; Unix socket paths are limited to \
+                     {MAX_UNIX_SOCKET_PATH} bytes",
+                    text.len()
+                ),
+                format!("use a shorter path, {EXAMPLE}"),
+            );
+            None
+        } else {
+            Some(path)
+        }
+    }
+
+    fn runtime(&mut self, raw: raw::Runtime) -> Option<RuntimeConfig> {
+        let cores = match raw.cores {
+            None => Some(None),
+            Some(cores) => match usize::try_from(cores) {
+                Ok(cores) if cores >= 1 => Some(Some(cores)),
+                _ => {
+                    self.error(
+                        "runtime.cores",
+                        format!("`cores` must be at least 1, found {cores}"),
+                        "e.g. cores = 2, or leave it out to use every CPU the process may run on",
+                    );
+                    None
+                }
+            },
+        };
+        let drain_timeout = self.duration(
+            "runtime.drain_timeout",
+            "drain_timeout",
+            raw.drain_timeout,
+            DEFAULT_DRAIN_TIMEOUT,
+            false,
+        );
+        let ring_entries = match raw.ring_entries {
+            None => Some(DEFAULT_RING_ENTRIES),
+            Some(n) => match u32::try_from(n) {
+                Ok(n) if (2..=MAX_RING_ENTRIES).contains(&n) && n.is_power_of_two() => Some(n),
+                _ => {
+                    let suggestion = u32::try_from(n.clamp(2, i64::from(MAX_RING_ENTRIES)))
+                        .map_or(DEFAULT_RING_ENTRIES, u32::next_power_of_two);
+                    self.error(
+                        "runtime.ring_entries",
+                        format!(
+                            "`ring_entries` must be a power of two between 2 and \
+                             {MAX_RING_ENTRIES}, found {n}"
+                        ),
+                        format!("e.g. ring_entries = {suggestion}"),
+                    );
+                    None
+                }
+            },
+        };
+        Some(RuntimeConfig {
+            cores: cores?,
+            pin: raw.pin.unwrap_or(true),
+            drain_timeout: drain_timeout?,
+            ring_entries: ring_entries?,
+        })
+    }
+
+    /// Checks names (syntax, duplicates) and returns where each was first declared.
+    fn names<'a>(
+        &mut self,
+        section: &str,
+        kind: &str,
+        names: impl Iterator<Item = Option<&'a str>>,
+    ) -> Names {
+        let mut out = Names::default();
+        for (index, name) in names.enumerate() {
+            let path = format!("{section}[{index}].name");
+            let Some(name) = name else {
+                self.error(
+                    path,
+                    "missing `name`",
+                    format!(
+                        "every {kind} needs a unique name, e.g. {}",
+                        name_example(kind)
+                    ),
+                );
+                continue;
+            };
+            self.name_syntax(&path, kind, name);
+            match out.first.get(name) {
+                Some(first) => self.error(
+                    path,
+                    format!("duplicate {kind} name \"{name}\" (first used by {section}[{first}])"),
+                    format!("{kind} names must be unique; rename one of them"),
+                ),
+                None => {
+                    out.first.insert(name.to_owned(), index);
+                    out.in_order.push(name.to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    fn name_syntax(&mut self, path: &str, kind: &str, name: &str) {
+        let problem = if name.is_empty() {
+            "it is empty".to_owned()
+        } else if name.chars().count() > MAX_NAME_LEN {
+            format!(
+                "it is {} characters long, the limit is {MAX_NAME_LEN}",
+                name.chars().count()
+            )
+        } else if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        {
+            format!("character {c:?} is not allowed")
+        } else {
+            return;
+        };
+        self.error(
+            path,
+            format!("invalid {kind} name \"{name}\": {problem}"),
+            format!(
+                "use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -, e.g. {}",
+                name_example(kind)
+            ),
+        );
+    }
+
+    fn listener(&mut self, index: usize, raw: raw::Listener) -> Option<Listener> {
+        let path = format!("listeners[{index}]");
+        let address = match &raw.address {
+            Some(text) => self.address(&format!("{path}.address"), text, AddressUse::Listener),
+            None => {
+                self.error(
+                    format!("{path}.address"),
+                    "missing `address`",
+                    "add the IP:port to listen on, e.g. address = \"127.0.0.1:15001\"",
+                );
+                None
+            }
+        };
+        let protocol = self.protocol(&path, raw.protocol.as_deref());
+        let max_connections = self.integer(
+            &format!("{path}.max_connections"),
+            "max_connections",
+            raw.max_connections,
+            1,
+            u32::MAX,
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        let idle_timeout = self.duration(
+            &format!("{path}.idle_timeout"),
+            "idle_timeout",
+            raw.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            true,
+        );
+        let backlog = self.integer(
+            &format!("{path}.backlog"),
+            "backlog",
+            raw.backlog,
+            1,
+            65535,
+            DEFAULT_BACKLOG,
+        );
+        Some(Listener {
+            name: raw.name?,
+            address: address?,
+            protocol: protocol?,
+            max_connections: max_connections?,
+            idle_timeout: idle_timeout?,
+            backlog: backlog?,
+            routes: Vec::new(),
+        })
+    }
+
+    fn protocol(&mut self, listener_path: &str, protocol: Option<&str>) -> Option<Protocol> {
+        let path = format!("{listener_path}.protocol");
+        match protocol {
+            Some("tcp") => return Some(Protocol::Tcp),
+            None => self.error(
+                path,
+                "missing `protocol`",
+                "add protocol = \"tcp\" (the only protocol in this release)",
+            ),
+            Some("tls-passthrough") => self.error(
+                path,
+                "protocol `tls-passthrough` is not supported yet in this release",
+                "use protocol = \"tcp\": it forwards the TLS bytes unchanged (without SNI routing)",
+            ),
+            Some(other) if PLANNED_PROTOCOLS.contains(&other) => self.error(
+                path,
+                format!("protocol `{other}` is not supported yet in this release"),
+                format!(
+                    "use protocol = \"tcp\" (the only protocol in this release) and handle \
+                     {other} in the upstream"
+                ),
+            ),
+            Some(other) => {
+                let mut hint = match nearest(other, &["tcp"]) {
+                    Some(near) => format!("did you mean \"{near}\"? "),
+                    None => String::new(),
+                };
+                hint.push_str(&format!(
+                    "write protocol = \"tcp\"; {} are planned for later releases",
+                    quoted_list(&PLANNED_PROTOCOLS)
+                ));
+                self.error(
+                    path,
+                    format!("unknown protocol `{other}`; allowed values: \"tcp\""),
+                    hint,
+                );
+            }
+        }
+        None
+    }
+
+    fn cluster(&mut self, index: usize, raw: raw::Cluster) -> Option<Cluster> {
+        let path = format!("clusters[{index}]");
+        let endpoints = match raw.endpoints {
+            None => {
+                self.error(
+                    format!("{path}.endpoints"),
+                    "missing `endpoints`",
+                    "list the upstream addresses, e.g. endpoints = [\"127.0.0.1:8080\"]",
+                );
+                None
+            }
+            Some(list) if list.is_empty() => {
+                self.error(
+                    format!("{path}.endpoints"),
+                    format!(
+                        "cluster \"{}\" has no endpoints",
+                        raw.name.as_deref().unwrap_or_default()
+                    ),
+                    "list at least one upstream address, e.g. endpoints = [\"127.0.0.1:8080\"]",
+                );
+                None
+            }
+            Some(list) => self.endpoints(&path, &list),
+        };
+        let connect_timeout = self.duration(
+            &format!("{path}.connect_timeout"),
+            "connect_timeout",
+            raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+            true,
+        );
+        let balance = match raw.balance.as_deref() {
+            None | Some("round_robin") => Some(Balance::RoundRobin),
+            Some(other) => {
+                let mut hint = match nearest(other, &["round_robin"]) {
+                    Some(near) => format!("did you mean \"{near}\"? "),
+                    None => String::new(),
+                };
+                hint.push_str("write balance = \"round_robin\" or leave the field out");
+                self.error(
+                    format!("{path}.balance"),
+                    format!(
+                        "balance `{other}` is not supported in this release; allowed values: \
+                         \"round_robin\""
+                    ),
+                    hint,
+                );
+                None
+            }
+        };
+        Some(Cluster {
+            name: raw.name?,
+            endpoints: endpoints?,
+            connect_timeout: connect_timeout?,
+            balance: balance?,
+        })
+    }
+
+    fn endpoints(&mut self, cluster_path: &str, list: &[String]) -> Option<Vec<SocketAddr>> {
+        let mut endpoints = Vec::with_capacity(list.len());
+        let mut ok = true;
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        for (index, text) in list.iter().enumerate() {
+            let path = format!("{cluster_path}.endpoints[{index}]");
+            let Some(address) = self.address(&path, text, AddressUse::Endpoint) else {
+                ok = false;
+                continue;
+            };
+            let ip = address.ip().to_canonical();
+            let problem = if address.port() == 0 {
+                Some(format!("endpoint {address} has port 0"))
+            } else if ip.is_unspecified() {
+                Some(format!(
+                    "endpoint {address} has the unspecified IP {ip}, which cannot be connected to"
+                ))
+            } else if ip.is_multicast() {
+                Some(format!("endpoint {address} is a multicast address"))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                self.error(
+                    path,
+                    problem,
+                    "use the upstream's own IP and port, e.g. \"127.0.0.1:8080\"",
+                );
+                ok = false;
+                continue;
+            }
+            if let Some(first) = seen.get(&address) {
+                self.error(
+                    path,
+                    format!("duplicate endpoint {address} (same as endpoints[{first}])"),
+                    "list each endpoint once; remove this entry",
+                );
+                ok = false;
+                continue;
+            }
+            seen.insert(address, index);
+            endpoints.push(address);
+        }
+        ok.then_some(endpoints)
+    }
+
+    fn route(
+        &mut self,
+        index: usize,
+        raw: raw::Route,
+        listeners: &Names,
+        clusters: &Names,
+    ) -> Option<Route> {
+        let path = format!("routes[{index}]");
+        let listener_index = match raw.listener.as_deref() {
+            None => {
+                self.error(
+                    format!("{path}.listener"),
+                    "missing `listener`",
+                    format!(
+                        "name the listener this route serves, e.g. listener = \"tcp-in\"; {}",
+                        listeners.suggest("", "listener")
+                    ),
+                );
+                None
+            }
+            Some(name) => match listeners.index(name) {
+                Some(i) => Some(i),
+                None => {
+                    self.error(
+                        format!("{path}.listener"),
+                        format!("no listener named \"{name}\""),
+                        listeners.suggest(name, "listener"),
+                    );
+                    None
+                }
+            },
+        };
+        let action = match (raw.cluster, raw.weighted_clusters) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    path.clone(),
+                    "route sets both `cluster` and `weighted_clusters`",
+                    "keep one: cluster = \"NAME\" sends everything to one cluster, \
+                     weighted_clusters splits traffic between several",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    path.clone(),
+                    "route has no destination: neither `cluster` nor `weighted_clusters` is set",
+                    format!(
+                        "add cluster = \"NAME\" (or weighted_clusters to split traffic); {}",
+                        clusters.suggest("", "cluster")
+                    ),
+                );
+                None
+            }
+            (Some(cluster), None) => {
+                let cluster_path = format!("{path}.cluster");
+                self.cluster_ref(&cluster_path, &cluster, clusters)
+                    .map(|cluster_index| RouteAction::Forward {
+                        clusters: vec![WeightedCluster {
+                            cluster,
+                            cluster_index,
+                            weight: 1,
+                        }],
+                    })
+            }
+            (None, Some(list)) => self.weighted_clusters(&path, list, clusters),
+        };
+        Some(Route {
+            name: raw.name?,
+            listener: raw.listener?,
+            listener_index: listener_index?,
+            action: action?,
+        })
+    }
+
+    fn cluster_ref(&mut self, path: &str, name: &str, clusters: &Names) -> Option<usize> {
+        let index = clusters.index(name);
+        if index.is_none() {
+            self.error(
+                path,
+                format!("no cluster named \"{name}\""),
+                clusters.suggest(name, "cluster"),
+            );
+        }
+        index
+    }
+
+    fn weighted_clusters(
+        &mut self,
+        route_path: &str,
+        list: Vec<raw::WeightedCluster>,
+        clusters: &Names,
+    ) -> Option<RouteAction> {
+        let path = format!("{route_path}.weighted_clusters");
+        if list.is_empty() {
+            self.error(
+                path,
+                "weighted_clusters is empty",
+                "list at least one cluster, e.g. weighted_clusters = [{ cluster = \"stable\", \
+                 weight = 98 }, { cluster = \"canary\", weight = 2 }], or use cluster = \"NAME\"",
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut total: u64 = 0;
+        for (index, entry) in list.into_iter().enumerate() {
+            let entry_path = format!("{path}[{index}]");
+            let cluster = match entry.cluster {
+                None => {
+                    self.error(
+                        format!("{entry_path}.cluster"),
+                        "missing `cluster`",
+                        format!(
+                            "name the cluster, e.g. {{ cluster = \"stable\", weight = 1 }}; {}",
+                            clusters.suggest("", "cluster")
+                        ),
+                    );
+                    None
+                }
+                Some(name) => {
+                    let cluster_index =
+                        self.cluster_ref(&format!("{entry_path}.cluster"), &name, clusters);
+                    match seen.get(&name) {
+                        Some(first) => {
+                            self.error(
+                                format!("{entry_path}.cluster"),
+                                format!(
+                                    "cluster \"{name}\" is listed twice (also at \
+                                     weighted_clusters[{first}])"
+                                ),
+                                "merge the two entries into one and add up their weights",
+                            );
+                            None
+                        }
+                        None => {
+                            seen.insert(name.clone(), index);
+                            cluster_index.map(|i| (name, i))
+                        }
+                    }
+                }
+            };
+            let weight = match entry.weight {
+                None => {
+                    self.error(
+                        format!("{entry_path}.weight"),
+                        "missing `weight`",
+                        "give each entry a relative weight >= 1, e.g. { cluster = \"stable\", \
+                         weight = 98 }",
+                    );
+                    None
+                }
+                Some(0) => {
+                    self.error(
+                        format!("{entry_path}.weight"),
+                        "weight must be at least 1, found 0",
+                        "remove the entry to send this cluster no traffic, or give it weight >= 1",
+                    );
+                    None
+                }
+                Some(weight) => match u32::try_from(weight) {
+                    Ok(weight) => Some(weight),
+                    Err(_) => {
+                        self.error(
+                            format!("{entry_path}.weight"),
+                            format!("weight must be between 1 and {}, found {weight}", u32::MAX),
+                            "weights are relative: e.g. use percentages, weight = 98 and weight = 2",
+                        );
+                        None
+                    }
+                },
+            };
+            match (cluster, weight) {
+                (Some((cluster, cluster_index)), Some(weight)) => {
+                    total += u64::from(weight);
+                    out.push(WeightedCluster {
+                        cluster,
+                        cluster_index,
+                        weight,
+                    });
+                }
+                _ => ok = false,
+            }
+        }
+        if ok && total > u64::from(u32::MAX) {
+            self.error(
+                path,
+                format!("the weights add up to {total}, more than {}", u32::MAX),
+                "weights are relative: scale them down, e.g. to percentages",
+            );
+            ok = false;
+        }
+        ok.then_some(RouteAction::Forward { clusters: out })
+    }
+
+    /// Fills `Listener::routes` and checks that each tcp listener has exactly one route.
+    fn bind_routes(
+        &mut self,
+        listeners: &mut [Option<Listener>],
+        routes: &[Option<Route>],
+        unresolved_route_listener: bool,
+    ) {
+        for (route_index, route) in routes.iter().enumerate() {
+            let Some(route) = route else { continue };
+            let Some(Some(listener)) = listeners.get_mut(route.listener_index) else {
+                continue;
+            };
+            if listener.protocol == Protocol::Tcp
+                && let Some(&first) = listener.routes.first()
+            {
+                let first_name = routes
+                    .get(first)
+                    .and_then(Option::as_ref)
+                    .map_or("", |r| r.name.as_str());
+                self.error(
+                    format!("routes[{route_index}].listener"),
+                    format!(
+                        "listener \"{}\" already has route \"{first_name}\" (routes[{first}]); a \
+                         tcp listener takes exactly one route",
+                        listener.name
+                    ),
+                    "remove this route or bind it to another listener; to split traffic between \
+                     clusters, use weighted_clusters in one route",
+                );
+            }
+            listener.routes.push(route_index);
+        }
+        // A route whose `listener` is missing or misspelt is reported already; saying the
+        // listener it was meant for has no route would only repeat it.
+        if unresolved_route_listener {
+            return;
+        }
+        for (index, listener) in listeners.iter().enumerate() {
+            let Some(listener) = listener else { continue };
+            if listener.protocol == Protocol::Tcp && listener.routes.is_empty() {
+                self.error(
+                    format!("listeners[{index}]"),
+                    format!("listener \"{}\" has no route", listener.name),
+                    format!(
+                        "add a [[routes]] table with listener = \"{}\" and cluster = \"NAME\", or \
+                         remove the listener",
+                        listener.name
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Two listeners (or a listener and the admin API) on the same IP:port cannot both bind.
+    fn listener_addresses(&mut self, listeners: &[Option<Listener>], admin: Option<&AdminConfig>) {
+        let mut seen: HashMap<SocketAddr, (usize, &str)> = HashMap::new();
+        let admin_address = admin.and_then(|a| a.address);
+        for (index, listener) in listeners.iter().enumerate() {
+            let Some(listener) = listener else { continue };
+            let address = listener.address;
+            if address.port() == 0 {
+                continue;
+            }
+            let path = format!("listeners[{index}].address");
+            if admin_address == Some(address) {
+                self.error(
+                    path,
+                    format!("address {address} is already used by the admin API (admin.address)"),
+                    "move this listener to another port, or set address under [admin] to another \
+                     port",
+                );
+            } else if let Some((first, name)) = seen.get(&address) {
+                self.error(
+                    path,
+                    format!("address {address} is already used by listener \"{name}\" (listeners[{first}])"),
+                    "give each listener its own IP:port (port 0 picks a free port)",
+                );
+            } else {
+                seen.insert(address, (index, &listener.name));
+            }
+        }
+    }
+
+    fn address(&mut self, path: &str, text: &str, usage: AddressUse) -> Option<SocketAddr> {
+        match parse_socket_addr(text) {
+            Ok(address) => Some(address),
+            Err(problem) => {
+                let mut hint = usage.hint().to_owned();
+                if problem == AddressProblem::Hostname {
+                    hint.push_str("; host names are not resolved in this release, write the IP");
+                }
+                self.error(
+                    path,
+                    format!("invalid address {text:?}: {}", problem.as_str()),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer in `min..=max`, or `default` when absent.
+    fn integer(
+        &mut self,
+        path: &str,
+        field: &str,
+        value: Option<i64>,
+        min: u32,
+        max: u32,
+        default: u32,
+    ) -> Option<u32> {
+        let Some(value) = value else {
+            return Some(default);
+        };
+        match u32::try_from(value) {
+            Ok(v) if (min..=max).contains(&v) => Some(v),
+            _ => {
+                let message = if max == u32::MAX {
+                    format!("`{field}` must be at least {min}, found {value}")
+                } else {
+                    format!("`{field}` must be between {min} and {max}, found {value}")
+                };
+                self.error(path, message, format!("e.g. {field} = {default}"));
+                None
+            }
+        }
+    }
+
+    /// A duration string, or `default` when absent. `positive`: zero is rejected.
+    fn duration(
+        &mut self,
+        path: &str,
+        field: &str,
+        value: Option<raw::Duration>,
+        default: Duration,
+        positive: bool,
+    ) -> Option<Duration> {
+        const UNITS: &str = "units: h, m, s, ms; combine them largest first, e.g. \"1m30s\"";
+        let example = format_duration(default);
+        let text = match value {
+            None => return Some(default),
+            Some(raw::Duration::Text(text)) => text,
+            Some(raw::Duration::Integer(n)) => {
+                self.error(
+                    path,
+                    format!("duration must be a string with a unit, found the bare number {n}"),
+                    format!("write {field} = \"{n}s\" for {n} seconds (or \"{n}ms\"); {UNITS}"),
+                );
+                return None;
+            }
+            Some(raw::Duration::Float(x)) => {
+                let millis = (x * 1000.0).round();
+                self.error(
+                    path,
+                    format!("duration must be a string with a unit, found the bare number {x}"),
+                    format!("write {field} = \"{millis}ms\" for {x} seconds; {UNITS}"),
+                );
+                return None;
+            }
+        };
+        match parse_duration(&text) {
+            Ok(duration) if positive && duration.is_zero() => {
+                self.error(
+                    path,
+                    format!("`{field}` must be greater than 0"),
+                    format!("e.g. {field} = \"{example}\""),
+                );
+                None
+            }
+            Ok(duration) => Some(duration),
+            Err(err) => {
+                self.error(
+                    path,
+                    format!("invalid duration {text:?}: {err}"),
+                    format!("write a number with a unit, e.g. {field} = \"{example}\"; {UNITS}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn name_example(kind: &str) -> &'static str {
+    match kind {
+        "listener" => "name = \"tcp-in\"",
+        "route" => "name = \"default\"",
+        _ => "name = \"echo\"",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddressUse {
+    Admin,
+    Listener,
+    Endpoint,
+}
+
+impl AddressUse {
+    fn hint(self) -> &'static str {
+        match self {
+            AddressUse::Admin => {
+                "write the address as \"IP:PORT\", e.g. address = \"127.0.0.1:15000\""
+            }
+            AddressUse::Listener => {
+                "write the address as \"IP:PORT\", e.g. address = \"127.0.0.1:15001\" (IPv6 as \
+                 \"[::1]:15001\"; 0.0.0.0 or [::] listens on all interfaces)"
+            }
+            AddressUse::Endpoint => {
+                "write endpoints as \"IP:PORT\", e.g. \"127.0.0.1:8080\" (IPv6 as \"[::1]:8080\")"
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddressProblem {
+    Empty,
+    MissingPort,
+    Ipv6WithoutBrackets,
+    UnbracketedIpv6,
+    InvalidPort,
+    PortOutOfRange,
+    Hostname,
+    InvalidIp,
+}
+
+impl AddressProblem {
+    fn as_str(self) -> &'static str {
+        match self {
+            AddressProblem::Empty => "the address is empty",
+            AddressProblem::MissingPort => "missing port",
+            AddressProblem::Ipv6WithoutBrackets => {
+                "missing port (an IPv6 address with a port is written \"[IP]:PORT\")"
+            }
+            AddressProblem::UnbracketedIpv6 => "IPv6 addresses need brackets around the IP",
+            AddressProblem::InvalidPort => "the port is not a number",
+            AddressProblem::PortOutOfRange => "the port is out of range (0-65535)",
+            AddressProblem::Hostname => "expected an IP address, found a host name",
+            AddressProblem::InvalidIp => "not a valid IP address",
+        }
+    }
+}
+
+/// `IP:PORT` with IPv6 in brackets, explaining what is wrong when it is not.
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, AddressProblem> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    if text.is_empty() {
+        return Err(AddressProblem::Empty);
+    }
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => return Err(AddressProblem::MissingPort),
+        Ok(IpAddr::V6(_)) => return Err(AddressProblem::Ipv6WithoutBrackets),
+        Err(_) => {}
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(AddressProblem::InvalidPort),
+            },
+            None => return Err(AddressProblem::InvalidIp),
+        }
+    } else {
+        match text.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                return Err(if host.parse::<IpAddr>().is_ok() {
+                    AddressProblem::UnbracketedIpv6
+                } else {
+                    AddressProblem::InvalidIp
+                });
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    let looks_like_hostname = !text.starts_with('[')
+        && !host.is_empty()
+        && host.parse::<IpAddr>().is_err()
+        && host.chars().any(|c| c.is_ascii_alphabetic())
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+    if looks_like_hostname && !host.contains(':') {
+        return Err(AddressProblem::Hostname);
+    }
+    if host.parse::<IpAddr>().is_err() {
+        return Err(AddressProblem::InvalidIp);
+    }
+    match port {
+        None => Err(AddressProblem::MissingPort),
+        Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(AddressProblem::PortOutOfRange)
+        }
+        Some("") => Err(AddressProblem::MissingPort),
+        Some(_) => Err(AddressProblem::InvalidPort),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_explain_what_is_wrong() {
+        assert!(parse_socket_addr("127.0.0.1:80").is_ok());
+        assert!(parse_socket_addr("[::1]:80").is_ok());
+        assert!(parse_socket_addr("0.0.0.0:0").is_ok());
+        let cases = [
+            ("", AddressProblem::Empty),
+            ("10.0.0.1", AddressProblem::MissingPort),
+            ("::1", AddressProblem::Ipv6WithoutBrackets),
+            ("fe80::1:8080", AddressProblem::Ipv6WithoutBrackets),
+            ("10.0.0.1:", AddressProblem::MissingPort),
+            ("[::1]", AddressProblem::MissingPort),
+            ("::1:99999", AddressProblem::UnbracketedIpv6),
+            ("10.0.0.1:http", AddressProblem::InvalidPort),
+            ("10.0.0.1:65536", AddressProblem::PortOutOfRange),
+            ("localhost:80", AddressProblem::Hostname),
+            ("example.com", AddressProblem::Hostname),
+            ("10.0.0.256:80", AddressProblem::InvalidIp),
+            ("[zz]:80", AddressProblem::InvalidIp),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_socket_addr(text), Err(want), "{text:?}");
+        }
+    }
+}
