@@ -1,3 +1,19 @@
 //! meshgate-dataplane: the per-core shards and the connection pipeline.
+//!
+//! Data flow of one connection (each stage a module):
+//! `listen::accept` -> (`tls::secure`, later) -> route -> `balance::pick` -> `upstream::connect`
+//! -> `proxy` (tcp copy; http later) -> metrics. The only module that knows about io_uring is
+//! [`rt`]; see docs/ARCHITECTURE.md.
 
+pub mod admin;
+pub mod balance;
+pub mod error;
+pub mod gateway;
+mod listen;
+pub mod metrics;
+mod proxy;
 pub mod rt;
+mod shard;
+mod upstream;
+
+pub use gateway::{Gateway, Shared, StartError};

@@ -1,1 +1,304 @@
-//! meshgate-testkit
+//! meshgate-testkit: what the integration tests and benchmarks share.
+//!
+//! - [`free_port`]: a loopback port nobody listens on right now.
+//! - [`EchoServer`]: a threaded TCP echo upstream that honours half-close.
+//! - [`Meshgate`]: the real `meshgate run` binary as a child process with its own config and
+//!   admin API, killed on drop; [`Meshgate::terminate`] for graceful-shutdown tests.
+//! - [`http_get`]: a tiny blocking HTTP client for admin endpoints.
+//! - [`wait_until`]: poll with a deadline instead of sleeping.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A loopback port that was free a moment ago (bind :0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 always works on a test machine")
+}
+
+/// Poll `f` every 10 ms until it returns true or `timeout` passes. Returns whether it did.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TCP echo server on 127.0.0.1, one thread per connection. When the client half-closes, the
+/// server finishes echoing and half-closes too.
+#[derive(Debug)]
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (st, acc) = (stop.clone(), accepted.clone());
+        thread::Builder::new()
+            .name("echo-accept".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    if st.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(mut c) = conn else { continue };
+                    acc.fetch_add(1, Ordering::AcqRel);
+                    let _ = thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match c.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = c.shutdown(Shutdown::Write);
+                                    break;
+                                }
+                                Ok(n) => {
+                                    if c.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    });
+                }
+            })
+            .expect("spawn echo accept thread");
+        EchoServer { addr, stop, accepted }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+/// GET `path` from `addr` over HTTP/1.1; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    Ok((code, body.to_string()))
+}
+
+/// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose
+/// labels contain every `label=value` in `labels`.
+pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+                value.parse::<f64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
+}
+
+/// The real `meshgate run` as a child process.
+#[derive(Debug)]
+pub struct Meshgate {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Meshgate {
+    /// Write `config` to a temp dir, start `bin run --config`, wait until `/ready` answers 200.
+    /// `admin` must be the admin address the config names.
+    pub fn start(bin: &Path, config: &str, admin: SocketAddr) -> Result<Meshgate> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("meshgate.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("meshgate.log"))?;
+        let child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut mg = Meshgate { child: Some(child), admin, dir, config_path };
+        let ok = wait_until(Duration::from_secs(15), || {
+            if let Some(c) = mg.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return true;
+                }
+            }
+            matches!(http_get(admin, "/ready"), Ok((200, _)))
+        });
+        if let Some(c) = mg.child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("meshgate exited during start-up ({status}); log:\n{}", mg.log());
+            }
+        }
+        if !ok {
+            bail!("meshgate not ready after 15s; log:\n{}", mg.log());
+        }
+        Ok(mg)
+    }
+
+    /// The gateway's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("meshgate.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// Send a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, sig);
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait(timeout)
+    }
+
+    /// Wait up to `timeout` for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already waited")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("meshgate did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Meshgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal gateway config: one tcp listener -> one cluster.
+pub fn tcp_config(admin: SocketAddr, listen: SocketAddr, endpoints: &[SocketAddr], extra_listener: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"version = 1
+
+[admin]
+address = "{admin}"
+
+[runtime]
+cores = 2
+drain_timeout = "5s"
+
+[[listeners]]
+name = "in"
+address = "{listen}"
+protocol = "tcp"
+{extra_listener}
+
+[[routes]]
+name = "default"
+listener = "in"
+cluster = "up"
+
+[[clusters]]
+name = "up"
+endpoints = [{}]
+connect_timeout = "2s"
+"#,
+        eps.join(", ")
+    )
+}
+
+/// A 64-bit FNV-1a running checksum.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a transfer's content is not trivially
+/// compressible or periodic.
+pub fn fill_pseudo_random(seed: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let bytes = seed.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}

@@ -1,0 +1,295 @@
+//! The admin API: `/ready`, `/live`, `/metrics`, `/config_dump`, `/status`.
+//!
+//! Runs on its own plain OS threads (one per admin socket: loopback TCP and/or a Unix socket),
+//! never on a shard: a slow scrape can not stall traffic, and traffic can not stall a scrape.
+//! Requests are tiny and served one at a time, with a read deadline and a size cap.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meshgate_config::Config;
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::Shared;
+use crate::metrics::{BuildInfo, Stats};
+
+const MAX_REQUEST: usize = 8 * 1024;
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the admin API reports. Built once by `meshgate run`.
+#[derive(Debug)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    /// Where the config came from (file path or "embedded default").
+    pub config_source: String,
+    pub stats: Arc<Stats>,
+    pub shared: Arc<Shared>,
+    pub build: BuildInfo,
+    /// Bound address of each listener (port 0 resolved), in config order.
+    pub listener_addrs: Vec<SocketAddr>,
+    pub shards: usize,
+}
+
+/// The admin listeners, bound and serving.
+#[derive(Debug)]
+pub struct AdminServer {
+    pub tcp: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+}
+
+/// Bind the admin sockets and serve them on background threads.
+pub fn serve(
+    state: Arc<AdminState>,
+    tcp: Option<SocketAddr>,
+    unix: Option<&Path>,
+) -> io::Result<AdminServer> {
+    let mut server = AdminServer { tcp: None, unix: None };
+    if let Some(addr) = tcp {
+        let l = TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("admin address {addr}: {e}")))?;
+        server.tcp = Some(l.local_addr()?);
+        let st = state.clone();
+        std::thread::Builder::new().name("meshgate-admin".into()).spawn(move || {
+            for conn in l.incoming() {
+                match conn {
+                    Ok(c) => {
+                        let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                        let _ = c.set_write_timeout(Some(READ_DEADLINE));
+                        handle(&st, c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    }
+    if let Some(path) = unix {
+        // A socket file left by a previous run (crash, SIGKILL) would make bind fail.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let l = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("admin socket {}: {e}", path.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
+        server.unix = Some(path.to_path_buf());
+        let st = state;
+        std::thread::Builder::new().name("meshgate-admin-unix".into()).spawn(move || {
+            for conn in l.incoming() {
+                match conn {
+                    Ok(c) => {
+                        let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                        let _ = c.set_write_timeout(Some(READ_DEADLINE));
+                        handle(&st, c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    }
+    Ok(server)
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+    fn json(value: &impl Serialize) -> Self {
+        match serde_json::to_string_pretty(value) {
+            Ok(mut body) => {
+                body.push('\n');
+                Response { status: 200, content_type: "application/json", body }
+            }
+            Err(e) => Response::text(500, format!("cannot encode JSON: {e}\n")),
+        }
+    }
+}
+
+fn handle(state: &AdminState, mut conn: impl Read + Write) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, path) = loop {
+        let n = match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string());
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => continue,
+            Ok(httparse::Status::Partial) => {
+                write_response(&mut conn, &Response::text(431, "request too large\n"));
+                return;
+            }
+            Err(_) => {
+                write_response(&mut conn, &Response::text(400, "bad request\n"));
+                return;
+            }
+        }
+    };
+    let resp = route(state, &method, &path);
+    write_response(&mut conn, &resp);
+}
+
+fn route(state: &AdminState, method: &str, path: &str) -> Response {
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/live") => Response::text(200, "live\n"),
+        ("GET" | "HEAD", "/ready") => {
+            if state.shared.is_ready() {
+                Response::text(200, "ready\n")
+            } else if state.shared.draining.load(Ordering::Acquire) {
+                Response::text(503, "draining\n")
+            } else {
+                Response::text(503, "starting\n")
+            }
+        }
+        ("GET" | "HEAD", "/metrics") => Response {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: state.stats.render(&state.build),
+        },
+        ("GET" | "HEAD", "/config_dump") => Response::json(&*state.config),
+        ("GET" | "HEAD", "/status") => Response::json(&status(state)),
+        (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/status") => {
+            Response::text(405, format!("{method} not allowed on {path}; use GET\n"))
+        }
+        _ => Response::text(
+            404,
+            "not found; endpoints: /ready /live /metrics /config_dump /status\n".to_string(),
+        ),
+    }
+}
+
+fn write_response(conn: &mut impl Write, r: &Response) {
+    let reason = match r.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+        r.status,
+        reason,
+        r.content_type,
+        r.body.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(r.body.as_bytes());
+    let _ = conn.flush();
+}
+
+/// The `/status` document; `meshgate status` renders it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub ready: bool,
+    pub draining: bool,
+    pub shards: usize,
+    pub ring_mode: String,
+    pub config_source: String,
+    pub listeners: Vec<ListenerStatus>,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: String,
+    pub max_connections: u32,
+    pub active: i64,
+    pub accepted: u64,
+    pub limit_rejected: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub active: i64,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+fn status(state: &AdminState) -> Status {
+    let s = &state.stats;
+    Status {
+        version: state.build.version.to_string(),
+        pid: std::process::id(),
+        uptime_seconds: s.started.elapsed().as_secs(),
+        ready: state.shared.is_ready(),
+        draining: state.shared.draining.load(Ordering::Acquire),
+        shards: state.shards,
+        ring_mode: state.build.ring_mode.clone(),
+        config_source: state.config_source.clone(),
+        listeners: state
+            .config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ListenerStatus {
+                name: l.name.clone(),
+                address: state.listener_addrs.get(i).copied().unwrap_or(l.address),
+                protocol: l.protocol.to_string(),
+                max_connections: l.max_connections,
+                active: s.listener_active(i),
+                accepted: s.listener_total(i, |x| x.accepted.get()),
+                limit_rejected: s.listener_total(i, |x| x.limit_rejected.get()),
+                bytes_in: s.listener_total(i, |x| x.bytes_in.get()),
+                bytes_out: s.listener_total(i, |x| x.bytes_out.get()),
+            })
+            .collect(),
+        clusters: state
+            .config
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ClusterStatus {
+                name: c.name.clone(),
+                endpoints: c.endpoints.clone(),
+                active: s.cluster_active(i),
+                connects: s.cluster_total(i, |x| x.connects.get()),
+                connect_failures: s.cluster_total(i, |x| x.connect_failures.get()),
+                bytes_sent: s.cluster_total(i, |x| x.bytes_sent.get()),
+                bytes_received: s.cluster_total(i, |x| x.bytes_received.get()),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,291 @@
+//! Counters the shards bump and the admin thread reads.
+//!
+//! Each shard owns its own block of counters (one writer, so `Relaxed` atomics cost what a plain
+//! add does and never bounce a cache line between cores); the admin API sums or labels them per
+//! shard at scrape time. Names follow Prometheus conventions: `meshgate_*`, base units, `_total`
+//! added to counters by the encoder.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Instant, SystemTime};
+
+use meshgate_config::Config;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// A counter written by one shard only.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: load + store is an ordinary add, no locked instruction.
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A gauge written by one shard only.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.store(self.0.load(Relaxed) + 1, Relaxed);
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(self.0.load(Relaxed) - 1, Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Per listener, per shard.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub accepted: Counter,
+    pub active: Gauge,
+    pub closed: Counter,
+    /// Bytes read from downstream clients.
+    pub bytes_in: Counter,
+    /// Bytes written to downstream clients.
+    pub bytes_out: Counter,
+    /// Connections refused because the listener was at `max_connections`.
+    pub limit_rejected: Counter,
+    /// Connections closed because no data moved for `idle_timeout`.
+    pub idle_timeouts: Counter,
+    /// accept(2) errors (EMFILE, ENFILE, ...).
+    pub accept_errors: Counter,
+}
+
+/// Per cluster, per shard.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub connects: Counter,
+    pub connect_failures: Counter,
+    pub connect_timeouts: Counter,
+    pub active: Gauge,
+    /// Bytes written to upstream endpoints.
+    pub bytes_sent: Counter,
+    /// Bytes read from upstream endpoints.
+    pub bytes_received: Counter,
+}
+
+#[derive(Debug)]
+pub struct ShardStats {
+    pub listeners: Vec<ListenerStats>,
+    pub clusters: Vec<ClusterStats>,
+}
+
+impl ShardStats {
+    fn new(config: &Config) -> Self {
+        ShardStats {
+            listeners: config.listeners.iter().map(|_| ListenerStats::default()).collect(),
+            clusters: config.clusters.iter().map(|_| ClusterStats::default()).collect(),
+        }
+    }
+}
+
+/// Everything the admin API reports about the dataplane.
+#[derive(Debug)]
+pub struct Stats {
+    pub shards: Vec<Arc<ShardStats>>,
+    pub listener_names: Vec<String>,
+    pub cluster_names: Vec<String>,
+    pub started: Instant,
+    pub started_unix: u64,
+}
+
+impl Stats {
+    pub fn new(config: &Config, shards: usize) -> Self {
+        Stats {
+            shards: (0..shards).map(|_| Arc::new(ShardStats::new(config))).collect(),
+            listener_names: config.listeners.iter().map(|l| l.name.clone()).collect(),
+            cluster_names: config.clusters.iter().map(|c| c.name.clone()).collect(),
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    /// Sum of one listener counter over all shards.
+    pub fn listener_total(&self, idx: usize, f: impl Fn(&ListenerStats) -> u64) -> u64 {
+        self.shards.iter().map(|s| f(&s.listeners[idx])).sum()
+    }
+
+    pub fn listener_active(&self, idx: usize) -> i64 {
+        self.shards.iter().map(|s| s.listeners[idx].active.get()).sum()
+    }
+
+    pub fn cluster_total(&self, idx: usize, f: impl Fn(&ClusterStats) -> u64) -> u64 {
+        self.shards.iter().map(|s| f(&s.clusters[idx])).sum()
+    }
+
+    pub fn cluster_active(&self, idx: usize) -> i64 {
+        self.shards.iter().map(|s| s.clusters[idx].active.get()).sum()
+    }
+
+    /// Render the Prometheus/OpenMetrics text exposition.
+    pub fn render(self: &Arc<Self>, build: &BuildInfo) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exporter { stats: self.clone(), build: build.clone() }));
+        let mut out = String::with_capacity(8192);
+        // Encoding into a String cannot fail except on a fmt::Error from our own collector.
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.push_str("# encoding error\n");
+        }
+        out
+    }
+}
+
+/// `meshgate_build_info` labels.
+#[derive(Debug, Clone)]
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub ring_mode: String,
+}
+
+#[derive(Debug)]
+struct Exporter {
+    stats: Arc<Stats>,
+    build: BuildInfo,
+}
+
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl IntoIterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut fam = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in series {
+        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        metric.encode(fam.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Exporter {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        family(
+            &mut enc,
+            "meshgate_build_info",
+            "Build and runtime information",
+            MetricType::Gauge,
+            [(
+                vec![("version", self.build.version.to_string()), ("ring_mode", self.build.ring_mode.clone())],
+                ConstGauge::new(1i64),
+            )],
+        )?;
+        family(
+            &mut enc,
+            "meshgate_start_time_seconds",
+            "Unix time the gateway started",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(s.started_unix as i64))],
+        )?;
+
+        let lcounters: [(&str, &str, fn(&ListenerStats) -> u64); 7] = [
+            ("meshgate_listener_connections_accepted", "Downstream connections accepted", |l| l.accepted.get()),
+            ("meshgate_listener_connections_closed", "Downstream connections closed", |l| l.closed.get()),
+            ("meshgate_listener_received_bytes", "Bytes received from downstream", |l| l.bytes_in.get()),
+            ("meshgate_listener_sent_bytes", "Bytes sent to downstream", |l| l.bytes_out.get()),
+            (
+                "meshgate_listener_connection_limit_rejections",
+                "Connections refused at the listener's max_connections",
+                |l| l.limit_rejected.get(),
+            ),
+            ("meshgate_listener_idle_timeouts", "Connections closed by the idle timeout", |l| l.idle_timeouts.get()),
+            ("meshgate_listener_accept_errors", "accept() errors (e.g. out of file descriptors)", |l| {
+                l.accept_errors.get()
+            }),
+        ];
+        for (name, help, get) in lcounters {
+            let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
+                ss.listeners.iter().enumerate().map(move |(i, l)| {
+                    (
+                        vec![("listener", s.listener_names[i].clone()), ("shard", shard.to_string())],
+                        ConstCounter::new(get(l)),
+                    )
+                })
+            });
+            family(&mut enc, name, help, MetricType::Counter, series)?;
+        }
+        let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.listeners.iter().enumerate().map(move |(i, l)| {
+                (
+                    vec![("listener", s.listener_names[i].clone()), ("shard", shard.to_string())],
+                    ConstGauge::new(l.active.get()),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "meshgate_listener_connections_active",
+            "Downstream connections open now",
+            MetricType::Gauge,
+            series,
+        )?;
+
+        let ccounters: [(&str, &str, fn(&ClusterStats) -> u64); 5] = [
+            ("meshgate_cluster_upstream_connections", "Upstream connections established", |c| c.connects.get()),
+            (
+                "meshgate_cluster_upstream_connect_failures",
+                "Upstream connection attempts that failed (refused, unreachable, timed out)",
+                |c| c.connect_failures.get(),
+            ),
+            ("meshgate_cluster_upstream_connect_timeouts", "Upstream connection attempts that timed out", |c| {
+                c.connect_timeouts.get()
+            }),
+            ("meshgate_cluster_upstream_sent_bytes", "Bytes sent to upstream endpoints", |c| c.bytes_sent.get()),
+            ("meshgate_cluster_upstream_received_bytes", "Bytes received from upstream endpoints", |c| {
+                c.bytes_received.get()
+            }),
+        ];
+        for (name, help, get) in ccounters {
+            let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
+                ss.clusters.iter().enumerate().map(move |(i, c)| {
+                    (
+                        vec![("cluster", s.cluster_names[i].clone()), ("shard", shard.to_string())],
+                        ConstCounter::new(get(c)),
+                    )
+                })
+            });
+            family(&mut enc, name, help, MetricType::Counter, series)?;
+        }
+        let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.clusters.iter().enumerate().map(move |(i, c)| {
+                (
+                    vec![("cluster", s.cluster_names[i].clone()), ("shard", shard.to_string())],
+                    ConstGauge::new(c.active.get()),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "meshgate_cluster_upstream_connections_active",
+            "Upstream connections open now",
+            MetricType::Gauge,
+            series,
+        )?;
+        Ok(())
+    }
+}

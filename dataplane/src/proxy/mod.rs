@@ -1,0 +1,3 @@
+//! `proxy`: the last stage of a connection, moving bytes (TCP) or requests (HTTP, later).
+
+pub mod tcp;

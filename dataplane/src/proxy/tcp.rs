@@ -1,0 +1,147 @@
+//! The TCP proxy pipeline: `listen::accept` -> `route::resolve` -> `balance::pick` ->
+//! `upstream::connect` -> copy both ways.
+//!
+//! The copy loop is zero-copy in user space: each direction receives into a buffer the kernel
+//! picked from the shard's provided-buffer ring and sends that same buffer on; the buffer goes
+//! back to the ring when the send completes. Half-close is honoured (EOF on one side becomes
+//! `shutdown(SHUT_WR)` on the other; the other direction keeps flowing). Both directions share
+//! one idle clock: the connection closes only when *neither* side moved data for `idle_timeout`.
+
+use std::cell::Cell;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use meshgate_config::RouteAction;
+
+use crate::error::{Blame, ProxyError};
+use crate::listen::ConnGuard;
+use crate::metrics::Counter;
+use crate::rt;
+use crate::upstream;
+
+/// Serve one downstream connection of a `tcp` listener.
+pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr) {
+    let shard = guard.shard.clone();
+    let listener = &shard.config.listeners[guard.listener];
+    // route::resolve: a tcp listener has exactly one route (validated by the config crate).
+    let Some(&route_idx) = listener.routes.first() else {
+        tracing::error!(listener = %listener.name, "tcp listener without a route; closing");
+        return;
+    };
+    let RouteAction::Forward { clusters } = &shard.config.routes[route_idx].action;
+    // balance::pick
+    let Some(target) = clusters.get(shard.route_pickers[route_idx].pick()) else {
+        return;
+    };
+    // upstream::connect
+    let up = match upstream::connect(&shard, target.cluster_index).await {
+        Ok(up) => up,
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, %peer, error = %e, flag = e.response_flag(), "closing downstream");
+            return;
+        }
+    };
+    let lstats = &shard.stats.listeners[guard.listener];
+    let cstats = &shard.stats.clusters[target.cluster_index];
+    let idle = Idle::new(listener.idle_timeout);
+    let (down_rd, down_wr) = downstream.into_split();
+    let (up_rd, up_wr) = up.stream.into_split();
+    let to_upstream = pump(down_rd, up_wr, Blame::Downstream, &lstats.bytes_in, &cstats.bytes_sent, &idle);
+    let to_downstream = pump(up_rd, down_wr, Blame::Upstream, &cstats.bytes_received, &lstats.bytes_out, &idle);
+    if let Err(e) = both_or_first_error(to_upstream, to_downstream).await {
+        if matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout) {
+            lstats.idle_timeouts.inc();
+        }
+        tracing::debug!(listener = %listener.name, %peer, upstream = %up.endpoint, error = %e, flag = e.response_flag(), "connection ended");
+    }
+    drop(up.guard);
+    drop(guard);
+}
+
+/// The idle clock both directions of a connection share.
+#[derive(Debug)]
+struct Idle {
+    timeout: Duration,
+    last: Cell<Instant>,
+}
+
+impl Idle {
+    fn new(timeout: Duration) -> Self {
+        Idle { timeout, last: Cell::new(Instant::now()) }
+    }
+    fn touch(&self) {
+        self.last.set(Instant::now());
+    }
+    /// Time left before the connection counts as idle; None once it is.
+    fn remaining(&self) -> Option<Duration> {
+        self.timeout.checked_sub(self.last.get().elapsed()).filter(|d| !d.is_zero())
+    }
+}
+
+/// Copy `from` -> `to` until EOF (then half-close `to`) or an error.
+async fn pump(
+    mut from: rt::ReadHalf,
+    mut to: rt::WriteHalf,
+    reader_blame: Blame,
+    read_counter: &Counter,
+    write_counter: &Counter,
+    idle: &Idle,
+) -> Result<(), ProxyError> {
+    let writer_blame = match reader_blame {
+        Blame::Downstream => Blame::Upstream,
+        _ => Blame::Downstream,
+    };
+    loop {
+        let Some(left) = idle.remaining() else {
+            return Err(ProxyError::idle());
+        };
+        let buf = match rt::timeout(left, from.recv_buf()).await {
+            Err(rt::Elapsed) => continue, // re-check: the other direction may have moved data
+            Ok(Err(e)) => return Err(ProxyError::io(reader_blame, e)),
+            Ok(Ok(None)) => {
+                // EOF: pass the half-close on; a peer that already went away is not an error.
+                let _ = to.shutdown_write().await;
+                return Ok(());
+            }
+            Ok(Ok(Some(buf))) => buf,
+        };
+        let n = buf.len() as u64;
+        read_counter.add(n);
+        idle.touch();
+        let (res, buf) = to.write_all_owned(buf).await;
+        drop(buf); // back to the provided-buffer ring
+        res.map_err(|e| ProxyError::io(writer_blame, e))?;
+        write_counter.add(n);
+        idle.touch();
+    }
+}
+
+/// Run both directions; finish when both finished, or at the first error (dropping the other).
+async fn both_or_first_error<A, B>(a: A, b: B) -> Result<(), ProxyError>
+where
+    A: Future<Output = Result<(), ProxyError>>,
+    B: Future<Output = Result<(), ProxyError>>,
+{
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut a_done, mut b_done) = (false, false);
+    poll_fn(|cx| {
+        if !a_done {
+            if let Poll::Ready(r) = a.as_mut().poll(cx) {
+                r?;
+                a_done = true;
+            }
+        }
+        if !b_done {
+            if let Poll::Ready(r) = b.as_mut().poll(cx) {
+                r?;
+                b_done = true;
+            }
+        }
+        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
+}

@@ -1,0 +1,190 @@
+//! `meshgate run`: the daemon.
+//!
+//! Start-up order: load + validate config (exit 64 on errors) -> check the host (exit 71) ->
+//! start the shards (they bind every listener or start-up fails) -> bind the admin API -> wait
+//! for signals. SIGTERM/SIGINT: stop accepting, drain open connections until
+//! `runtime.drain_timeout`, exit 0.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use meshgate_dataplane::admin::{self, AdminState};
+use meshgate_dataplane::metrics::BuildInfo;
+use meshgate_dataplane::{Gateway, StartError};
+
+use super::exit;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML). Without it, the embedded default runs.
+    #[arg(short, long, env = "MESHGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "MESHGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info`, `debug`, `meshgate_dataplane=debug`.
+    #[arg(long, default_value = "info", env = "MESHGATE_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(args: &RunArgs) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log filter {:?} ({e}); using `info`", args.log);
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(args: RunArgs) -> u8 {
+    let (config, source) = match &args.config {
+        Some(path) => match meshgate_config::load(path) {
+            Ok(c) => (c, path.display().to_string()),
+            Err(e) => {
+                eprint!("{e}");
+                eprintln!("meshgate: configuration is invalid; nothing was started");
+                return exit::CONFIG;
+            }
+        },
+        None => match meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>") {
+            Ok(c) => (c, "embedded default".to_string()),
+            Err(e) => {
+                eprint!("{e}");
+                return exit::CONFIG;
+            }
+        },
+    };
+    init_logging(&args);
+    let config = Arc::new(config);
+
+    // Block the signals we handle before any thread starts, so every thread inherits the mask
+    // and only the sigwait below receives them.
+    let signals = match Signals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot set up signal handling: {e}");
+            return exit::FAILURE;
+        }
+    };
+
+    let gateway = match Gateway::start(config.clone()) {
+        Ok(g) => g,
+        Err(StartError::Runtime(e)) => {
+            eprintln!("error: this host cannot run the dataplane: {e}");
+            eprintln!("hint: `meshgate check` shows what the host supports");
+            return exit::HOST;
+        }
+        Err(e) => {
+            eprintln!("error: cannot start the gateway: {e}");
+            return exit::FAILURE;
+        }
+    };
+
+    let state = Arc::new(AdminState {
+        config: config.clone(),
+        config_source: source.clone(),
+        stats: gateway.stats().clone(),
+        shared: gateway.shared().clone(),
+        build: BuildInfo { version: env!("CARGO_PKG_VERSION"), ring_mode: gateway.ring_features().to_string() },
+        listener_addrs: gateway.listener_addrs().to_vec(),
+        shards: gateway.stats().shards.len(),
+    });
+    let admin = match admin::serve(state, config.admin.address, config.admin.unix_socket.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: cannot start the admin API: {e}");
+            gateway.stop();
+            return exit::FAILURE;
+        }
+    };
+    for (l, addr) in config.listeners.iter().zip(gateway.listener_addrs()) {
+        tracing::info!(listener = %l.name, address = %addr, protocol = %l.protocol, "listening");
+    }
+    if let Some(a) = admin.tcp {
+        tracing::info!(address = %a, "admin API listening");
+    }
+    if let Some(p) = &admin.unix {
+        tracing::info!(path = %p.display(), "admin API listening");
+    }
+    tracing::info!(config = %source, "meshgate is ready");
+    sd_notify("READY=1");
+
+    loop {
+        match signals.wait() {
+            libc::SIGTERM | libc::SIGINT => break,
+            libc::SIGHUP => tracing::info!("SIGHUP received; config reload is not available in this release"),
+            other => tracing::debug!(signal = other, "ignoring signal"),
+        }
+    }
+    tracing::info!(timeout = %meshgate_config::format_duration(config.runtime.drain_timeout), "draining: listeners closed, waiting for open connections");
+    sd_notify("STOPPING=1");
+    let left = gateway.drain(config.runtime.drain_timeout);
+    if let Some(p) = &admin.unix {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!(closed_at_deadline = left, "stopped");
+    exit::OK
+}
+
+/// SIGTERM, SIGINT and SIGHUP, received synchronously with sigwait(2).
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> std::io::Result<Signals> {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it; pthread_sigmask
+        // only changes this thread's mask (threads spawned later inherit it).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(Signals { set })
+        }
+    }
+
+    fn wait(&self) -> i32 {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` was initialised in `block`; `sig` is a valid out-pointer.
+        let rc = unsafe { libc::sigwait(&self.set, &mut sig) };
+        if rc != 0 { 0 } else { sig }
+    }
+}
+
+/// Tell systemd (Type=notify) about readiness and shutdown; a no-op outside systemd.
+fn sd_notify(msg: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -1,0 +1,112 @@
+//! `meshgate status`: a readable summary of the running gateway (or `-o json`).
+
+use clap::Args;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use meshgate_dataplane::admin::Status;
+
+use super::admin_client::{self, AdminAddr, Unreachable};
+use super::{DEFAULT_ADMIN, Output, exit, report};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Admin API of the gateway: `127.0.0.1:15000` or `unix:/run/meshgate/admin.sock`.
+    #[arg(long, env = "MESHGATE_ADMIN", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+pub fn run(args: StatusArgs) -> u8 {
+    let addr = AdminAddr::parse(&args.admin);
+    let (code, body) = match admin_client::get(&addr, "/status") {
+        Ok(r) => r,
+        Err(e) => {
+            report(&e);
+            return if e.downcast_ref::<Unreachable>().is_some() { exit::UNAVAILABLE } else { exit::FAILURE };
+        }
+    };
+    if code != 200 {
+        eprintln!("error: admin API answered {code}: {}", body.trim());
+        return exit::FAILURE;
+    }
+    if args.output == Output::Json {
+        print!("{body}");
+        return exit::OK;
+    }
+    let st: Status = match serde_json::from_str(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read the status document: {e}");
+            return exit::FAILURE;
+        }
+    };
+    println!(
+        "meshgate {}  pid {}  up {}  {}",
+        st.version,
+        st.pid,
+        human_duration(st.uptime_seconds),
+        if st.draining {
+            "DRAINING"
+        } else if st.ready {
+            "ready"
+        } else {
+            "NOT READY"
+        }
+    );
+    println!("shards: {}  ring: {}", st.shards, st.ring_mode);
+    println!("config: {}", st.config_source);
+
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["listener", "address", "protocol", "active", "limit", "accepted", "rejected", "bytes in", "bytes out"]);
+    for l in &st.listeners {
+        t.add_row([
+            l.name.clone(),
+            l.address.to_string(),
+            l.protocol.clone(),
+            l.active.to_string(),
+            l.max_connections.to_string(),
+            l.accepted.to_string(),
+            l.limit_rejected.to_string(),
+            human_bytes(l.bytes_in),
+            human_bytes(l.bytes_out),
+        ]);
+    }
+    println!("{t}");
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["cluster", "endpoints", "active", "connects", "connect failures", "sent", "received"]);
+    for c in &st.clusters {
+        t.add_row([
+            c.name.clone(),
+            c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "),
+            c.active.to_string(),
+            c.connects.to_string(),
+            c.connect_failures.to_string(),
+            human_bytes(c.bytes_sent),
+            human_bytes(c.bytes_received),
+        ]);
+    }
+    println!("{t}");
+    exit::OK
+}
+
+fn human_duration(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
