@@ -25,11 +25,17 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, LoadError> {
             });
         }
     };
-    let mut loader = Loader::default();
+    let spans = Spans::new(text);
+    let mut loader = Loader {
+        spans: &spans,
+        errors: Vec::new(),
+        dropped: Vec::new(),
+    };
     let raw = loader.config(table);
     let Loader {
         mut errors,
         dropped,
+        ..
     } = loader;
     match Config::try_from(raw) {
         Ok(config) if errors.is_empty() => return Ok(config),
@@ -43,10 +49,9 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, LoadError> {
             );
         }
     }
-    let spans = Spans::new(text);
     for error in &mut errors {
         if error.line.is_none() {
-            error.line = spans.line(&error.path);
+            error.line = spans.line_of(&error.path);
         }
     }
     errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
@@ -75,10 +80,17 @@ fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
     let hint = if message.contains("duplicate key") {
         "each key and each [table] may appear only once; remove or merge the repeated one \
          (use [[double brackets]] for a list of tables)"
-    } else if message.contains("invalid string") || message.contains("expected `\"`") {
-        "quote strings with double quotes, e.g. address = \"127.0.0.1:15001\""
-    } else if message.contains("invalid table header") || message.contains("invalid array") {
+    } else if message.contains("invalid table header") {
         "write tables as [name] and lists of tables as [[name]], on a line of their own"
+    } else if message.contains("invalid array") {
+        "separate array items with commas and close the array with `]`, e.g. \
+         endpoints = [\"127.0.0.1:8080\", \"127.0.0.1:8081\"]"
+    } else if message.contains("invalid inline table") {
+        "write an inline table on one line, e.g. { cluster = \"stable\", weight = 98 }"
+    } else if message.contains("string") {
+        "quote strings with double quotes on one line, e.g. address = \"127.0.0.1:15001\""
+    } else if message.contains("expected `=`") || message.contains("invalid key") {
+        "write each field as key = value, one per line"
     } else {
         "fix the TOML syntax at this position (format: https://toml.io/en/v1.0.0)"
     };
@@ -153,8 +165,20 @@ impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, segment) in self.0.iter().enumerate() {
             match segment {
-                Segment::Key(key) if i == 0 => f.write_str(key)?,
-                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Key(key) => {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    let bare = !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if bare {
+                        f.write_str(key)?;
+                    } else {
+                        write!(f, "{key:?}")?;
+                    }
+                }
                 Segment::Index(index) => write!(f, "[{index}]")?,
             }
         }
@@ -178,12 +202,16 @@ impl<'a> Spans<'a> {
 
     /// Line of the deepest part of `path` present in the file (a missing field is reported
     /// at its table's header).
-    fn line(&self, path: &str) -> Option<usize> {
+    fn line_of(&self, path: &str) -> Option<usize> {
+        self.line(&FieldPath::parse(path))
+    }
+
+    fn line(&self, path: &FieldPath) -> Option<usize> {
         let doc = self.doc.as_ref()?;
         let mut node = Node::Table(doc.as_table());
         let mut best: Option<Range<usize>> = None;
-        for segment in FieldPath::parse(path).0 {
-            let Some((span, next)) = node.child(&segment) else {
+        for segment in &path.0 {
+            let Some((span, next)) = node.child(segment) else {
                 break;
             };
             if span.is_some() {
@@ -245,14 +273,14 @@ impl<'a> Node<'a> {
 }
 
 /// Splits the file into sections and fields, reporting and dropping the malformed ones.
-#[derive(Default)]
-struct Loader {
+struct Loader<'s> {
+    spans: &'s Spans<'s>,
     errors: Vec<ConfigError>,
     /// Paths of the values dropped for having the wrong type.
     dropped: Vec<String>,
 }
 
-impl Loader {
+impl Loader<'_> {
     fn config(&mut self, mut top: toml::Table) -> raw::Config {
         let root = FieldPath::default();
         for (key, section) in [("admin", Section::Admin), ("runtime", Section::Runtime)] {
@@ -334,6 +362,11 @@ impl Loader {
                 self.unknown_field(section, &field_path, &key);
                 continue;
             }
+            if let Some(datetime) = find_datetime(&value) {
+                self.datetime(section, &field_path, &key, datetime);
+                self.dropped.push(field_path.to_string());
+                continue;
+            }
             if let Err(err) = try_field(section, &key, &value) {
                 self.type_error(section, &field_path, &key, &value, &err);
                 self.dropped.push(field_path.to_string());
@@ -389,7 +422,13 @@ impl Loader {
                 }),
             _ => (path.clone(), value),
         };
-        let message = match expected(err.message()) {
+        let expected =
+            if section == Section::Top && matches!(key, "listeners" | "routes" | "clusters") {
+                Some(format!("an array of tables ([[{key}]])"))
+            } else {
+                expected(err.message())
+            };
+        let message = match expected {
             Some(expected) => format!("expected {expected}, found {}", describe(found)),
             None => err.message().trim_end().to_owned(),
         };
@@ -401,6 +440,24 @@ impl Loader {
             None => "see docs/config-reference.md for the type of this field".to_owned(),
         };
         self.push(&path, message, hint);
+    }
+
+    /// No field takes a date-time, but some raw types would accept one as a string.
+    fn datetime(&mut self, section: Section, path: &FieldPath, key: &str, datetime: &Value) {
+        let example = match section.example(key) {
+            Some(example) if example.starts_with(&format!("{key} = ")) => {
+                format!("; write it like `{example}`")
+            }
+            _ => String::new(),
+        };
+        self.push(
+            path,
+            format!(
+                "date-times are not valid here, found {}",
+                describe(datetime)
+            ),
+            format!("quote the value if it is meant as a string{example}"),
+        );
     }
 
     fn internal(&mut self, path: &FieldPath, err: &toml::de::Error) {
@@ -419,9 +476,19 @@ impl Loader {
             path: path.to_string(),
             message,
             hint: Some(hint),
-            line: None,
+            line: self.spans.line(path),
             column: None,
         });
+    }
+}
+
+/// The first date-time in `value`, if any.
+fn find_datetime(value: &Value) -> Option<&Value> {
+    match value {
+        Value::Datetime(_) => Some(value),
+        Value::Array(items) => items.iter().find_map(find_datetime),
+        Value::Table(table) => table.values().find_map(find_datetime),
+        _ => None,
     }
 }
 

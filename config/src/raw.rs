@@ -206,15 +206,17 @@ impl Section {
             (Section::Top, "admin") => {
                 "[admin] followed by its fields, e.g. address = \"127.0.0.1:15000\""
             }
-            (Section::Top, "runtime") => "[runtime] followed by its fields, e.g. cores = 2",
+            (Section::Top, "runtime") => {
+                "put the runtime settings under a [runtime] header, e.g. [runtime] then cores = 2 on the next line"
+            }
             (Section::Top, "listeners") => {
-                "one [[listeners]] table per listener (double brackets), e.g. [[listeners]] name = \"tcp-in\" ..."
+                "declare each listener under its own [[listeners]] header (double brackets), with its fields on the lines below"
             }
             (Section::Top, "routes") => {
-                "one [[routes]] table per route (double brackets), e.g. [[routes]] name = \"default\" ..."
+                "declare each route under its own [[routes]] header (double brackets), with its fields on the lines below"
             }
             (Section::Top, "clusters") => {
-                "one [[clusters]] table per cluster (double brackets), e.g. [[clusters]] name = \"echo\" ..."
+                "declare each cluster under its own [[clusters]] header (double brackets), with its fields on the lines below"
             }
             (Section::Admin, "address") => "address = \"127.0.0.1:15000\"",
             (Section::Admin, "unix_socket") => "unix_socket = \"/run/meshgate/admin.sock\"",
@@ -297,5 +299,208 @@ mod tests {
                 "no example for {field}"
             );
         }
+    }
+
+    // ---- docs/config-reference.md is checked against the code ----
+
+    fn reference() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config-reference.md");
+        std::fs::read_to_string(path).unwrap_or_else(|err| panic!("read {path}: {err}"))
+    }
+
+    /// The heading of each section in the reference.
+    fn heading(section: Section) -> &'static str {
+        match section {
+            Section::Top => "## Top level",
+            Section::Admin => "## `[admin]`",
+            Section::Runtime => "## `[runtime]`",
+            Section::Listeners => "## `[[listeners]]`",
+            Section::Routes => "## `[[routes]]`",
+            Section::WeightedClusters => "### `weighted_clusters` entries",
+            Section::Clusters => "## `[[clusters]]`",
+        }
+    }
+
+    /// Fenced blocks: (info string, first line number, body).
+    fn fenced_blocks(doc: &str) -> Vec<(String, usize, String)> {
+        let mut blocks = Vec::new();
+        let mut open: Option<(String, usize, String)> = None;
+        for (number, line) in doc.lines().enumerate() {
+            match (line.strip_prefix("```"), open.take()) {
+                (Some(_), Some(block)) => blocks.push(block),
+                (Some(info), None) => {
+                    open = Some((info.trim().to_owned(), number + 1, String::new()))
+                }
+                (None, Some(mut block)) => {
+                    block.2.push_str(line);
+                    block.2.push('\n');
+                    open = Some(block);
+                }
+                (None, None) => {}
+            }
+        }
+        assert!(open.is_none(), "unterminated code block in the reference");
+        blocks
+    }
+
+    /// The lines of `section` outside code blocks, up to the next heading.
+    fn section_lines(doc: &str, section: Section) -> Vec<String> {
+        let mut in_fence = false;
+        let mut inside = false;
+        let mut found = false;
+        let mut out = Vec::new();
+        for line in doc.lines() {
+            if line.starts_with("```") {
+                in_fence = !in_fence;
+                continue;
+            }
+            if in_fence {
+                continue;
+            }
+            if line.starts_with('#') {
+                inside = line.trim() == heading(section);
+                found |= inside;
+                continue;
+            }
+            if inside {
+                out.push(line.to_owned());
+            }
+        }
+        assert!(found, "the reference has no heading {:?}", heading(section));
+        out
+    }
+
+    /// Field table rows of a section: (field, default cell).
+    fn field_rows(doc: &str, section: Section) -> Vec<(String, String)> {
+        section_lines(doc, section)
+            .iter()
+            .filter(|line| line.starts_with("| `"))
+            .map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let field = cells[1].trim_matches('`').to_owned();
+                let default = cells.get(3).copied().unwrap_or_default().to_owned();
+                (field, default)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reference_toml_blocks_are_valid() {
+        let doc = reference();
+        let blocks = fenced_blocks(&doc);
+        let mut complete = 0;
+        for (info, line, body) in &blocks {
+            let origin = format!("config-reference.md block at line {line}");
+            match info.as_str() {
+                "toml" => {
+                    complete += 1;
+                    if let Err(err) = crate::parse(body, &origin) {
+                        panic!("{err}");
+                    }
+                }
+                "toml fragment" => {
+                    // Fragments may name things defined elsewhere, but their syntax, field
+                    // names and value types must be right.
+                    if let Err(err) = crate::parse(body, &origin) {
+                        for error in &err.errors {
+                            assert!(
+                                !(error.message.starts_with("TOML syntax")
+                                    || error.message.starts_with("unknown field")
+                                    || error.message.starts_with("expected ")),
+                                "{origin}: {error}"
+                            );
+                        }
+                    }
+                }
+                "text" | "" => {}
+                other => panic!("{origin}: unexpected code block type {other:?}"),
+            }
+        }
+        assert!(complete >= 2, "the reference lost its complete examples");
+    }
+
+    #[test]
+    fn reference_documents_exactly_the_accepted_fields() {
+        let doc = reference();
+        for section in Section::ALL {
+            let documented: Vec<String> = field_rows(&doc, section)
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect();
+            for field in section.fields() {
+                assert!(
+                    documented.iter().any(|d| d == field),
+                    "`{field}` of {} is accepted by the loader but has no row under {:?} in \
+                     docs/config-reference.md",
+                    section.title(),
+                    heading(section)
+                );
+            }
+            for field in &documented {
+                assert!(
+                    section.fields().contains(&field.as_str()),
+                    "docs/config-reference.md documents `{field}` under {:?}, but the loader \
+                     does not accept it",
+                    heading(section)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reference_defaults_match_the_loader() {
+        const MINIMAL: &str = r#"
+            version = 1
+            [[listeners]]
+            name = "l"
+            address = "127.0.0.1:0"
+            protocol = "tcp"
+            [[routes]]
+            name = "r"
+            listener = "l"
+            cluster = "c"
+            [[clusters]]
+            name = "c"
+            endpoints = ["127.0.0.1:1"]
+        "#;
+        let config = crate::parse(MINIMAL, "minimal").unwrap_or_else(|err| panic!("{err}"));
+        let json = serde_json::to_value(&config).unwrap_or_default();
+        let doc = reference();
+        let mut checked = 0;
+        for section in Section::ALL {
+            let object = match section {
+                Section::Top => &json,
+                Section::Admin => &json["admin"],
+                Section::Runtime => &json["runtime"],
+                Section::Listeners => &json["listeners"][0],
+                Section::Clusters => &json["clusters"][0],
+                Section::Routes | Section::WeightedClusters => continue,
+            };
+            for (field, default) in field_rows(&doc, section) {
+                let actual = &object[field.as_str()];
+                if default.starts_with("none") {
+                    assert!(
+                        actual.is_null(),
+                        "{field}: documented none, loader gives {actual}"
+                    );
+                    checked += 1;
+                } else if let Some(literal) = default
+                    .strip_prefix('`')
+                    .and_then(|rest| rest.split('`').next())
+                {
+                    let parsed: toml::Table = toml::from_str(&format!("v = {literal}"))
+                        .unwrap_or_else(|err| panic!("{field}: default {literal}: {err}"));
+                    let want = serde_json::to_value(&parsed["v"]).unwrap_or_default();
+                    assert_eq!(
+                        actual,
+                        &want,
+                        "{} `{field}`: documented default {literal}, loader default {actual}",
+                        section.title()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 12, "only {checked} defaults were checked");
     }
 }

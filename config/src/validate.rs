@@ -142,6 +142,29 @@ impl Validator {
             raw.clusters.iter().map(|c| c.name.as_deref()),
         );
 
+        // Bindings are known even for listeners and routes that fail other checks, so a route
+        // with a bad cluster does not also make its listener look route-less.
+        let bindings = Bindings {
+            listeners: raw
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(index, l)| BoundListener {
+                    name: l.name.clone().unwrap_or_default(),
+                    tcp: l.protocol.as_deref() == Some("tcp"),
+                    referable: l.name.as_deref().and_then(|n| listener_names.index(n))
+                        == Some(index),
+                })
+                .collect(),
+            routes: raw
+                .routes
+                .iter()
+                .map(|r| BoundRoute {
+                    name: r.name.clone().unwrap_or_default(),
+                    listener: r.listener.as_deref().and_then(|n| listener_names.index(n)),
+                })
+                .collect(),
+        };
         let mut listeners: Vec<Option<Listener>> = raw
             .listeners
             .into_iter()
@@ -154,13 +177,6 @@ impl Validator {
             .enumerate()
             .map(|(index, cluster)| self.cluster(index, cluster))
             .collect();
-        let unresolved_route_listener = raw.routes.iter().any(|route| {
-            route
-                .listener
-                .as_deref()
-                .and_then(|name| listener_names.index(name))
-                .is_none()
-        });
         let routes: Vec<Option<Route>> = raw
             .routes
             .into_iter()
@@ -168,7 +184,7 @@ impl Validator {
             .map(|(index, route)| self.route(index, route, &listener_names, &cluster_names))
             .collect();
 
-        self.bind_routes(&mut listeners, &routes, unresolved_route_listener);
+        self.bind_routes(&mut listeners, &bindings);
         self.listener_addresses(&listeners, admin.as_ref());
 
         let config = Config {
@@ -299,8 +315,11 @@ impl Validator {
             Some(n) => match u32::try_from(n) {
                 Ok(n) if (2..=MAX_RING_ENTRIES).contains(&n) && n.is_power_of_two() => Some(n),
                 _ => {
-                    let suggestion = u32::try_from(n.clamp(2, i64::from(MAX_RING_ENTRIES)))
-                        .map_or(DEFAULT_RING_ENTRIES, u32::next_power_of_two);
+                    let suggestion = match u32::try_from(n) {
+                        Ok(n) if (3..MAX_RING_ENTRIES).contains(&n) => n.next_power_of_two(),
+                        Ok(n) if n > MAX_RING_ENTRIES => MAX_RING_ENTRIES,
+                        _ => DEFAULT_RING_ENTRIES,
+                    };
                     self.error(
                         "runtime.ring_entries",
                         format!(
@@ -773,24 +792,22 @@ impl Validator {
     }
 
     /// Fills `Listener::routes` and checks that each tcp listener has exactly one route.
-    fn bind_routes(
-        &mut self,
-        listeners: &mut [Option<Listener>],
-        routes: &[Option<Route>],
-        unresolved_route_listener: bool,
-    ) {
-        for (route_index, route) in routes.iter().enumerate() {
-            let Some(route) = route else { continue };
-            let Some(Some(listener)) = listeners.get_mut(route.listener_index) else {
+    fn bind_routes(&mut self, listeners: &mut [Option<Listener>], bindings: &Bindings) {
+        let mut bound: Vec<Vec<usize>> = vec![Vec::new(); bindings.listeners.len()];
+        for (route_index, route) in bindings.routes.iter().enumerate() {
+            let Some(listener_index) = route.listener else {
                 continue;
             };
-            if listener.protocol == Protocol::Tcp
-                && let Some(&first) = listener.routes.first()
+            let (Some(routes), Some(listener)) = (
+                bound.get_mut(listener_index),
+                bindings.listeners.get(listener_index),
+            ) else {
+                continue;
+            };
+            if listener.tcp
+                && let Some(&first) = routes.first()
             {
-                let first_name = routes
-                    .get(first)
-                    .and_then(Option::as_ref)
-                    .map_or("", |r| r.name.as_str());
+                let first_name = bindings.routes.get(first).map_or("", |r| r.name.as_str());
                 self.error(
                     format!("routes[{route_index}].listener"),
                     format!(
@@ -802,16 +819,15 @@ impl Validator {
                      clusters, use weighted_clusters in one route",
                 );
             }
-            listener.routes.push(route_index);
+            routes.push(route_index);
         }
-        // A route whose `listener` is missing or misspelt is reported already; saying the
-        // listener it was meant for has no route would only repeat it.
-        if unresolved_route_listener {
-            return;
-        }
-        for (index, listener) in listeners.iter().enumerate() {
-            let Some(listener) = listener else { continue };
-            if listener.protocol == Protocol::Tcp && listener.routes.is_empty() {
+        // A route whose `listener` is missing or misspelt is reported already; saying that the
+        // listener it was meant for has no route would only repeat it. Same for a listener with
+        // a duplicate name, which no route can name.
+        let unresolved = bindings.routes.iter().any(|r| r.listener.is_none());
+        for (index, listener) in bindings.listeners.iter().enumerate() {
+            let routes = bound.get(index).map_or(&[][..], Vec::as_slice);
+            if listener.tcp && listener.referable && routes.is_empty() && !unresolved {
                 self.error(
                     format!("listeners[{index}]"),
                     format!("listener \"{}\" has no route", listener.name),
@@ -821,6 +837,11 @@ impl Validator {
                         listener.name
                     ),
                 );
+            }
+        }
+        for (listener, routes) in listeners.iter_mut().zip(bound) {
+            if let Some(listener) = listener {
+                listener.routes = routes;
             }
         }
     }
@@ -954,6 +975,24 @@ impl Validator {
     }
 }
 
+/// Which listener each route is bound to, gathered before the other checks.
+struct Bindings {
+    listeners: Vec<BoundListener>,
+    routes: Vec<BoundRoute>,
+}
+
+struct BoundListener {
+    name: String,
+    tcp: bool,
+    /// The first listener with its name, so routes can refer to it.
+    referable: bool,
+}
+
+struct BoundRoute {
+    name: String,
+    listener: Option<usize>,
+}
+
 fn name_example(kind: &str) -> &'static str {
     match kind {
         "listener" => "name = \"tcp-in\"",
@@ -1006,7 +1045,7 @@ impl AddressProblem {
             AddressProblem::Ipv6WithoutBrackets => {
                 "missing port (an IPv6 address with a port is written \"[IP]:PORT\")"
             }
-            AddressProblem::UnbracketedIpv6 => "IPv6 addresses need brackets around the IP",
+            AddressProblem::UnbracketedIpv6 => "IPv6 addresses need brackets: \"[IP]:PORT\"",
             AddressProblem::InvalidPort => "the port is not a number",
             AddressProblem::PortOutOfRange => "the port is out of range (0-65535)",
             AddressProblem::Hostname => "expected an IP address, found a host name",
