@@ -1,0 +1,409 @@
+//! The measurement method: for each scenario, start its origin on the load core; then for each
+//! round, for each proxy (order rotated every round), start the proxy pinned to the proxy core,
+//! wait until ready, start load, discard a warm-up, measure one window (work done, proxy CPU
+//! time over its whole process tree, both cores' busy time, latency), optionally count syscalls
+//! in a short extra window, stop everything. Results are medians over rounds.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::load::{Latency, Load};
+use crate::origin::Origin;
+use crate::proxy::{Proxy, ProxySpec, Running};
+use crate::scenarios::Scenario;
+use crate::sys::{self, SyscallCount};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub warmup_secs: f64,
+    pub window_secs: f64,
+    pub rounds: usize,
+    /// Length of the syscall-counting window (last round only); None to skip.
+    pub syscall_window_secs: Option<f64>,
+    pub proxy_cpu: usize,
+    pub load_cpu: usize,
+    /// Windows tried per round when other processes disturb one.
+    pub attempts: usize,
+    #[serde(skip)]
+    pub out: PathBuf,
+}
+
+/// One measured window of one proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub round: usize,
+    pub secs: f64,
+    /// Work in the scenario's counted unit (round trips, bytes).
+    pub work: u64,
+    pub proxy_cpu_secs: f64,
+    /// Fraction of the proxy core busy (all causes, including softirq not charged to the proxy).
+    pub proxy_core_busy: f64,
+    /// Fraction of the load core busy (generator + origin + their kernel work).
+    pub load_core_busy: f64,
+    /// Fraction of the proxy core used by anything but the proxy (other processes, kernel
+    /// threads, softirq not charged to the proxy).
+    pub proxy_core_foreign: f64,
+    /// Fraction of the load core used by anything but this harness.
+    pub load_core_foreign: f64,
+    /// Other processes that used CPU during the window ("comm (pid) secs").
+    pub others: Vec<String>,
+    /// Windows measured to get this one (a disturbed window is measured again).
+    pub attempts: usize,
+    pub proxy_threads: usize,
+    pub errors: u64,
+    pub latency: Option<Latency>,
+    pub syscalls: Option<SyscallSample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyscallSample {
+    pub counts: SyscallCount,
+    /// Work done while perf counted (estimated from the rate around the perf run).
+    pub work: f64,
+}
+
+impl Sample {
+    pub fn per_cpu_sec(&self, scale: f64) -> Option<f64> {
+        (self.proxy_cpu_secs > 0.0).then(|| self.work as f64 * scale / self.proxy_cpu_secs)
+    }
+    pub fn per_sec(&self, scale: f64) -> f64 {
+        self.work as f64 * scale / self.secs
+    }
+    pub fn proxy_util(&self) -> f64 {
+        self.proxy_cpu_secs / self.secs
+    }
+    /// The larger share of either core taken by work that is not ours.
+    pub fn disturbance(&self) -> f64 {
+        self.proxy_core_foreign.max(self.load_core_foreign)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyResult {
+    pub proxy: String,
+    pub version: String,
+    /// "ran" or "not run: <reason>".
+    pub status: String,
+    pub samples: Vec<Sample>,
+    pub notes: Vec<String>,
+}
+
+impl ProxyResult {
+    pub fn ran(&self) -> bool {
+        !self.samples.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub about: String,
+    pub unit: String,
+    #[serde(skip)]
+    pub scale: f64,
+    pub proxies: Vec<ProxyResult>,
+}
+
+/// Runs one scenario against every proxy (`selected` filters by name; the others are listed as
+/// not selected so the report keeps its columns).
+pub fn run_scenario(
+    sc: &dyn Scenario,
+    proxies: &[Box<dyn Proxy>],
+    selected: &[String],
+    st: &Settings,
+) -> Result<ScenarioResult> {
+    let runs_dir = st.out.join("runs");
+    fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
+    let origin = Origin::start(sc.origin()).context("starting the origin")?;
+    let mut results: Vec<ProxyResult> = proxies
+        .iter()
+        .map(|p| {
+            let status = if !selected.iter().any(|s| s == p.name()) {
+                "not run: not selected (--proxies)".to_string()
+            } else if !p.supports(sc.listener()) {
+                format!(
+                    "not run: no {:?} listener support in the harness",
+                    sc.listener()
+                )
+            } else {
+                match p.check() {
+                    Ok(()) => "ran".to_string(),
+                    Err(why) => format!("not run: {why}"),
+                }
+            };
+            ProxyResult {
+                proxy: p.name().to_string(),
+                version: if status == "ran" {
+                    p.version()
+                } else {
+                    String::new()
+                },
+                status,
+                samples: Vec::new(),
+                notes: Vec::new(),
+            }
+        })
+        .collect();
+
+    let n = proxies.len();
+    for round in 1..=st.rounds {
+        for k in 0..n {
+            // Rotate the order each round so drift (thermal, noisy neighbours) spreads evenly.
+            let i = (k + round - 1) % n;
+            if results[i].status != "ran" {
+                continue;
+            }
+            let p = proxies[i].as_ref();
+            let count_syscalls = if round == st.rounds {
+                st.syscall_window_secs
+            } else {
+                None
+            };
+            let stem = format!("{}-{}-r{round}", sc.name(), p.name());
+            match measure(sc, p, &origin, st, &runs_dir, &stem, round, count_syscalls) {
+                Ok((sample, notes)) => {
+                    let scale = sc.unit().scale;
+                    eprintln!(
+                        "[{} r{round}/{}] {:<9} {:>12.1} {}/proxy-CPU-s  {:>12.1} {}/s  proxy CPU {:>5.1}%  load core {:>5.1}%",
+                        sc.name(),
+                        st.rounds,
+                        p.name(),
+                        sample.per_cpu_sec(scale).unwrap_or(0.0),
+                        sc.unit().name,
+                        sample.per_sec(scale),
+                        sc.unit().name,
+                        sample.proxy_util() * 100.0,
+                        sample.load_core_busy * 100.0,
+                    );
+                    results[i].notes.extend(notes);
+                    results[i].samples.push(sample);
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!(
+                        "[{} r{round}/{}] {:<9} FAILED: {why}",
+                        sc.name(),
+                        st.rounds,
+                        p.name()
+                    );
+                    if results[i].samples.is_empty() {
+                        // It never worked: skip its remaining rounds.
+                        results[i].status = format!("not run: {why}");
+                    } else {
+                        results[i]
+                            .notes
+                            .push(format!("round {round} failed: {why}"));
+                    }
+                }
+            }
+        }
+    }
+    drop(origin);
+    Ok(ScenarioResult {
+        scenario: sc.name().to_string(),
+        about: sc.about().to_string(),
+        unit: sc.unit().name.to_string(),
+        scale: sc.unit().scale,
+        proxies: results,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Snap {
+    at: Instant,
+    work: u64,
+    procs: sys::ProcSnapshot,
+    proxy_core: sys::CoreTimes,
+    load_core: sys::CoreTimes,
+}
+
+impl Snap {
+    fn take(load: &dyn Load, st: &Settings) -> Self {
+        Self {
+            at: Instant::now(),
+            work: load.work(),
+            procs: sys::ProcSnapshot::take(),
+            proxy_core: sys::core_times(st.proxy_cpu),
+            load_core: sys::core_times(st.load_cpu),
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn measure(
+    sc: &dyn Scenario,
+    p: &dyn Proxy,
+    origin: &Origin,
+    st: &Settings,
+    dir: &std::path::Path,
+    stem: &str,
+    round: usize,
+    syscall_window: Option<f64>,
+) -> Result<(Sample, Vec<String>)> {
+    let spec = ProxySpec {
+        listener: sc.listener(),
+        listen: sys::free_port()?,
+        upstream: origin.addr,
+        admin: sys::free_port()?,
+        dir: dir.to_path_buf(),
+        stem: stem.to_string(),
+    };
+    let cmd = p.prepare(&spec)?;
+    let mut proxy = Running::spawn(cmd, st.proxy_cpu, &dir.join(format!("{stem}.log")))?;
+    proxy.wait_ready(p, &spec, Duration::from_secs(15))?;
+    let load = sc
+        .start_load(spec.listen, origin)
+        .context("starting load")?;
+    let mut notes = Vec::new();
+
+    let result = (|| -> Result<Sample> {
+        std::thread::sleep(Duration::from_secs_f64(st.warmup_secs));
+        proxy.check_alive()?;
+        if load.work() == 0 {
+            bail!(
+                "no traffic passed through in the {}s warm-up ({} load errors)",
+                st.warmup_secs,
+                load.errors()
+            );
+        }
+        let mut best: Option<Sample> = None;
+        for attempt in 1..=st.attempts {
+            let mut s = window(&mut proxy, load.as_ref(), st, round)?;
+            s.attempts = attempt;
+            let clean = s.disturbance() <= MAX_FOREIGN;
+            if !clean {
+                eprintln!(
+                    "[{stem}] window {attempt}/{} disturbed: other work took {:.0}% of the proxy \
+                     core and {:.0}% of the load core ({}){}",
+                    st.attempts,
+                    s.proxy_core_foreign * 100.0,
+                    s.load_core_foreign * 100.0,
+                    s.others.join(", "),
+                    if attempt < st.attempts {
+                        "; measuring again"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if best
+                .as_ref()
+                .is_none_or(|b| s.disturbance() < b.disturbance())
+            {
+                best = Some(s);
+            }
+            if clean {
+                break;
+            }
+        }
+        let mut sample = best.context("no window measured")?;
+        if let Some(secs) = syscall_window {
+            match count_syscalls(&proxy, load.as_ref(), secs, dir) {
+                Ok(c) => sample.syscalls = Some(c),
+                Err(e) => notes.push(format!("syscalls not counted: {e:#}")),
+            }
+        }
+        Ok(sample)
+    })();
+    if let Err(e) = load.stop() {
+        notes.push(format!("load generator: {e:#}"));
+    }
+    if let Err(e) = proxy.stop() {
+        notes.push(format!("stopping {}: {e:#}", p.name()));
+    }
+    result.map(|s| (s, notes))
+}
+
+/// A window counts as disturbed when work other than the proxy (on the proxy core) or the
+/// harness (on the load core) took more than this fraction of either core.
+pub const MAX_FOREIGN: f64 = 0.10;
+
+/// One measurement window with the proxy and load already running.
+fn window(proxy: &mut Running, load: &dyn Load, st: &Settings, round: usize) -> Result<Sample> {
+    let me = std::process::id();
+    let errors0 = load.errors();
+    load.begin_window();
+    let a = Snap::take(load, st);
+    std::thread::sleep(Duration::from_secs_f64(st.window_secs));
+    let b = Snap::take(load, st);
+    let latency = load.end_window();
+    proxy.check_alive()?;
+
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    let tck = sys::clk_tck() as f64;
+    let proxy_cpu_secs = b
+        .procs
+        .tree_ticks(proxy.pid())
+        .saturating_sub(a.procs.tree_ticks(proxy.pid())) as f64
+        / tck;
+    let harness_cpu_secs = b.procs.own_ticks(me).saturating_sub(a.procs.own_ticks(me)) as f64 / tck;
+    let proxy_core_busy = sys::core_busy(a.proxy_core, b.proxy_core);
+    let load_core_busy = sys::core_busy(a.load_core, b.load_core);
+    let mut ours = b.procs.tree(proxy.pid());
+    ours.insert(me);
+    Ok(Sample {
+        round,
+        secs,
+        work: b.work - a.work,
+        proxy_cpu_secs,
+        proxy_core_busy,
+        load_core_busy,
+        proxy_core_foreign: (proxy_core_busy - proxy_cpu_secs / secs).max(0.0),
+        load_core_foreign: (load_core_busy - harness_cpu_secs / secs).max(0.0),
+        others: a.procs.busy_others(&b.procs, &ours, 0.05 * secs),
+        attempts: 1,
+        proxy_threads: proxy.threads(),
+        errors: load.errors() - errors0,
+        latency,
+        syscalls: None,
+    })
+}
+
+fn count_syscalls(
+    proxy: &Running,
+    load: &dyn crate::load::Load,
+    secs: f64,
+    dir: &std::path::Path,
+) -> Result<SyscallSample> {
+    let (w0, t0) = (load.work(), Instant::now());
+    let perf = sys::PerfStat::start(&proxy.pids(), Duration::from_secs_f64(secs), dir)?;
+    let counts = perf.finish()?;
+    let (w1, t1) = (load.work(), Instant::now());
+    // perf counts for `secs` inside [t0, t1] (the rest is its start-up); the load is steady, so
+    // scale the work done over [t0, t1] down to `secs`.
+    let work = (w1 - w0) as f64 * secs / t1.duration_since(t0).as_secs_f64();
+    Ok(SyscallSample { counts, work })
+}
+
+/// Median of the values (mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+}
