@@ -1,16 +1,25 @@
 //! rt: meshgate's thread-per-core io_uring runtime. The ONLY module that talks to io_uring.
 //!
-//! STUB: signatures fixed, bodies being written (see issue 9). Everything else in the dataplane
-//! goes through this surface, so a later change of runtime touches only this module.
-#![allow(clippy::todo, unused_variables, dead_code)] // stub while the runtime is being written
+//! Everything else in the dataplane goes through this surface, so a change of runtime touches
+//! only this module. See the design notes below the public items' list.
+
+mod bufring;
+mod chan;
+mod driver;
+mod executor;
+mod host;
+mod net;
+mod time;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::ops::Deref;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+
+pub use bufring::RecvBuf;
+pub use chan::{Receiver, Sender, channel};
+pub use executor::{JoinHandle, spawn, yield_now};
+pub use net::{ReadHalf, TcpListener, TcpStream, WriteHalf};
+pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout};
 
 /// Which io_uring setup flags and features this host gave us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -25,18 +34,46 @@ pub struct RingFeatures {
 
 impl std::fmt::Display for RingFeatures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        todo!()
+        let flags: Vec<&str> = [
+            (self.defer_taskrun, "defer_taskrun"),
+            (self.single_issuer, "single_issuer"),
+            (self.coop_taskrun, "coop_taskrun"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if flags.is_empty() {
+            f.write_str("plain ring")?;
+        } else {
+            f.write_str(&flags.join("+"))?;
+        }
+        f.write_str(if self.provided_buffer_rings {
+            ", provided buffers"
+        } else {
+            ", no provided buffers"
+        })?;
+        f.write_str(if self.multishot_accept {
+            ", multishot accept"
+        } else {
+            ", single-shot accept"
+        })
     }
 }
 
 /// Why the runtime cannot start on this host, written for operators.
 #[derive(Debug, thiserror::Error)]
 pub enum RtError {
-    #[error("io_uring is disabled by the kernel.io_uring_disabled sysctl (value {value}); run `sysctl -w kernel.io_uring_disabled=0` or use a host that allows io_uring")]
+    #[error(
+        "io_uring is disabled by the kernel.io_uring_disabled sysctl (value {value}); run `sysctl -w kernel.io_uring_disabled=0` or use a host that allows io_uring"
+    )]
     Disabled { value: u32 },
-    #[error("io_uring_setup failed: {source}; io_uring may be blocked by a seccomp profile (containers: allow io_uring_setup/io_uring_enter/io_uring_register)")]
+    #[error(
+        "io_uring_setup failed: {source}; io_uring may be blocked by a seccomp profile (containers: allow io_uring_setup/io_uring_enter/io_uring_register)"
+    )]
     Unavailable { source: io::Error },
-    #[error("the locked-memory limit (RLIMIT_MEMLOCK) is {have_kib} KiB, meshgate needs at least {need_kib} KiB; raise it with `ulimit -l {need_kib}` or LimitMEMLOCK= in the systemd unit")]
+    #[error(
+        "the locked-memory limit (RLIMIT_MEMLOCK) is {have_kib} KiB, meshgate needs at least {need_kib} KiB; raise it with `ulimit -l {need_kib}` or LimitMEMLOCK= in the systemd unit"
+    )]
     MemlockTooLow { have_kib: u64, need_kib: u64 },
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -45,7 +82,19 @@ pub enum RtError {
 /// Probe the host: memlock limit, io_uring availability, setup flags. Used by `meshgate check`
 /// and at start-up before any shard is spawned.
 pub fn check() -> Result<RingFeatures, RtError> {
-    todo!()
+    host::check()
+}
+
+/// CPUs this process may run on (its `sched_getaffinity` mask), so `taskset -c 0 meshgate run`
+/// restricts the shards. Never empty.
+pub fn allowed_cpus() -> Vec<usize> {
+    let cpus = host::allowed_cpus();
+    if cpus.is_empty() { vec![0] } else { cpus }
+}
+
+/// Features of the current shard's ring. Panics outside a shard.
+pub fn shard_features() -> RingFeatures {
+    executor::current().features()
 }
 
 /// How to build one shard.
@@ -54,7 +103,8 @@ pub struct ShardConfig {
     pub id: usize,
     /// CPU to pin the thread to; None = not pinned.
     pub cpu: Option<usize>,
-    /// Submission queue entries.
+    /// Submission queue entries. Also sizes the shard's receive-buffer pool: this many 16 KiB
+    /// buffers, clamped to 64..=1024.
     pub ring_entries: u32,
 }
 
@@ -65,7 +115,55 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    todo!()
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(), RtError>>(1);
+    let thread = std::thread::Builder::new()
+        .name(format!("meshgate-shard-{}", cfg.id))
+        .spawn(move || {
+            if let Some(cpu) = cfg.cpu
+                && let Err(e) = host::pin_current_thread(cpu)
+            {
+                let _ = tx.send(Err(RtError::Io(e)));
+                return;
+            }
+            let exec = match executor::Executor::new(cfg.ring_entries) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            drop(tx);
+            if let Err(panic) = exec.block_on(f()) {
+                std::panic::resume_unwind(panic);
+            }
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(ShardHandle { thread }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(RtError::Io(io::Error::other(
+                "shard thread died during start-up",
+            )))
+        }
+    }
+}
+
+/// Run `fut` to completion on the current thread as a one-off shard (tests, CLI tools).
+pub fn block_on<F>(ring_entries: u32, fut: F) -> Result<F::Output, RtError>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let exec = executor::Executor::new(ring_entries)?;
+    match exec.block_on(fut) {
+        Ok(v) => Ok(v),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 #[derive(Debug)]
@@ -79,90 +177,6 @@ impl ShardHandle {
     }
 }
 
-/// Spawn a task on the current shard. Dropping the handle detaches the task.
-pub fn spawn<F>(fut: F) -> JoinHandle<F::Output>
-where
-    F: Future + 'static,
-    F::Output: 'static,
-{
-    todo!()
-}
-
-#[derive(Debug)]
-pub struct JoinHandle<T> {
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T> JoinHandle<T> {
-    /// Stop the task at its next suspension point; its future is dropped.
-    pub fn cancel(self) {
-        todo!()
-    }
-}
-
-impl<T> Future for JoinHandle<T> {
-    type Output = T;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        todo!()
-    }
-}
-
-/// Completes after `d`.
-pub fn sleep(d: Duration) -> Sleep {
-    todo!()
-}
-
-#[derive(Debug)]
-pub struct Sleep {}
-
-impl Future for Sleep {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        todo!()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("timed out")]
-pub struct Elapsed;
-
-/// Run `f` for at most `d`.
-pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
-    todo!()
-}
-
-/// Cross-thread channel whose receiving end lives on a shard: `send` from any thread wakes it.
-pub fn channel<T: Send + 'static>() -> (Sender<T>, Receiver<T>) {
-    todo!()
-}
-
-#[derive(Debug)]
-pub struct Sender<T> {
-    _t: std::marker::PhantomData<T>,
-}
-impl<T> Clone for Sender<T> {
-    fn clone(&self) -> Self {
-        todo!()
-    }
-}
-impl<T: Send> Sender<T> {
-    /// Err(msg) if the receiver is gone.
-    pub fn send(&self, msg: T) -> Result<(), T> {
-        todo!()
-    }
-}
-
-#[derive(Debug)]
-pub struct Receiver<T> {
-    _t: std::marker::PhantomData<T>,
-}
-impl<T: Send> Receiver<T> {
-    /// None once every sender is dropped.
-    pub async fn recv(&self) -> Option<T> {
-        todo!()
-    }
-}
-
 /// Listening socket options.
 #[derive(Debug, Clone)]
 pub struct ListenOptions {
@@ -170,63 +184,57 @@ pub struct ListenOptions {
     pub backlog: i32,
 }
 
-#[derive(Debug)]
-pub struct TcpListener {}
-
 impl TcpListener {
     /// Bind + listen (SO_REUSEADDR, optional SO_REUSEPORT, nonblocking, CLOEXEC).
     pub fn bind(addr: SocketAddr, opts: &ListenOptions) -> io::Result<TcpListener> {
-        todo!()
+        TcpListener::bind_inner(addr, opts)
     }
     /// Next accepted connection (multishot accept underneath; accepted sockets are TCP_NODELAY).
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        todo!()
+        self.accept_inner().await
     }
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        todo!()
+        self.local_addr_inner()
     }
 }
 
-#[derive(Debug)]
-pub struct TcpStream {}
-
 impl TcpStream {
     pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-        todo!()
+        TcpStream::connect_inner(addr).await
     }
     /// Cancel-safe read: the kernel never writes into `buf` (a provided buffer is copied out).
     /// Ok(0) at EOF.
     pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        todo!()
+        self.read_inner(buf).await
     }
     /// Receive into a buffer the kernel picks from this shard's provided-buffer ring.
     /// Ok(None) at EOF. The buffer returns to the ring when dropped.
     pub async fn recv_buf(&mut self) -> io::Result<Option<RecvBuf>> {
-        todo!()
+        self.recv_buf_inner().await
     }
     /// Write all of `buf`, which the runtime owns while the kernel may read it; returned after.
     pub async fn write_all_owned<B: IoBuf>(&mut self, buf: B) -> (io::Result<()>, B) {
-        todo!()
+        self.write_all_owned_inner(buf).await
     }
     /// Write from a borrowed slice (copied into an owned staging buffer). Returns bytes written.
     pub async fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        todo!()
+        self.write_inner(buf).await
     }
     pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        todo!()
+        self.write_all_inner(buf).await
     }
     /// shutdown(SHUT_WR): send FIN, keep reading.
     pub async fn shutdown_write(&mut self) -> io::Result<()> {
-        todo!()
+        self.shutdown_write_inner().await
     }
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        todo!()
+        self.peer_addr_inner()
     }
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        todo!()
+        self.local_addr_inner()
     }
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        todo!()
+        self.set_nodelay_inner(on)
     }
 }
 
@@ -247,37 +255,5 @@ impl IoBuf for Box<[u8]> {
 impl IoBuf for &'static [u8] {
     fn as_slice(&self) -> &[u8] {
         self
-    }
-}
-
-/// A received buffer from the shard's provided-buffer ring.
-#[derive(Debug)]
-pub struct RecvBuf {}
-impl Deref for RecvBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        todo!()
-    }
-}
-impl IoBuf for RecvBuf {
-    fn as_slice(&self) -> &[u8] {
-        self
-    }
-}
-
-impl futures_io::AsyncRead for TcpStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        todo!()
-    }
-}
-impl futures_io::AsyncWrite for TcpStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        todo!()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        todo!()
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        todo!()
     }
 }

@@ -1,0 +1,325 @@
+//! The shard's provided-buffer ring (`IORING_REGISTER_PBUF_RING`) and [`RecvBuf`].
+//!
+//! Receives carry no buffer: the kernel picks one from this ring only when data is there, so an
+//! idle connection pins nothing. The CQE names the buffer id; the buffer then belongs to a
+//! [`RecvBuf`] until it is dropped, which puts it back at the ring's tail. When the ring runs
+//! dry a receive fails with `ENOBUFS`; the stream then waits (no retry loop) until any buffer
+//! comes back, which the executor signals once per loop turn.
+
+use std::alloc::{self, Layout};
+use std::cell::{Cell, RefCell};
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::Waker;
+
+use io_uring::IoUring;
+use io_uring::types::BufRingEntry;
+use slab::Slab;
+
+use super::IoBuf;
+
+/// Buffer group id of the shard's receive buffers.
+pub(crate) const BGID: u16 = 0;
+/// Size of one receive buffer (one TLS record fits).
+pub(crate) const BUF_SIZE: u32 = 16 * 1024;
+const PAGE: usize = 4096;
+
+pub(crate) struct BufRing {
+    entries: NonNull<BufRingEntry>,
+    entries_layout: Layout,
+    data: NonNull<u8>,
+    data_layout: Layout,
+    count: u16,
+    mask: u16,
+    buf_size: u32,
+    /// Our copy of the tail we last published.
+    tail: Cell<u16>,
+    /// Bumped on every buffer returned: an `ENOBUFS` from a receive submitted at an older epoch
+    /// may be retried at once; at the same epoch the ring is still dry.
+    epoch: Cell<u64>,
+    returned: Cell<bool>,
+    waiters: RefCell<Slab<Waker>>,
+}
+
+impl std::fmt::Debug for BufRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufRing")
+            .field("count", &self.count)
+            .field("buf_size", &self.buf_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BufRing {
+    /// Allocate `count` (a power of two) buffers and register them as group [`BGID`].
+    pub(crate) fn new(ring: &IoUring, count: u16, buf_size: u32) -> std::io::Result<BufRing> {
+        assert!(
+            count.is_power_of_two(),
+            "buffer count must be a power of two"
+        );
+        let entries_layout =
+            Layout::from_size_align(usize::from(count) * size_of::<BufRingEntry>(), PAGE)
+                .map_err(std::io::Error::other)?;
+        let data_layout = Layout::from_size_align(usize::from(count) * buf_size as usize, PAGE)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: both layouts have non-zero size (count >= 1, buf_size > 0).
+        let entries = NonNull::new(unsafe { alloc::alloc_zeroed(entries_layout) })
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?
+            .cast::<BufRingEntry>();
+        // SAFETY: as above. Zeroed (calloc: fresh zero pages, not touched) so every byte we ever
+        // read is initialised even before the kernel writes it.
+        let Some(data) = NonNull::new(unsafe { alloc::alloc_zeroed(data_layout) }) else {
+            // SAFETY: allocated just above with this layout.
+            unsafe { alloc::dealloc(entries.as_ptr().cast(), entries_layout) };
+            return Err(std::io::ErrorKind::OutOfMemory.into());
+        };
+        let this = BufRing {
+            entries,
+            entries_layout,
+            data,
+            data_layout,
+            count,
+            mask: count - 1,
+            buf_size,
+            tail: Cell::new(0),
+            epoch: Cell::new(0),
+            returned: Cell::new(false),
+            waiters: RefCell::new(Slab::new()),
+        };
+        // SAFETY: `entries` is a page-aligned allocation of `count` entries that lives until this
+        // BufRing is dropped; the driver drops (or leaks) the ring before its BufRing.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                this.entries.as_ptr() as u64,
+                count,
+                BGID,
+                0,
+            )?;
+        }
+        for bid in 0..count {
+            this.push_entry(bid);
+        }
+        this.publish();
+        Ok(this)
+    }
+
+    pub(crate) fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.get()
+    }
+
+    fn push_entry(&self, bid: u16) {
+        let tail = self.tail.get();
+        let idx = usize::from(tail & self.mask);
+        // SAFETY: idx < count, inside the entries allocation. The slot at our tail is not being
+        // read by the kernel: it only reads slots between its head and the published tail, and at
+        // most `count - 1` buffers are in the ring while this one is out. set_* do not touch the
+        // `resv` field that doubles as the tail in entry 0.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(idx) };
+        entry.set_addr(self.buf_ptr(bid) as u64);
+        entry.set_len(self.buf_size);
+        entry.set_bid(bid);
+        self.tail.set(tail.wrapping_add(1));
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail is a naturally aligned u16 inside entry 0 of our live allocation; the
+        // kernel reads it concurrently, so it is only accessed atomically (AtomicU16 has the same
+        // layout as u16).
+        let tail =
+            unsafe { AtomicU16::from_ptr(BufRingEntry::tail(self.entries.as_ptr()).cast_mut()) };
+        tail.store(self.tail.get(), Ordering::Release);
+    }
+
+    fn buf_ptr(&self, bid: u16) -> *mut u8 {
+        // SAFETY: bid < count (callers check), so the offset stays inside the data allocation.
+        unsafe {
+            self.data
+                .as_ptr()
+                .add(usize::from(bid) * self.buf_size as usize)
+        }
+    }
+
+    /// Give buffer `bid` back to the kernel.
+    pub(crate) fn recycle(&self, bid: u16) {
+        if bid >= self.count {
+            tracing::error!(bid, "rt: kernel returned an unknown buffer id; dropped");
+            return;
+        }
+        self.push_entry(bid);
+        self.publish();
+        self.epoch.set(self.epoch.get().wrapping_add(1));
+        self.returned.set(true);
+    }
+
+    /// Register (or refresh) a waiter for buffers; `key` is the waiter's slot.
+    pub(crate) fn wait(&self, key: &mut Option<usize>, waker: &Waker) {
+        let mut w = self.waiters.borrow_mut();
+        match key.and_then(|k| w.get_mut(k)) {
+            Some(cur) => {
+                if !cur.will_wake(waker) {
+                    cur.clone_from(waker);
+                }
+            }
+            None => *key = Some(w.insert(waker.clone())),
+        }
+    }
+
+    /// Forget a waiter registered at `epoch` (its slot is only still ours if no buffer came back
+    /// since, because coming back empties the whole waiter list).
+    pub(crate) fn unwait(&self, key: usize, epoch: u64) {
+        if epoch == self.epoch.get() {
+            let w = self.waiters.borrow_mut().try_remove(key);
+            drop(w);
+        }
+    }
+
+    /// Once per loop turn: if buffers came back, wake everyone who waits for one.
+    pub(crate) fn wake_waiters(&self) {
+        if !self.returned.replace(false) {
+            return;
+        }
+        let wakers: Vec<Waker> = {
+            let mut w = self.waiters.borrow_mut();
+            if w.is_empty() {
+                return;
+            }
+            w.drain().collect()
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly these layouts. The driver guarantees that the
+        // io_uring instance this ring was registered with is closed with no receive in flight
+        // (or leaks this BufRing instead of dropping it).
+        unsafe {
+            alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            alloc::dealloc(self.data.as_ptr(), self.data_layout);
+        }
+    }
+}
+
+/// Probe whether this kernel accepts provided-buffer rings (a 1-entry ring, unregistered again).
+pub(crate) fn probe(ring: &IoUring) -> bool {
+    match BufRing::new(ring, 1, 64) {
+        Ok(b) => {
+            let ok = ring.submitter().unregister_buf_ring(BGID).is_ok();
+            if ok {
+                drop(b);
+            } else {
+                std::mem::forget(b);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// A received buffer from the shard's provided-buffer ring.
+pub struct RecvBuf {
+    inner: Inner,
+}
+
+enum Inner {
+    Ring {
+        ring: Rc<BufRing>,
+        bid: u16,
+        start: u32,
+        end: u32,
+    },
+    /// Fallback for kernels without buffer rings: an ordinary heap buffer.
+    Owned { data: Vec<u8>, start: usize },
+}
+
+impl RecvBuf {
+    /// Wrap buffer `bid` of `ring`, of which the kernel filled `len` bytes. None if the kernel's
+    /// answer is out of range (then the buffer is recycled, if it is one of ours).
+    pub(crate) fn from_ring(ring: &Rc<BufRing>, bid: u16, len: u32) -> Option<RecvBuf> {
+        if bid >= ring.count || len > ring.buf_size {
+            ring.recycle(bid);
+            return None;
+        }
+        Some(RecvBuf {
+            inner: Inner::Ring {
+                ring: ring.clone(),
+                bid,
+                start: 0,
+                end: len,
+            },
+        })
+    }
+
+    pub(crate) fn from_vec(data: Vec<u8>) -> RecvBuf {
+        RecvBuf {
+            inner: Inner::Owned { data, start: 0 },
+        }
+    }
+
+    /// Drop the first `n` bytes (all of them if `n` is larger); the buffer goes back to the ring
+    /// only when the `RecvBuf` is dropped.
+    pub fn advance(&mut self, n: usize) {
+        match &mut self.inner {
+            Inner::Ring { start, end, .. } => {
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                *start = start.saturating_add(n).min(*end);
+            }
+            Inner::Owned { data, start } => *start = start.saturating_add(n).min(data.len()),
+        }
+    }
+}
+
+impl Deref for RecvBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.inner {
+            Inner::Ring {
+                ring,
+                bid,
+                start,
+                end,
+            } => {
+                // SAFETY: bid < count and start <= end <= buf_size (checked in from_ring and
+                // advance). The kernel wrote these bytes before posting the CQE and will not touch
+                // the buffer again until we recycle it in Drop; the allocation lives as long as
+                // the Rc<BufRing> we hold.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        ring.buf_ptr(*bid).add(*start as usize),
+                        (*end - *start) as usize,
+                    )
+                }
+            }
+            Inner::Owned { data, start } => &data[*start..],
+        }
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        if let Inner::Ring { ring, bid, .. } = &self.inner {
+            ring.recycle(*bid);
+        }
+    }
+}
+
+impl std::fmt::Debug for RecvBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBuf").field("len", &self.len()).finish()
+    }
+}
+
+impl IoBuf for RecvBuf {
+    fn as_slice(&self) -> &[u8] {
+        self
+    }
+}
