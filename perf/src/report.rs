@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::runner::{MAX_FOREIGN, ProxyResult, Sample, ScenarioResult, Settings, median};
+use crate::runner::{MAX_FOREIGN, ProxyResult, Sample, ScenarioResult, Settings, median, others};
 use crate::sys::Machine;
 
 /// Which way a metric is better.
@@ -224,10 +224,11 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
     for r in results {
         for p in &r.proxies {
             let n = p.samples.len();
+            // Disturbed windows are reported below; their load core was busy with other work.
             let hot: Vec<&Sample> = p
                 .samples
                 .iter()
-                .filter(|x| x.load_core_busy > 0.95)
+                .filter(|x| x.load_core_busy > 0.95 && x.disturbance() <= MAX_FOREIGN)
                 .collect();
             if !hot.is_empty() {
                 let proxy_util =
@@ -258,7 +259,7 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
                     x.attempts,
                     x.proxy_core_foreign * 100.0,
                     x.load_core_foreign * 100.0,
-                    x.others.join(", ")
+                    others(&x.others)
                 ));
             }
             let errors: u64 = p.samples.iter().map(|x| x.errors).sum();
@@ -335,9 +336,14 @@ pub fn write_all(
                 .iter()
                 .map(|x| {
                     format!(
-                        "r{}: {}",
+                        "r{}: {}{}",
                         x.round,
-                        x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num)
+                        x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num),
+                        if x.disturbance() > MAX_FOREIGN {
+                            " (disturbed)"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect();

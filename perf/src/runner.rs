@@ -274,9 +274,10 @@ fn measure(
             );
         }
         let mut best: Option<Sample> = None;
+        let mut tried = 0;
         for attempt in 1..=st.attempts {
-            let mut s = window(&mut proxy, load.as_ref(), st, round)?;
-            s.attempts = attempt;
+            tried = attempt;
+            let s = window(&mut proxy, load.as_ref(), st, round)?;
             let clean = s.disturbance() <= MAX_FOREIGN;
             if !clean {
                 eprintln!(
@@ -285,7 +286,7 @@ fn measure(
                     st.attempts,
                     s.proxy_core_foreign * 100.0,
                     s.load_core_foreign * 100.0,
-                    s.others.join(", "),
+                    others(&s.others),
                     if attempt < st.attempts {
                         "; measuring again"
                     } else {
@@ -303,7 +304,16 @@ fn measure(
                 break;
             }
         }
+        let unpinned = sys::threads_not_pinned(proxy.pid(), st.proxy_cpu);
+        if !unpinned.is_empty() {
+            notes.push(format!(
+                "threads not confined to CPU {} (they may have run on the load core): {}",
+                st.proxy_cpu,
+                unpinned.join(", ")
+            ));
+        }
         let mut sample = best.context("no window measured")?;
+        sample.attempts = tried;
         if let Some(secs) = syscall_window {
             match count_syscalls(&proxy, load.as_ref(), secs, dir) {
                 Ok(c) => sample.syscalls = Some(c),
@@ -319,6 +329,15 @@ fn measure(
         notes.push(format!("stopping {}: {e:#}", p.name()));
     }
     result.map(|s| (s, notes))
+}
+
+/// The busy processes of a disturbed window, for a message.
+pub fn others(list: &[String]) -> String {
+    if list.is_empty() {
+        "short-lived processes or kernel threads".into()
+    } else {
+        list.join(", ")
+    }
 }
 
 /// A window counts as disturbed when work other than the proxy (on the proxy core) or the

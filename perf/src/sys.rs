@@ -169,6 +169,39 @@ pub fn tree_threads(root: u32) -> usize {
         .sum()
 }
 
+/// Threads of `root`'s tree whose affinity allows more than `cpu` (a proxy that re-pins
+/// itself elsewhere would share the load core), as "comm/tid: allowed LIST".
+pub fn threads_not_pinned(root: u32, cpu: usize) -> Vec<String> {
+    let want = cpu.to_string();
+    let mut out = Vec::new();
+    for pid in process_tree(root) {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(status) = fs::read_to_string(t.path().join("status")) else {
+                continue;
+            };
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let allowed = field("Cpus_allowed_list:");
+            if allowed != want {
+                out.push(format!(
+                    "{}/{}: allowed CPUs {allowed}",
+                    field("Name:"),
+                    t.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Busy and total jiffies of one CPU from `/proc/stat`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CoreTimes {

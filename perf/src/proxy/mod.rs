@@ -231,3 +231,23 @@ pub fn all(meshgate: &Path) -> Vec<Box<dyn Proxy>> {
         Box::new(nginx::Nginx),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawned_process_is_pinned_and_stops() -> Result<()> {
+        let dir = std::env::temp_dir();
+        let log = dir.join(format!("meshgate-perf-test-{}.log", std::process::id()));
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut r = Running::spawn(cmd, 0, &log)?;
+        r.check_alive()?;
+        assert!(sys::threads_not_pinned(r.pid(), 0).is_empty());
+        assert_eq!(r.threads(), 1);
+        r.stop()?;
+        let _ = fs::remove_file(log);
+        Ok(())
+    }
+}
