@@ -40,6 +40,8 @@ pub(crate) struct BufRing {
     /// may be retried at once; at the same epoch the ring is still dry.
     epoch: Cell<u64>,
     returned: Cell<bool>,
+    /// Buffers the kernel handed out that have not come back yet.
+    in_use: Cell<u32>,
     waiters: RefCell<Slab<Waker>>,
 }
 
@@ -86,6 +88,7 @@ impl BufRing {
             tail: Cell::new(0),
             epoch: Cell::new(0),
             returned: Cell::new(false),
+            in_use: Cell::new(0),
             waiters: RefCell::new(Slab::new()),
         };
         // SAFETY: `entries` is a page-aligned allocation of `count` entries that lives until this
@@ -111,6 +114,19 @@ impl BufRing {
 
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.get()
+    }
+
+    /// A completion handed out a buffer.
+    pub(crate) fn note_taken(&self) {
+        self.in_use.set(self.in_use.get().saturating_add(1));
+    }
+
+    pub(crate) fn in_use(&self) -> u32 {
+        self.in_use.get()
+    }
+
+    pub(crate) fn count(&self) -> u16 {
+        self.count
     }
 
     fn push_entry(&self, bid: u16) {
@@ -153,6 +169,7 @@ impl BufRing {
         }
         self.push_entry(bid);
         self.publish();
+        self.in_use.set(self.in_use.get().saturating_sub(1));
         self.epoch.set(self.epoch.get().wrapping_add(1));
         self.returned.set(true);
     }

@@ -178,6 +178,16 @@ impl Driver {
         self.features.get()
     }
 
+    /// Ops in the slab, not counting the shard's own eventfd read.
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        let ops = self.ops.borrow();
+        let own = self.eventfd_op.get().is_some_and(|id| {
+            ops.get(id.idx as usize)
+                .is_some_and(|op| op.generation == id.generation)
+        });
+        ops.len() - usize::from(own)
+    }
+
     pub(crate) fn disable_multishot_accept(&self) {
         let mut f = self.features.get();
         f.multishot_accept = false;
@@ -386,6 +396,11 @@ impl Driver {
     fn complete(&self, user_data: u64, cqe: Cqe) {
         if user_data == UD_IGNORE {
             return;
+        }
+        if cqe.buffer().is_some()
+            && let Some(b) = &self.bufs
+        {
+            b.note_taken();
         }
         let idx = (user_data & 0xffff_ffff) as usize;
         let generation = (user_data >> 32) as u32;

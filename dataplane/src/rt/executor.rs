@@ -150,6 +150,11 @@ where
     })
 }
 
+/// Number of live tasks on the current shard.
+pub(crate) fn task_count() -> usize {
+    LOCAL.with(|l| l.tasks.borrow().len())
+}
+
 /// Yield to other tasks (and the ring) once.
 pub async fn yield_now() {
     let mut yielded = false;

@@ -97,6 +97,34 @@ pub fn shard_features() -> RingFeatures {
     executor::current().features()
 }
 
+/// Counters of the current shard's runtime (for metrics and leak tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ShardStats {
+    /// Live tasks (spawned, not finished or dropped).
+    pub tasks: usize,
+    /// Ring operations whose final completion has not been collected (not counting the shard's
+    /// own eventfd read).
+    pub ops_in_flight: usize,
+    /// Pending timers.
+    pub timers: usize,
+    /// Provided receive buffers currently out of the ring (held by `RecvBuf`s or streams).
+    pub recv_buffers_in_use: u32,
+    /// Size of the provided-buffer pool (0 without buffer rings).
+    pub recv_buffers_total: u32,
+}
+
+/// Stats of the current shard. Panics outside a shard.
+pub fn shard_stats() -> ShardStats {
+    let drv = executor::current();
+    ShardStats {
+        tasks: executor::task_count(),
+        ops_in_flight: drv.ops_in_flight(),
+        timers: drv.timers.len(),
+        recv_buffers_in_use: drv.bufs.as_ref().map_or(0, |b| b.in_use()),
+        recv_buffers_total: drv.bufs.as_ref().map_or(0, |b| u32::from(b.count())),
+    }
+}
+
 /// How to build one shard.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {

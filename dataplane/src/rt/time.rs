@@ -44,6 +44,10 @@ impl Timers {
         drop(w);
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.map.borrow().first_key_value().map(|((d, _), _)| *d)
     }
