@@ -53,6 +53,12 @@ struct Cli {
     /// Do not count syscalls.
     #[arg(long)]
     no_syscalls: bool,
+    /// Windows tried when other processes disturb one (other work > 10% of either core).
+    #[arg(long)]
+    attempts: Option<usize>,
+    /// Longest wait, in seconds, for a quiet machine before trying a disturbed window again.
+    #[arg(long)]
+    max_wait: Option<f64>,
     /// CPU the proxy is pinned to.
     #[arg(long, default_value_t = 0)]
     proxy_cpu: usize,
@@ -116,10 +122,10 @@ fn run() -> Result<()> {
     // core; proxies are moved to the proxy core between fork and exec.
     sys::pin_current_thread(cli.load_cpu).context("pinning the harness to the load CPU")?;
 
-    let (warmup, window, rounds, sys_window, attempts) = if cli.quick {
-        (1.0, 3.0, 3, 1.0, 2)
+    let (warmup, window, rounds, sys_window, attempts, max_wait) = if cli.quick {
+        (1.0, 3.0, 3, 1.0, 2, 10.0)
     } else {
-        (3.0, 10.0, 3, 2.0, 3)
+        (3.0, 10.0, 3, 2.0, 3, 120.0)
     };
     let syscall_window = if cli.no_syscalls {
         None
@@ -144,7 +150,8 @@ fn run() -> Result<()> {
         syscall_window_secs: syscall_window,
         proxy_cpu: cli.proxy_cpu,
         load_cpu: cli.load_cpu,
-        attempts,
+        attempts: cli.attempts.unwrap_or(attempts).max(1),
+        max_wait_secs: cli.max_wait.unwrap_or(max_wait),
         out: out.clone(),
     };
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::runner::{MAX_FOREIGN, ProxyResult, Sample, ScenarioResult, Settings, median, others};
+use crate::runner::{ProxyResult, Sample, ScenarioResult, Settings, median, others};
 use crate::sys::Machine;
 
 /// Which way a metric is better.
@@ -33,7 +33,7 @@ pub struct Row {
 const BASELINES: [&str; 2] = ["haproxy", "nginx"];
 
 fn med(p: &ProxyResult, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
-    median(p.samples.iter().filter_map(f).collect())
+    median(p.counted().into_iter().filter_map(f).collect())
 }
 
 /// The metric rows of one scenario, medians over rounds.
@@ -228,7 +228,7 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
             let hot: Vec<&Sample> = p
                 .samples
                 .iter()
-                .filter(|x| x.load_core_busy > 0.95 && x.disturbance() <= MAX_FOREIGN)
+                .filter(|x| x.load_core_busy > 0.95 && x.clean())
                 .collect();
             if !hot.is_empty() {
                 let proxy_util =
@@ -249,17 +249,22 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
                     proxy_util * 100.0
                 ));
             }
-            for x in p.samples.iter().filter(|x| x.disturbance() > MAX_FOREIGN) {
+            for x in p.samples.iter().filter(|x| !x.clean()) {
                 w.push(format!(
                     "{} / {} round {}: still disturbed after {} windows: other work took {:.0}% of \
-                     the proxy core and {:.0}% of the load core ({}); rerun on an idle machine",
+                     the proxy core and {:.0}% of the load core ({}); {}; rerun on an idle machine",
                     r.scenario,
                     p.proxy,
                     x.round,
                     x.attempts,
                     x.proxy_core_foreign * 100.0,
                     x.load_core_foreign * 100.0,
-                    others(&x.others)
+                    others(&x.others),
+                    if p.counted().len() < p.samples.len() {
+                        "; left out of the medians"
+                    } else {
+                        "; no clean round, so the medians include it"
+                    }
                 ));
             }
             let errors: u64 = p.samples.iter().map(|x| x.errors).sum();
@@ -339,11 +344,7 @@ pub fn write_all(
                         "r{}: {}{}",
                         x.round,
                         x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num),
-                        if x.disturbance() > MAX_FOREIGN {
-                            " (disturbed)"
-                        } else {
-                            ""
-                        }
+                        if x.clean() { "" } else { " (disturbed)" }
                     )
                 })
                 .collect();

@@ -28,6 +28,8 @@ pub struct Settings {
     pub load_cpu: usize,
     /// Windows tried per round when other processes disturb one.
     pub attempts: usize,
+    /// Longest wait for a quiet machine between attempts.
+    pub max_wait_secs: f64,
     #[serde(skip)]
     pub out: PathBuf,
 }
@@ -80,6 +82,10 @@ impl Sample {
     pub fn disturbance(&self) -> f64 {
         self.proxy_core_foreign.max(self.load_core_foreign)
     }
+    /// Whether other work stayed under [`MAX_FOREIGN`] on both cores.
+    pub fn clean(&self) -> bool {
+        self.disturbance() <= MAX_FOREIGN
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +101,15 @@ pub struct ProxyResult {
 impl ProxyResult {
     pub fn ran(&self) -> bool {
         !self.samples.is_empty()
+    }
+    /// The samples medians are taken over: the undisturbed ones if there are any, else all.
+    pub fn counted(&self) -> Vec<&Sample> {
+        let clean: Vec<&Sample> = self.samples.iter().filter(|s| s.clean()).collect();
+        if clean.is_empty() {
+            self.samples.iter().collect()
+        } else {
+            clean
+        }
     }
 }
 
@@ -303,6 +318,9 @@ fn measure(
             if clean {
                 break;
             }
+            if attempt < st.attempts {
+                wait_quiet(&mut proxy, load.as_ref(), st, stem)?;
+            }
         }
         let unpinned = sys::threads_not_pinned(proxy.pid(), st.proxy_cpu);
         if !unpinned.is_empty() {
@@ -346,7 +364,6 @@ pub const MAX_FOREIGN: f64 = 0.10;
 
 /// One measurement window with the proxy and load already running.
 fn window(proxy: &mut Running, load: &dyn Load, st: &Settings, round: usize) -> Result<Sample> {
-    let me = std::process::id();
     let errors0 = load.errors();
     load.begin_window();
     let a = Snap::take(load, st);
@@ -356,33 +373,103 @@ fn window(proxy: &mut Running, load: &dyn Load, st: &Settings, round: usize) -> 
     proxy.check_alive()?;
 
     let secs = b.at.duration_since(a.at).as_secs_f64();
-    let tck = sys::clk_tck() as f64;
     let proxy_cpu_secs = b
         .procs
         .tree_ticks(proxy.pid())
         .saturating_sub(a.procs.tree_ticks(proxy.pid())) as f64
-        / tck;
-    let harness_cpu_secs = b.procs.own_ticks(me).saturating_sub(a.procs.own_ticks(me)) as f64 / tck;
-    let proxy_core_busy = sys::core_busy(a.proxy_core, b.proxy_core);
-    let load_core_busy = sys::core_busy(a.load_core, b.load_core);
-    let mut ours = b.procs.tree(proxy.pid());
-    ours.insert(me);
+        / sys::clk_tck() as f64;
+    let f = Foreign::between(&a, &b, proxy.pid());
     Ok(Sample {
         round,
         secs,
         work: b.work - a.work,
         proxy_cpu_secs,
-        proxy_core_busy,
-        load_core_busy,
-        proxy_core_foreign: (proxy_core_busy - proxy_cpu_secs / secs).max(0.0),
-        load_core_foreign: (load_core_busy - harness_cpu_secs / secs).max(0.0),
-        others: a.procs.busy_others(&b.procs, &ours, 0.05 * secs),
+        proxy_core_busy: sys::core_busy(a.proxy_core, b.proxy_core),
+        load_core_busy: sys::core_busy(a.load_core, b.load_core),
+        proxy_core_foreign: f.proxy_core,
+        load_core_foreign: f.load_core,
+        others: f.others,
         attempts: 1,
         proxy_threads: proxy.threads(),
         errors: load.errors() - errors0,
         latency,
         syscalls: None,
     })
+}
+
+/// Work that is neither the proxy's (on the proxy core) nor the harness's (on the load core).
+#[derive(Debug)]
+struct Foreign {
+    proxy_core: f64,
+    load_core: f64,
+    others: Vec<String>,
+}
+
+impl Foreign {
+    fn between(a: &Snap, b: &Snap, proxy_pid: u32) -> Self {
+        let me = std::process::id();
+        let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
+        let tck = sys::clk_tck() as f64;
+        let proxy = b
+            .procs
+            .tree_ticks(proxy_pid)
+            .saturating_sub(a.procs.tree_ticks(proxy_pid)) as f64
+            / tck;
+        let harness = b.procs.own_ticks(me).saturating_sub(a.procs.own_ticks(me)) as f64 / tck;
+        let mut ours = b.procs.tree(proxy_pid);
+        ours.insert(me);
+        Self {
+            proxy_core: (sys::core_busy(a.proxy_core, b.proxy_core) - proxy / secs).max(0.0),
+            load_core: (sys::core_busy(a.load_core, b.load_core) - harness / secs).max(0.0),
+            others: a.procs.busy_others(&b.procs, &ours, 0.05 * secs),
+        }
+    }
+
+    fn level(&self) -> f64 {
+        self.proxy_core.max(self.load_core)
+    }
+}
+
+/// After a disturbed window: probe in 1 s steps until other work drops below the threshold,
+/// for at most `max_wait_secs`.
+fn wait_quiet(proxy: &mut Running, load: &dyn Load, st: &Settings, stem: &str) -> Result<()> {
+    let start = Instant::now();
+    let mut busy = Vec::new();
+    while start.elapsed().as_secs_f64() < st.max_wait_secs {
+        let a = Snap::take(load, st);
+        std::thread::sleep(Duration::from_secs(1));
+        let b = Snap::take(load, st);
+        proxy.check_alive()?;
+        let f = Foreign::between(&a, &b, proxy.pid());
+        if f.level() <= MAX_FOREIGN {
+            if start.elapsed().as_secs_f64() > 1.5 {
+                eprintln!("[{stem}] quiet after {:.0}s", start.elapsed().as_secs_f64());
+            }
+            return Ok(());
+        }
+        if busy.is_empty() {
+            eprintln!(
+                "[{stem}] waiting up to {:.0}s for a quiet machine",
+                st.max_wait_secs
+            );
+        }
+        for o in f.others {
+            let name = o.split(" (").next().unwrap_or(&o).to_string();
+            if !busy.contains(&name) {
+                busy.push(name);
+            }
+        }
+    }
+    eprintln!(
+        "[{stem}] still busy after {:.0}s ({}); measuring anyway",
+        start.elapsed().as_secs_f64(),
+        if busy.is_empty() {
+            "short-lived processes".into()
+        } else {
+            busy.join(", ")
+        }
+    );
+    Ok(())
 }
 
 fn count_syscalls(
