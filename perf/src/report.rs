@@ -213,6 +213,8 @@ struct JsonReport<'a> {
     stamp: &'a str,
     machine: &'a Machine,
     settings: &'a Settings,
+    /// The proxies, in the order of every row's `values`.
+    columns: Vec<String>,
     rows: Vec<Row>,
     scenarios: &'a [ScenarioResult],
     warnings: &'a [String],
@@ -393,6 +395,10 @@ pub fn write_all(
         stamp,
         machine,
         settings,
+        columns: results
+            .first()
+            .map(|r| r.proxies.iter().map(|p| p.proxy.clone()).collect())
+            .unwrap_or_default(),
         rows: all_rows,
         scenarios: results,
         warnings: &warns,

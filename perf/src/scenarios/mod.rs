@@ -16,8 +16,7 @@ mod tcp_bulk;
 mod tcp_rr;
 
 /// What the proxy's listener does with a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
     /// Plain TCP forwarding (meshgate `protocol = "tcp"`, haproxy `mode tcp`, nginx `stream`).
     Tcp,
