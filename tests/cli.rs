@@ -11,7 +11,10 @@ fn bin() -> &'static Path {
 }
 
 fn meshgate(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("run meshgate")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run meshgate")
 }
 
 fn validate(toml: &str) -> (i32, String) {
@@ -19,7 +22,10 @@ fn validate(toml: &str) -> (i32, String) {
     let f = dir.path().join("bad.toml");
     std::fs::write(&f, toml).expect("write");
     let out = meshgate(&["config", "validate", f.to_str().expect("utf8 path")]);
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const GOOD: &str = r#"version = 1
@@ -45,37 +51,67 @@ fn valid_config_exits_zero() {
 #[test]
 fn every_bad_config_case_exits_64_naming_the_field() {
     let cases: &[(&str, String, &[&str])] = &[
-        ("unknown field", GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nprotocl = 1"), &["listeners[0]", "protocl"]),
-        ("bad address", GOOD.replace("127.0.0.1:15002", "10.0.0.1"), &["clusters[0].endpoints[0]"]),
+        (
+            "unknown field",
+            GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nprotocl = 1"),
+            &["listeners[0]", "protocl"],
+        ),
+        (
+            "bad address",
+            GOOD.replace("127.0.0.1:15002", "10.0.0.1"),
+            &["clusters[0].endpoints[0]"],
+        ),
         (
             "duplicate names",
             format!("{GOOD}[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n"),
             &["clusters[1].name", "c"],
         ),
-        ("missing cluster", GOOD.replace("cluster = \"c\"", "cluster = \"nope\""), &["routes[0].cluster", "nope"]),
-        ("empty cluster", GOOD.replace("endpoints = [\"127.0.0.1:15002\"]", "endpoints = []"), &["clusters[0].endpoints"]),
+        (
+            "missing cluster",
+            GOOD.replace("cluster = \"c\"", "cluster = \"nope\""),
+            &["routes[0].cluster", "nope"],
+        ),
+        (
+            "empty cluster",
+            GOOD.replace("endpoints = [\"127.0.0.1:15002\"]", "endpoints = []"),
+            &["clusters[0].endpoints"],
+        ),
         (
             "zero weight",
-            GOOD.replace("cluster = \"c\"", "weighted_clusters = [{ cluster = \"c\", weight = 0 }]"),
+            GOOD.replace(
+                "cluster = \"c\"",
+                "weighted_clusters = [{ cluster = \"c\", weight = 0 }]",
+            ),
             &["routes[0].weighted_clusters[0].weight"],
         ),
     ];
     for (what, toml, needles) in cases {
         let (code, err) = validate(toml);
         assert_eq!(code, 64, "{what}: exit code; stderr:\n{err}");
-        assert!(err.contains("bad.toml"), "{what}: message names the file:\n{err}");
+        assert!(
+            err.contains("bad.toml"),
+            "{what}: message names the file:\n{err}"
+        );
         for n in *needles {
-            assert!(err.contains(n), "{what}: message should contain {n:?}:\n{err}");
+            assert!(
+                err.contains(n),
+                "{what}: message should contain {n:?}:\n{err}"
+            );
         }
     }
 }
 
 #[test]
 fn all_errors_are_reported_together() {
-    let toml = GOOD.replace("127.0.0.1:15002", "nonsense").replace("cluster = \"c\"", "cluster = \"missing\"");
+    let toml = GOOD
+        .replace("127.0.0.1:15002", "nonsense")
+        .replace("cluster = \"c\"", "cluster = \"missing\"");
     let (code, err) = validate(&toml);
     assert_eq!(code, 64);
-    assert!(err.contains("clusters[0].endpoints[0]") && err.contains("routes[0].cluster"), "{err}");
+    assert!(
+        err.contains("clusters[0].endpoints[0]") && err.contains("routes[0].cluster"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -84,7 +120,12 @@ fn run_with_bad_config_exits_64_and_starts_nothing() {
     let f = dir.path().join("bad.toml");
     std::fs::write(&f, GOOD.replace("version = 1", "version = 7")).expect("write");
     let out = meshgate(&["run", "--config", f.to_str().expect("utf8")]);
-    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("version"));
 }
 
@@ -94,7 +135,12 @@ fn shipped_examples_and_default_are_valid() {
     for e in std::fs::read_dir(examples).expect("examples dir") {
         let p = e.expect("entry").path();
         let out = meshgate(&["config", "validate", p.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = meshgate(&["config", "default"]);
     assert!(out.status.success());
@@ -116,7 +162,12 @@ fn version_and_completions() {
 fn status_unreachable_exits_69() {
     let port = free_port();
     let out = meshgate(&["status", "--admin", &format!("127.0.0.1:{port}")]);
-    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }
 
@@ -125,7 +176,8 @@ fn admin_endpoints_and_status_command() {
     let echo = EchoServer::start();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mg = Meshgate::start(bin(), &tcp_config(admin, listen, &[echo.addr], ""), admin).expect("start");
+    let mg =
+        Meshgate::start(bin(), &tcp_config(admin, listen, &[echo.addr], ""), admin).expect("start");
 
     assert_eq!(mg.get("/live").expect("live").0, 200);
     assert_eq!(mg.get("/ready").expect("ready").0, 200);
@@ -150,7 +202,11 @@ fn admin_endpoints_and_status_command() {
 
     let admin_arg = admin.to_string();
     let out = meshgate(&["status", "--admin", &admin_arg, "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(st["ready"], true);
     assert_eq!(st["shards"], 2);
@@ -158,5 +214,8 @@ fn admin_endpoints_and_status_command() {
     let out = meshgate(&["status", "--admin", &admin_arg]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ready") && text.contains("in") && text.contains(&listen.to_string()), "{text}");
+    assert!(
+        text.contains("ready") && text.contains("in") && text.contains(&listen.to_string()),
+        "{text}"
+    );
 }

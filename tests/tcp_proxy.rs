@@ -6,7 +6,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgate_testkit::{EchoServer, Fnv, Meshgate, fill_pseudo_random, free_port, metric_sum, tcp_config, wait_until};
+use meshgate_testkit::{
+    EchoServer, Fnv, Meshgate, fill_pseudo_random, free_port, metric_sum, tcp_config, wait_until,
+};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
@@ -23,7 +25,11 @@ struct Setup {
 }
 
 fn start(endpoints: Option<&[SocketAddr]>, extra_listener: &str) -> Setup {
-    let echo = if endpoints.is_none() { Some(EchoServer::start()) } else { None };
+    let echo = if endpoints.is_none() {
+        Some(EchoServer::start())
+    } else {
+        None
+    };
     let eps: Vec<SocketAddr> = match endpoints {
         Some(e) => e.to_vec(),
         None => vec![echo.as_ref().expect("echo started").addr],
@@ -32,7 +38,11 @@ fn start(endpoints: Option<&[SocketAddr]>, extra_listener: &str) -> Setup {
     let listen = addr(free_port());
     let cfg = tcp_config(admin, listen, &eps, extra_listener);
     let mg = Meshgate::start(bin(), &cfg, admin).expect("gateway starts");
-    Setup { mg, listen, _echo: echo }
+    Setup {
+        mg,
+        listen,
+        _echo: echo,
+    }
 }
 
 fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
@@ -52,7 +62,8 @@ fn thousand_concurrent_echo_connections() {
     let mut conns: Vec<TcpStream> = (0..CONNS)
         .map(|i| {
             let s = TcpStream::connect(st.listen).unwrap_or_else(|e| panic!("connect #{i}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
             s
         })
         .collect();
@@ -67,19 +78,36 @@ fn thousand_concurrent_echo_connections() {
                 for (i, s) in mine.iter_mut().enumerate() {
                     let mut msg = vec![0u8; 512 + (i * 37 + round * 101) % 3000];
                     fill_pseudo_random(&mut seed, &mut msg);
-                    round_trip(s, &msg).unwrap_or_else(|e| panic!("thread {t} conn {i} round {round}: {e}"));
+                    round_trip(s, &msg)
+                        .unwrap_or_else(|e| panic!("thread {t} conn {i} round {round}: {e}"));
                 }
             }
-            mine.len()
+            mine
         }));
     }
-    let done: usize = handles.into_iter().map(|h| h.join().expect("client thread")).sum();
-    assert_eq!(done, CONNS);
+    // Keep every connection open until the gateway's gauge has been read.
+    let still_open: Vec<TcpStream> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect();
+    assert_eq!(still_open.len(), CONNS);
     let m = st.mg.metrics();
-    assert_eq!(metric_sum(&m, "meshgate_listener_connections_active", &[("listener", "in")]), CONNS as f64, "{m}");
+    assert_eq!(
+        metric_sum(
+            &m,
+            "meshgate_listener_connections_active",
+            &[("listener", "in")]
+        ),
+        CONNS as f64,
+        "{m}"
+    );
     // Both shards took connections (SO_REUSEPORT spreads them).
     for shard in ["0", "1"] {
-        let n = metric_sum(&m, "meshgate_listener_connections_accepted_total", &[("listener", "in"), ("shard", shard)]);
+        let n = metric_sum(
+            &m,
+            "meshgate_listener_connections_accepted_total",
+            &[("listener", "in"), ("shard", shard)],
+        );
         assert!(n > 0.0, "shard {shard} accepted nothing:\n{m}");
     }
 }
@@ -89,7 +117,8 @@ fn bulk_256_mib_both_ways_with_checksum() {
     let st = start(None, "");
     const TOTAL: usize = 256 * 1024 * 1024;
     let mut s = TcpStream::connect(st.listen).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     let mut w = s.try_clone().expect("clone");
     let writer = thread::spawn(move || {
         let mut seed = 42u64;
@@ -120,8 +149,20 @@ fn bulk_256_mib_both_ways_with_checksum() {
     assert_eq!(got, TOTAL, "bytes echoed back");
     assert_eq!(sum.0, sent_sum, "checksum of the echoed stream");
     let m = st.mg.metrics();
-    assert!(metric_sum(&m, "meshgate_listener_received_bytes_total", &[("listener", "in")]) >= TOTAL as f64);
-    assert!(metric_sum(&m, "meshgate_listener_sent_bytes_total", &[("listener", "in")]) >= TOTAL as f64);
+    assert!(
+        metric_sum(
+            &m,
+            "meshgate_listener_received_bytes_total",
+            &[("listener", "in")]
+        ) >= TOTAL as f64
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "meshgate_listener_sent_bytes_total",
+            &[("listener", "in")]
+        ) >= TOTAL as f64
+    );
 }
 
 #[test]
@@ -134,12 +175,14 @@ fn half_close_is_honoured_both_ways() {
         let (mut c, _) = up.accept().expect("accept");
         let mut all = Vec::new();
         c.read_to_end(&mut all).expect("read to EOF");
-        c.write_all(format!("got {} bytes", all.len()).as_bytes()).expect("answer after EOF");
+        c.write_all(format!("got {} bytes", all.len()).as_bytes())
+            .expect("answer after EOF");
         c.shutdown(Shutdown::Write).expect("fin");
     });
     let st = start(Some(&[up_addr]), "");
     let mut s = TcpStream::connect(st.listen).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     s.write_all(&[7u8; 100_000]).expect("write");
     s.shutdown(Shutdown::Write).expect("half-close");
     let mut answer = String::new();
@@ -154,14 +197,17 @@ fn connection_limit_is_enforced() {
     let mut held: Vec<TcpStream> = (0..5)
         .map(|_| {
             let mut s = TcpStream::connect(st.listen).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
             round_trip(&mut s, b"hello").expect("admitted connection works");
             s
         })
         .collect();
     // The 6th is accepted by the kernel, then closed by the gateway without reaching upstream.
     let mut extra = TcpStream::connect(st.listen).expect("connect");
-    extra.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let _ = extra.write_all(b"x");
     let mut b = [0u8; 1];
     match extra.read(&mut b) {
@@ -170,15 +216,25 @@ fn connection_limit_is_enforced() {
         other => panic!("6th connection should be closed, got {other:?}"),
     }
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_sum(&st.mg.metrics(), "meshgate_listener_connection_limit_rejections_total", &[("listener", "in")]) == 1.0
+        metric_sum(
+            &st.mg.metrics(),
+            "meshgate_listener_connection_limit_rejections_total",
+            &[("listener", "in")],
+        ) == 1.0
     }));
     // Freeing a slot admits a new connection.
     drop(held.pop());
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_sum(&st.mg.metrics(), "meshgate_listener_connections_active", &[("listener", "in")]) == 4.0
+        metric_sum(
+            &st.mg.metrics(),
+            "meshgate_listener_connections_active",
+            &[("listener", "in")],
+        ) == 4.0
     }));
     let mut again = TcpStream::connect(st.listen).expect("connect");
-    again.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     round_trip(&mut again, b"back").expect("slot freed");
 }
 
@@ -188,13 +244,25 @@ fn upstream_refusing_closes_downstream_promptly_and_is_counted() {
     let st = start(Some(&[dead]), "");
     let started = Instant::now();
     let mut s = TcpStream::connect(st.listen).expect("connect to gateway");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut b = [0u8; 16];
     let r = s.read(&mut b);
-    assert!(matches!(r, Ok(0)) || r.is_err(), "expected close, got {r:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "closed within connect_timeout: {:?}", started.elapsed());
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "expected close, got {r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed within connect_timeout: {:?}",
+        started.elapsed()
+    );
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_sum(&st.mg.metrics(), "meshgate_cluster_upstream_connect_failures_total", &[("cluster", "up")]) >= 1.0
+        metric_sum(
+            &st.mg.metrics(),
+            "meshgate_cluster_upstream_connect_failures_total",
+            &[("cluster", "up")],
+        ) >= 1.0
     }));
 }
 
@@ -204,18 +272,31 @@ fn upstream_blackhole_times_out_within_connect_timeout() {
     // a connect hangs until the gateway's connect_timeout (2s in tcp_config) fires.
     let hole = socket_with_backlog_zero();
     let hole_addr = hole.local_addr().expect("addr");
-    let _fill: Vec<_> = (0..4).filter_map(|_| TcpStream::connect_timeout(&hole_addr, Duration::from_millis(200)).ok()).collect();
+    let _fill: Vec<_> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&hole_addr, Duration::from_millis(200)).ok())
+        .collect();
     let st = start(Some(&[hole_addr]), "");
     let started = Instant::now();
     let mut s = TcpStream::connect(st.listen).expect("connect to gateway");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut b = [0u8; 16];
     let r = s.read(&mut b);
     let took = started.elapsed();
-    assert!(matches!(r, Ok(0)) || r.is_err(), "expected close, got {r:?}");
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(4), "closed after {took:?}");
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "expected close, got {r:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
     assert!(wait_until(Duration::from_secs(5), || {
-        metric_sum(&st.mg.metrics(), "meshgate_cluster_upstream_connect_timeouts_total", &[("cluster", "up")]) >= 1.0
+        metric_sum(
+            &st.mg.metrics(),
+            "meshgate_cluster_upstream_connect_timeouts_total",
+            &[("cluster", "up")],
+        ) >= 1.0
     }));
 }
 
@@ -229,10 +310,16 @@ fn socket_with_backlog_zero() -> TcpListener {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
             sin_zero: [0; 8],
         };
-        let rc = libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of_val(&sa) as u32);
+        let rc = libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of_val(&sa) as u32,
+        );
         assert_eq!(rc, 0);
         assert_eq!(libc::listen(fd, 0), 0);
         TcpListener::from_raw_fd(fd)
@@ -243,12 +330,14 @@ fn socket_with_backlog_zero() -> TcpListener {
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let mut st = start(None, "");
     let mut open = TcpStream::connect(st.listen).expect("connect");
-    open.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    open.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     round_trip(&mut open, b"before").expect("works before SIGTERM");
     st.mg.signal(libc::SIGTERM);
     // New connections are refused once the listeners are closed...
     assert!(
-        wait_until(Duration::from_secs(5), || TcpStream::connect(st.listen).is_err()),
+        wait_until(Duration::from_secs(5), || TcpStream::connect(st.listen)
+            .is_err()),
         "listener still accepting after SIGTERM"
     );
     // ...while the open one keeps working...
@@ -258,7 +347,11 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     drop(open);
     let status = st.mg.wait(Duration::from_secs(10)).expect("exits");
     assert!(status.success(), "exit status {status}");
-    assert!(t.elapsed() < Duration::from_secs(3), "exit took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -266,17 +359,25 @@ fn drain_deadline_closes_stragglers_and_exits_zero() {
     let echo = EchoServer::start();
     let admin = addr(free_port());
     let listen = addr(free_port());
-    let cfg = tcp_config(admin, listen, &[echo.addr], "").replace("drain_timeout = \"5s\"", "drain_timeout = \"1s\"");
+    let cfg = tcp_config(admin, listen, &[echo.addr], "")
+        .replace("drain_timeout = \"5s\"", "drain_timeout = \"1s\"");
     let mut mg = Meshgate::start(bin(), &cfg, admin).expect("start");
     let mut open = TcpStream::connect(listen).expect("connect");
-    open.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    open.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     round_trip(&mut open, b"x").expect("works");
     let t = Instant::now();
     let status = mg.terminate(Duration::from_secs(10)).expect("exits");
     assert!(status.success(), "exit status {status}");
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "took {took:?}"
+    );
     let mut b = [0u8; 1];
     let r = open.read(&mut b);
-    assert!(matches!(r, Ok(0)) || r.is_err(), "straggler closed, got {r:?}");
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "straggler closed, got {r:?}"
+    );
 }

@@ -48,27 +48,32 @@ pub fn serve(
     tcp: Option<SocketAddr>,
     unix: Option<&Path>,
 ) -> io::Result<AdminServer> {
-    let mut server = AdminServer { tcp: None, unix: None };
+    let mut server = AdminServer {
+        tcp: None,
+        unix: None,
+    };
     if let Some(addr) = tcp {
         let l = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("admin address {addr}: {e}")))?;
         server.tcp = Some(l.local_addr()?);
         let st = state.clone();
-        std::thread::Builder::new().name("meshgate-admin".into()).spawn(move || {
-            for conn in l.incoming() {
-                match conn {
-                    Ok(c) => {
-                        let _ = c.set_read_timeout(Some(READ_DEADLINE));
-                        let _ = c.set_write_timeout(Some(READ_DEADLINE));
-                        handle(&st, c);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        std::thread::sleep(Duration::from_millis(10));
+        std::thread::Builder::new()
+            .name("meshgate-admin".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                            let _ = c.set_write_timeout(Some(READ_DEADLINE));
+                            handle(&st, c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
     }
     if let Some(path) = unix {
         // A socket file left by a previous run (crash, SIGKILL) would make bind fail.
@@ -78,29 +83,32 @@ pub fn serve(
                 let _ = std::fs::remove_file(path);
             }
         }
-        let l = UnixListener::bind(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("admin socket {}: {e}", path.display())))?;
+        let l = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("admin socket {}: {e}", path.display()))
+        })?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         }
         server.unix = Some(path.to_path_buf());
         let st = state;
-        std::thread::Builder::new().name("meshgate-admin-unix".into()).spawn(move || {
-            for conn in l.incoming() {
-                match conn {
-                    Ok(c) => {
-                        let _ = c.set_read_timeout(Some(READ_DEADLINE));
-                        let _ = c.set_write_timeout(Some(READ_DEADLINE));
-                        handle(&st, c);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        std::thread::sleep(Duration::from_millis(10));
+        std::thread::Builder::new()
+            .name("meshgate-admin-unix".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(c) => {
+                            let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                            let _ = c.set_write_timeout(Some(READ_DEADLINE));
+                            handle(&st, c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
     }
     Ok(server)
 }
@@ -113,13 +121,21 @@ struct Response {
 
 impl Response {
     fn text(status: u16, body: impl Into<String>) -> Self {
-        Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
     }
     fn json(value: &impl Serialize) -> Self {
         match serde_json::to_string_pretty(value) {
             Ok(mut body) => {
                 body.push('\n');
-                Response { status: 200, content_type: "application/json", body }
+                Response {
+                    status: 200,
+                    content_type: "application/json",
+                    body,
+                }
             }
             Err(e) => Response::text(500, format!("cannot encode JSON: {e}\n")),
         }
@@ -139,7 +155,10 @@ fn handle(state: &AdminState, mut conn: impl Read + Write) {
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string());
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                );
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => continue,
             Ok(httparse::Status::Partial) => {

@@ -22,7 +22,11 @@ impl WeightedPicker {
         let weights: Box<[i64]> = weights.iter().map(|&w| i64::from(w)).collect();
         let total = weights.iter().sum();
         let current = weights.iter().map(|_| Cell::new(0)).collect();
-        WeightedPicker { weights, current, total }
+        WeightedPicker {
+            weights,
+            current,
+            total,
+        }
     }
 
     /// Index of the next choice.
@@ -54,7 +58,10 @@ pub struct RoundRobin {
 
 impl RoundRobin {
     pub fn new(n: usize, start: usize) -> Self {
-        RoundRobin { next: Cell::new(if n == 0 { 0 } else { start % n }), n }
+        RoundRobin {
+            next: Cell::new(if n == 0 { 0 } else { start % n }),
+            n,
+        }
     }
 
     /// Index of the next endpoint (0 when there are none; callers check emptiness).

@@ -20,7 +20,10 @@ pub enum Blame {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyErrorKind {
     #[error("cannot connect to upstream {endpoint}: {source}")]
-    UpstreamConnect { endpoint: SocketAddr, source: io::Error },
+    UpstreamConnect {
+        endpoint: SocketAddr,
+        source: io::Error,
+    },
     #[error("{blame:?} I/O error: {source}")]
     Io { blame: Blame, source: io::Error },
     #[error("no data moved for the idle timeout")]
@@ -37,16 +40,24 @@ pub struct ProxyError {
 
 impl ProxyError {
     pub fn upstream_connect(endpoint: SocketAddr, source: io::Error) -> Self {
-        ProxyError { kind: ProxyErrorKind::UpstreamConnect { endpoint, source } }
+        ProxyError {
+            kind: ProxyErrorKind::UpstreamConnect { endpoint, source },
+        }
     }
     pub fn io(blame: Blame, source: io::Error) -> Self {
-        ProxyError { kind: ProxyErrorKind::Io { blame, source } }
+        ProxyError {
+            kind: ProxyErrorKind::Io { blame, source },
+        }
     }
     pub fn idle() -> Self {
-        ProxyError { kind: ProxyErrorKind::IdleTimeout }
+        ProxyError {
+            kind: ProxyErrorKind::IdleTimeout,
+        }
     }
     pub fn internal(what: &'static str) -> Self {
-        ProxyError { kind: ProxyErrorKind::Internal(what) }
+        ProxyError {
+            kind: ProxyErrorKind::Internal(what),
+        }
     }
 
     pub fn blame(&self) -> Blame {
@@ -66,11 +77,25 @@ impl ProxyError {
     /// Envoy's response-flag vocabulary, for access logs and counters.
     pub fn response_flag(&self) -> &'static str {
         match &self.kind {
-            ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == io::ErrorKind::TimedOut => "UF,UT",
+            ProxyErrorKind::UpstreamConnect { source, .. }
+                if source.kind() == io::ErrorKind::TimedOut =>
+            {
+                "UF,UT"
+            }
             ProxyErrorKind::UpstreamConnect { .. } => "UF",
-            ProxyErrorKind::Io { blame: Blame::Downstream, .. } => "DC",
-            ProxyErrorKind::Io { blame: Blame::Upstream, .. } => "UC",
-            ProxyErrorKind::Io { blame: Blame::Internal, .. } | ProxyErrorKind::Internal(_) => "NR",
+            ProxyErrorKind::Io {
+                blame: Blame::Downstream,
+                ..
+            } => "DC",
+            ProxyErrorKind::Io {
+                blame: Blame::Upstream,
+                ..
+            } => "UC",
+            ProxyErrorKind::Io {
+                blame: Blame::Internal,
+                ..
+            }
+            | ProxyErrorKind::Internal(_) => "NR",
             ProxyErrorKind::IdleTimeout => "SI",
         }
     }

@@ -33,7 +33,8 @@ pub struct Shared {
 
 impl Shared {
     pub fn is_ready(&self) -> bool {
-        self.shards_ready.load(Ordering::Acquire) == self.shard_count && !self.draining.load(Ordering::Acquire)
+        self.shards_ready.load(Ordering::Acquire) == self.shard_count
+            && !self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -43,9 +44,20 @@ pub enum StartError {
     #[error(transparent)]
     Runtime(#[from] rt::RtError),
     #[error("listener `{listener}` cannot bind {address}: {source}{hint}")]
-    Bind { listener: String, address: SocketAddr, source: std::io::Error, hint: &'static str },
-    #[error("runtime.cores = {wanted} but this process may only run on {available} CPU(s) ({cpus:?}); lower runtime.cores or widen the CPU affinity")]
-    TooManyCores { wanted: usize, available: usize, cpus: Vec<usize> },
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error(
+        "runtime.cores = {wanted} but this process may only run on {available} CPU(s) ({cpus:?}); lower runtime.cores or widen the CPU affinity"
+    )]
+    TooManyCores {
+        wanted: usize,
+        available: usize,
+        cpus: Vec<usize>,
+    },
     #[error("shard {0} stopped during start-up (see the log above)")]
     ShardDied(usize),
 }
@@ -77,7 +89,11 @@ impl Gateway {
         let cpus = rt::allowed_cpus();
         let count = match config.runtime.cores {
             Some(n) if n > cpus.len().max(1) => {
-                return Err(StartError::TooManyCores { wanted: n, available: cpus.len(), cpus });
+                return Err(StartError::TooManyCores {
+                    wanted: n,
+                    available: cpus.len(),
+                    cpus,
+                });
             }
             Some(n) => n,
             None => cpus.len().max(1),
@@ -125,7 +141,11 @@ impl Gateway {
             };
             let cfg = rt::ShardConfig {
                 id,
-                cpu: if config.runtime.pin { cpus.get(id).copied() } else { None },
+                cpu: if config.runtime.pin {
+                    cpus.get(id).copied()
+                } else {
+                    None
+                },
                 ring_entries: config.runtime.ring_entries,
             };
             let handle = rt::spawn_shard(cfg, move || shard::run(ctx))?;
@@ -147,7 +167,14 @@ impl Gateway {
             }
         }
         drop(reservations);
-        let gw = Gateway { config, stats, shared, ring, shards, bound };
+        let gw = Gateway {
+            config,
+            stats,
+            shared,
+            ring,
+            shards,
+            bound,
+        };
         if let Some(e) = first_error {
             gw.stop();
             return Err(e);
@@ -183,7 +210,10 @@ impl Gateway {
         }
         let open_at_deadline = self.wait_shards();
         if open_at_deadline > 0 {
-            tracing::warn!(connections = open_at_deadline, "drain deadline reached; closed remaining connections");
+            tracing::warn!(
+                connections = open_at_deadline,
+                "drain deadline reached; closed remaining connections"
+            );
         }
         open_at_deadline
     }

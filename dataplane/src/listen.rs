@@ -70,7 +70,10 @@ impl ConnGuard {
         }
         shard.stats.listeners[listener].active.inc();
         shard.open.set(shard.open.get() + 1);
-        Some(ConnGuard { shard: shard.clone(), listener })
+        Some(ConnGuard {
+            shard: shard.clone(),
+            listener,
+        })
     }
 }
 
@@ -83,4 +86,3 @@ impl Drop for ConnGuard {
         self.shard.open.set(self.shard.open.get().saturating_sub(1));
     }
 }
-

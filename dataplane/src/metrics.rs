@@ -94,8 +94,16 @@ pub struct ShardStats {
 impl ShardStats {
     fn new(config: &Config) -> Self {
         ShardStats {
-            listeners: config.listeners.iter().map(|_| ListenerStats::default()).collect(),
-            clusters: config.clusters.iter().map(|_| ClusterStats::default()).collect(),
+            listeners: config
+                .listeners
+                .iter()
+                .map(|_| ListenerStats::default())
+                .collect(),
+            clusters: config
+                .clusters
+                .iter()
+                .map(|_| ClusterStats::default())
+                .collect(),
         }
     }
 }
@@ -113,7 +121,9 @@ pub struct Stats {
 impl Stats {
     pub fn new(config: &Config, shards: usize) -> Self {
         Stats {
-            shards: (0..shards).map(|_| Arc::new(ShardStats::new(config))).collect(),
+            shards: (0..shards)
+                .map(|_| Arc::new(ShardStats::new(config)))
+                .collect(),
             listener_names: config.listeners.iter().map(|l| l.name.clone()).collect(),
             cluster_names: config.clusters.iter().map(|c| c.name.clone()).collect(),
             started: Instant::now(),
@@ -130,7 +140,10 @@ impl Stats {
     }
 
     pub fn listener_active(&self, idx: usize) -> i64 {
-        self.shards.iter().map(|s| s.listeners[idx].active.get()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.listeners[idx].active.get())
+            .sum()
     }
 
     pub fn cluster_total(&self, idx: usize, f: impl Fn(&ClusterStats) -> u64) -> u64 {
@@ -138,13 +151,19 @@ impl Stats {
     }
 
     pub fn cluster_active(&self, idx: usize) -> i64 {
-        self.shards.iter().map(|s| s.clusters[idx].active.get()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.clusters[idx].active.get())
+            .sum()
     }
 
     /// Render the Prometheus/OpenMetrics text exposition.
     pub fn render(self: &Arc<Self>, build: &BuildInfo) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Exporter { stats: self.clone(), build: build.clone() }));
+        registry.register_collector(Box::new(Exporter {
+            stats: self.clone(),
+            build: build.clone(),
+        }));
         let mut out = String::with_capacity(8192);
         // Encoding into a String cannot fail except on a fmt::Error from our own collector.
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
@@ -191,7 +210,10 @@ impl Collector for Exporter {
             "Build and runtime information",
             MetricType::Gauge,
             [(
-                vec![("version", self.build.version.to_string()), ("ring_mode", self.build.ring_mode.clone())],
+                vec![
+                    ("version", self.build.version.to_string()),
+                    ("ring_mode", self.build.ring_mode.clone()),
+                ],
                 ConstGauge::new(1i64),
             )],
         )?;
@@ -204,25 +226,50 @@ impl Collector for Exporter {
         )?;
 
         let lcounters: [(&str, &str, fn(&ListenerStats) -> u64); 7] = [
-            ("meshgate_listener_connections_accepted", "Downstream connections accepted", |l| l.accepted.get()),
-            ("meshgate_listener_connections_closed", "Downstream connections closed", |l| l.closed.get()),
-            ("meshgate_listener_received_bytes", "Bytes received from downstream", |l| l.bytes_in.get()),
-            ("meshgate_listener_sent_bytes", "Bytes sent to downstream", |l| l.bytes_out.get()),
+            (
+                "meshgate_listener_connections_accepted",
+                "Downstream connections accepted",
+                |l| l.accepted.get(),
+            ),
+            (
+                "meshgate_listener_connections_closed",
+                "Downstream connections closed",
+                |l| l.closed.get(),
+            ),
+            (
+                "meshgate_listener_received_bytes",
+                "Bytes received from downstream",
+                |l| l.bytes_in.get(),
+            ),
+            (
+                "meshgate_listener_sent_bytes",
+                "Bytes sent to downstream",
+                |l| l.bytes_out.get(),
+            ),
             (
                 "meshgate_listener_connection_limit_rejections",
                 "Connections refused at the listener's max_connections",
                 |l| l.limit_rejected.get(),
             ),
-            ("meshgate_listener_idle_timeouts", "Connections closed by the idle timeout", |l| l.idle_timeouts.get()),
-            ("meshgate_listener_accept_errors", "accept() errors (e.g. out of file descriptors)", |l| {
-                l.accept_errors.get()
-            }),
+            (
+                "meshgate_listener_idle_timeouts",
+                "Connections closed by the idle timeout",
+                |l| l.idle_timeouts.get(),
+            ),
+            (
+                "meshgate_listener_accept_errors",
+                "accept() errors (e.g. out of file descriptors)",
+                |l| l.accept_errors.get(),
+            ),
         ];
         for (name, help, get) in lcounters {
             let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
                 ss.listeners.iter().enumerate().map(move |(i, l)| {
                     (
-                        vec![("listener", s.listener_names[i].clone()), ("shard", shard.to_string())],
+                        vec![
+                            ("listener", s.listener_names[i].clone()),
+                            ("shard", shard.to_string()),
+                        ],
                         ConstCounter::new(get(l)),
                     )
                 })
@@ -232,7 +279,10 @@ impl Collector for Exporter {
         let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
             ss.listeners.iter().enumerate().map(move |(i, l)| {
                 (
-                    vec![("listener", s.listener_names[i].clone()), ("shard", shard.to_string())],
+                    vec![
+                        ("listener", s.listener_names[i].clone()),
+                        ("shard", shard.to_string()),
+                    ],
                     ConstGauge::new(l.active.get()),
                 )
             })
@@ -246,25 +296,40 @@ impl Collector for Exporter {
         )?;
 
         let ccounters: [(&str, &str, fn(&ClusterStats) -> u64); 5] = [
-            ("meshgate_cluster_upstream_connections", "Upstream connections established", |c| c.connects.get()),
+            (
+                "meshgate_cluster_upstream_connections",
+                "Upstream connections established",
+                |c| c.connects.get(),
+            ),
             (
                 "meshgate_cluster_upstream_connect_failures",
                 "Upstream connection attempts that failed (refused, unreachable, timed out)",
                 |c| c.connect_failures.get(),
             ),
-            ("meshgate_cluster_upstream_connect_timeouts", "Upstream connection attempts that timed out", |c| {
-                c.connect_timeouts.get()
-            }),
-            ("meshgate_cluster_upstream_sent_bytes", "Bytes sent to upstream endpoints", |c| c.bytes_sent.get()),
-            ("meshgate_cluster_upstream_received_bytes", "Bytes received from upstream endpoints", |c| {
-                c.bytes_received.get()
-            }),
+            (
+                "meshgate_cluster_upstream_connect_timeouts",
+                "Upstream connection attempts that timed out",
+                |c| c.connect_timeouts.get(),
+            ),
+            (
+                "meshgate_cluster_upstream_sent_bytes",
+                "Bytes sent to upstream endpoints",
+                |c| c.bytes_sent.get(),
+            ),
+            (
+                "meshgate_cluster_upstream_received_bytes",
+                "Bytes received from upstream endpoints",
+                |c| c.bytes_received.get(),
+            ),
         ];
         for (name, help, get) in ccounters {
             let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
                 ss.clusters.iter().enumerate().map(move |(i, c)| {
                     (
-                        vec![("cluster", s.cluster_names[i].clone()), ("shard", shard.to_string())],
+                        vec![
+                            ("cluster", s.cluster_names[i].clone()),
+                            ("shard", shard.to_string()),
+                        ],
                         ConstCounter::new(get(c)),
                     )
                 })
@@ -274,7 +339,10 @@ impl Collector for Exporter {
         let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
             ss.clusters.iter().enumerate().map(move |(i, c)| {
                 (
-                    vec![("cluster", s.cluster_names[i].clone()), ("shard", shard.to_string())],
+                    vec![
+                        ("cluster", s.cluster_names[i].clone()),
+                        ("shard", shard.to_string()),
+                    ],
                     ConstGauge::new(c.active.get()),
                 )
             })

@@ -45,6 +45,7 @@ pub struct ShardInit {
 /// Per-shard state every connection task of this shard can see.
 #[derive(Debug)]
 pub struct Shard {
+    /// Shard number (0-based), for logs.
     pub id: usize,
     pub config: Arc<Config>,
     pub stats: Arc<ShardStats>,
@@ -69,7 +70,11 @@ impl Shard {
                 }
             })
             .collect();
-        let endpoint_rr = config.clusters.iter().map(|c| RoundRobin::new(c.endpoints.len(), init.id)).collect();
+        let endpoint_rr = config
+            .clusters
+            .iter()
+            .map(|c| RoundRobin::new(c.endpoints.len(), init.id))
+            .collect();
         Shard {
             id: init.id,
             config: config.clone(),
@@ -85,7 +90,10 @@ impl Shard {
 /// The shard's root task.
 pub async fn run(init: ShardInit) {
     let shard = Rc::new(Shard::new(&init));
-    let opts = |backlog: u32| rt::ListenOptions { reuseport: true, backlog: backlog.min(i32::MAX as u32) as i32 };
+    let opts = |backlog: u32| rt::ListenOptions {
+        reuseport: true,
+        backlog: backlog.min(i32::MAX as u32) as i32,
+    };
 
     let mut listeners = Vec::with_capacity(init.config.listeners.len());
     for (i, l) in init.config.listeners.iter().enumerate() {
@@ -95,7 +103,12 @@ pub async fn run(init: ShardInit) {
                 let hint = crate::gateway::bind_hint(&source);
                 let _ = init.ready.send((
                     init.id,
-                    Err(StartError::Bind { listener: l.name.clone(), address: init.addrs[i], source, hint }),
+                    Err(StartError::Bind {
+                        listener: l.name.clone(),
+                        address: init.addrs[i],
+                        source,
+                        hint,
+                    }),
                 ));
                 return;
             }
@@ -124,11 +137,14 @@ pub async fn run(init: ShardInit) {
         while shard.open.get() > 0 {
             let now = Instant::now();
             if now >= deadline {
-                shard.shared.drain_left.fetch_add(shard.open.get(), Ordering::AcqRel);
+                shard
+                    .shared
+                    .drain_left
+                    .fetch_add(shard.open.get(), Ordering::AcqRel);
                 break;
             }
             rt::sleep((deadline - now).min(Duration::from_millis(20))).await;
         }
     }
-    tracing::debug!(shard = init.id, "shard stopped");
+    tracing::debug!(shard = shard.id, "shard stopped");
 }

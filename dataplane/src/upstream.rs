@@ -53,7 +53,10 @@ pub async fn connect(shard: &Rc<Shard>, cluster: usize) -> Result<Upstream, Prox
                 return Ok(Upstream {
                     stream,
                     endpoint,
-                    guard: UpstreamGuard { shard: shard.clone(), cluster },
+                    guard: UpstreamGuard {
+                        shard: shard.clone(),
+                        cluster,
+                    },
                 });
             }
             Ok(Err(e)) => {

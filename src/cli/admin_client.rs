@@ -23,7 +23,11 @@ impl AdminAddr {
         } else if s.starts_with('/') {
             AdminAddr::Unix(s.to_string())
         } else {
-            AdminAddr::Tcp(s.trim_start_matches("http://").trim_end_matches('/').to_string())
+            AdminAddr::Tcp(
+                s.trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string(),
+            )
         }
     }
 }
@@ -39,7 +43,9 @@ impl std::fmt::Display for AdminAddr {
 
 /// Error meaning "nobody answered" (exit 69) as opposed to a bad answer.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach the admin API at {addr}: {source}; is `meshgate run` running? (--admin / MESHGATE_ADMIN select another address)")]
+#[error(
+    "cannot reach the admin API at {addr}: {source}; is `meshgate run` running? (--admin / MESHGATE_ADMIN select another address)"
+)]
 pub struct Unreachable {
     pub addr: String,
     pub source: std::io::Error,
@@ -50,11 +56,17 @@ pub fn get(addr: &AdminAddr, path: &str) -> Result<(u16, String)> {
     let req = format!("GET {path} HTTP/1.1\r\nhost: meshgate-admin\r\nconnection: close\r\n\r\n");
     let raw = match addr {
         AdminAddr::Tcp(a) => {
-            let mut s = connect_tcp(a).map_err(|source| Unreachable { addr: addr.to_string(), source })?;
+            let mut s = connect_tcp(a).map_err(|source| Unreachable {
+                addr: addr.to_string(),
+                source,
+            })?;
             exchange(&mut s, &req)?
         }
         AdminAddr::Unix(p) => {
-            let mut s = UnixStream::connect(p).map_err(|source| Unreachable { addr: addr.to_string(), source })?;
+            let mut s = UnixStream::connect(p).map_err(|source| Unreachable {
+                addr: addr.to_string(),
+                source,
+            })?;
             s.set_read_timeout(Some(TIMEOUT))?;
             exchange(&mut s, &req)?
         }
@@ -64,7 +76,10 @@ pub fn get(addr: &AdminAddr, path: &str) -> Result<(u16, String)> {
 
 fn connect_tcp(a: &str) -> std::io::Result<TcpStream> {
     use std::net::ToSocketAddrs;
-    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "address resolves to nothing");
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "address resolves to nothing",
+    );
     for sa in a.to_socket_addrs()? {
         match TcpStream::connect_timeout(&sa, TIMEOUT) {
             Ok(s) => {

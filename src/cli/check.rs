@@ -44,7 +44,9 @@ pub fn run(args: CheckArgs) -> u8 {
             t.add_row(["CPUs usable", &format!("{} ({:?})", cpus.len(), cpus)]);
             t.add_row([
                 "memlock limit",
-                &memlock_kib.map(|k| format!("{k} KiB")).unwrap_or_else(|| "unlimited".into()),
+                &memlock_kib
+                    .map(|k| format!("{k} KiB"))
+                    .unwrap_or_else(|| "unlimited".into()),
             ]);
             println!("{t}");
         }
@@ -53,8 +55,15 @@ pub fn run(args: CheckArgs) -> u8 {
 }
 
 fn memlock_kib() -> Option<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY { None } else { Some(lim.rlim_cur / 1024) }
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        None
+    } else {
+        Some(lim.rlim_cur / 1024)
+    }
 }

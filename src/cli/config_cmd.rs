@@ -30,7 +30,9 @@ pub fn run(cmd: ConfigCmd) -> u8 {
         ConfigCmd::Show { file } => {
             let loaded = match &file {
                 Some(p) => meshgate_config::load(p),
-                None => meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>"),
+                None => {
+                    meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>")
+                }
             };
             match loaded {
                 Ok(c) => match serde_json::to_string_pretty(&c) {
@@ -65,7 +67,9 @@ fn validate(files: &[PathBuf], output: Output) -> u8 {
                 if output == Output::Table {
                     println!("{}: ok", f.display());
                 }
-                report.push(serde_json::json!({"file": f.display().to_string(), "ok": true, "errors": []}));
+                report.push(
+                    serde_json::json!({"file": f.display().to_string(), "ok": true, "errors": []}),
+                );
             }
             Err(e) => {
                 bad += 1;

@@ -7,7 +7,6 @@ mod config_cmd;
 mod run;
 mod status;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -87,7 +86,6 @@ enum Command {
 /// Default admin endpoint used by client commands.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 
-
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -97,7 +95,12 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Version { output } => version(output),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "meshgate", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshgate",
+                &mut std::io::stdout(),
+            );
             exit::OK
         }
     };

@@ -37,10 +37,15 @@ pub enum LogFormat {
 fn init_logging(args: &RunArgs) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
-        eprintln!("warning: bad --log filter {:?} ({e}); using `info`", args.log);
+        eprintln!(
+            "warning: bad --log filter {:?} ({e}); using `info`",
+            args.log
+        );
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -57,13 +62,15 @@ pub fn run(args: RunArgs) -> u8 {
                 return exit::CONFIG;
             }
         },
-        None => match meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>") {
-            Ok(c) => (c, "embedded default".to_string()),
-            Err(e) => {
-                eprint!("{e}");
-                return exit::CONFIG;
+        None => {
+            match meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>") {
+                Ok(c) => (c, "embedded default".to_string()),
+                Err(e) => {
+                    eprint!("{e}");
+                    return exit::CONFIG;
+                }
             }
-        },
+        }
     };
     init_logging(&args);
     let config = Arc::new(config);
@@ -96,11 +103,18 @@ pub fn run(args: RunArgs) -> u8 {
         config_source: source.clone(),
         stats: gateway.stats().clone(),
         shared: gateway.shared().clone(),
-        build: BuildInfo { version: env!("CARGO_PKG_VERSION"), ring_mode: gateway.ring_features().to_string() },
+        build: BuildInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            ring_mode: gateway.ring_features().to_string(),
+        },
         listener_addrs: gateway.listener_addrs().to_vec(),
         shards: gateway.stats().shards.len(),
     });
-    let admin = match admin::serve(state, config.admin.address, config.admin.unix_socket.as_deref()) {
+    let admin = match admin::serve(
+        state,
+        config.admin.address,
+        config.admin.unix_socket.as_deref(),
+    ) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: cannot start the admin API: {e}");
@@ -123,7 +137,9 @@ pub fn run(args: RunArgs) -> u8 {
     loop {
         match signals.wait() {
             libc::SIGTERM | libc::SIGINT => break,
-            libc::SIGHUP => tracing::info!("SIGHUP received; config reload is not available in this release"),
+            libc::SIGHUP => {
+                tracing::info!("SIGHUP received; config reload is not available in this release")
+            }
             other => tracing::debug!(signal = other, "ignoring signal"),
         }
     }
@@ -180,7 +196,8 @@ fn sd_notify(msg: &str) {
     let bytes = path.as_encoded_bytes();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
     } else {
         sock.send_to(msg.as_bytes(), &path)
     };

@@ -22,7 +22,11 @@ pub fn run(args: StatusArgs) -> u8 {
         Ok(r) => r,
         Err(e) => {
             report(&e);
-            return if e.downcast_ref::<Unreachable>().is_some() { exit::UNAVAILABLE } else { exit::FAILURE };
+            return if e.downcast_ref::<Unreachable>().is_some() {
+                exit::UNAVAILABLE
+            } else {
+                exit::FAILURE
+            };
         }
     };
     if code != 200 {
@@ -58,7 +62,17 @@ pub fn run(args: StatusArgs) -> u8 {
 
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(["listener", "address", "protocol", "active", "limit", "accepted", "rejected", "bytes in", "bytes out"]);
+    t.set_header([
+        "listener",
+        "address",
+        "protocol",
+        "active",
+        "limit",
+        "accepted",
+        "rejected",
+        "bytes in",
+        "bytes out",
+    ]);
     for l in &st.listeners {
         t.add_row([
             l.name.clone(),
@@ -75,11 +89,23 @@ pub fn run(args: StatusArgs) -> u8 {
     println!("{t}");
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(["cluster", "endpoints", "active", "connects", "connect failures", "sent", "received"]);
+    t.set_header([
+        "cluster",
+        "endpoints",
+        "active",
+        "connects",
+        "connect failures",
+        "sent",
+        "received",
+    ]);
     for c in &st.clusters {
         t.add_row([
             c.name.clone(),
-            c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "),
+            c.endpoints
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             c.active.to_string(),
             c.connects.to_string(),
             c.connect_failures.to_string(),
@@ -108,5 +134,9 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

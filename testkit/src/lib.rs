@@ -86,7 +86,11 @@ impl EchoServer {
                 }
             })
             .expect("spawn echo accept thread");
-        EchoServer { addr, stop, accepted }
+        EchoServer {
+            addr,
+            stop,
+            accepted,
+        }
     }
 }
 
@@ -101,7 +105,10 @@ impl Drop for EchoServer {
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
@@ -125,7 +132,10 @@ pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if n != name {
                 return None;
             }
-            if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            if labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
                 value.parse::<f64>().ok()
             } else {
                 None
@@ -161,7 +171,12 @@ impl Meshgate {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
-        let mut mg = Meshgate { child: Some(child), admin, dir, config_path };
+        let mut mg = Meshgate {
+            child: Some(child),
+            admin,
+            dir,
+            config_path,
+        };
         let ok = wait_until(Duration::from_secs(15), || {
             if let Some(c) = mg.child.as_mut() {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -172,7 +187,10 @@ impl Meshgate {
         });
         if let Some(c) = mg.child.as_mut() {
             if let Ok(Some(status)) = c.try_wait() {
-                bail!("meshgate exited during start-up ({status}); log:\n{}", mg.log());
+                bail!(
+                    "meshgate exited during start-up ({status}); log:\n{}",
+                    mg.log()
+                );
             }
         }
         if !ok {
@@ -223,7 +241,10 @@ impl Meshgate {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("meshgate did not exit within {timeout:?}; log:\n{}", self.log());
+                bail!(
+                    "meshgate did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -240,7 +261,12 @@ impl Drop for Meshgate {
 }
 
 /// A minimal gateway config: one tcp listener -> one cluster.
-pub fn tcp_config(admin: SocketAddr, listen: SocketAddr, endpoints: &[SocketAddr], extra_listener: &str) -> String {
+pub fn tcp_config(
+    admin: SocketAddr,
+    listen: SocketAddr,
+    endpoints: &[SocketAddr],
+    extra_listener: &str,
+) -> String {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
         r#"version = 1

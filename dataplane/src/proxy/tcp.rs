@@ -49,8 +49,22 @@ pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr
     let idle = Idle::new(listener.idle_timeout);
     let (down_rd, down_wr) = downstream.into_split();
     let (up_rd, up_wr) = up.stream.into_split();
-    let to_upstream = pump(down_rd, up_wr, Blame::Downstream, &lstats.bytes_in, &cstats.bytes_sent, &idle);
-    let to_downstream = pump(up_rd, down_wr, Blame::Upstream, &cstats.bytes_received, &lstats.bytes_out, &idle);
+    let to_upstream = pump(
+        down_rd,
+        up_wr,
+        Blame::Downstream,
+        &lstats.bytes_in,
+        &cstats.bytes_sent,
+        &idle,
+    );
+    let to_downstream = pump(
+        up_rd,
+        down_wr,
+        Blame::Upstream,
+        &cstats.bytes_received,
+        &lstats.bytes_out,
+        &idle,
+    );
     if let Err(e) = both_or_first_error(to_upstream, to_downstream).await {
         if matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout) {
             lstats.idle_timeouts.inc();
@@ -70,14 +84,19 @@ struct Idle {
 
 impl Idle {
     fn new(timeout: Duration) -> Self {
-        Idle { timeout, last: Cell::new(Instant::now()) }
+        Idle {
+            timeout,
+            last: Cell::new(Instant::now()),
+        }
     }
     fn touch(&self) {
         self.last.set(Instant::now());
     }
     /// Time left before the connection counts as idle; None once it is.
     fn remaining(&self) -> Option<Duration> {
-        self.timeout.checked_sub(self.last.get().elapsed()).filter(|d| !d.is_zero())
+        self.timeout
+            .checked_sub(self.last.get().elapsed())
+            .filter(|d| !d.is_zero())
     }
 }
 
@@ -141,7 +160,11 @@ where
                 b_done = true;
             }
         }
-        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        if a_done && b_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
     })
     .await
 }
