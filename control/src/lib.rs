@@ -1,6 +1,28 @@
 //! meshgate-control: the CA, issuance, enrollment, trust bundles and the state store.
 //!
-//! Thin for now: it holds the atomic state-file writer that every later piece of state (CA keys,
-//! ledger, tokens, bundles) goes through. See docs/ARCHITECTURE.md.
+//! Offline CA core (this crate today): [`ca::Ca`] initialises a state directory (ECDSA P-256
+//! root, or an intermediate under an operator's root), issues X509-SVIDs ([`ca::Ca::issue`],
+//! [`ca::Ca::sign_csr`]), records them in a ledger, revokes them into a CRL, exports trust
+//! bundles, and manages single-use join tokens ([`tokens::TokenStore::redeem`]). The enrollment
+//! server, the agent and the Workload API build on these calls. State layout: docs/state-dir.md.
+//! Every state write goes through [`state::write_atomic`]; writers serialise on
+//! [`layout::StateLock`].
 
+pub mod bundle;
+pub mod ca;
+pub mod clock;
+pub mod duration;
+pub mod error;
+pub mod inspect;
+pub mod layout;
+pub mod ledger;
+pub mod spiffe;
 pub mod state;
+pub mod tokens;
+
+pub use ca::{Ca, CsrRequest, InitOptions, IssueRequest, IssuedSvid, SignedSvid};
+pub use clock::{Clock, FixedClock, SystemClock};
+pub use error::{CaError, CsrError, StoreError, TokenError};
+pub use ledger::{AuthorisedBy, LedgerEntry, Serial};
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use tokens::{JoinToken, TokenGrant, TokenStore};
