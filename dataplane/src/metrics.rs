@@ -180,6 +180,9 @@ pub struct BuildInfo {
     pub ring_mode: String,
 }
 
+/// (metric name, help, how to read it from one shard's stats block)
+type CounterDef<S> = (&'static str, &'static str, fn(&S) -> u64);
+
 #[derive(Debug)]
 struct Exporter {
     stats: Arc<Stats>,
@@ -225,7 +228,7 @@ impl Collector for Exporter {
             [(vec![], ConstGauge::new(s.started_unix as i64))],
         )?;
 
-        let lcounters: [(&str, &str, fn(&ListenerStats) -> u64); 7] = [
+        let lcounters: [CounterDef<ListenerStats>; 7] = [
             (
                 "meshgate_listener_connections_accepted",
                 "Downstream connections accepted",
@@ -295,7 +298,7 @@ impl Collector for Exporter {
             series,
         )?;
 
-        let ccounters: [(&str, &str, fn(&ClusterStats) -> u64); 5] = [
+        let ccounters: [CounterDef<ClusterStats>; 5] = [
             (
                 "meshgate_cluster_upstream_connections",
                 "Upstream connections established",

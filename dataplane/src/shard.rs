@@ -123,11 +123,9 @@ pub async fn run(init: ShardInit) {
     let _ = init.ready.send((init.id, Ok(())));
     tracing::debug!(shard = init.id, "shard ready");
 
-    let deadline = loop {
-        match init.rx.recv().await {
-            Some(ShardMsg::Drain { deadline }) => break Some(deadline),
-            Some(ShardMsg::Stop) | None => break None,
-        }
+    let deadline = match init.rx.recv().await {
+        Some(ShardMsg::Drain { deadline }) => Some(deadline),
+        Some(ShardMsg::Stop) | None => None,
     };
     // Closing the listening sockets makes new connections to this shard's sockets fail at once.
     for t in accept_tasks {

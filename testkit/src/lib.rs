@@ -178,20 +178,20 @@ impl Meshgate {
             config_path,
         };
         let ok = wait_until(Duration::from_secs(15), || {
-            if let Some(c) = mg.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return true;
-                }
+            if let Some(c) = mg.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                return true;
             }
             matches!(http_get(admin, "/ready"), Ok((200, _)))
         });
-        if let Some(c) = mg.child.as_mut() {
-            if let Ok(Some(status)) = c.try_wait() {
-                bail!(
-                    "meshgate exited during start-up ({status}); log:\n{}",
-                    mg.log()
-                );
-            }
+        if let Some(c) = mg.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            bail!(
+                "meshgate exited during start-up ({status}); log:\n{}",
+                mg.log()
+            );
         }
         if !ok {
             bail!("meshgate not ready after 15s; log:\n{}", mg.log());

@@ -148,17 +148,13 @@ where
     let mut b = pin!(b);
     let (mut a_done, mut b_done) = (false, false);
     poll_fn(|cx| {
-        if !a_done {
-            if let Poll::Ready(r) = a.as_mut().poll(cx) {
-                r?;
-                a_done = true;
-            }
+        if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
+            r?;
+            a_done = true;
         }
-        if !b_done {
-            if let Poll::Ready(r) = b.as_mut().poll(cx) {
-                r?;
-                b_done = true;
-            }
+        if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
+            r?;
+            b_done = true;
         }
         if a_done && b_done {
             Poll::Ready(Ok(()))
