@@ -628,3 +628,77 @@ fn shard_exit_drops_pending_tasks_and_closes_their_sockets() {
     assert_eq!(s.read(&mut b).expect("eof"), 0);
     s.write_all(b"late").ok();
 }
+
+#[test]
+fn busy_tasks_do_not_starve_io() {
+    run(async {
+        let l = TcpListener::bind(localhost(), &opts()).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let (mut s, _) = l.accept().await.expect("accept");
+        let stop = Rc::new(Cell::new(false));
+        // A task that is always runnable: the loop never parks, so completions must still be
+        // reaped (with DEFER_TASKRUN only an enter with GETEVENTS posts them).
+        let spin = {
+            let stop = stop.clone();
+            rt::spawn(async move {
+                while !stop.get() {
+                    rt::yield_now().await;
+                }
+            })
+        };
+        let reader = rt::spawn(async move {
+            let mut b = [0u8; 4];
+            let n = s.read(&mut b).await.expect("read");
+            b[..n].to_vec()
+        });
+        rt::yield_now().await;
+        c.write_all(b"ping").await.expect("write");
+        let got = rt::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("read completes while another task spins");
+        assert_eq!(got, b"ping");
+        stop.set(true);
+        spin.await;
+    });
+}
+
+/// Not a check: run under `strace -f -c` to count the server shard's syscalls per request
+/// (`cargo test --release --test rt -- --ignored syscall_profile`). MESHGATE_PROFILE_CONNS sets
+/// the number of concurrent ping-pong connections (default 1).
+#[test]
+#[ignore = "profiling aid, run by hand under strace"]
+fn syscall_profile_echo_round_trips() {
+    let (addr, stop, handle) = start_echo_shard(5);
+    let conns: usize = std::env::var("MESHGATE_PROFILE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let per_conn = 20_000 / conns;
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(addr).expect("connect");
+                c.set_nodelay(true).expect("nodelay");
+                let mut b = [0u8; 64];
+                for i in 0..per_conn {
+                    let msg = [i as u8; 64];
+                    c.write_all(&msg).expect("write");
+                    c.read_exact(&mut b).expect("read");
+                    assert_eq!(b, msg);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client");
+    }
+    eprintln!(
+        "{} round trips on {conns} connections in {:?}",
+        per_conn * conns,
+        t0.elapsed()
+    );
+    stop.send(()).expect("server alive");
+    handle.join().expect("server exits");
+}

@@ -1,7 +1,55 @@
 //! rt: meshgate's thread-per-core io_uring runtime. The ONLY module that talks to io_uring.
 //!
 //! Everything else in the dataplane goes through this surface, so a change of runtime touches
-//! only this module. See the design notes below the public items' list.
+//! only this module.
+//!
+//! # Design
+//!
+//! **One shard = one thread = one ring.** [`spawn_shard`] starts a thread, pins it, and builds
+//! its ring with the best flags the kernel takes (`SINGLE_ISSUER|DEFER_TASKRUN|COOP_TASKRUN|
+//! TASKRUN_FLAG`, else `COOP_TASKRUN|TASKRUN_FLAG`, else none; see [`RingFeatures`]). Tasks are
+//! local (`!Send` futures, `Rc`/`RefCell` state) and run from a FIFO queue (`executor.rs`).
+//!
+//! **The loop turn** (`executor.rs`, `driver.rs`):
+//! 1. move tasks woken from other threads onto the local queue; run up to 256 tasks;
+//! 2. wake tasks waiting for receive buffers if any came back this turn;
+//! 3. ONE `io_uring_enter`: submit every SQE queued by the tasks and reap completions. It does
+//!    not block while tasks are runnable (and is skipped when nothing is queued and the kernel
+//!    flags no pending completion work); otherwise it blocks until the first completion, bounded
+//!    by the nearest timer deadline (ext-arg timeout). Timers live in a userspace ordered map:
+//!    no syscall or SQE per timer;
+//! 4. complete the reaped CQEs (wake their tasks), fire due timers.
+//!
+//! **Op lifecycle** (`driver.rs`). Every ring operation has a slot in the op slab; `user_data`
+//! is `generation << 32 | slot`, so a late CQE can never complete a reused slot. The slot owns
+//! everything the kernel may touch while the op is in flight (send buffers, the connect
+//! sockaddr, the eventfd counter) — never the future. The op's owner (a future, or a stream for
+//! its receive/send/shutdown) holds the id; on completion it takes the result and the resources
+//! back. If the owner is dropped first, the op is *abandoned*: an `AsyncCancel` is queued and
+//! the slot (with its resources) lives until the final CQE, whose results are then released
+//! (provided buffers go back to the ring, accepted sockets are closed). Multishot ops (accept)
+//! queue their results in the slot; when a CQE lacks `F_MORE` the next poll re-arms.
+//!
+//! **Buffer ownership** (`bufring.rs`). Receives select a buffer from the shard's
+//! provided-buffer ring only when data arrives, so an idle connection pins no memory. A
+//! completed receive hands its buffer out as a [`RecvBuf`] (zero copy, `recv_buf`) or copies
+//! out of it (`read`, which keeps an unconsumed rest for the next read); dropping the `RecvBuf`
+//! puts the buffer back at the ring's tail. `ENOBUFS` parks the stream until a buffer comes
+//! back (an epoch counter makes the check race-free); it never spins. `write_all_owned(B)`
+//! sends from a caller-owned buffer that the op slot holds until the send completes, so
+//! `recv_buf` on one stream + `write_all_owned` on another copies nothing in user space.
+//!
+//! **Closing.** Dropping a stream or listener abandons its ops and queues `IORING_OP_CLOSE`
+//! behind the cancels (never a bare `close(2)` that could let a queued SQE hit a reused fd).
+//!
+//! **Cross-thread wakes** (`executor.rs`, `chan.rs`). A waker used on another thread pushes
+//! the task to the shard's remote queue and writes the shard's eventfd only if the shard is
+//! parked (a read of the eventfd is kept armed on the ring); busy shards cost senders no
+//! syscall. [`channel`] rides on this.
+//!
+//! **Shutdown.** When the root task ends, every remaining task is dropped on the shard thread,
+//! every op still in flight is cancelled and drained (buffers are leaked rather than freed if
+//! the kernel does not let go within 2 s), and the ring is closed.
 
 mod bufring;
 mod chan;
