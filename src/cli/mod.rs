@@ -2,10 +2,14 @@
 //! and maps outcomes to exit codes.
 
 mod admin_client;
+mod bundle;
+mod ca;
+mod cert;
 mod check;
 mod config_cmd;
 mod run;
 mod status;
+mod token;
 
 use std::process::ExitCode;
 
@@ -71,6 +75,18 @@ enum Command {
     Status(status::StatusArgs),
     /// Check that this host can run the dataplane (io_uring, setup flags, memlock, CPUs).
     Check(check::CheckArgs),
+    /// Offline CA in a state directory: init, show, publish the CRL.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
+    /// Issue, inspect, list and revoke X509-SVIDs; check whether one needs renewal.
+    #[command(subcommand)]
+    Cert(cert::CertCmd),
+    /// Create, list and revoke single-use join tokens for enrolling workloads.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
+    /// Export the trust bundle (PEM or SPIFFE format).
+    #[command(subcommand)]
+    Bundle(bundle::BundleCmd),
     /// Print version and build information.
     Version {
         #[arg(short, long, value_enum, default_value_t)]
@@ -93,6 +109,10 @@ pub fn main() -> ExitCode {
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Status(args) => status::run(args),
         Command::Check(args) => check::run(args),
+        Command::Ca(cmd) => ca::run(cmd),
+        Command::Cert(cmd) => cert::run(cmd),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Bundle(cmd) => bundle::run(cmd),
         Command::Version { output } => version(output),
         Command::Completions { shell } => {
             clap_complete::generate(
