@@ -13,6 +13,7 @@ mod listen;
 pub mod metrics;
 mod proxy;
 pub mod rt;
+pub mod tls;
 mod shard;
 mod upstream;
 
