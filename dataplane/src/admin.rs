@@ -8,14 +8,13 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use meshgate_config::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::gateway::Shared;
+use crate::gateway::{ReloadOutcome, Shared};
 use crate::metrics::{BuildInfo, Stats};
 
 const MAX_REQUEST: usize = 8 * 1024;
@@ -24,16 +23,66 @@ const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// What the admin API reports. Built once by `meshgate run`.
 #[derive(Debug)]
 pub struct AdminState {
-    pub config: Arc<Config>,
-    /// Where the config came from (file path or "embedded default").
-    pub config_source: String,
     pub stats: Arc<Stats>,
     pub shared: Arc<Shared>,
     pub build: BuildInfo,
-    /// Bound address of each listener (port 0 resolved), in config order.
-    pub listener_addrs: Vec<SocketAddr>,
     pub shards: usize,
+    /// Where `POST /reload` asks the control thread to reload; None = reload unavailable.
+    pub reload: Option<crossbeam_channel::Sender<ReloadRequest>>,
 }
+
+/// Reply to a reload request.
+pub type ReloadReply = Result<ReloadOutcome, ReloadFailure>;
+
+/// A reload asked for through the admin API; the control thread answers on `reply`.
+#[derive(Debug)]
+pub struct ReloadRequest {
+    pub reply: mpsc::Sender<ReloadReply>,
+}
+
+/// Why a reload was refused. The running generation stays in force.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    pub reason: String,
+    /// Config errors, each with its field path and hint (empty for other failures).
+    pub errors: Vec<ConfigErrorView>,
+}
+
+/// A config error as the admin API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigErrorView {
+    pub path: String,
+    pub message: String,
+    pub hint: Option<String>,
+    pub line: Option<usize>,
+}
+
+impl ReloadFailure {
+    pub fn invalid(e: &meshgate_config::LoadError) -> Self {
+        ReloadFailure {
+            reason: format!("{} is invalid; the running config stays in force", e.origin),
+            errors: e
+                .errors
+                .iter()
+                .map(|c| ConfigErrorView {
+                    path: c.path.clone(),
+                    message: c.message.clone(),
+                    hint: c.hint.clone(),
+                    line: c.line,
+                })
+                .collect(),
+        }
+    }
+    pub fn other(reason: impl Into<String>) -> Self {
+        ReloadFailure {
+            reason: reason.into(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// How long `POST /reload` waits for the control thread.
+const RELOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// The admin listeners, bound and serving.
 #[derive(Debug)]
@@ -193,14 +242,17 @@ fn route(state: &AdminState, method: &str, path: &str) -> Response {
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             body: state.stats.render(&state.build),
         },
-        ("GET" | "HEAD", "/config_dump") => Response::json(&*state.config),
+        ("GET" | "HEAD", "/config_dump") => Response::json(&*state.shared.current().config),
+        ("POST", "/reload") => reload(state),
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
+        (_, "/reload") => Response::text(405, "use POST /reload\n"),
         (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/status") => {
             Response::text(405, format!("{method} not allowed on {path}; use GET\n"))
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status\n".to_string(),
+            "not found; endpoints: /ready /live /metrics /config_dump /status, POST /reload\n"
+                .to_string(),
         ),
     }
 }
@@ -214,6 +266,7 @@ fn write_response(conn: &mut impl Write, r: &Response) {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "",
     };
     let head = format!(
@@ -228,6 +281,31 @@ fn write_response(conn: &mut impl Write, r: &Response) {
     let _ = conn.flush();
 }
 
+fn reload(state: &AdminState) -> Response {
+    let Some(tx) = &state.reload else {
+        return Response::text(503, "reload is not available\n");
+    };
+    let (reply_tx, reply_rx) = mpsc::channel();
+    if tx.send(ReloadRequest { reply: reply_tx }).is_err() {
+        return Response::text(
+            503,
+            "the control thread is not accepting reloads (shutting down?)\n",
+        );
+    }
+    match reply_rx.recv_timeout(RELOAD_WAIT) {
+        Ok(Ok(outcome)) => Response::json(&outcome),
+        Ok(Err(failure)) => {
+            let mut r = Response::json(&failure);
+            r.status = 400;
+            r
+        }
+        Err(_) => Response::text(
+            504,
+            "reload did not finish in time; see the gateway's log\n",
+        ),
+    }
+}
+
 /// The `/status` document; `meshgate status` renders it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -239,6 +317,7 @@ pub struct Status {
     pub shards: usize,
     pub ring_mode: String,
     pub config_source: String,
+    pub config_generation: u64,
     pub listeners: Vec<ListenerStatus>,
     pub clusters: Vec<ClusterStatus>,
 }
@@ -269,6 +348,8 @@ pub struct ClusterStatus {
 
 fn status(state: &AdminState) -> Status {
     let s = &state.stats;
+    let snap = state.shared.current();
+    let config = &snap.config;
     Status {
         version: state.build.version.to_string(),
         pid: std::process::id(),
@@ -277,37 +358,35 @@ fn status(state: &AdminState) -> Status {
         draining: state.shared.draining.load(Ordering::Acquire),
         shards: state.shards,
         ring_mode: state.build.ring_mode.clone(),
-        config_source: state.config_source.clone(),
-        listeners: state
-            .config
+        config_source: snap.source.clone(),
+        config_generation: snap.id,
+        listeners: config
             .listeners
             .iter()
             .enumerate()
             .map(|(i, l)| ListenerStatus {
                 name: l.name.clone(),
-                address: state.listener_addrs.get(i).copied().unwrap_or(l.address),
+                address: snap.listener_addrs.get(i).copied().unwrap_or(l.address),
                 protocol: l.protocol.to_string(),
                 max_connections: l.max_connections,
-                active: s.listener_active(i),
-                accepted: s.listener_total(i, |x| x.accepted.get()),
-                limit_rejected: s.listener_total(i, |x| x.limit_rejected.get()),
-                bytes_in: s.listener_total(i, |x| x.bytes_in.get()),
-                bytes_out: s.listener_total(i, |x| x.bytes_out.get()),
+                active: s.listener_active(&l.name),
+                accepted: s.listener_total(&l.name, |x| x.accepted.get()),
+                limit_rejected: s.listener_total(&l.name, |x| x.limit_rejected.get()),
+                bytes_in: s.listener_total(&l.name, |x| x.bytes_in.get()),
+                bytes_out: s.listener_total(&l.name, |x| x.bytes_out.get()),
             })
             .collect(),
-        clusters: state
-            .config
+        clusters: config
             .clusters
             .iter()
-            .enumerate()
-            .map(|(i, c)| ClusterStatus {
+            .map(|c| ClusterStatus {
                 name: c.name.clone(),
                 endpoints: c.endpoints.clone(),
-                active: s.cluster_active(i),
-                connects: s.cluster_total(i, |x| x.connects.get()),
-                connect_failures: s.cluster_total(i, |x| x.connect_failures.get()),
-                bytes_sent: s.cluster_total(i, |x| x.bytes_sent.get()),
-                bytes_received: s.cluster_total(i, |x| x.bytes_received.get()),
+                active: s.cluster_active(&c.name),
+                connects: s.cluster_total(&c.name, |x| x.connects.get()),
+                connect_failures: s.cluster_total(&c.name, |x| x.connect_failures.get()),
+                bytes_sent: s.cluster_total(&c.name, |x| x.bytes_sent.get()),
+                bytes_received: s.cluster_total(&c.name, |x| x.bytes_received.get()),
             })
             .collect(),
     }

@@ -1,34 +1,57 @@
-//! The gateway as a whole: start the shards, report bound addresses, drain, join.
+//! The gateway as a whole: start the shards, apply config generations, drain, join.
 //!
 //! The control thread (the caller: `meshgate run`) owns a [`Gateway`]. It starts one shard per
 //! core; each shard binds its own SO_REUSEPORT sockets for every listener, so the kernel spreads
-//! connections over the cores and no accept lock exists. Start-up waits until every shard has
-//! bound every listener, so a port conflict is a start-up error, not a half-working gateway.
+//! connections over the cores and no accept lock exists. Every config — the first one and each
+//! reload — is applied to all shards in two phases (prepare: bind + build; commit: switch), so a
+//! port conflict fails the start-up or the reload as a whole and never leaves shards on
+//! different generations.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshgate_config::Config;
+use serde::Serialize;
 
 use crate::metrics::Stats;
 use crate::rt;
-use crate::shard::{self, ShardMsg};
+use crate::shard::{self, Plan, ShardMsg};
 
-/// State the shards and the control/admin threads share. Touched on accept/close and by the
-/// admin API, never per byte.
+/// How long a shard may take to acknowledge a prepare.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A config generation as the admin API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub id: u64,
+    #[serde(skip)]
+    pub config: Arc<Config>,
+    /// Bound address per listener (port 0 resolved), in config order.
+    pub listener_addrs: Vec<SocketAddr>,
+    /// Where the config came from (file path or "embedded default").
+    pub source: String,
+    /// Unix time the generation was applied.
+    pub applied_unix: u64,
+}
+
+/// State the shards and the control/admin threads share. Touched on accept/close, on reload and
+/// by the admin API, never per byte.
 #[derive(Debug)]
 pub struct Shared {
-    /// Shards that have bound all their listeners.
+    /// Shards that have committed their first generation.
     pub shards_ready: AtomicUsize,
     pub shard_count: usize,
     /// Set once a drain begins: listeners are closed, /ready answers 503.
     pub draining: AtomicBool,
-    /// Open connections per listener, across all shards (for `max_connections`).
-    pub listener_conns: Vec<AtomicU32>,
     /// Connections still open when a drain deadline hit, summed by the shards as they stop.
     pub drain_left: AtomicU64,
+    /// The generation in force.
+    current: RwLock<Arc<Generation>>,
+    /// Open connections per listener name, across all shards (for `max_connections`).
+    listener_conns: Mutex<HashMap<String, Arc<AtomicU32>>>,
 }
 
 impl Shared {
@@ -36,9 +59,26 @@ impl Shared {
         self.shards_ready.load(Ordering::Acquire) == self.shard_count
             && !self.draining.load(Ordering::Acquire)
     }
+
+    /// The generation in force.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn conns(&self, name: &str) -> Arc<AtomicU32> {
+        self.listener_conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
 }
 
-/// Why the gateway could not start.
+/// Why the gateway could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -58,7 +98,7 @@ pub enum StartError {
         available: usize,
         cpus: Vec<usize>,
     },
-    #[error("shard {0} stopped during start-up (see the log above)")]
+    #[error("shard {0} did not answer (see the log above)")]
     ShardDied(usize),
 }
 
@@ -71,20 +111,28 @@ pub(crate) fn bind_hint(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// What a successful reload changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    pub generation: u64,
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    /// Settings that only take effect after a restart (e.g. `runtime.cores`).
+    pub needs_restart: Vec<String>,
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
-    config: Arc<Config>,
     stats: Arc<Stats>,
     shared: Arc<Shared>,
     ring: rt::RingFeatures,
     shards: Vec<(rt::ShardHandle, rt::Sender<ShardMsg>)>,
-    bound: Vec<SocketAddr>,
 }
 
 impl Gateway {
-    /// Start every shard and wait until each has bound every listener.
-    pub fn start(config: Arc<Config>) -> Result<Gateway, StartError> {
+    /// Start every shard and apply `config` as generation 1.
+    pub fn start(config: Arc<Config>, source: &str) -> Result<Gateway, StartError> {
         let ring = rt::check()?;
         let cpus = rt::allowed_cpus();
         let count = match config.runtime.cores {
@@ -98,46 +146,29 @@ impl Gateway {
             Some(n) => n,
             None => cpus.len().max(1),
         };
-
-        // Port 0 means "pick one": reserve it once so every shard binds the same port.
-        let mut reservations = Vec::new();
-        let mut bound = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            if l.address.port() == 0 {
-                let (sock, addr) = reserve_port(l.address).map_err(|source| StartError::Bind {
-                    listener: l.name.clone(),
-                    address: l.address,
-                    hint: bind_hint(&source),
-                    source,
-                })?;
-                reservations.push(sock);
-                bound.push(addr);
-            } else {
-                bound.push(l.address);
-            }
-        }
-
-        let stats = Arc::new(Stats::new(&config, count));
+        let stats = Arc::new(Stats::new(count));
         let shared = Arc::new(Shared {
             shards_ready: AtomicUsize::new(0),
             shard_count: count,
             draining: AtomicBool::new(false),
-            listener_conns: config.listeners.iter().map(|_| AtomicU32::new(0)).collect(),
             drain_left: AtomicU64::new(0),
+            current: RwLock::new(Arc::new(Generation {
+                id: 0,
+                config: config.clone(),
+                listener_addrs: Vec::new(),
+                source: source.to_string(),
+                applied_unix: 0,
+            })),
+            listener_conns: Mutex::new(HashMap::new()),
         });
-
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), StartError>)>();
         let mut shards = Vec::with_capacity(count);
         for id in 0..count {
             let (tx, rx) = rt::channel::<ShardMsg>();
-            let ctx = shard::ShardInit {
+            let init = shard::ShardInit {
                 id,
-                config: config.clone(),
                 stats: stats.shards[id].clone(),
                 shared: shared.clone(),
-                addrs: bound.clone(),
                 rx,
-                ready: ready_tx.clone(),
             };
             let cfg = rt::ShardConfig {
                 id,
@@ -148,44 +179,188 @@ impl Gateway {
                 },
                 ring_entries: config.runtime.ring_entries,
             };
-            let handle = rt::spawn_shard(cfg, move || shard::run(ctx))?;
+            let handle = match rt::spawn_shard(cfg, move || shard::run(init)) {
+                Ok(h) => h,
+                Err(e) => {
+                    Gateway {
+                        stats,
+                        shared,
+                        ring,
+                        shards,
+                    }
+                    .stop();
+                    return Err(e.into());
+                }
+            };
             shards.push((handle, tx));
         }
-        drop(ready_tx);
+        let gw = Gateway {
+            stats,
+            shared,
+            ring,
+            shards,
+        };
+        if let Err(e) = gw.apply(config, source, 1) {
+            gw.stop();
+            return Err(e);
+        }
+        gw.shared.shards_ready.store(count, Ordering::Release);
+        tracing::info!(shards = count, ring = %gw.ring, "gateway started");
+        Ok(gw)
+    }
 
+    /// Apply a new validated config as the next generation. On error nothing changed.
+    pub fn reload(&self, config: Arc<Config>, source: &str) -> Result<ReloadOutcome, StartError> {
+        let old = self.shared.current();
+        let next = old.id + 1;
+        let result = self.apply(config.clone(), source, next);
+        match &result {
+            Ok(()) => {
+                self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.stats.generation.store(next, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result?;
+        let names = |c: &Config| {
+            c.listeners
+                .iter()
+                .map(|l| l.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let (before, after) = (names(&old.config), names(&config));
+        let mut needs_restart = Vec::new();
+        let (a, b) = (&old.config.runtime, &config.runtime);
+        if a.cores != b.cores {
+            needs_restart.push("runtime.cores".to_string());
+        }
+        if a.pin != b.pin {
+            needs_restart.push("runtime.pin".to_string());
+        }
+        if a.ring_entries != b.ring_entries {
+            needs_restart.push("runtime.ring_entries".to_string());
+        }
+        if old.config.admin != config.admin {
+            needs_restart.push("admin".to_string());
+        }
+        Ok(ReloadOutcome {
+            generation: next,
+            listeners_added: after
+                .iter()
+                .filter(|n| !before.contains(n))
+                .cloned()
+                .collect(),
+            listeners_removed: before
+                .iter()
+                .filter(|n| !after.contains(n))
+                .cloned()
+                .collect(),
+            needs_restart,
+        })
+    }
+
+    fn apply(&self, config: Arc<Config>, source: &str, generation: u64) -> Result<(), StartError> {
+        let old = self.shared.current();
+        // Port 0 means "pick one": a listener that keeps its name and configured address keeps
+        // its port; otherwise reserve one so every shard binds the same port.
+        let mut reservations = Vec::new();
+        let mut addrs = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            if l.address.port() != 0 {
+                addrs.push(l.address);
+                continue;
+            }
+            let kept = old
+                .config
+                .listeners
+                .iter()
+                .position(|o| o.name == l.name && o.address == l.address)
+                .and_then(|i| old.listener_addrs.get(i).copied());
+            match kept {
+                Some(a) => addrs.push(a),
+                None => {
+                    let (sock, addr) =
+                        reserve_port(l.address).map_err(|source| StartError::Bind {
+                            listener: l.name.clone(),
+                            address: l.address,
+                            hint: bind_hint(&source),
+                            source,
+                        })?;
+                    reservations.push(sock);
+                    addrs.push(addr);
+                }
+            }
+        }
+        let plan = Arc::new(Plan {
+            generation,
+            config: config.clone(),
+            addrs: addrs.clone(),
+            conns: config
+                .listeners
+                .iter()
+                .map(|l| self.shared.conns(&l.name))
+                .collect(),
+        });
+
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        for (_, tx) in &self.shards {
+            let _ = tx.send(ShardMsg::Prepare {
+                plan: plan.clone(),
+                ack: ack_tx.clone(),
+            });
+        }
+        drop(ack_tx);
         let mut first_error = None;
-        for _ in 0..count {
-            match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => {
-                    first_error.get_or_insert(e);
+        let deadline = Instant::now() + PREPARE_TIMEOUT;
+        let mut answered = vec![false; self.shards.len()];
+        for _ in 0..self.shards.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ack_rx.recv_timeout(left) {
+                Ok((id, r)) => {
+                    if let Some(a) = answered.get_mut(id) {
+                        *a = true;
+                    }
+                    if let Err(e) = r {
+                        first_error.get_or_insert(e);
+                    }
                 }
                 Err(_) => {
-                    first_error.get_or_insert(StartError::ShardDied(0));
+                    let silent = answered.iter().position(|a| !a).unwrap_or(0);
+                    first_error.get_or_insert(StartError::ShardDied(silent));
                     break;
                 }
             }
         }
         drop(reservations);
-        let gw = Gateway {
-            config,
-            stats,
-            shared,
-            ring,
-            shards,
-            bound,
-        };
         if let Some(e) = first_error {
-            gw.stop();
+            for (_, tx) in &self.shards {
+                let _ = tx.send(ShardMsg::Abort { generation });
+            }
             return Err(e);
         }
-        tracing::info!(shards = count, ring = %gw.ring, "gateway started");
-        Ok(gw)
+        for (_, tx) in &self.shards {
+            let _ = tx.send(ShardMsg::Commit { generation });
+        }
+        let applied_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        *self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(Generation {
+            id: generation,
+            config,
+            listener_addrs: addrs,
+            source: source.to_string(),
+            applied_unix,
+        });
+        Ok(())
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
-    }
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
     }
@@ -195,12 +370,12 @@ impl Gateway {
     pub fn ring_features(&self) -> rt::RingFeatures {
         self.ring
     }
-    /// The address each listener is bound to (port 0 resolved), in config order.
-    pub fn listener_addrs(&self) -> &[SocketAddr] {
-        &self.bound
+    /// The address each listener of the current generation is bound to, in config order.
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.current().listener_addrs.clone()
     }
 
-    /// Stop accepting, let open connections finish until `deadline`, then stop the shards.
+    /// Stop accepting, let open connections finish until `timeout`, then stop the shards.
     /// Returns the number of connections still open when the deadline hit (0 = clean drain).
     pub fn drain(self, timeout: Duration) -> u64 {
         self.shared.draining.store(true, Ordering::Release);

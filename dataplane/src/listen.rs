@@ -1,9 +1,10 @@
 //! `listen::accept`: the first stage of a connection.
 //!
-//! One accept loop per listener per shard. It enforces the listener's `max_connections` (counted
-//! across shards), counts, and hands each admitted connection to its protocol's pipeline as a
-//! task of this shard. A connection's bookkeeping is undone by [`ConnGuard`] whatever way the
-//! task ends (normal close, error, drain deadline).
+//! One accept loop per listener per shard. For each connection it takes the shard's current
+//! config generation (the connection keeps that generation until it ends), enforces the
+//! listener's `max_connections` (counted across shards), counts, and hands the connection to its
+//! protocol's pipeline as a task of this shard. A connection's bookkeeping is undone by
+//! [`ConnGuard`] whatever way the task ends (normal close, error, drain deadline).
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -13,32 +14,39 @@ use meshgate_config::Protocol;
 
 use crate::proxy;
 use crate::rt;
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardGen};
 
-/// Accept connections on `sock` (listener `idx` of the config) until cancelled.
-pub async fn accept_loop(shard: Rc<Shard>, idx: usize, sock: rt::TcpListener) {
-    let listener = &shard.config.listeners[idx];
-    let stats = &shard.stats.listeners[idx];
+/// Accept connections on `sock` (the listener called `name`) until cancelled.
+pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) {
     loop {
-        let (stream, peer) = match sock.accept().await {
+        let accepted = sock.accept().await;
+        let Some(snap) = shard.current() else {
+            continue;
+        };
+        let Some(idx) = snap.listener_index(&name) else {
+            // Removed by a reload that this loop has not been cancelled for yet.
+            continue;
+        };
+        let stats = &snap.listeners[idx].stats;
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 stats.accept_errors.inc();
-                tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                tracing::warn!(listener = %name, error = %e, "accept failed");
                 // Out of descriptors or memory: back off instead of spinning.
                 rt::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         stats.accepted.inc();
-        let Some(guard) = ConnGuard::admit(&shard, idx) else {
+        let Some(guard) = ConnGuard::admit(&shard, &snap, idx) else {
             stats.limit_rejected.inc();
             stats.closed.inc();
-            tracing::debug!(listener = %listener.name, %peer, "connection limit reached; closing");
+            tracing::debug!(listener = %name, %peer, "connection limit reached; closing");
             drop(stream);
             continue;
         };
-        match listener.protocol {
+        match snap.config.listeners[idx].protocol {
             Protocol::Tcp => {
                 rt::spawn(proxy::tcp::serve(guard, stream, peer));
             }
@@ -46,32 +54,40 @@ pub async fn accept_loop(shard: Rc<Shard>, idx: usize, sock: rt::TcpListener) {
     }
 }
 
-/// Holds a connection's slot in its listener's limit and in the shard's counts.
+/// Holds a connection's slot in its listener's limit and in the shard's counts, and the
+/// generation the connection runs on.
 #[derive(Debug)]
 pub struct ConnGuard {
     pub shard: Rc<Shard>,
+    pub snap: Rc<ShardGen>,
     pub listener: usize,
 }
 
 impl ConnGuard {
-    fn admit(shard: &Rc<Shard>, listener: usize) -> Option<ConnGuard> {
-        let max = shard.config.listeners[listener].max_connections;
-        let count = &shard.shared.listener_conns[listener];
-        // A relaxed CAS loop: touched once per connection, never per byte.
-        let mut cur = count.load(Ordering::Relaxed);
+    fn admit(shard: &Rc<Shard>, snap: &Rc<ShardGen>, listener: usize) -> Option<ConnGuard> {
+        let max = snap.config.listeners[listener].max_connections;
+        let rt_l = &snap.listeners[listener];
+        // A CAS loop: touched once per connection, never per byte.
+        let mut cur = rt_l.conns.load(Ordering::Relaxed);
         loop {
             if cur >= max {
                 return None;
             }
-            match count.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match rt_l.conns.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
         }
-        shard.stats.listeners[listener].active.inc();
+        rt_l.stats.active.inc();
         shard.open.set(shard.open.get() + 1);
         Some(ConnGuard {
             shard: shard.clone(),
+            snap: snap.clone(),
             listener,
         })
     }
@@ -79,10 +95,10 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.shard.shared.listener_conns[self.listener].fetch_sub(1, Ordering::AcqRel);
-        let stats = &self.shard.stats.listeners[self.listener];
-        stats.active.dec();
-        stats.closed.inc();
+        let l = &self.snap.listeners[self.listener];
+        l.conns.fetch_sub(1, Ordering::AcqRel);
+        l.stats.active.dec();
+        l.stats.closed.inc();
         self.shard.open.set(self.shard.open.get().saturating_sub(1));
     }
 }

@@ -5,11 +5,11 @@
 //! shard at scrape time. Names follow Prometheus conventions: `meshgate_*`, base units, `_total`
 //! added to counters by the encoder.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime};
 
-use meshgate_config::Config;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -85,75 +85,104 @@ pub struct ClusterStats {
     pub bytes_received: Counter,
 }
 
-#[derive(Debug)]
+/// One shard's counters, keyed by listener and cluster *name* so they carry over config
+/// reloads (a listener that keeps its name keeps its counters). Only the shard that owns this
+/// block writes the counters; the maps are locked only when a config generation is applied
+/// and when the admin API reads them, never per connection.
+#[derive(Debug, Default)]
 pub struct ShardStats {
-    pub listeners: Vec<ListenerStats>,
-    pub clusters: Vec<ClusterStats>,
+    listeners: RwLock<BTreeMap<String, Arc<ListenerStats>>>,
+    clusters: RwLock<BTreeMap<String, Arc<ClusterStats>>>,
 }
 
 impl ShardStats {
-    fn new(config: &Config) -> Self {
-        ShardStats {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|_| ListenerStats::default())
-                .collect(),
-            clusters: config
-                .clusters
-                .iter()
-                .map(|_| ClusterStats::default())
-                .collect(),
-        }
+    /// The counters of listener `name`, created on first use.
+    pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
+        get_or_insert(&self.listeners, name)
     }
+
+    /// The counters of cluster `name`, created on first use.
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        get_or_insert(&self.clusters, name)
+    }
+
+    fn listener_snapshot(&self) -> Vec<(String, Arc<ListenerStats>)> {
+        snapshot(&self.listeners)
+    }
+
+    fn cluster_snapshot(&self) -> Vec<(String, Arc<ClusterStats>)> {
+        snapshot(&self.clusters)
+    }
+}
+
+fn get_or_insert<T: Default>(map: &RwLock<BTreeMap<String, Arc<T>>>, name: &str) -> Arc<T> {
+    if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        return v.clone();
+    }
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(name.to_string())
+        .or_default()
+        .clone()
+}
+
+fn snapshot<T>(map: &RwLock<BTreeMap<String, Arc<T>>>) -> Vec<(String, Arc<T>)> {
+    map.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Everything the admin API reports about the dataplane.
 #[derive(Debug)]
 pub struct Stats {
     pub shards: Vec<Arc<ShardStats>>,
-    pub listener_names: Vec<String>,
-    pub cluster_names: Vec<String>,
     pub started: Instant,
     pub started_unix: u64,
+    /// Config generation in force (1 = the config the process started with).
+    pub generation: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
 }
 
 impl Stats {
-    pub fn new(config: &Config, shards: usize) -> Self {
+    pub fn new(shards: usize) -> Self {
         Stats {
             shards: (0..shards)
-                .map(|_| Arc::new(ShardStats::new(config)))
+                .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
-            listener_names: config.listeners.iter().map(|l| l.name.clone()).collect(),
-            cluster_names: config.clusters.iter().map(|c| c.name.clone()).collect(),
             started: Instant::now(),
             started_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            generation: AtomicU64::new(1),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
         }
     }
 
     /// Sum of one listener counter over all shards.
-    pub fn listener_total(&self, idx: usize, f: impl Fn(&ListenerStats) -> u64) -> u64 {
-        self.shards.iter().map(|s| f(&s.listeners[idx])).sum()
+    pub fn listener_total(&self, name: &str, f: impl Fn(&ListenerStats) -> u64) -> u64 {
+        self.shards.iter().map(|s| f(&s.listener(name))).sum()
     }
 
-    pub fn listener_active(&self, idx: usize) -> i64 {
+    pub fn listener_active(&self, name: &str) -> i64 {
         self.shards
             .iter()
-            .map(|s| s.listeners[idx].active.get())
+            .map(|s| s.listener(name).active.get())
             .sum()
     }
 
-    pub fn cluster_total(&self, idx: usize, f: impl Fn(&ClusterStats) -> u64) -> u64 {
-        self.shards.iter().map(|s| f(&s.clusters[idx])).sum()
+    pub fn cluster_total(&self, name: &str, f: impl Fn(&ClusterStats) -> u64) -> u64 {
+        self.shards.iter().map(|s| f(&s.cluster(name))).sum()
     }
 
-    pub fn cluster_active(&self, idx: usize) -> i64 {
+    pub fn cluster_active(&self, name: &str) -> i64 {
         self.shards
             .iter()
-            .map(|s| s.clusters[idx].active.get())
+            .map(|s| s.cluster(name).active.get())
             .sum()
     }
 
@@ -207,6 +236,33 @@ fn family<M: EncodeMetric>(
 impl Collector for Exporter {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = &self.stats;
+        let lsnap: Vec<Vec<(String, Arc<ListenerStats>)>> =
+            s.shards.iter().map(|ss| ss.listener_snapshot()).collect();
+        let csnap: Vec<Vec<(String, Arc<ClusterStats>)>> =
+            s.shards.iter().map(|ss| ss.cluster_snapshot()).collect();
+        family(
+            &mut enc,
+            "meshgate_config_generation",
+            "Config generation in force (1 = as started; +1 per applied reload)",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(s.generation.load(Relaxed) as i64))],
+        )?;
+        family(
+            &mut enc,
+            "meshgate_config_reloads",
+            "Config reloads by result",
+            MetricType::Counter,
+            [
+                (
+                    vec![("result", "ok".to_string())],
+                    ConstCounter::new(s.reloads_ok.load(Relaxed)),
+                ),
+                (
+                    vec![("result", "error".to_string())],
+                    ConstCounter::new(s.reloads_failed.load(Relaxed)),
+                ),
+            ],
+        )?;
         family(
             &mut enc,
             "meshgate_build_info",
@@ -266,26 +322,20 @@ impl Collector for Exporter {
             ),
         ];
         for (name, help, get) in lcounters {
-            let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
-                ss.listeners.iter().enumerate().map(move |(i, l)| {
+            let series = lsnap.iter().enumerate().flat_map(|(shard, ss)| {
+                ss.iter().map(move |(name, l)| {
                     (
-                        vec![
-                            ("listener", s.listener_names[i].clone()),
-                            ("shard", shard.to_string()),
-                        ],
+                        vec![("listener", name.clone()), ("shard", shard.to_string())],
                         ConstCounter::new(get(l)),
                     )
                 })
             });
             family(&mut enc, name, help, MetricType::Counter, series)?;
         }
-        let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
-            ss.listeners.iter().enumerate().map(move |(i, l)| {
+        let series = lsnap.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.iter().map(move |(name, l)| {
                 (
-                    vec![
-                        ("listener", s.listener_names[i].clone()),
-                        ("shard", shard.to_string()),
-                    ],
+                    vec![("listener", name.clone()), ("shard", shard.to_string())],
                     ConstGauge::new(l.active.get()),
                 )
             })
@@ -326,26 +376,20 @@ impl Collector for Exporter {
             ),
         ];
         for (name, help, get) in ccounters {
-            let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
-                ss.clusters.iter().enumerate().map(move |(i, c)| {
+            let series = csnap.iter().enumerate().flat_map(|(shard, ss)| {
+                ss.iter().map(move |(name, c)| {
                     (
-                        vec![
-                            ("cluster", s.cluster_names[i].clone()),
-                            ("shard", shard.to_string()),
-                        ],
+                        vec![("cluster", name.clone()), ("shard", shard.to_string())],
                         ConstCounter::new(get(c)),
                     )
                 })
             });
             family(&mut enc, name, help, MetricType::Counter, series)?;
         }
-        let series = s.shards.iter().enumerate().flat_map(|(shard, ss)| {
-            ss.clusters.iter().enumerate().map(move |(i, c)| {
+        let series = csnap.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.iter().map(move |(name, c)| {
                 (
-                    vec![
-                        ("cluster", s.cluster_names[i].clone()),
-                        ("shard", shard.to_string()),
-                    ],
+                    vec![("cluster", name.clone()), ("shard", shard.to_string())],
                     ConstGauge::new(c.active.get()),
                 )
             })

@@ -2,27 +2,52 @@
 //!
 //! A shard owns, for its core only: a socket per listener (SO_REUSEPORT), the balancer state of
 //! every route and cluster, and its counters. It runs an accept loop per listener and one task
-//! per connection; it listens on its control channel for drain/stop. Nothing here is shared
-//! with other cores except the per-listener connection counts used for `max_connections`.
+//! per connection, and obeys its control channel.
+//!
+//! Config reaches a shard as a *generation* in two phases, so that every shard switches or none
+//! does: `Prepare` binds the sockets of listeners that are new (or moved) and builds the
+//! generation's per-shard state; `Commit` makes it current (new connections use it, open ones
+//! keep the generation they started with) and closes the sockets of listeners that went away;
+//! `Abort` throws the prepared state away. Start-up is generation 1 going through the same path.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use meshgate_config::{Config, RouteAction};
 
 use crate::balance::{RoundRobin, WeightedPicker};
-use crate::gateway::{Shared, StartError};
+use crate::gateway::{Shared, StartError, bind_hint};
 use crate::listen;
-use crate::metrics::ShardStats;
+use crate::metrics::{ClusterStats, ListenerStats, ShardStats};
 use crate::rt;
+
+/// A config generation as the control thread hands it to every shard.
+#[derive(Debug)]
+pub struct Plan {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    /// Bound address per listener of `config` (port 0 resolved), in config order.
+    pub addrs: Vec<SocketAddr>,
+    /// Cross-shard open-connection count per listener of `config` (for `max_connections`).
+    pub conns: Vec<Arc<AtomicU32>>,
+}
+
+pub type Ack = std::sync::mpsc::Sender<(usize, Result<(), StartError>)>;
 
 /// Messages from the control thread.
 #[derive(Debug)]
 pub enum ShardMsg {
+    /// Phase 1: bind what `plan` adds, build its state, reply on `ack`.
+    Prepare { plan: Arc<Plan>, ack: Ack },
+    /// Phase 2: make the prepared generation current.
+    Commit { generation: u64 },
+    /// Drop the prepared generation.
+    Abort { generation: u64 },
     /// Close listeners, wait for open connections until `deadline`, then stop.
     Drain { deadline: Instant },
     /// Stop now.
@@ -33,103 +58,167 @@ pub enum ShardMsg {
 #[derive(Debug)]
 pub struct ShardInit {
     pub id: usize,
-    pub config: Arc<Config>,
     pub stats: Arc<ShardStats>,
     pub shared: Arc<Shared>,
-    /// Bound address per listener (port 0 already resolved).
-    pub addrs: Vec<SocketAddr>,
     pub rx: rt::Receiver<ShardMsg>,
-    pub ready: std::sync::mpsc::Sender<(usize, Result<(), StartError>)>,
 }
 
-/// Per-shard state every connection task of this shard can see.
+/// A listener's per-shard handles within one generation.
 #[derive(Debug)]
-pub struct Shard {
-    /// Shard number (0-based), for logs.
-    pub id: usize,
+pub struct ListenerRt {
+    pub stats: Arc<ListenerStats>,
+    pub conns: Arc<AtomicU32>,
+}
+
+/// One generation's state on one shard. Connections hold an `Rc` to the generation they
+/// started on and use it until they end.
+#[derive(Debug)]
+pub struct ShardGen {
+    pub generation: u64,
     pub config: Arc<Config>,
-    pub stats: Arc<ShardStats>,
-    pub shared: Arc<Shared>,
+    /// Same index as `config.listeners`.
+    pub listeners: Vec<ListenerRt>,
+    /// Same index as `config.clusters`.
+    pub clusters: Vec<Arc<ClusterStats>>,
     /// One weighted picker per route (same index as `config.routes`).
     pub route_pickers: Vec<WeightedPicker>,
     /// One round robin per cluster (same index as `config.clusters`).
     pub endpoint_rr: Vec<RoundRobin>,
-    /// Connections open on this shard (all listeners).
+    by_name: HashMap<String, usize>,
+}
+
+impl ShardGen {
+    fn new(shard_id: usize, plan: &Plan, stats: &ShardStats) -> ShardGen {
+        let config = &plan.config;
+        ShardGen {
+            generation: plan.generation,
+            config: config.clone(),
+            listeners: config
+                .listeners
+                .iter()
+                .zip(&plan.conns)
+                .map(|(l, conns)| ListenerRt {
+                    stats: stats.listener(&l.name),
+                    conns: conns.clone(),
+                })
+                .collect(),
+            clusters: config
+                .clusters
+                .iter()
+                .map(|c| stats.cluster(&c.name))
+                .collect(),
+            route_pickers: config
+                .routes
+                .iter()
+                .map(|r| match &r.action {
+                    RouteAction::Forward { clusters } => {
+                        WeightedPicker::new(&clusters.iter().map(|c| c.weight).collect::<Vec<_>>())
+                    }
+                })
+                .collect(),
+            endpoint_rr: config
+                .clusters
+                .iter()
+                .map(|c| RoundRobin::new(c.endpoints.len(), shard_id))
+                .collect(),
+            by_name: config
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.name.clone(), i))
+                .collect(),
+        }
+    }
+
+    /// Index of listener `name` in this generation.
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// Per-shard state every task of this shard can see.
+#[derive(Debug)]
+pub struct Shard {
+    /// Shard number (0-based), for logs.
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    current: RefCell<Option<Rc<ShardGen>>>,
+    /// Connections open on this shard (all listeners, all generations).
     pub open: Cell<u64>,
 }
 
 impl Shard {
-    fn new(init: &ShardInit) -> Shard {
-        let config = &init.config;
-        let route_pickers = config
-            .routes
-            .iter()
-            .map(|r| match &r.action {
-                RouteAction::Forward { clusters } => {
-                    WeightedPicker::new(&clusters.iter().map(|c| c.weight).collect::<Vec<_>>())
-                }
-            })
-            .collect();
-        let endpoint_rr = config
-            .clusters
-            .iter()
-            .map(|c| RoundRobin::new(c.endpoints.len(), init.id))
-            .collect();
-        Shard {
-            id: init.id,
-            config: config.clone(),
-            stats: init.stats.clone(),
-            shared: init.shared.clone(),
-            route_pickers,
-            endpoint_rr,
-            open: Cell::new(0),
-        }
+    /// The generation new connections use. None only before the first commit.
+    pub fn current(&self) -> Option<Rc<ShardGen>> {
+        self.current.borrow().clone()
     }
+}
+
+/// A listening socket that is serving, keyed by listener name.
+struct Serving {
+    addr: SocketAddr,
+    task: rt::JoinHandle<()>,
+}
+
+struct Prepared {
+    generation: u64,
+    snap: Rc<ShardGen>,
+    /// Sockets bound for listeners that are new or moved.
+    fresh: Vec<(String, SocketAddr, rt::TcpListener)>,
 }
 
 /// The shard's root task.
 pub async fn run(init: ShardInit) {
-    let shard = Rc::new(Shard::new(&init));
-    let opts = |backlog: u32| rt::ListenOptions {
-        reuseport: true,
-        backlog: backlog.min(i32::MAX as u32) as i32,
-    };
+    let shard = Rc::new(Shard {
+        id: init.id,
+        shared: init.shared.clone(),
+        current: RefCell::new(None),
+        open: Cell::new(0),
+    });
+    let mut serving: HashMap<String, Serving> = HashMap::new();
+    let mut prepared: Option<Prepared> = None;
 
-    let mut listeners = Vec::with_capacity(init.config.listeners.len());
-    for (i, l) in init.config.listeners.iter().enumerate() {
-        match rt::TcpListener::bind(init.addrs[i], &opts(l.backlog)) {
-            Ok(sock) => listeners.push(sock),
-            Err(source) => {
-                let hint = crate::gateway::bind_hint(&source);
-                let _ = init.ready.send((
-                    init.id,
-                    Err(StartError::Bind {
-                        listener: l.name.clone(),
-                        address: init.addrs[i],
-                        source,
-                        hint,
-                    }),
-                ));
-                return;
+    let deadline = loop {
+        match init.rx.recv().await {
+            Some(ShardMsg::Prepare { plan, ack }) => {
+                prepared = None;
+                match prepare(&shard, &plan, &init.stats, &serving) {
+                    Ok(p) => {
+                        prepared = Some(p);
+                        let _ = ack.send((init.id, Ok(())));
+                    }
+                    Err(e) => {
+                        let _ = ack.send((init.id, Err(e)));
+                    }
+                }
             }
+            Some(ShardMsg::Commit { generation }) => match prepared.take() {
+                Some(p) if p.generation == generation => commit(&shard, p, &mut serving),
+                other => {
+                    tracing::error!(
+                        shard = init.id,
+                        generation,
+                        "commit without a matching prepare"
+                    );
+                    prepared = other;
+                }
+            },
+            Some(ShardMsg::Abort { generation }) => {
+                if prepared
+                    .as_ref()
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    prepared = None;
+                }
+            }
+            Some(ShardMsg::Drain { deadline }) => break Some(deadline),
+            Some(ShardMsg::Stop) | None => break None,
         }
-    }
-    let accept_tasks: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, sock)| rt::spawn(listen::accept_loop(shard.clone(), i, sock)))
-        .collect();
-    shard.shared.shards_ready.fetch_add(1, Ordering::AcqRel);
-    let _ = init.ready.send((init.id, Ok(())));
-    tracing::debug!(shard = init.id, "shard ready");
-
-    let deadline = match init.rx.recv().await {
-        Some(ShardMsg::Drain { deadline }) => Some(deadline),
-        Some(ShardMsg::Stop) | None => None,
     };
     // Closing the listening sockets makes new connections to this shard's sockets fail at once.
-    for t in accept_tasks {
-        t.cancel();
+    drop(prepared);
+    for (_, s) in serving.drain() {
+        s.task.cancel();
     }
     if let Some(deadline) = deadline {
         while shard.open.get() > 0 {
@@ -145,4 +234,71 @@ pub async fn run(init: ShardInit) {
         }
     }
     tracing::debug!(shard = shard.id, "shard stopped");
+}
+
+fn prepare(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    stats: &ShardStats,
+    serving: &HashMap<String, Serving>,
+) -> Result<Prepared, StartError> {
+    let mut fresh = Vec::new();
+    for (l, &addr) in plan.config.listeners.iter().zip(&plan.addrs) {
+        if serving.get(&l.name).is_some_and(|s| s.addr == addr) {
+            continue; // same socket keeps serving; its accept loop picks up the new generation
+        }
+        let opts = rt::ListenOptions {
+            reuseport: true,
+            backlog: i32::try_from(l.backlog).unwrap_or(i32::MAX),
+        };
+        let sock = rt::TcpListener::bind(addr, &opts).map_err(|source| StartError::Bind {
+            listener: l.name.clone(),
+            address: addr,
+            hint: bind_hint(&source),
+            source,
+        })?;
+        fresh.push((l.name.clone(), addr, sock));
+    }
+    tracing::debug!(
+        shard = shard.id,
+        generation = plan.generation,
+        new_sockets = fresh.len(),
+        "prepared"
+    );
+    Ok(Prepared {
+        generation: plan.generation,
+        snap: Rc::new(ShardGen::new(shard.id, plan, stats)),
+        fresh,
+    })
+}
+
+fn commit(shard: &Rc<Shard>, p: Prepared, serving: &mut HashMap<String, Serving>) {
+    let generation = p.generation;
+    let keep: std::collections::HashSet<&str> = p
+        .snap
+        .config
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    // Listeners that went away stop accepting; their open connections continue.
+    let removed: Vec<String> = serving
+        .keys()
+        .filter(|n| !keep.contains(n.as_str()))
+        .cloned()
+        .collect();
+    for name in removed {
+        if let Some(s) = serving.remove(&name) {
+            tracing::info!(listener = %name, address = %s.addr, "listener removed");
+            s.task.cancel();
+        }
+    }
+    *shard.current.borrow_mut() = Some(p.snap);
+    for (name, addr, sock) in p.fresh {
+        let task = rt::spawn(listen::accept_loop(shard.clone(), name.clone(), sock));
+        if let Some(old) = serving.insert(name, Serving { addr, task }) {
+            old.task.cancel(); // the listener moved to another address
+        }
+    }
+    tracing::debug!(shard = shard.id, generation, "generation committed");
 }

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use crate::error::ProxyError;
 use crate::rt;
-use crate::shard::Shard;
+use crate::shard::ShardGen;
 
 /// Upper bound on endpoints tried for one downstream connection.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -26,24 +26,24 @@ pub struct Upstream {
 
 #[derive(Debug)]
 pub struct UpstreamGuard {
-    shard: Rc<Shard>,
+    snap: Rc<ShardGen>,
     pub cluster: usize,
 }
 
 impl Drop for UpstreamGuard {
     fn drop(&mut self) {
-        self.shard.stats.clusters[self.cluster].active.dec();
+        self.snap.clusters[self.cluster].active.dec();
     }
 }
 
 /// Connect to cluster `cluster`, trying endpoints in round-robin order.
-pub async fn connect(shard: &Rc<Shard>, cluster: usize) -> Result<Upstream, ProxyError> {
-    let cfg = &shard.config.clusters[cluster];
-    let stats = &shard.stats.clusters[cluster];
+pub async fn connect(snap: &Rc<ShardGen>, cluster: usize) -> Result<Upstream, ProxyError> {
+    let cfg = &snap.config.clusters[cluster];
+    let stats = &snap.clusters[cluster];
     let attempts = cfg.endpoints.len().clamp(1, MAX_ATTEMPTS);
     let mut last = None;
     for _ in 0..attempts {
-        let Some(&endpoint) = cfg.endpoints.get(shard.endpoint_rr[cluster].pick()) else {
+        let Some(&endpoint) = cfg.endpoints.get(snap.endpoint_rr[cluster].pick()) else {
             break;
         };
         match rt::timeout(cfg.connect_timeout, rt::TcpStream::connect(endpoint)).await {
@@ -54,7 +54,7 @@ pub async fn connect(shard: &Rc<Shard>, cluster: usize) -> Result<Upstream, Prox
                     stream,
                     endpoint,
                     guard: UpstreamGuard {
-                        shard: shard.clone(),
+                        snap: snap.clone(),
                         cluster,
                     },
                 });

@@ -53,13 +53,25 @@ pub struct Unreachable {
 
 /// GET `path`; returns (status, body).
 pub fn get(addr: &AdminAddr, path: &str) -> Result<(u16, String)> {
-    let req = format!("GET {path} HTTP/1.1\r\nhost: meshgate-admin\r\nconnection: close\r\n\r\n");
+    request(addr, "GET", path, TIMEOUT)
+}
+
+/// POST `path` with an empty body; returns (status, body).
+pub fn post(addr: &AdminAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    request(addr, "POST", path, timeout)
+}
+
+fn request(addr: &AdminAddr, method: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: meshgate-admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
     let raw = match addr {
         AdminAddr::Tcp(a) => {
             let mut s = connect_tcp(a).map_err(|source| Unreachable {
                 addr: addr.to_string(),
                 source,
             })?;
+            s.set_read_timeout(Some(timeout))?;
             exchange(&mut s, &req)?
         }
         AdminAddr::Unix(p) => {
@@ -67,7 +79,7 @@ pub fn get(addr: &AdminAddr, path: &str) -> Result<(u16, String)> {
                 addr: addr.to_string(),
                 source,
             })?;
-            s.set_read_timeout(Some(TIMEOUT))?;
+            s.set_read_timeout(Some(timeout))?;
             exchange(&mut s, &req)?
         }
     };

@@ -7,6 +7,7 @@ mod ca;
 mod cert;
 mod check;
 mod config_cmd;
+mod reload;
 mod run;
 mod status;
 mod token;
@@ -73,6 +74,11 @@ enum Command {
     Config(config_cmd::ConfigCmd),
     /// Show the running gateway's state (reads its admin API).
     Status(status::StatusArgs),
+    /// Re-read the running gateway's config file and apply it without dropping connections.
+    ///
+    /// The same as SIGHUP, but waits for and reports the outcome. An invalid config is refused
+    /// with every error listed (exit 64) and the running config stays in force.
+    Reload(reload::ReloadArgs),
     /// Check that this host can run the dataplane (io_uring, setup flags, memlock, CPUs).
     Check(check::CheckArgs),
     /// Offline CA in a state directory: init, show, publish the CRL.
@@ -108,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Status(args) => status::run(args),
+        Command::Reload(args) => reload::run(args),
         Command::Check(args) => check::run(args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),

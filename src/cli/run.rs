@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use meshgate_dataplane::admin::{self, AdminState};
+use meshgate_dataplane::admin::{self, AdminState, ReloadFailure, ReloadReply, ReloadRequest};
 use meshgate_dataplane::metrics::BuildInfo;
 use meshgate_dataplane::{Gateway, StartError};
 
@@ -87,7 +87,7 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
-    let gateway = match Gateway::start(config.clone()) {
+    let gateway = match Gateway::start(config.clone(), &source) {
         Ok(g) => g,
         Err(StartError::Runtime(e)) => {
             eprintln!("error: this host cannot run the dataplane: {e}");
@@ -100,17 +100,16 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
+    let (reload_tx, reload_rx) = crossbeam_channel::bounded::<ReloadRequest>(4);
     let state = Arc::new(AdminState {
-        config: config.clone(),
-        config_source: source.clone(),
         stats: gateway.stats().clone(),
         shared: gateway.shared().clone(),
         build: BuildInfo {
             version: env!("CARGO_PKG_VERSION"),
             ring_mode: gateway.ring_features().to_string(),
         },
-        listener_addrs: gateway.listener_addrs().to_vec(),
         shards: gateway.stats().shards.len(),
+        reload: Some(reload_tx),
     });
     let admin = match admin::serve(
         state,
@@ -136,23 +135,80 @@ pub fn run(args: RunArgs) -> u8 {
     tracing::info!(config = %source, "meshgate is ready");
     sd_notify("READY=1");
 
-    loop {
-        match signals.wait() {
-            libc::SIGTERM | libc::SIGINT => break,
-            libc::SIGHUP => {
-                tracing::info!("SIGHUP received; config reload is not available in this release")
+    let sig_rx = signals.forward();
+    let drain_timeout = loop {
+        crossbeam_channel::select! {
+            recv(sig_rx) -> sig => match sig {
+                Ok(libc::SIGHUP) => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let _ = reload(&gateway, args.config.as_deref());
+                }
+                Ok(_) | Err(_) => break gateway.shared().current().config.runtime.drain_timeout,
+            },
+            recv(reload_rx) -> req => {
+                if let Ok(req) = req {
+                    let outcome = reload(&gateway, args.config.as_deref());
+                    let _ = req.reply.send(outcome);
+                }
             }
-            other => tracing::debug!(signal = other, "ignoring signal"),
         }
-    }
-    tracing::info!(timeout = %meshgate_config::format_duration(config.runtime.drain_timeout), "draining: listeners closed, waiting for open connections");
+    };
+    tracing::info!(
+        timeout = %meshgate_config::format_duration(drain_timeout),
+        "draining: listeners closed, waiting for open connections"
+    );
     sd_notify("STOPPING=1");
-    let left = gateway.drain(config.runtime.drain_timeout);
+    let left = gateway.drain(drain_timeout);
     if let Some(p) = &admin.unix {
         let _ = std::fs::remove_file(p);
     }
     tracing::info!(closed_at_deadline = left, "stopped");
     exit::OK
+}
+
+/// Re-read the config file and apply it as a new generation. The same loader as start-up and
+/// `meshgate config validate`; an invalid file changes nothing.
+fn reload(gateway: &Gateway, path: Option<&std::path::Path>) -> ReloadReply {
+    let Some(path) = path else {
+        let f = ReloadFailure::other(
+            "running on the embedded default config; there is no file to reload (start with --config FILE)",
+        );
+        tracing::warn!(reason = %f.reason, "reload refused");
+        return Err(f);
+    };
+    sd_notify("RELOADING=1");
+    let result = match meshgate_config::load(path) {
+        Err(e) => {
+            gateway
+                .stats()
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for err in &e.errors {
+                tracing::error!(path = %err.path, error = %err.message, hint = err.hint.as_deref().unwrap_or(""), "reload refused: invalid config");
+            }
+            Err(ReloadFailure::invalid(&e))
+        }
+        Ok(config) => match gateway.reload(Arc::new(config), &path.display().to_string()) {
+            Ok(outcome) => {
+                tracing::info!(
+                    generation = outcome.generation,
+                    added = ?outcome.listeners_added,
+                    removed = ?outcome.listeners_removed,
+                    needs_restart = ?outcome.needs_restart,
+                    "config reloaded"
+                );
+                Ok(outcome)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running config stays in force");
+                Err(ReloadFailure::other(format!(
+                    "{e}; the running config stays in force"
+                )))
+            }
+        },
+    };
+    sd_notify("READY=1");
+    result
 }
 
 /// SIGTERM, SIGINT and SIGHUP, received synchronously with sigwait(2).
@@ -176,6 +232,25 @@ impl Signals {
             }
             Ok(Signals { set })
         }
+    }
+
+    /// Receive the signals on a dedicated thread and forward them to a channel.
+    fn forward(self) -> crossbeam_channel::Receiver<i32> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let spawned = std::thread::Builder::new()
+            .name("meshgate-signals".into())
+            .spawn(move || {
+                loop {
+                    let sig = self.wait();
+                    if sig != 0 && tx.send(sig).is_err() {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the signal thread");
+        }
+        rx
     }
 
     fn wait(&self) -> i32 {

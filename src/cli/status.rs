@@ -58,7 +58,10 @@ pub fn run(args: StatusArgs) -> u8 {
         }
     );
     println!("shards: {}  ring: {}", st.shards, st.ring_mode);
-    println!("config: {}", st.config_source);
+    println!(
+        "config: {} (generation {})",
+        st.config_source, st.config_generation
+    );
 
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);

@@ -24,28 +24,28 @@ use crate::upstream;
 
 /// Serve one downstream connection of a `tcp` listener.
 pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr) {
-    let shard = guard.shard.clone();
-    let listener = &shard.config.listeners[guard.listener];
+    let snap = guard.snap.clone();
+    let listener = &snap.config.listeners[guard.listener];
     // route::resolve: a tcp listener has exactly one route (validated by the config crate).
     let Some(&route_idx) = listener.routes.first() else {
         tracing::error!(listener = %listener.name, "tcp listener without a route; closing");
         return;
     };
-    let RouteAction::Forward { clusters } = &shard.config.routes[route_idx].action;
+    let RouteAction::Forward { clusters } = &snap.config.routes[route_idx].action;
     // balance::pick
-    let Some(target) = clusters.get(shard.route_pickers[route_idx].pick()) else {
+    let Some(target) = clusters.get(snap.route_pickers[route_idx].pick()) else {
         return;
     };
     // upstream::connect
-    let up = match upstream::connect(&shard, target.cluster_index).await {
+    let up = match upstream::connect(&snap, target.cluster_index).await {
         Ok(up) => up,
         Err(e) => {
             tracing::debug!(listener = %listener.name, %peer, error = %e, flag = e.response_flag(), "closing downstream");
             return;
         }
     };
-    let lstats = &shard.stats.listeners[guard.listener];
-    let cstats = &shard.stats.clusters[target.cluster_index];
+    let lstats = &snap.listeners[guard.listener].stats;
+    let cstats = &snap.clusters[target.cluster_index];
     let idle = Idle::new(listener.idle_timeout);
     let (down_rd, down_wr) = downstream.into_split();
     let (up_rd, up_wr) = up.stream.into_split();
@@ -69,7 +69,7 @@ pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr
         if matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout) {
             lstats.idle_timeouts.inc();
         }
-        tracing::debug!(listener = %listener.name, %peer, upstream = %up.endpoint, error = %e, flag = e.response_flag(), "connection ended");
+        tracing::debug!(listener = %listener.name, generation = snap.generation, %peer, upstream = %up.endpoint, error = %e, flag = e.response_flag(), "connection ended");
     }
     drop(up.guard);
     drop(guard);

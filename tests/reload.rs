@@ -1,0 +1,151 @@
+//! Hot reload: a new config becomes a new generation on every shard without dropping a
+//! connection; an invalid one is refused and the running generation stays.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meshgate_testkit::{EchoServer, Meshgate, free_port, metric_sum, tcp_config, wait_until};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    s.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got)?;
+    assert_eq!(got, msg);
+    Ok(())
+}
+
+fn connect(a: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(a).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s
+}
+
+fn reload_cmd(mg: &Meshgate) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["reload", "--wait", "--admin", &mg.admin.to_string()])
+        .output()
+        .expect("run meshgate reload");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn generation(mg: &Meshgate) -> f64 {
+    metric_sum(&mg.metrics(), "meshgate_config_generation", &[])
+}
+
+#[test]
+fn reload_switches_new_connections_and_keeps_open_ones() {
+    let (a, b) = (EchoServer::start(), EchoServer::start());
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mg =
+        Meshgate::start(bin(), &tcp_config(admin, listen, &[a.addr], ""), admin).expect("start");
+    let mut old = connect(listen);
+    round_trip(&mut old, b"on generation 1").expect("works");
+    assert_eq!(a.accepted.load(Ordering::Acquire), 1);
+
+    std::fs::write(&mg.config_path, tcp_config(admin, listen, &[b.addr], ""))
+        .expect("rewrite config");
+    let (code, out, err) = reload_cmd(&mg);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("generation 2"), "{out}");
+    assert_eq!(generation(&mg), 2.0);
+
+    // The open connection still runs on generation 1's upstream...
+    round_trip(&mut old, b"still on generation 1").expect("open connection survives reload");
+    // ...new connections use generation 2.
+    let mut new = connect(listen);
+    round_trip(&mut new, b"on generation 2").expect("works");
+    assert_eq!(
+        b.accepted.load(Ordering::Acquire),
+        1,
+        "new connection went to the new endpoint"
+    );
+    assert_eq!(
+        a.accepted.load(Ordering::Acquire),
+        1,
+        "nothing new reached the old endpoint"
+    );
+}
+
+#[test]
+fn invalid_reload_is_refused_and_running_config_stays() {
+    let a = EchoServer::start();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let good = tcp_config(admin, listen, &[a.addr], "");
+    let mg = Meshgate::start(bin(), &good, admin).expect("start");
+    std::fs::write(
+        &mg.config_path,
+        good.replace(&a.addr.to_string(), "not-an-address"),
+    )
+    .expect("write");
+    let (code, _, err) = reload_cmd(&mg);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("clusters[0].endpoints[0]"), "{err}");
+    assert_eq!(generation(&mg), 1.0);
+    assert_eq!(
+        metric_sum(
+            &mg.metrics(),
+            "meshgate_config_reloads_total",
+            &[("result", "error")]
+        ),
+        1.0
+    );
+    let mut s = connect(listen);
+    round_trip(&mut s, b"still serving").expect("running generation stays");
+}
+
+#[test]
+fn reload_adds_and_removes_listeners_and_sighup_reloads() {
+    let a = EchoServer::start();
+    let admin = addr(free_port());
+    let (l1, l2) = (addr(free_port()), addr(free_port()));
+    let base = tcp_config(admin, l1, &[a.addr], "");
+    let mut mg = Meshgate::start(bin(), &base, admin).expect("start");
+    let mut on_l1 = connect(l1);
+    round_trip(&mut on_l1, b"l1").expect("works");
+
+    // Replace listener `in` (on l1) by listener `in2` (on l2), via SIGHUP.
+    let moved = base
+        .replace(
+            &format!("name = \"in\"\naddress = \"{l1}\""),
+            &format!("name = \"in2\"\naddress = \"{l2}\""),
+        )
+        .replace("listener = \"in\"", "listener = \"in2\"");
+    assert_ne!(moved, base);
+    std::fs::write(&mg.config_path, moved).expect("write");
+    mg.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || generation(&mg) == 2.0),
+        "{}",
+        mg.log()
+    );
+
+    let mut on_l2 = connect(l2);
+    round_trip(&mut on_l2, b"l2").expect("new listener serves");
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect(l1).is_err()),
+        "removed listener still accepting"
+    );
+    round_trip(&mut on_l1, b"l1 after removal")
+        .expect("connection of a removed listener continues");
+    let status = mg.terminate(Duration::from_secs(10)).expect("exit");
+    assert!(status.success());
+}
