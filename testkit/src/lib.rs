@@ -6,6 +6,9 @@
 //!   admin API, killed on drop; [`Meshgate::terminate`] for graceful-shutdown tests.
 //! - [`http_get`]: a tiny blocking HTTP client for admin endpoints.
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
+//! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
+
+pub mod pki;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
