@@ -540,7 +540,6 @@ impl Ca {
                 trust_domain: cfg.trust_domain,
             });
         }
-        sd.sweep_temp_files();
 
         let now = clock.now();
         let td = &opts.trust_domain;

@@ -79,8 +79,9 @@ impl StateDir {
         "bundle.json",
     ];
 
-    /// Remove temp files left by writers that were killed mid-write. Call only under the lock:
-    /// every writer of these directories holds it, so no live write can be disturbed.
+    /// Remove temp files left by writers that were killed mid-write. Call only under the lock
+    /// ([`StateLock::exclusive`] does): every writer of these directories holds it, so no live
+    /// write can be disturbed.
     pub(crate) fn sweep_temp_files(&self) {
         for dir in [self.root.clone(), self.ca_dir(), self.ledger_dir()] {
             let Ok(entries) = fs::read_dir(&dir) else {
@@ -130,6 +131,9 @@ impl StateLock {
             .open(&path)
             .map_err(err)?;
         file.lock().map_err(err)?;
+        // Holding the lock, no other writer is mid-write: temp files now are debris of a
+        // writer that was killed.
+        dir.sweep_temp_files();
         Ok(StateLock { _file: file })
     }
 }
