@@ -383,12 +383,7 @@ fn uri_san(id: &str) -> Result<SanType, CaError> {
 }
 
 fn new_serial() -> Result<Serial, CaError> {
-    Serial::random().map_err(|_| {
-        CaError::Store(StoreError::corrupt(
-            "/dev/urandom",
-            "the system random number generator failed",
-        ))
-    })
+    Serial::random().map_err(|_| CaError::Store(StoreError::Random))
 }
 
 /// Check a DNS SAN: letters, digits and '-' in labels of 1..=63, at most 253 in total, a
@@ -862,8 +857,7 @@ impl Ca {
         csr_der: &[u8],
         ttl: Option<Duration>,
     ) -> Result<SignedSvid, CaError> {
-        let refuse =
-            |why: String| CaError::Csr(CsrError::Malformed(format!("renewal refused: {why}")));
+        let refuse = CaError::RenewalRefused;
         let (_, cur) = X509Certificate::from_der(current_der).map_err(|e| refuse(e.to_string()))?;
         let (_, signer) = X509Certificate::from_der(&self.signing.der)
             .map_err(|e| StoreError::corrupt(self.dir.root(), e))?;

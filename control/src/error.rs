@@ -24,6 +24,8 @@ pub enum StoreError {
     Lock(#[from] LockError),
     #[error("{path} is damaged ({detail}); restore the state directory from a backup")]
     Corrupt { path: PathBuf, detail: String },
+    #[error("the system random number generator failed; nothing was written")]
+    Random,
 }
 
 impl StoreError {
@@ -155,6 +157,8 @@ pub enum CaError {
     },
     #[error("refused CSR: {0}")]
     Csr(#[from] CsrError),
+    #[error("renewal refused: {0}")]
+    RenewalRefused(String),
     #[error(transparent)]
     Token(#[from] TokenError),
 }

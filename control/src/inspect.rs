@@ -254,3 +254,58 @@ fn signature_name(cert: &X509Certificate<'_>) -> String {
         _ => oid,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed() -> (Vec<u8>, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(vec!["a.example".to_owned()]).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+        let cert = p.self_signed(&key).expect("cert");
+        (cert.der().to_vec(), key.serialize_pem())
+    }
+
+    #[test]
+    fn pem_round_trip_skips_keys_and_keeps_order() {
+        let (a, key_pem) = self_signed();
+        let (b, _) = self_signed();
+        let text = format!(
+            "{}{}{}",
+            der_to_pem("CERTIFICATE", &a),
+            key_pem,
+            der_to_pem("CERTIFICATE", &b)
+        );
+        assert_eq!(
+            pem_certificates(text.as_bytes()).expect("parse"),
+            vec![a.clone(), b]
+        );
+        assert!(matches!(
+            pem_certificates(key_pem.as_bytes()),
+            Err(InspectError::NoCertificate)
+        ));
+        assert!(matches!(
+            pem_certificates(b"hello"),
+            Err(InspectError::NoCertificate)
+        ));
+        let info = inspect_der(&a, 0).expect("inspect");
+        assert!(info.is_ca && info.self_signed);
+        assert_eq!(info.path_len_constraint, Some(1));
+        assert_eq!(info.dns_names, vec!["a.example"]);
+        assert_eq!(info.spiffe_id, None);
+        assert_eq!(info.sha256_fingerprint.len(), 32 * 3 - 1);
+    }
+
+    #[test]
+    fn lifetime_fraction() {
+        let (a, _) = self_signed();
+        let info = inspect_der(&a, 0).expect("inspect");
+        let mid = info.not_before + (info.not_after - info.not_before) / 2;
+        assert!((info.lifetime_fraction_elapsed(mid) - 0.5).abs() < 1e-9);
+        assert_eq!(
+            info.lifetime_fraction_elapsed(info.not_before - time::Duration::DAY),
+            0.0
+        );
+    }
+}

@@ -212,12 +212,7 @@ impl TokenStore {
         ttl: time::Duration,
     ) -> Result<(JoinToken, TokenRecord), StoreError> {
         let rng = ring::rand::SystemRandom::new();
-        let rng_err = |_| {
-            StoreError::corrupt(
-                self.dir.tokens(),
-                "the system random number generator failed",
-            )
-        };
+        let rng_err = |_| StoreError::Random;
         let _lock = StateLock::exclusive(&self.dir)?;
         let mut file = self.load()?;
         let id = loop {
