@@ -90,6 +90,18 @@ pub struct Receiver<T> {
     shared: Arc<Shared>,
 }
 
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        // Do not keep the receiving task (and its shard's eventfd) alive from the senders' side.
+        let w = match self.shared.waker.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(w);
+        self.shared.waiting.store(false, Ordering::Relaxed);
+    }
+}
+
 impl<T: Send> Receiver<T> {
     /// None once every sender is dropped (and the queue is empty).
     pub async fn recv(&self) -> Option<T> {

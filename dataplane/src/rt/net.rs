@@ -833,6 +833,10 @@ impl futures_io::AsyncRead for TcpStream {
     }
 }
 
+/// `poll_write` copies into a per-stream queue (up to 64 KiB beyond the send in flight) and
+/// starts a send when none is in flight; queued bytes reach the kernel from later
+/// `poll_write`/`poll_flush` calls, so flush (as rustls and h2 do) before waiting for a reply.
+/// `poll_close` = flush + `shutdown(SHUT_WR)`.
 impl futures_io::AsyncWrite for TcpStream {
     fn poll_write(
         self: Pin<&mut Self>,
