@@ -702,3 +702,50 @@ fn syscall_profile_echo_round_trips() {
     stop.send(()).expect("server alive");
     handle.join().expect("server exits");
 }
+
+#[test]
+fn concurrent_accepts_on_one_listener_and_drop_closes_it() {
+    run(async {
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = std_l.local_addr().expect("addr");
+        let l = Rc::new(TcpListener::from_std(std_l).expect("adopt"));
+        let accepted = Rc::new(Cell::new(0usize));
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let (l, accepted) = (l.clone(), accepted.clone());
+                rt::spawn(async move {
+                    loop {
+                        let (s, _) = l.accept().await.expect("accept");
+                        accepted.set(accepted.get() + 1);
+                        drop(s);
+                    }
+                })
+            })
+            .collect();
+        rt::yield_now().await;
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accepted.get() < 20 {
+            assert!(Instant::now() < deadline, "accepted {}", accepted.get());
+            rt::sleep(Duration::from_millis(1)).await;
+        }
+        for t in tasks {
+            t.cancel();
+        }
+        drop(l);
+        // The listening socket really closes (after its multishot accept is cancelled).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match TcpStream::connect(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                _ => {
+                    assert!(Instant::now() < deadline, "listener still open");
+                    rt::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    });
+}

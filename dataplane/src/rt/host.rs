@@ -57,6 +57,16 @@ pub(crate) fn build_ring(entries: u32) -> Result<(IoUring, RingFeatures), RtErro
             b.setup_single_issuer().setup_defer_taskrun();
         }
         match b.build(entries) {
+            Ok(ring)
+                if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() =>
+            {
+                return Err(RtError::Unavailable {
+                    source: io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "this kernel's io_uring lacks IORING_FEAT_EXT_ARG/NODROP (Linux 5.11 or newer is needed)",
+                    ),
+                });
+            }
             Ok(ring) => {
                 let features = RingFeatures {
                     coop_taskrun: coop,
