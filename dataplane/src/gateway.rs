@@ -132,7 +132,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// Start every shard and apply `config` as generation 1.
-    pub fn start(config: Arc<Config>, source: &str) -> Result<Gateway, StartError> {
+    pub fn start(
+        config: Arc<Config>,
+        source: &str,
+        access_log: Option<crate::accesslog::AccessLog>,
+    ) -> Result<Gateway, StartError> {
         let ring = rt::check()?;
         let cpus = rt::allowed_cpus();
         let count = match config.runtime.cores {
@@ -146,7 +150,7 @@ impl Gateway {
             Some(n) => n,
             None => cpus.len().max(1),
         };
-        let stats = Arc::new(Stats::new(count));
+        let stats = Arc::new(Stats::new(count, access_log.clone()));
         let shared = Arc::new(Shared {
             shards_ready: AtomicUsize::new(0),
             shard_count: count,
@@ -166,6 +170,7 @@ impl Gateway {
             let (tx, rx) = rt::channel::<ShardMsg>();
             let init = shard::ShardInit {
                 id,
+                access_log: access_log.clone(),
                 stats: stats.shards[id].clone(),
                 shared: shared.clone(),
                 rx,

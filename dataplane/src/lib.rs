@@ -5,6 +5,7 @@
 //! -> `proxy` (tcp copy; http later) -> metrics. The only module that knows about io_uring is
 //! [`rt`]; see docs/ARCHITECTURE.md.
 
+pub mod accesslog;
 pub mod admin;
 pub mod balance;
 pub mod error;

@@ -8,7 +8,7 @@
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use meshgate_config::Protocol;
 
@@ -61,6 +61,9 @@ pub struct ConnGuard {
     pub shard: Rc<Shard>,
     pub snap: Rc<ShardGen>,
     pub listener: usize,
+    /// When the connection was accepted (for durations and access logs).
+    pub accepted_at: Instant,
+    pub start_time: SystemTime,
 }
 
 impl ConnGuard {
@@ -89,6 +92,8 @@ impl ConnGuard {
             shard: shard.clone(),
             snap: snap.clone(),
             listener,
+            accepted_at: Instant::now(),
+            start_time: SystemTime::now(),
         })
     }
 }

@@ -144,11 +144,14 @@ pub struct Stats {
     pub generation: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// The access log, when one is configured (its dropped/written counts are exported).
+    pub access_log: Option<crate::accesslog::AccessLog>,
 }
 
 impl Stats {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, access_log: Option<crate::accesslog::AccessLog>) -> Self {
         Stats {
+            access_log,
             shards: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -247,6 +250,24 @@ impl Collector for Exporter {
             MetricType::Gauge,
             [(vec![], ConstGauge::new(s.generation.load(Relaxed) as i64))],
         )?;
+        if let Some(log) = &s.access_log {
+            family(
+                &mut enc,
+                "meshgate_access_log_records",
+                "Access-log records by outcome (dropped: the writer was behind and the queue full)",
+                MetricType::Counter,
+                [
+                    (
+                        vec![("outcome", "written".to_string())],
+                        ConstCounter::new(log.written()),
+                    ),
+                    (
+                        vec![("outcome", "dropped".to_string())],
+                        ConstCounter::new(log.dropped()),
+                    ),
+                ],
+            )?;
+        }
         family(
             &mut enc,
             "meshgate_config_reloads",

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use meshgate_config::{Config, RouteAction};
 
+use crate::accesslog::AccessLog;
 use crate::balance::{RoundRobin, WeightedPicker};
 use crate::gateway::{Shared, StartError, bind_hint};
 use crate::listen;
@@ -58,6 +59,7 @@ pub enum ShardMsg {
 #[derive(Debug)]
 pub struct ShardInit {
     pub id: usize,
+    pub access_log: Option<AccessLog>,
     pub stats: Arc<ShardStats>,
     pub shared: Arc<Shared>,
     pub rx: rt::Receiver<ShardMsg>,
@@ -84,6 +86,10 @@ pub struct ShardGen {
     pub route_pickers: Vec<WeightedPicker>,
     /// One round robin per cluster (same index as `config.clusters`).
     pub endpoint_rr: Vec<RoundRobin>,
+    /// Names as shared strings for access-log records (same indexes as in `config`).
+    pub listener_names: Vec<Arc<str>>,
+    pub route_names: Vec<Arc<str>>,
+    pub cluster_names: Vec<Arc<str>>,
     by_name: HashMap<String, usize>,
 }
 
@@ -121,6 +127,21 @@ impl ShardGen {
                 .iter()
                 .map(|c| RoundRobin::new(c.endpoints.len(), shard_id))
                 .collect(),
+            listener_names: config
+                .listeners
+                .iter()
+                .map(|l| Arc::from(l.name.as_str()))
+                .collect(),
+            route_names: config
+                .routes
+                .iter()
+                .map(|r| Arc::from(r.name.as_str()))
+                .collect(),
+            cluster_names: config
+                .clusters
+                .iter()
+                .map(|c| Arc::from(c.name.as_str()))
+                .collect(),
             by_name: config
                 .listeners
                 .iter()
@@ -141,6 +162,7 @@ impl ShardGen {
 pub struct Shard {
     /// Shard number (0-based), for logs.
     pub id: usize,
+    pub access_log: Option<AccessLog>,
     pub shared: Arc<Shared>,
     current: RefCell<Option<Rc<ShardGen>>>,
     /// Connections open on this shard (all listeners, all generations).
@@ -171,6 +193,7 @@ struct Prepared {
 pub async fn run(init: ShardInit) {
     let shard = Rc::new(Shard {
         id: init.id,
+        access_log: init.access_log.clone(),
         shared: init.shared.clone(),
         current: RefCell::new(None),
         open: Cell::new(0),

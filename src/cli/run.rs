@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
+use meshgate_dataplane::accesslog;
 use meshgate_dataplane::admin::{self, AdminState, ReloadFailure, ReloadReply, ReloadRequest};
 use meshgate_dataplane::metrics::BuildInfo;
 use meshgate_dataplane::{Gateway, StartError};
@@ -26,7 +27,22 @@ pub struct RunArgs {
     /// Log filter, e.g. `info`, `debug`, `meshgate_dataplane=debug`.
     #[arg(long, default_value = "info", env = "MESHGATE_LOG")]
     pub log: String,
+    /// Access log: a file path (reopened on SIGUSR1, for logrotate) or `stdout`. Off if unset.
+    #[arg(long, env = "MESHGATE_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// Access-log line format: `json` (Istio's keys) or `text` (Envoy's default format).
+    #[arg(long, value_enum, default_value_t = AccessLogFormat::Json, env = "MESHGATE_ACCESS_LOG_FORMAT")]
+    pub access_log_format: AccessLogFormat,
 }
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
+/// Records queued between the shards and the access-log writer before new ones are dropped.
+const ACCESS_LOG_QUEUE: usize = 65_536;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
@@ -87,7 +103,28 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
-    let gateway = match Gateway::start(config.clone(), &source) {
+    let (access_log, access_writer) = match &args.access_log {
+        None => (None, None),
+        Some(t) => {
+            let target = if t == "stdout" || t == "-" {
+                accesslog::Target::Stdout
+            } else {
+                accesslog::Target::File(PathBuf::from(t))
+            };
+            let format = match args.access_log_format {
+                AccessLogFormat::Json => accesslog::Format::Json,
+                AccessLogFormat::Text => accesslog::Format::Text,
+            };
+            match accesslog::AccessLog::start(target, format, ACCESS_LOG_QUEUE) {
+                Ok((log, writer)) => (Some(log), Some(writer)),
+                Err(e) => {
+                    eprintln!("error: cannot open the access log: {e}");
+                    return exit::FAILURE;
+                }
+            }
+        }
+    };
+    let gateway = match Gateway::start(config.clone(), &source, access_log) {
         Ok(g) => g,
         Err(StartError::Runtime(e)) => {
             eprintln!("error: this host cannot run the dataplane: {e}");
@@ -143,6 +180,12 @@ pub fn run(args: RunArgs) -> u8 {
                     tracing::info!("SIGHUP: reloading the config");
                     let _ = reload(&gateway, args.config.as_deref());
                 }
+                Ok(libc::SIGUSR1) => {
+                    if let Some(w) = &access_writer {
+                        tracing::info!("SIGUSR1: reopening the access log");
+                        w.reopen();
+                    }
+                }
                 Ok(_) | Err(_) => break gateway.shared().current().config.runtime.drain_timeout,
             },
             recv(reload_rx) -> req => {
@@ -161,6 +204,9 @@ pub fn run(args: RunArgs) -> u8 {
     let left = gateway.drain(drain_timeout);
     if let Some(p) = &admin.unix {
         let _ = std::fs::remove_file(p);
+    }
+    if let Some(w) = access_writer {
+        w.finish();
     }
     tracing::info!(closed_at_deadline = left, "stopped");
     exit::OK
@@ -223,7 +269,7 @@ impl Signals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
                 libc::sigaddset(&mut set, s);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -160,6 +160,16 @@ impl Meshgate {
     /// Write `config` to a temp dir, start `bin run --config`, wait until `/ready` answers 200.
     /// `admin` must be the admin address the config names.
     pub fn start(bin: &Path, config: &str, admin: SocketAddr) -> Result<Meshgate> {
+        Self::start_with_args(bin, config, admin, &[])
+    }
+
+    /// Like [`Meshgate::start`], with extra `meshgate run` arguments.
+    pub fn start_with_args(
+        bin: &Path,
+        config: &str,
+        admin: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Meshgate> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("meshgate.toml");
         std::fs::write(&config_path, config)?;
@@ -168,6 +178,7 @@ impl Meshgate {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

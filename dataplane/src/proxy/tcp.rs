@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use meshgate_config::RouteAction;
 
+use crate::accesslog::Record;
 use crate::error::{Blame, ProxyError};
 use crate::listen::ConnGuard;
 use crate::metrics::Counter;
@@ -36,43 +37,88 @@ pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr
     let Some(target) = clusters.get(snap.route_pickers[route_idx].pick()) else {
         return;
     };
-    // upstream::connect
-    let up = match upstream::connect(&snap, target.cluster_index).await {
-        Ok(up) => up,
-        Err(e) => {
-            tracing::debug!(listener = %listener.name, %peer, error = %e, flag = e.response_flag(), "closing downstream");
-            return;
+    let moved = Moved::default();
+    let mut upstream_host = None;
+    // upstream::connect, then the copy loop.
+    let outcome = match upstream::connect(&snap, target.cluster_index).await {
+        Err(e) => Err(e),
+        Ok(up) => {
+            upstream_host = Some(up.endpoint);
+            let lstats = &snap.listeners[guard.listener].stats;
+            let cstats = &snap.clusters[target.cluster_index];
+            let idle = Idle::new(listener.idle_timeout);
+            let (down_rd, down_wr) = downstream.into_split();
+            let (up_rd, up_wr) = up.stream.into_split();
+            let to_upstream = pump(
+                down_rd,
+                up_wr,
+                Blame::Downstream,
+                [&lstats.bytes_in, &cstats.bytes_sent],
+                &moved.received,
+                &idle,
+            );
+            let to_downstream = pump(
+                up_rd,
+                down_wr,
+                Blame::Upstream,
+                [&cstats.bytes_received, &lstats.bytes_out],
+                &moved.sent,
+                &idle,
+            );
+            let r = both_or_first_error(to_upstream, to_downstream).await;
+            if let Err(e) = &r
+                && matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout)
+            {
+                lstats.idle_timeouts.inc();
+            }
+            drop(up.guard);
+            r
         }
     };
-    let lstats = &snap.listeners[guard.listener].stats;
-    let cstats = &snap.clusters[target.cluster_index];
-    let idle = Idle::new(listener.idle_timeout);
-    let (down_rd, down_wr) = downstream.into_split();
-    let (up_rd, up_wr) = up.stream.into_split();
-    let to_upstream = pump(
-        down_rd,
-        up_wr,
-        Blame::Downstream,
-        &lstats.bytes_in,
-        &cstats.bytes_sent,
-        &idle,
-    );
-    let to_downstream = pump(
-        up_rd,
-        down_wr,
-        Blame::Upstream,
-        &cstats.bytes_received,
-        &lstats.bytes_out,
-        &idle,
-    );
-    if let Err(e) = both_or_first_error(to_upstream, to_downstream).await {
-        if matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout) {
-            lstats.idle_timeouts.inc();
+    let flags = match &outcome {
+        Ok(()) => "-",
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, generation = snap.generation, %peer, upstream = ?upstream_host, error = %e, flag = e.response_flag(), "connection ended");
+            e.response_flag()
         }
-        tracing::debug!(listener = %listener.name, generation = snap.generation, %peer, upstream = %up.endpoint, error = %e, flag = e.response_flag(), "connection ended");
+    };
+    if let Some(log) = &guard.shard.access_log {
+        log.log(Record {
+            start_time: guard.start_time,
+            duration: guard.accepted_at.elapsed(),
+            protocol: "TCP",
+            method: None,
+            path: None,
+            authority: None,
+            response_code: 0,
+            response_flags: flags,
+            bytes_received: moved.received.get(),
+            bytes_sent: moved.sent.get(),
+            upstream_host,
+            upstream_cluster: Some(snap.cluster_names[target.cluster_index].clone()),
+            downstream_remote_address: peer,
+            downstream_local_address: None,
+            requested_server_name: None,
+            route_name: Some(snap.route_names[route_idx].clone()),
+            listener: snap.listener_names[guard.listener].clone(),
+            downstream_peer_spiffe_id: None,
+            tls_version: None,
+            x_forwarded_for: None,
+            user_agent: None,
+            request_id: None,
+            shard: guard.shard.id,
+        });
     }
-    drop(up.guard);
     drop(guard);
+}
+
+/// Bytes this connection moved, for its access-log record.
+#[derive(Debug, Default)]
+struct Moved {
+    /// From the client.
+    received: Cell<u64>,
+    /// To the client.
+    sent: Cell<u64>,
 }
 
 /// The idle clock both directions of a connection share.
@@ -105,8 +151,8 @@ async fn pump(
     mut from: rt::ReadHalf,
     mut to: rt::WriteHalf,
     reader_blame: Blame,
-    read_counter: &Counter,
-    write_counter: &Counter,
+    [read_counter, write_counter]: [&Counter; 2],
+    moved: &Cell<u64>,
     idle: &Idle,
 ) -> Result<(), ProxyError> {
     let writer_blame = match reader_blame {
@@ -134,6 +180,7 @@ async fn pump(
         drop(buf); // back to the provided-buffer ring
         res.map_err(|e| ProxyError::io(writer_blame, e))?;
         write_counter.add(n);
+        moved.set(moved.get() + n);
         idle.touch();
     }
 }
