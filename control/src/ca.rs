@@ -513,8 +513,7 @@ impl Ca {
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let ours = StateDir::KNOWN_NAMES.contains(&name.as_str())
-                    || (name.starts_with('.') && name.contains(".tmp."));
+                let ours = StateDir::is_ours(&name);
                 if !ours {
                     return Err(CaError::ForeignDir {
                         dir: dir.to_path_buf(),

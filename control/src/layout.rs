@@ -67,9 +67,8 @@ impl StateDir {
         self.root.join("bundle.json")
     }
 
-    /// Names a state directory may contain; anything else means the operator pointed us at a
-    /// directory that is not ours, and `ca init` refuses to take it over.
-    pub(crate) const KNOWN_NAMES: &'static [&'static str] = &[
+    /// Files and directories of the CA in the state directory.
+    pub(crate) const CA_NAMES: &'static [&'static str] = &[
         "lock",
         "ca",
         "ledger",
@@ -79,18 +78,48 @@ impl StateDir {
         "bundle.json",
     ];
 
-    /// Remove temp files left by writers that were killed mid-write. Call only under the lock
-    /// ([`StateLock::exclusive`] does): every writer of these directories holds it, so no live
-    /// write can be disturbed.
+    /// Other meshgate state that may share the directory (the gateway's config history).
+    const OTHER_NAMES: &'static [&'static str] = &["config-history"];
+
+    /// Whether `ca init` may use a directory holding an entry of this name: meshgate's own
+    /// state, or a temp file left by a killed writer. Anything else means the operator pointed
+    /// us at a directory that is not ours, and `init` refuses to take it over (and chmod it).
+    pub(crate) fn is_ours(name: &str) -> bool {
+        Self::CA_NAMES.contains(&name)
+            || Self::OTHER_NAMES.contains(&name)
+            || Self::is_ca_temp(name)
+    }
+
+    /// `.<ca-file>.tmp.<pid>`: a temp file of [`crate::state::write_atomic`] for a CA file.
+    fn is_ca_temp(name: &str) -> bool {
+        name.strip_prefix('.')
+            .and_then(|rest| rest.split_once(".tmp."))
+            .is_some_and(|(base, _)| Self::CA_NAMES.contains(&base))
+    }
+
+    /// Remove temp files left by CA writers that were killed mid-write. Call only under the
+    /// lock ([`StateLock::exclusive`] does): every CA writer holds it, so no live write can be
+    /// disturbed. At the top level only temp files of CA files are touched (other meshgate
+    /// state there has its own writers); `ca/` and `ledger/` belong to the CA alone.
     pub(crate) fn sweep_temp_files(&self) {
-        for dir in [self.root.clone(), self.ca_dir(), self.ledger_dir()] {
+        let dirs = [
+            (self.root.clone(), true),
+            (self.ca_dir(), false),
+            (self.ledger_dir(), false),
+        ];
+        for (dir, top) in dirs {
             let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
             };
             for e in entries.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with('.') && name.contains(".tmp.") {
+                let debris = if top {
+                    Self::is_ca_temp(&name)
+                } else {
+                    name.starts_with('.') && name.contains(".tmp.")
+                };
+                if debris {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -169,12 +198,20 @@ mod tests {
         let sd = StateDir::new(d.path());
         fs::write(d.path().join(".tokens.json.tmp.123"), b"x").expect("w");
         fs::write(d.path().join("tokens.json"), b"{}").expect("w");
+        // Another writer's temp file at the top level is not ours to remove.
+        fs::write(d.path().join(".other.toml.tmp.9"), b"x").expect("w");
+        crate::state::ensure_state_dir(&sd.ledger_dir()).expect("mkdir");
+        fs::write(sd.ledger_dir().join(".00000001.jsonl.tmp.7"), b"x").expect("w");
         sd.sweep_temp_files();
-        let names: Vec<_> = fs::read_dir(d.path())
+        let mut names: Vec<_> = fs::read_dir(d.path())
             .expect("ls")
             .flatten()
-            .map(|e| e.file_name())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("tokens.json")]);
+        names.sort();
+        assert_eq!(names, vec![".other.toml.tmp.9", "ledger", "tokens.json"]);
+        assert_eq!(fs::read_dir(sd.ledger_dir()).expect("ls").count(), 0);
+        assert!(StateDir::is_ours("config-history") && StateDir::is_ours(".crl.pem.tmp.1"));
+        assert!(!StateDir::is_ours("notes.txt") && !StateDir::is_ours(".bashrc"));
     }
 }
