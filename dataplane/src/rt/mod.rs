@@ -333,3 +333,55 @@ impl IoBuf for &'static [u8] {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_features_display_is_one_line() {
+        let all = RingFeatures {
+            coop_taskrun: true,
+            taskrun_flag: true,
+            single_issuer: true,
+            defer_taskrun: true,
+            provided_buffer_rings: true,
+            multishot_accept: true,
+        };
+        assert_eq!(
+            all.to_string(),
+            "defer_taskrun+single_issuer+coop_taskrun, provided buffers, multishot accept"
+        );
+        let none = RingFeatures {
+            coop_taskrun: false,
+            taskrun_flag: false,
+            single_issuer: false,
+            defer_taskrun: false,
+            provided_buffer_rings: false,
+            multishot_accept: false,
+        };
+        assert_eq!(
+            none.to_string(),
+            "plain ring, no provided buffers, single-shot accept"
+        );
+    }
+
+    #[test]
+    fn errors_tell_the_operator_what_to_do() {
+        let e = RtError::MemlockTooLow {
+            have_kib: 64,
+            need_kib: 512,
+        };
+        assert!(e.to_string().contains("ulimit -l 512"), "{e}");
+        assert!(
+            RtError::Disabled { value: 2 }
+                .to_string()
+                .contains("io_uring_disabled")
+        );
+    }
+
+    #[test]
+    fn allowed_cpus_is_never_empty() {
+        assert!(!allowed_cpus().is_empty());
+    }
+}
