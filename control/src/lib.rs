@@ -13,6 +13,7 @@ pub mod ca;
 pub mod clock;
 pub mod duration;
 pub mod error;
+pub mod history;
 pub mod inspect;
 pub mod layout;
 pub mod ledger;

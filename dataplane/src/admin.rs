@@ -27,8 +27,10 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub build: BuildInfo,
     pub shards: usize,
-    /// Where `POST /reload` asks the control thread to reload; None = reload unavailable.
+    /// Where `POST /reload` and `POST /config/rollback` go; None = unavailable.
     pub reload: Option<crossbeam_channel::Sender<ReloadRequest>>,
+    /// Applied configs kept in the state directory; None = history disabled.
+    pub history: Option<meshgate_control::history::History>,
 }
 
 /// Reply to a reload request.
@@ -37,7 +39,18 @@ pub type ReloadReply = Result<ReloadOutcome, ReloadFailure>;
 /// A reload asked for through the admin API; the control thread answers on `reply`.
 #[derive(Debug)]
 pub struct ReloadRequest {
+    pub action: ControlAction,
     pub reply: mpsc::Sender<ReloadReply>,
+}
+
+/// What the control thread is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Re-read the config file.
+    Reload,
+    /// Put history entry `to` (default: the one before the newest) back in the config file and
+    /// apply it.
+    Rollback { to: Option<u64> },
 }
 
 /// Why a reload was refused. The running generation stays in force.
@@ -224,8 +237,17 @@ fn handle(state: &AdminState, mut conn: impl Read + Write) {
     write_response(&mut conn, &resp);
 }
 
-fn route(state: &AdminState, method: &str, path: &str) -> Response {
-    let path = path.split('?').next().unwrap_or("");
+fn query_u64(query: &str, key: &str) -> Result<Option<u64>, ()> {
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            return v.parse().map(Some).map_err(|_| ());
+        }
+    }
+    Ok(None)
+}
+
+fn route(state: &AdminState, method: &str, target: &str) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match (method, path) {
         ("GET" | "HEAD", "/live") => Response::text(200, "live\n"),
         ("GET" | "HEAD", "/ready") => {
@@ -243,15 +265,45 @@ fn route(state: &AdminState, method: &str, path: &str) -> Response {
             body: state.stats.render(&state.build),
         },
         ("GET" | "HEAD", "/config_dump") => Response::json(&*state.shared.current().config),
-        ("POST", "/reload") => reload(state),
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
-        (_, "/reload") => Response::text(405, "use POST /reload\n"),
+        ("POST", "/reload") => control(state, ControlAction::Reload),
+        ("POST", "/config/rollback") => match query_u64(query, "to") {
+            Ok(to) => control(state, ControlAction::Rollback { to }),
+            Err(()) => {
+                Response::text(400, "`to` must be a history id, e.g. /config/rollback?to=3\n")
+            }
+        },
+        ("GET" | "HEAD", "/config/history") => match &state.history {
+            None => {
+                Response::text(404, "config history is disabled (no writable state directory)\n")
+            }
+            Some(h) => match h.list() {
+                Ok(entries) => Response::json(&entries),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            },
+        },
+        ("GET" | "HEAD", p) if p.starts_with("/config/history/") => {
+            let id = p.trim_start_matches("/config/history/").parse::<u64>();
+            match (&state.history, id) {
+                (None, _) => Response::text(404, "config history is disabled\n"),
+                (_, Err(_)) => Response::text(400, "use /config/history/<id>\n"),
+                (Some(h), Ok(id)) => match h.get(id) {
+                    Ok((_, text)) => Response {
+                        status: 200,
+                        content_type: "application/toml",
+                        body: text,
+                    },
+                    Err(e) => Response::text(404, format!("{e}\n")),
+                },
+            }
+        }
+        (_, "/reload" | "/config/rollback") => Response::text(405, "use POST\n"),
         (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/status") => {
             Response::text(405, format!("{method} not allowed on {path}; use GET\n"))
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status, POST /reload\n"
+            "not found; endpoints: /ready /live /metrics /config_dump /status /config/history[/ID], POST /reload, POST /config/rollback[?to=ID]\n"
                 .to_string(),
         ),
     }
@@ -281,12 +333,18 @@ fn write_response(conn: &mut impl Write, r: &Response) {
     let _ = conn.flush();
 }
 
-fn reload(state: &AdminState) -> Response {
+fn control(state: &AdminState, action: ControlAction) -> Response {
     let Some(tx) = &state.reload else {
         return Response::text(503, "reload is not available\n");
     };
     let (reply_tx, reply_rx) = mpsc::channel();
-    if tx.send(ReloadRequest { reply: reply_tx }).is_err() {
+    if tx
+        .send(ReloadRequest {
+            action,
+            reply: reply_tx,
+        })
+        .is_err()
+    {
         return Response::text(
             503,
             "the control thread is not accepting reloads (shutting down?)\n",

@@ -119,6 +119,10 @@ pub struct ReloadOutcome {
     pub listeners_removed: Vec<String>,
     /// Settings that only take effect after a restart (e.g. `runtime.cores`).
     pub needs_restart: Vec<String>,
+    /// The config-history entry recorded for this generation (None: history disabled).
+    pub history_id: Option<u64>,
+    /// What changed, in one line.
+    pub summary: String,
 }
 
 /// A running gateway.
@@ -263,6 +267,8 @@ impl Gateway {
                 .cloned()
                 .collect(),
             needs_restart,
+            history_id: None,
+            summary: String::new(),
         })
     }
 

@@ -7,6 +7,7 @@ mod ca;
 mod cert;
 mod check;
 mod config_cmd;
+mod daemon;
 mod reload;
 mod run;
 mod status;

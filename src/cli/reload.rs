@@ -23,8 +23,13 @@ pub struct ReloadArgs {
 }
 
 pub fn run(args: ReloadArgs) -> u8 {
-    let addr = AdminAddr::parse(&args.admin);
-    let (code, body) = match admin_client::post(&addr, "/reload", Duration::from_secs(40)) {
+    post_and_report(&args.admin, "/reload", args.output)
+}
+
+/// POST a control action (`/reload`, `/config/rollback`) and report its outcome.
+pub fn post_and_report(admin: &str, path: &str, output: Output) -> u8 {
+    let addr = AdminAddr::parse(admin);
+    let (code, body) = match admin_client::post(&addr, path, Duration::from_secs(40)) {
         Ok(r) => r,
         Err(e) => {
             report(&e);
@@ -35,14 +40,19 @@ pub fn run(args: ReloadArgs) -> u8 {
             };
         }
     };
-    if args.output == Output::Json {
+    if output == Output::Json {
         print!("{body}");
     }
     match code {
         200 => {
-            if args.output == Output::Table {
+            if output == Output::Table {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                println!("reloaded: generation {} is in force", v["generation"]);
+                println!(
+                    "applied: generation {} is in force (history #{}): {}",
+                    v["generation"],
+                    v["history_id"],
+                    v["summary"].as_str().unwrap_or("")
+                );
                 for (key, what) in [
                     ("listeners_added", "added"),
                     ("listeners_removed", "removed"),
@@ -64,7 +74,7 @@ pub fn run(args: ReloadArgs) -> u8 {
         }
         400 => {
             let failure: Option<ReloadFailure> = serde_json::from_str(&body).ok();
-            if args.output == Output::Table {
+            if output == Output::Table {
                 match &failure {
                     Some(f) => {
                         eprintln!("reload refused: {}", f.reason);

@@ -9,11 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
+use meshgate_control::history::History;
 use meshgate_dataplane::accesslog;
-use meshgate_dataplane::admin::{self, AdminState, ReloadFailure, ReloadReply, ReloadRequest};
+use meshgate_dataplane::admin::{self, AdminState, ControlAction, ReloadRequest};
 use meshgate_dataplane::metrics::BuildInfo;
 use meshgate_dataplane::{Gateway, StartError};
 
+use super::daemon::Daemon;
 use super::exit;
 
 #[derive(Debug, Args)]
@@ -27,6 +29,9 @@ pub struct RunArgs {
     /// Log filter, e.g. `info`, `debug`, `meshgate_dataplane=debug`.
     #[arg(long, default_value = "info", env = "MESHGATE_LOG")]
     pub log: String,
+    /// State directory (config history; CA state later). Created 0700 if missing.
+    #[arg(long, env = "MESHGATE_STATE_DIR", default_value = "/var/lib/meshgate")]
+    pub state_dir: PathBuf,
     /// Access log: a file path (reopened on SIGUSR1, for logrotate) or `stdout`. Off if unset.
     #[arg(long, env = "MESHGATE_ACCESS_LOG")]
     pub access_log: Option<String>,
@@ -71,23 +76,26 @@ fn init_logging(args: &RunArgs) {
 }
 
 pub fn run(args: RunArgs) -> u8 {
-    let (config, source) = match &args.config {
-        Some(path) => match meshgate_config::load(path) {
-            Ok(c) => (c, path.display().to_string()),
+    let (text, origin, source) = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => (t, path.display().to_string(), path.display().to_string()),
             Err(e) => {
-                eprint!("{e}");
-                eprintln!("meshgate: configuration is invalid; nothing was started");
+                eprintln!("{}: cannot read the config file: {e}", path.display());
                 return exit::CONFIG;
             }
         },
-        None => {
-            match meshgate_config::parse(meshgate_config::EMBEDDED_DEFAULT, "<embedded default>") {
-                Ok(c) => (c, "embedded default".to_string()),
-                Err(e) => {
-                    eprint!("{e}");
-                    return exit::CONFIG;
-                }
-            }
+        None => (
+            meshgate_config::EMBEDDED_DEFAULT.to_string(),
+            meshgate_config::EMBEDDED_DEFAULT_ORIGIN.to_string(),
+            "embedded default".to_string(),
+        ),
+    };
+    let config = match meshgate_config::parse(&text, &origin) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            eprintln!("meshgate: configuration is invalid; nothing was started");
+            return exit::CONFIG;
         }
     };
     init_logging(&args);
@@ -137,6 +145,13 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
+    let history = match meshgate_control::state::ensure_state_dir(&args.state_dir) {
+        Ok(()) => Some(History::new(&args.state_dir)),
+        Err(e) => {
+            tracing::warn!(error = %e, "config history disabled: the state directory is not writable (--state-dir)");
+            None
+        }
+    };
     let (reload_tx, reload_rx) = crossbeam_channel::bounded::<ReloadRequest>(4);
     let state = Arc::new(AdminState {
         stats: gateway.stats().clone(),
@@ -147,6 +162,7 @@ pub fn run(args: RunArgs) -> u8 {
         },
         shards: gateway.stats().shards.len(),
         reload: Some(reload_tx),
+        history: history.clone(),
     });
     let admin = match admin::serve(
         state,
@@ -172,13 +188,21 @@ pub fn run(args: RunArgs) -> u8 {
     tracing::info!(config = %source, "meshgate is ready");
     sd_notify("READY=1");
 
+    let mut daemon = Daemon::new(
+        gateway,
+        args.config.clone(),
+        history,
+        config.clone(),
+        &text,
+        &source,
+    );
     let sig_rx = signals.forward();
     let drain_timeout = loop {
         crossbeam_channel::select! {
             recv(sig_rx) -> sig => match sig {
                 Ok(libc::SIGHUP) => {
                     tracing::info!("SIGHUP: reloading the config");
-                    let _ = reload(&gateway, args.config.as_deref());
+                    let _ = daemon.handle(ControlAction::Reload);
                 }
                 Ok(libc::SIGUSR1) => {
                     if let Some(w) = &access_writer {
@@ -186,12 +210,11 @@ pub fn run(args: RunArgs) -> u8 {
                         w.reopen();
                     }
                 }
-                Ok(_) | Err(_) => break gateway.shared().current().config.runtime.drain_timeout,
+                Ok(_) | Err(_) => break daemon.gateway.shared().current().config.runtime.drain_timeout,
             },
             recv(reload_rx) -> req => {
                 if let Ok(req) = req {
-                    let outcome = reload(&gateway, args.config.as_deref());
-                    let _ = req.reply.send(outcome);
+                    let _ = req.reply.send(daemon.handle(req.action));
                 }
             }
         }
@@ -201,7 +224,7 @@ pub fn run(args: RunArgs) -> u8 {
         "draining: listeners closed, waiting for open connections"
     );
     sd_notify("STOPPING=1");
-    let left = gateway.drain(drain_timeout);
+    let left = daemon.gateway.drain(drain_timeout);
     if let Some(p) = &admin.unix {
         let _ = std::fs::remove_file(p);
     }
@@ -210,51 +233,6 @@ pub fn run(args: RunArgs) -> u8 {
     }
     tracing::info!(closed_at_deadline = left, "stopped");
     exit::OK
-}
-
-/// Re-read the config file and apply it as a new generation. The same loader as start-up and
-/// `meshgate config validate`; an invalid file changes nothing.
-fn reload(gateway: &Gateway, path: Option<&std::path::Path>) -> ReloadReply {
-    let Some(path) = path else {
-        let f = ReloadFailure::other(
-            "running on the embedded default config; there is no file to reload (start with --config FILE)",
-        );
-        tracing::warn!(reason = %f.reason, "reload refused");
-        return Err(f);
-    };
-    sd_notify("RELOADING=1");
-    let result = match meshgate_config::load(path) {
-        Err(e) => {
-            gateway
-                .stats()
-                .reloads_failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for err in &e.errors {
-                tracing::error!(path = %err.path, error = %err.message, hint = err.hint.as_deref().unwrap_or(""), "reload refused: invalid config");
-            }
-            Err(ReloadFailure::invalid(&e))
-        }
-        Ok(config) => match gateway.reload(Arc::new(config), &path.display().to_string()) {
-            Ok(outcome) => {
-                tracing::info!(
-                    generation = outcome.generation,
-                    added = ?outcome.listeners_added,
-                    removed = ?outcome.listeners_removed,
-                    needs_restart = ?outcome.needs_restart,
-                    "config reloaded"
-                );
-                Ok(outcome)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reload refused; the running config stays in force");
-                Err(ReloadFailure::other(format!(
-                    "{e}; the running config stays in force"
-                )))
-            }
-        },
-    };
-    sd_notify("READY=1");
-    result
 }
 
 /// SIGTERM, SIGINT and SIGHUP, received synchronously with sigwait(2).
@@ -308,7 +286,7 @@ impl Signals {
 }
 
 /// Tell systemd (Type=notify) about readiness and shutdown; a no-op outside systemd.
-fn sd_notify(msg: &str) {
+pub(super) fn sd_notify(msg: &str) {
     use std::os::unix::net::UnixDatagram;
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;

@@ -178,6 +178,8 @@ impl Meshgate {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
             .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
             .stdin(Stdio::null())

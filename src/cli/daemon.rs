@@ -1,0 +1,239 @@
+//! The control thread's work after start-up: apply config changes (reload, rollback) and keep
+//! the config history. Called from `run`'s event loop for SIGHUP and for the admin API's
+//! `POST /reload` and `POST /config/rollback`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use meshgate_config::Config;
+use meshgate_control::history::History;
+use meshgate_control::state::write_atomic;
+use meshgate_dataplane::Gateway;
+use meshgate_dataplane::admin::{ControlAction, ReloadFailure, ReloadReply};
+
+pub struct Daemon {
+    pub gateway: Gateway,
+    /// The config file; None when running the embedded default.
+    pub config_path: Option<PathBuf>,
+    pub history: Option<History>,
+    /// The config in force (to summarise what a change does).
+    current: Arc<Config>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Daemon {
+    /// `text` is the exact config text generation 1 was built from.
+    pub fn new(
+        gateway: Gateway,
+        config_path: Option<PathBuf>,
+        history: Option<History>,
+        current: Arc<Config>,
+        text: &str,
+        source: &str,
+    ) -> Daemon {
+        let d = Daemon {
+            gateway,
+            config_path,
+            history,
+            current,
+        };
+        d.record(text, source, 1, "started");
+        d
+    }
+
+    fn record(&self, text: &str, source: &str, generation: u64, summary: &str) -> Option<u64> {
+        let h = self.history.as_ref()?;
+        match h.record(text, source, generation, summary, now_unix()) {
+            Ok(e) => Some(e.id),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the config history");
+                None
+            }
+        }
+    }
+
+    pub fn handle(&mut self, action: ControlAction) -> ReloadReply {
+        let reply = match action {
+            ControlAction::Reload => self.reload_file(),
+            ControlAction::Rollback { to } => self.rollback(to),
+        };
+        if let Err(f) = &reply {
+            tracing::error!(reason = %f.reason, "config change refused; the running config stays in force");
+            for err in &f.errors {
+                tracing::error!(path = %err.path, error = %err.message, hint = err.hint.as_deref().unwrap_or(""), "invalid config");
+            }
+        }
+        reply
+    }
+
+    fn path(&self) -> Result<&Path, ReloadFailure> {
+        self.config_path.as_deref().ok_or_else(|| {
+            ReloadFailure::other(
+                "running on the embedded default config; there is no file to reload (start with --config FILE)",
+            )
+        })
+    }
+
+    /// Re-read the config file and apply it. The same loader as start-up and `config validate`.
+    fn reload_file(&mut self) -> ReloadReply {
+        let path = self.path()?.to_path_buf();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ReloadFailure::other(format!("cannot read {}: {e}", path.display())))?;
+        self.apply(
+            &text,
+            &path.display().to_string(),
+            &path.display().to_string(),
+        )
+    }
+
+    /// Put history entry `to` (default: the one before the newest) back in the config file and
+    /// apply it. The file's current content, if it was never applied, is kept in the history
+    /// directory so no edit is lost.
+    fn rollback(&mut self, to: Option<u64>) -> ReloadReply {
+        let path = self.path()?.to_path_buf();
+        let history = self.history.as_ref().ok_or_else(|| {
+            ReloadFailure::other("config history is disabled (no writable state directory)")
+        })?;
+        let entries = history
+            .list()
+            .map_err(|e| ReloadFailure::other(e.to_string()))?;
+        let id = match to {
+            Some(id) => id,
+            None => match entries.len() {
+                0 | 1 => {
+                    return Err(ReloadFailure::other(
+                        "no earlier config in the history to roll back to",
+                    ));
+                }
+                n => entries[n - 2].id,
+            },
+        };
+        let (_, text) = history
+            .get(id)
+            .map_err(|e| ReloadFailure::other(e.to_string()))?;
+        // Validate before touching the file.
+        meshgate_config::parse(&text, &format!("config history #{id}"))
+            .map_err(|e| ReloadFailure::invalid(&e))?;
+        if let Ok(on_disk) = std::fs::read_to_string(&path) {
+            let applied = entries.last().is_some_and(|e| {
+                e.sha256 == meshgate_control::history::sha256_hex(on_disk.as_bytes())
+            });
+            if !applied {
+                let keep = history_dir(history).join(format!("unapplied-{}.toml", now_unix()));
+                if let Err(e) = write_atomic(&keep, on_disk.as_bytes(), 0o600) {
+                    return Err(ReloadFailure::other(format!(
+                        "{} has edits that were never applied and they cannot be saved ({e}); not overwriting it",
+                        path.display()
+                    )));
+                }
+                tracing::warn!(saved = %keep.display(), "the config file had unapplied edits; saved them before the rollback");
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0o644);
+        write_atomic(&path, text.as_bytes(), mode)
+            .map_err(|e| ReloadFailure::other(e.to_string()))?;
+        tracing::info!(to = id, file = %path.display(), "rolled the config file back");
+        self.apply(
+            &text,
+            &path.display().to_string(),
+            &format!("rollback to #{id}"),
+        )
+    }
+
+    fn apply(&mut self, text: &str, origin: &str, source: &str) -> ReloadReply {
+        let config = meshgate_config::parse(text, origin).map_err(|e| {
+            self.gateway
+                .stats()
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ReloadFailure::invalid(&e)
+        })?;
+        let config = Arc::new(config);
+        sd_notify_reloading();
+        let result = self.gateway.reload(config.clone(), source);
+        super::run::sd_notify("READY=1");
+        let mut outcome = result
+            .map_err(|e| ReloadFailure::other(format!("{e}; the running config stays in force")))?;
+        outcome.summary = summarize(&self.current, &config);
+        outcome.history_id = self.record(text, source, outcome.generation, &outcome.summary);
+        self.current = config;
+        tracing::info!(
+            generation = outcome.generation,
+            history = ?outcome.history_id,
+            summary = %outcome.summary,
+            needs_restart = ?outcome.needs_restart,
+            "config applied"
+        );
+        Ok(outcome)
+    }
+}
+
+fn history_dir(h: &History) -> PathBuf {
+    // The history keeps its files in one directory; find it through an entry path.
+    h.dir().to_path_buf()
+}
+
+fn sd_notify_reloading() {
+    let usec = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    super::run::sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
+/// One line saying what changed between two configs, e.g.
+/// `listeners +in2 -in; clusters ~up` (`+` added, `-` removed, `~` changed).
+pub fn summarize(old: &Config, new: &Config) -> String {
+    fn part<T: serde::Serialize>(
+        kind: &str,
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+    ) -> Option<String> {
+        let mut marks = Vec::new();
+        for n in new {
+            match old.iter().find(|o| name(o) == name(n)) {
+                None => marks.push(format!("+{}", name(n))),
+                Some(o) if serde_json::to_value(o).ok() != serde_json::to_value(n).ok() => {
+                    marks.push(format!("~{}", name(n)))
+                }
+                Some(_) => {}
+            }
+        }
+        for o in old {
+            if !new.iter().any(|n| name(n) == name(o)) {
+                marks.push(format!("-{}", name(o)));
+            }
+        }
+        (!marks.is_empty()).then(|| format!("{kind} {}", marks.join(" ")))
+    }
+    let mut parts: Vec<String> = [
+        part("listeners", &old.listeners, &new.listeners, |l| &l.name),
+        part("routes", &old.routes, &new.routes, |r| &r.name),
+        part("clusters", &old.clusters, &new.clusters, |c| &c.name),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if old.runtime != new.runtime {
+        parts.push("runtime changed".into());
+    }
+    if old.admin != new.admin {
+        parts.push("admin changed".into());
+    }
+    if parts.is_empty() {
+        "no change".into()
+    } else {
+        parts.join("; ")
+    }
+}
