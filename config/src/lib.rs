@@ -15,6 +15,7 @@
 mod duration;
 mod error;
 mod load;
+pub mod pem;
 mod raw;
 mod types;
 mod validate;

@@ -542,6 +542,36 @@ fn supported_versions(data: &[u8]) -> Result<&[u8], Invalid> {
     Ok(list)
 }
 
+/// The fuzz target's body: parse must not panic, and a parsed hello must describe the same
+/// records when every prefix is fed (`Incomplete` with a truthful `need`). Public for
+/// `fuzz/fuzz_targets/clienthello.rs`; not part of the pipeline API.
+#[doc(hidden)]
+pub fn fuzz_check(bytes: &[u8]) {
+    let result = parse(bytes);
+    if let Ok(info) = &result {
+        assert!(info.records_len <= bytes.len());
+        assert!(info.records_len <= MAX_PEEK_LEN);
+        let records = &bytes[..info.records_len];
+        assert_eq!(parse(records).as_ref().ok(), Some(info));
+        if let Some(name) = &info.server_name {
+            assert!(is_dns_name(name.as_bytes()));
+        }
+        for cut in [0, 1, 4, 5, 6, records.len() / 2, records.len() - 1] {
+            if cut < records.len() {
+                match parse(&records[..cut]) {
+                    Err(ParseError::Incomplete { need: Some(need) }) => {
+                        assert!(need >= 1 && cut + need <= records.len());
+                    }
+                    other => panic!("prefix {cut} of a valid hello: {other:?}"),
+                }
+            }
+        }
+    }
+    if let Err(ParseError::Incomplete { need: Some(need) }) = result {
+        assert!(need >= 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,35 +808,5 @@ mod tests {
     /// through [`super::fuzz_check`]).
     fn check_one(bytes: &[u8]) {
         super::fuzz_check(bytes);
-    }
-}
-
-/// The fuzz target's body: parse must not panic, and a parsed hello must describe the same
-/// records when every prefix is fed (`Incomplete` with a truthful `need`). Public for
-/// `fuzz/fuzz_targets/clienthello.rs`; not part of the pipeline API.
-#[doc(hidden)]
-pub fn fuzz_check(bytes: &[u8]) {
-    let result = parse(bytes);
-    if let Ok(info) = &result {
-        assert!(info.records_len <= bytes.len());
-        assert!(info.records_len <= MAX_PEEK_LEN);
-        let records = &bytes[..info.records_len];
-        assert_eq!(parse(records).as_ref().ok(), Some(info));
-        if let Some(name) = &info.server_name {
-            assert!(is_dns_name(name.as_bytes()));
-        }
-        for cut in [0, 1, 4, 5, 6, records.len() / 2, records.len() - 1] {
-            if cut < records.len() {
-                match parse(&records[..cut]) {
-                    Err(ParseError::Incomplete { need: Some(need) }) => {
-                        assert!(need >= 1 && cut + need <= records.len());
-                    }
-                    other => panic!("prefix {cut} of a valid hello: {other:?}"),
-                }
-            }
-        }
-    }
-    if let Err(ParseError::Incomplete { need: Some(need) }) = result {
-        assert!(need >= 1);
     }
 }

@@ -10,4 +10,9 @@
 //!
 //! Nothing here touches a socket or a clock other than through its arguments.
 
+pub mod certs;
 pub mod clienthello;
+pub mod spiffe;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,679 @@
+//! Real rustls handshakes between a `ClientConnection` and a `ServerConnection` in memory (no
+//! sockets), over certificates from testkit's PKI.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshgate_testkit::pki::{BadCert, EXAMPLE, Leaf, OTHER, Pki};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{
+    AlertDescription, ClientConfig, ClientConnection, HandshakeKind, RootCertStore,
+    ServerConnection,
+};
+
+use super::certs::{
+    CertStore, ClientAuthConfig, MinVersion, Resumption, ServerSettings, StoredCert,
+    UpstreamSettings, certified_key, client_config, load_identity, provider, server_config,
+};
+use super::spiffe::{
+    ExpectedPeer, Rejection, SpiffeId, SpiffeServerVerifier, TrustBundles, TrustDomain,
+    VerifyCounts, VerifyObserver, peer_spiffe_id,
+};
+
+fn pki() -> Pki {
+    Pki::new().unwrap_or_else(|err| panic!("{err:#}"))
+}
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn stored(leaf: &Leaf, sni: &[&str]) -> StoredCert {
+    let (certified, summary) = ok(certified_key(leaf.chain.clone(), &leaf.key()));
+    StoredCert {
+        certified,
+        summary,
+        sni: sni.iter().map(|s| (*s).to_owned()).collect(),
+        source: format!("mem:{}", sni.first().unwrap_or(&"default")).into(),
+    }
+}
+
+fn bundles(domains: &[(&str, CertificateDer<'static>)]) -> Arc<TrustBundles> {
+    let mut bundles = TrustBundles::new();
+    for (name, root) in domains {
+        ok(bundles.add(ok(TrustDomain::new(name)), std::slice::from_ref(root), &[]));
+    }
+    Arc::new(bundles)
+}
+
+/// How a handshake ended.
+#[derive(Debug)]
+struct Outcome {
+    client: Option<rustls::Error>,
+    server: Option<rustls::Error>,
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        self.client.is_none() && self.server.is_none()
+    }
+
+    fn alert_received_by_client(&self) -> Option<AlertDescription> {
+        match &self.client {
+            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+            _ => None,
+        }
+    }
+}
+
+/// Shuttles records both ways until neither side has anything to say; then exchanges one
+/// byte of application data so TLS 1.3 client-certificate failures surface.
+fn drive(client: &mut ClientConnection, server: &mut ServerConnection) -> Outcome {
+    let mut outcome = Outcome {
+        client: None,
+        server: None,
+    };
+    let mut app_data_sent = false;
+    for _ in 0..64 {
+        let mut progressed = false;
+        let mut buf = Vec::new();
+        while client.wants_write() {
+            if client.write_tls(&mut buf).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+        if !buf.is_empty() && outcome.server.is_none() {
+            progressed = true;
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                if server.read_tls(&mut rd).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Err(err) = server.process_new_packets() {
+                    outcome.server = Some(err);
+                    break;
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        while server.wants_write() {
+            if server.write_tls(&mut buf).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+        if !buf.is_empty() && outcome.client.is_none() {
+            progressed = true;
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                if client.read_tls(&mut rd).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Err(err) = client.process_new_packets() {
+                    outcome.client = Some(err);
+                    break;
+                }
+            }
+        }
+        if !progressed {
+            if !app_data_sent
+                && !client.is_handshaking()
+                && outcome.client.is_none()
+                && outcome.server.is_none()
+            {
+                use std::io::Write;
+                app_data_sent = true;
+                let _ = client.writer().write_all(b"x");
+                continue;
+            }
+            break;
+        }
+    }
+    outcome
+}
+
+/// A downstream client trusting `root` for the server, presenting `identity` if given.
+fn downstream_client(
+    root: &CertificateDer<'static>,
+    identity: Option<&Leaf>,
+    versions: &'static [&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    ok(roots.add(root.clone()));
+    let builder =
+        ok(ClientConfig::builder_with_provider(provider()).with_protocol_versions(versions))
+            .with_root_certificates(roots);
+    let config = match identity {
+        Some(leaf) => ok(builder.with_client_auth_cert(leaf.chain.clone(), leaf.key())),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+const TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+const TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+struct Gateway {
+    config: Arc<rustls::ServerConfig>,
+    counts: Arc<VerifyCounts>,
+}
+
+fn gateway(pki: &Pki, auth: &str, trust: &[(&str, CertificateDer<'static>)]) -> Gateway {
+    let server = ok(pki.example.server(&["gateway.example.test"]));
+    let mut store = CertStore::new();
+    ok(store.add(stored(&server, &[])));
+    let counts = Arc::new(VerifyCounts::default());
+    let bundles = bundles(trust);
+    let client_auth = match auth {
+        "required" => ClientAuthConfig::Required(bundles),
+        "optional" => ClientAuthConfig::Optional(bundles),
+        _ => ClientAuthConfig::None,
+    };
+    let settings = ServerSettings {
+        min_version: MinVersion::Tls12,
+        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        client_auth,
+        observer: Some(counts.clone() as Arc<dyn VerifyObserver>),
+    };
+    let config = ok(server_config(
+        Arc::new(store),
+        &settings,
+        &ok(Resumption::new(256)),
+    ));
+    Gateway { config, counts }
+}
+
+fn connect(
+    client: &Arc<ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+    sni: &str,
+) -> (ClientConnection, ServerConnection, Outcome) {
+    let name = ok(ServerName::try_from(sni.to_owned()));
+    let mut c = ok(ClientConnection::new(client.clone(), name));
+    let mut s = ok(ServerConnection::new(server.clone()));
+    let outcome = drive(&mut c, &mut s);
+    (c, s, outcome)
+}
+
+#[test]
+fn valid_svid_is_accepted_and_routable_on_both_versions() {
+    let pki = pki();
+    let gw = gateway(&pki, "required", &[(EXAMPLE, pki.example.root_der())]);
+    let client_leaf = ok(pki.example.svid("/client"));
+    for (versions, want) in [
+        (TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let client = downstream_client(&pki.example.root_der(), Some(&client_leaf), versions);
+        let (c, s, outcome) = connect(&client, &gw.config, "gateway.example.test");
+        assert!(outcome.ok(), "{want:?}: {outcome:?}");
+        assert_eq!(c.protocol_version(), Some(want));
+        let id = peer_spiffe_id(&s).unwrap_or_else(|| panic!("no peer id"));
+        assert_eq!(id.as_str(), "spiffe://example.test/client");
+        assert_eq!(id.trust_domain_name(), EXAMPLE);
+    }
+    assert_eq!(gw.counts.accepted_total(), 2);
+}
+
+#[test]
+fn every_bad_client_certificate_is_rejected_with_its_reason_and_alert() {
+    let pki = pki();
+    let both = [
+        (EXAMPLE, pki.example.root_der()),
+        (OTHER, pki.other.root_der()),
+    ];
+    let example_only = [(EXAMPLE, pki.example.root_der())];
+    for bad in BadCert::ALL {
+        let (want, trust): (Rejection, &[(&str, CertificateDer<'static>)]) = match bad {
+            BadCert::Expired => (Rejection::Expired, &both),
+            BadCert::NotYetValid => (Rejection::NotYetValid, &both),
+            BadCert::WrongTrustDomain => (Rejection::UnknownTrustDomain, &example_only),
+            // Valid in other.test, which is configured: still refused, because the
+            // ID says example.test and only example.test's roots are consulted.
+            BadCert::ForeignIssuer => (Rejection::UnknownIssuer, &both),
+            BadCert::TwoUriSans => (Rejection::MultipleUriSans, &both),
+            BadCert::NoUriSan => (Rejection::NotSpiffe, &both),
+            BadCert::CaAsLeaf => (Rejection::CaAsLeaf, &both),
+            BadCert::WrongKeyUsage => (Rejection::BadKeyUsage, &both),
+            BadCert::SelfSigned => (Rejection::UnknownIssuer, &both),
+        };
+        for auth in ["required", "optional"] {
+            let gw = gateway(&pki, auth, trust);
+            let leaf = ok(pki.bad_client(bad));
+            let client = downstream_client(&pki.example.root_der(), Some(&leaf), TLS13);
+            let (_, s, outcome) = connect(&client, &gw.config, "gateway.example.test");
+            let server_err = outcome
+                .server
+                .as_ref()
+                .unwrap_or_else(|| panic!("{bad:?} ({auth}) accepted: {outcome:?}"));
+            let got = Rejection::from_error(server_err);
+            let exact_back = match want {
+                Rejection::UnknownTrustDomain => Rejection::UnknownIssuer,
+                other => other,
+            };
+            assert_eq!(got, Some(exact_back), "{bad:?} ({auth}): {server_err}");
+            assert_eq!(
+                outcome.alert_received_by_client(),
+                Some(want.alert()),
+                "{bad:?} ({auth}): {outcome:?}"
+            );
+            assert_eq!(gw.counts.rejected_total(want), 1, "{bad:?} counted");
+            assert_eq!(gw.counts.accepted_total(), 0);
+            assert!(peer_spiffe_id(&s).is_none());
+        }
+    }
+}
+
+#[test]
+fn missing_certificate_required_vs_optional() {
+    let pki = pki();
+    let trust = [(EXAMPLE, pki.example.root_der())];
+    let client = downstream_client(&pki.example.root_der(), None, TLS13);
+
+    let gw = gateway(&pki, "required", &trust);
+    let (_, _, outcome) = connect(&client, &gw.config, "gateway.example.test");
+    let err = outcome
+        .server
+        .as_ref()
+        .unwrap_or_else(|| panic!("accepted"));
+    assert_eq!(Rejection::from_error(err), Some(Rejection::NoCertificate));
+    assert_eq!(
+        outcome.alert_received_by_client(),
+        Some(Rejection::NoCertificate.alert())
+    );
+
+    let gw = gateway(&pki, "optional", &trust);
+    let (_, s, outcome) = connect(&client, &gw.config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(peer_spiffe_id(&s), None);
+
+    let gw = gateway(&pki, "none", &trust);
+    let with_cert = downstream_client(
+        &pki.example.root_der(),
+        Some(&ok(pki.example.svid("/client"))),
+        TLS13,
+    );
+    let (_, s, outcome) = connect(&with_cert, &gw.config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(peer_spiffe_id(&s), None, "none: no certificate requested");
+}
+
+#[test]
+fn revoked_client_certificate_is_refused_by_the_domain_crl() {
+    let pki = pki();
+    let revoked = ok(pki.example.svid("/revoked"));
+    let good = ok(pki.example.svid("/good"));
+    let crl = ok(pki.example.crl(&[&revoked]));
+    let mut bundles = TrustBundles::new();
+    ok(bundles.add(
+        ok(TrustDomain::new(EXAMPLE)),
+        &[pki.example.root_der()],
+        &[crl],
+    ));
+    let bundles = Arc::new(bundles);
+    let verifier = super::spiffe::SpiffeClientVerifier::new(bundles, true, &provider(), None);
+    let now = rustls::pki_types::UnixTime::now();
+    assert_eq!(
+        verifier.check(revoked.cert(), &revoked.chain[1..], now),
+        Err(Rejection::Revoked)
+    );
+    assert_eq!(
+        verifier
+            .check(good.cert(), &good.chain[1..], now)
+            .map(|id| id.to_string()),
+        Ok("spiffe://example.test/good".to_owned())
+    );
+    // A leaf of another issuer than the CRL's: its status is unknown, so it is refused.
+    let direct = ok(pki.other.svid("/x"));
+    let mut bundles = TrustBundles::new();
+    ok(bundles.add(
+        ok(TrustDomain::new(OTHER)),
+        &[pki.other.root_der()],
+        &[ok(pki.example.crl(&[]))],
+    ));
+    let verifier =
+        super::spiffe::SpiffeClientVerifier::new(Arc::new(bundles), true, &provider(), None);
+    assert_eq!(
+        verifier.check(direct.cert(), &[], now),
+        Err(Rejection::RevocationUnknown)
+    );
+}
+
+#[test]
+fn certificates_are_chosen_by_sni() {
+    let pki = pki();
+    let exact = ok(pki.example.server(&["api.example.test"]));
+    let wild = ok(pki.example.server(&["*.apps.example.test"]));
+    let fallback = ok(pki.example.server(&["gateway.example.test"]));
+    let mut store = CertStore::new();
+    ok(store.add(stored(&exact, &["api.example.test"])));
+    ok(store.add(stored(&wild, &["*.apps.example.test"])));
+    ok(store.add(stored(&fallback, &[])));
+    let cases = [
+        (Some("api.example.test"), &exact),
+        (Some("API.Example.Test."), &exact),
+        (Some("web.apps.example.test"), &wild),
+        // One label deep only: falls back to the default.
+        (Some("a.b.apps.example.test"), &fallback),
+        (Some("apps.example.test"), &fallback),
+        (Some("gateway.example.test"), &fallback),
+        (None, &fallback),
+    ];
+    for (sni, want) in cases {
+        let chosen = store.select(sni).map(|c| &c.certified.cert[0]);
+        assert_eq!(chosen, Some(want.cert()), "{sni:?}");
+    }
+    let settings = ServerSettings {
+        min_version: MinVersion::Tls12,
+        alpn: Vec::new(),
+        client_auth: ClientAuthConfig::None,
+        observer: None,
+    };
+    let config = ok(server_config(
+        Arc::new(store),
+        &settings,
+        &ok(Resumption::new(16)),
+    ));
+    // Through rustls: the client sees the certificate for the name it asked for.
+    let client = downstream_client(&pki.example.root_der(), None, TLS12);
+    for (sni, want) in [
+        ("api.example.test", &exact),
+        ("web.apps.example.test", &wild),
+        ("gateway.example.test", &fallback),
+    ] {
+        let (c, _, outcome) = connect(&client, &config, sni);
+        assert!(outcome.ok(), "{sni}: {outcome:?}");
+        let presented = c.peer_certificates().and_then(|chain| chain.first());
+        assert_eq!(presented, Some(want.cert()), "{sni}");
+    }
+
+    // The first certificate with names is the default when none is unnamed.
+    let mut store = CertStore::new();
+    ok(store.add(stored(&exact, &["api.example.test"])));
+    ok(store.add(stored(&wild, &["*.apps.example.test"])));
+    assert_eq!(
+        store
+            .select(Some("unknown.example.test"))
+            .map(|c| &c.certified.cert[0]),
+        Some(exact.cert())
+    );
+    // An empty store has nothing to offer: rustls then refuses the handshake.
+    assert!(CertStore::new().select(Some("api.example.test")).is_none());
+    let config = ok(server_config(
+        Arc::new(CertStore::new()),
+        &settings,
+        &ok(Resumption::new(16)),
+    ));
+    let (_, _, outcome) = connect(&client, &config, "api.example.test");
+    assert!(outcome.server.is_some() && !outcome.ok(), "{outcome:?}");
+}
+
+#[test]
+fn store_refuses_duplicates_and_bad_patterns() {
+    let pki = pki();
+    let a = ok(pki.example.server(&["a.example.test"]));
+    let mut store = CertStore::new();
+    ok(store.add(stored(&a, &["a.example.test"])));
+    assert!(store.add(stored(&a, &["A.example.test"])).is_err());
+    assert!(store.add(stored(&a, &["*.*.example.test"])).is_err());
+    assert!(store.add(stored(&a, &["bad name"])).is_err());
+    ok(store.add(stored(&a, &[])));
+    let err = store.add(stored(&a, &[])).err();
+    assert!(
+        matches!(err, Some(super::certs::TlsSetupError::TwoDefaults { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn pem_identities_are_checked_on_load() {
+    let pki = pki();
+    let dir = ok(tempfile_dir());
+    let good = ok(pki.example.server(&["gateway.example.test"]));
+    let other = ok(pki.example.server(&["other.example.test"]));
+    let (cert, key) = ok(good.write_pem(dir.path(), "server"));
+    let (_, other_key) = ok(other.write_pem(dir.path(), "other"));
+    let (_, summary) = ok(load_identity(&cert, &key, SystemTime::now()));
+    assert_eq!(summary.dns_names, ["gateway.example.test"]);
+    let err = load_identity(&cert, &other_key, SystemTime::now())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("does not match the private key"), "{err}");
+    let later = SystemTime::now() + std::time::Duration::from_secs(3 * 86_400);
+    let err = load_identity(&cert, &key, later)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("expired on"), "{err}");
+    assert!(err.contains("server.pem"), "{err}");
+}
+
+fn tempfile_dir() -> std::io::Result<TempDir> {
+    let path = std::env::temp_dir().join(format!(
+        "meshgate-tls-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&path)?;
+    Ok(TempDir(path))
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn sessions_resume_across_shards_sharing_one_resumption() {
+    let pki = pki();
+    let server = ok(pki.example.server(&["gateway.example.test"]));
+    let shared = ok(Resumption::new(256));
+    let settings = ServerSettings {
+        min_version: MinVersion::Tls12,
+        alpn: Vec::new(),
+        client_auth: ClientAuthConfig::None,
+        observer: None,
+    };
+    let shard = |resumption: &Resumption| {
+        let mut store = CertStore::new();
+        ok(store.add(stored(&server, &[])));
+        ok(server_config(Arc::new(store), &settings, resumption))
+    };
+    let (shard0, shard1) = (shard(&shared), shard(&shared));
+    let elsewhere = shard(&ok(Resumption::new(256)));
+    for version in [TLS13, TLS12] {
+        let client = downstream_client(&pki.example.root_der(), None, version);
+        let (c, s, outcome) = connect(&client, &shard0, "gateway.example.test");
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
+        drop(c);
+        let (_, s, outcome) = connect(&client, &shard1, "gateway.example.test");
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!(
+            s.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{version:?}: a ticket from shard 0 resumes on shard 1"
+        );
+        let (_, s, outcome) = connect(&client, &elsewhere, "gateway.example.test");
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!(
+            s.handshake_kind(),
+            Some(HandshakeKind::Full),
+            "{version:?}: other ticket keys cannot resume"
+        );
+    }
+}
+
+/// An upstream served by `server_leaf`, requiring a client SVID of example.test.
+fn upstream(pki: &Pki, server_leaf: &Leaf) -> (Arc<rustls::ServerConfig>, Arc<VerifyCounts>) {
+    let mut store = CertStore::new();
+    ok(store.add(stored(server_leaf, &[])));
+    let counts = Arc::new(VerifyCounts::default());
+    let settings = ServerSettings {
+        min_version: MinVersion::Tls13,
+        alpn: vec![b"h2".to_vec()],
+        client_auth: ClientAuthConfig::Required(bundles(&[(EXAMPLE, pki.example.root_der())])),
+        observer: Some(counts.clone() as Arc<dyn VerifyObserver>),
+    };
+    (
+        ok(server_config(
+            Arc::new(store),
+            &settings,
+            &ok(Resumption::new(16)),
+        )),
+        counts,
+    )
+}
+
+fn origination(
+    pki: &Pki,
+    expected: ExpectedPeer,
+    identity: Option<&Leaf>,
+) -> (Arc<ClientConfig>, Arc<VerifyCounts>) {
+    let counts = Arc::new(VerifyCounts::default());
+    let verifier = SpiffeServerVerifier::new(
+        expected,
+        bundles(&[
+            (EXAMPLE, pki.example.root_der()),
+            (OTHER, pki.other.root_der()),
+        ]),
+        &provider(),
+        Some(counts.clone() as Arc<dyn VerifyObserver>),
+    );
+    let identity = identity.map(|leaf| ok(certified_key(leaf.chain.clone(), &leaf.key())).0);
+    let settings = UpstreamSettings {
+        min_version: MinVersion::Tls12,
+        alpn: vec![b"h2".to_vec()],
+        identity,
+        verifier: Arc::new(verifier),
+    };
+    (ok(client_config(&settings)), counts)
+}
+
+#[test]
+fn upstream_mtls_by_spiffe_id() {
+    let pki = pki();
+    let backend = ok(pki.example.svid("/backend"));
+    let gateway_id = ok(pki.example.svid("/gateway"));
+    let (server, server_counts) = upstream(&pki, &backend);
+    let want = ok(SpiffeId::parse("spiffe://example.test/backend"));
+
+    let (client, counts) = origination(
+        &pki,
+        ExpectedPeer::SpiffeIds(vec![want.clone()]),
+        Some(&gateway_id),
+    );
+    let (c, s, outcome) = connect(&client, &server, "backend.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(c.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        peer_spiffe_id(&s).map(|id| id.to_string()).as_deref(),
+        Some("spiffe://example.test/gateway")
+    );
+    assert_eq!(
+        (counts.accepted_total(), server_counts.accepted_total()),
+        (1, 1)
+    );
+
+    let (client, _) = origination(
+        &pki,
+        ExpectedPeer::TrustDomains(vec![ok(TrustDomain::new(EXAMPLE))]),
+        Some(&gateway_id),
+    );
+    assert!(connect(&client, &server, "backend.example.test").2.ok());
+
+    // A valid SVID, but not the one expected.
+    let (client, counts) = origination(
+        &pki,
+        ExpectedPeer::SpiffeIds(vec![ok(SpiffeId::parse("spiffe://example.test/db"))]),
+        Some(&gateway_id),
+    );
+    let (_, _, outcome) = connect(&client, &server, "backend.example.test");
+    let err = outcome
+        .client
+        .as_ref()
+        .unwrap_or_else(|| panic!("accepted"));
+    assert_eq!(
+        Rejection::from_error(err),
+        Some(Rejection::UnexpectedIdentity)
+    );
+    assert_eq!(counts.rejected_total(Rejection::UnexpectedIdentity), 1);
+    let (client, _) = origination(
+        &pki,
+        ExpectedPeer::TrustDomains(vec![ok(TrustDomain::new(OTHER))]),
+        Some(&gateway_id),
+    );
+    assert!(!connect(&client, &server, "backend.example.test").2.ok());
+
+    // Without our identity the upstream refuses us.
+    let (client, _) = origination(&pki, ExpectedPeer::SpiffeIds(vec![want]), None);
+    let (_, _, outcome) = connect(&client, &server, "backend.example.test");
+    assert_eq!(
+        outcome.server.as_ref().and_then(Rejection::from_error),
+        Some(Rejection::NoCertificate)
+    );
+}
+
+#[test]
+fn upstream_tls_by_dns_name() {
+    let pki = pki();
+    let backend = ok(pki.example.server(&["backend.example.test"]));
+    let gateway_id = ok(pki.example.svid("/gateway"));
+    let (server, _) = upstream(&pki, &backend);
+    let (client, _) = origination(
+        &pki,
+        ExpectedPeer::DnsNames(vec!["backend.example.test".to_owned()]),
+        Some(&gateway_id),
+    );
+    assert!(connect(&client, &server, "backend.example.test").2.ok());
+    let (client, _) = origination(
+        &pki,
+        ExpectedPeer::DnsNames(vec!["db.example.test".to_owned()]),
+        Some(&gateway_id),
+    );
+    let (_, _, outcome) = connect(&client, &server, "backend.example.test");
+    assert_eq!(
+        outcome.client.as_ref().and_then(Rejection::from_error),
+        Some(Rejection::UnexpectedIdentity)
+    );
+    // A DNS-named certificate where a SPIFFE ID is expected.
+    let (client, _) = origination(
+        &pki,
+        ExpectedPeer::TrustDomains(vec![ok(TrustDomain::new(EXAMPLE))]),
+        Some(&gateway_id),
+    );
+    let (_, _, outcome) = connect(&client, &server, "backend.example.test");
+    assert_eq!(
+        outcome.client.as_ref().and_then(Rejection::from_error),
+        Some(Rejection::NotSpiffe)
+    );
+}
+
+#[test]
+fn mozilla_intermediate_suites_only_and_ring() {
+    let provider = provider();
+    let names: Vec<String> = provider
+        .cipher_suites
+        .iter()
+        .map(|s| format!("{:?}", s.suite()))
+        .collect();
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains("GCM") || n.contains("CHACHA20"))
+    );
+    assert!(names.iter().filter(|n| n.starts_with("TLS13_")).count() == 3);
+}
