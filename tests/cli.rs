@@ -219,3 +219,48 @@ fn admin_endpoints_and_status_command() {
         "{text}"
     );
 }
+
+#[test]
+fn admin_over_unix_socket() {
+    let echo = EchoServer::start();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let sock_dir = tempfile::tempdir().expect("tempdir");
+    let sock = sock_dir.path().join("admin.sock");
+    let cfg = tcp_config(admin, listen, &[echo.addr], "").replace(
+        &format!("address = \"{admin}\"\n"),
+        &format!(
+            "address = \"{admin}\"\nunix_socket = \"{}\"\n",
+            sock.display()
+        ),
+    );
+    assert!(cfg.contains("unix_socket"));
+    let mut mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+    let out = meshgate(&[
+        "status",
+        "--admin",
+        &format!("unix:{}", sock.display()),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["ready"], true);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock)
+        .expect("socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(
+        mg.terminate(std::time::Duration::from_secs(10))
+            .expect("exit")
+            .success()
+    );
+    assert!(!sock.exists(), "socket file removed at exit");
+}

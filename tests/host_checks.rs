@@ -1,0 +1,122 @@
+//! Start-up on hosts that cannot run the dataplane: a clear error naming the cause and the fix,
+//! exit 71, nothing half-started. The limits are imposed on the child process only
+//! (setrlimit / a seccomp filter in `pre_exec`), never on the test machine.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+fn with_memlock(args: &[&str], bytes: u64) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run meshgate")
+}
+
+/// A seccomp filter that makes io_uring_setup fail with EPERM, as Docker's default profile does.
+fn without_io_uring(args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    // SAFETY: prctl with a filter program that lives on this closure's stack for the call; only
+    // async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+            const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+            let nr = libc::SYS_io_uring_setup as u32;
+            let mut filter = [
+                // A = seccomp_data.nr
+                libc::sock_filter {
+                    code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 1,
+                    k: nr,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: SECCOMP_RET_ERRNO | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: SECCOMP_RET_ALLOW,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_mut_ptr(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _ as usize,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run meshgate")
+}
+
+#[test]
+fn low_memlock_is_named_with_the_fix() {
+    for args in [&["check"][..], &["run"][..]] {
+        let out = with_memlock(args, 64 * 1024);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let text = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(71), "meshgate {args:?}: {text}");
+        assert!(
+            text.contains("RLIMIT_MEMLOCK") && text.contains("LimitMEMLOCK"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn io_uring_blocked_by_seccomp_is_named_with_the_fix() {
+    for args in [&["check"][..], &["run"][..]] {
+        let out = without_io_uring(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(71), "meshgate {args:?}: {text}");
+        assert!(
+            text.contains("io_uring_setup") && text.contains("seccomp"),
+            "{text}"
+        );
+    }
+}
