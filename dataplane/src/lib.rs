@@ -14,8 +14,8 @@ mod listen;
 pub mod metrics;
 mod proxy;
 pub mod rt;
-pub mod tls;
 mod shard;
+pub mod tls;
 mod upstream;
 
 pub use gateway::{Gateway, Shared, StartError};
