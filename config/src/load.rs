@@ -14,8 +14,15 @@ use toml::Value;
 use crate::error::{ConfigError, LoadError};
 use crate::raw::{self, Section};
 use crate::types::Config;
+use crate::validate::{Context, validate};
 
 pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, LoadError> {
+    parse_in(text, origin, &Context::default())
+}
+
+/// [`parse`] with the directory relative file paths resolve against, and the clock that
+/// certificate dates are checked against.
+pub(crate) fn parse_in(text: &str, origin: &str, context: &Context) -> Result<Config, LoadError> {
     let table = match text.parse::<toml::Table>() {
         Ok(table) => table,
         Err(err) => {
@@ -37,7 +44,7 @@ pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, LoadError> {
         dropped,
         ..
     } = loader;
-    match Config::try_from(raw) {
+    match validate(raw, context) {
         Ok(config) if errors.is_empty() => return Ok(config),
         Ok(_) => {}
         Err(semantic) => {
@@ -298,8 +305,35 @@ impl Loader<'_> {
                 for (index, item) in items.iter_mut().enumerate() {
                     let item_path = path.index(index);
                     let mut table = self.element_table(item, section, &item_path);
-                    if section == Section::Routes {
-                        self.clean_weighted_clusters(&mut table, &item_path);
+                    match section {
+                        Section::Routes => {
+                            self.clean_weighted_clusters(&mut table, &item_path);
+                            self.clean_subtable(
+                                &mut table,
+                                ("match", Section::RouteMatch),
+                                &item_path,
+                                &[("peer", Section::PeerMatch)],
+                                &[],
+                            );
+                        }
+                        Section::Listeners => self.clean_subtable(
+                            &mut table,
+                            ("tls", Section::ListenerTls),
+                            &item_path,
+                            &[],
+                            &[
+                                ("certificates", Section::Certificates),
+                                ("trust_bundles", Section::TrustBundles),
+                            ],
+                        ),
+                        Section::Clusters => self.clean_subtable(
+                            &mut table,
+                            ("tls", Section::ClusterTls),
+                            &item_path,
+                            &[("verify", Section::Verify), ("identity", Section::Identity)],
+                            &[],
+                        ),
+                        _ => {}
                     }
                     *item = Value::Table(self.clean(table, section, &item_path));
                 }
@@ -326,6 +360,39 @@ impl Loader<'_> {
         }
     }
 
+    /// Cleans the nested table `key` of `parent` (and its own nested tables and arrays of
+    /// tables) before `parent` itself is cleaned, so a bad field deep down is reported at its
+    /// own path and the rest of the table still validates.
+    fn clean_subtable(
+        &mut self,
+        parent: &mut toml::Table,
+        (key, section): (&str, Section),
+        parent_path: &FieldPath,
+        tables: &[(&str, Section)],
+        arrays: &[(&str, Section)],
+    ) {
+        let Some(Value::Table(sub)) = parent.get_mut(key) else {
+            return;
+        };
+        let path = parent_path.key(key);
+        for (child, child_section) in tables {
+            if let Some(Value::Table(table)) = sub.get_mut(*child) {
+                *table = self.clean(std::mem::take(table), *child_section, &path.key(child));
+            }
+        }
+        for (child, child_section) in arrays {
+            if let Some(Value::Array(items)) = sub.get_mut(*child) {
+                let array_path = path.key(child);
+                for (index, item) in items.iter_mut().enumerate() {
+                    let item_path = array_path.index(index);
+                    let table = self.element_table(item, *child_section, &item_path);
+                    *item = Value::Table(self.clean(table, *child_section, &item_path));
+                }
+            }
+        }
+        *sub = self.clean(std::mem::take(sub), section, &path);
+    }
+
     /// The table of one array element; anything else is reported and replaced by an empty
     /// table, so the indices of the following elements stay right.
     fn element_table(&mut self, item: &Value, section: Section, path: &FieldPath) -> toml::Table {
@@ -337,6 +404,12 @@ impl Loader<'_> {
                 "write each entry as an inline table, e.g. { cluster = \"stable\", weight = 98 }"
                     .to_owned()
             }
+            Section::Certificates => "write each entry as an inline table, e.g. { cert = \
+                                      \"server.pem\", key = \"server-key.pem\" }"
+                .to_owned(),
+            Section::TrustBundles => "write each entry as an inline table, e.g. { trust_domain \
+                                      = \"example.test\", bundle = \"example.test.pem\" }"
+                .to_owned(),
             _ => format!(
                 "declare each entry in its own {} table (double brackets) with its fields \
                  on the lines below",
@@ -506,6 +579,14 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::Routes => value.try_into::<raw::Route>().map(drop),
         Section::WeightedClusters => value.try_into::<raw::WeightedCluster>().map(drop),
         Section::Clusters => value.try_into::<raw::Cluster>().map(drop),
+        Section::ListenerTls => value.try_into::<raw::ListenerTls>().map(drop),
+        Section::Certificates => value.try_into::<raw::Certificate>().map(drop),
+        Section::TrustBundles => value.try_into::<raw::TrustBundle>().map(drop),
+        Section::RouteMatch => value.try_into::<raw::RouteMatch>().map(drop),
+        Section::PeerMatch => value.try_into::<raw::PeerMatch>().map(drop),
+        Section::ClusterTls => value.try_into::<raw::ClusterTls>().map(drop),
+        Section::Verify => value.try_into::<raw::Verify>().map(drop),
+        Section::Identity => value.try_into::<raw::Identity>().map(drop),
     }
 }
 

@@ -52,6 +52,34 @@ pub(crate) struct Listener {
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<Duration>,
     pub backlog: Option<i64>,
+    pub default_route: Option<String>,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerTls {
+    pub certificates: Option<Vec<Certificate>>,
+    pub min_version: Option<String>,
+    pub alpn: Option<Vec<String>>,
+    pub client_auth: Option<String>,
+    pub trust_bundles: Option<Vec<TrustBundle>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Certificate {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub sni: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustBundle {
+    pub trust_domain: Option<String>,
+    pub bundle: Option<String>,
+    pub crl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +89,23 @@ pub(crate) struct Route {
     pub listener: Option<String>,
     pub cluster: Option<String>,
     pub weighted_clusters: Option<Vec<WeightedCluster>>,
+    #[serde(rename = "match")]
+    pub matcher: Option<RouteMatch>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteMatch {
+    pub sni: Option<Vec<String>>,
+    pub peer: Option<PeerMatch>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PeerMatch {
+    pub spiffe_ids: Option<Vec<String>>,
+    pub trust_domains: Option<Vec<String>>,
+    pub path_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +122,33 @@ pub(crate) struct Cluster {
     pub endpoints: Option<Vec<String>>,
     pub connect_timeout: Option<Duration>,
     pub balance: Option<String>,
+    pub tls: Option<ClusterTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterTls {
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<String>>,
+    pub min_version: Option<String>,
+    pub verify: Option<Verify>,
+    pub trust_bundle: Option<String>,
+    pub identity: Option<Identity>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Verify {
+    pub spiffe_ids: Option<Vec<String>>,
+    pub trust_domains: Option<Vec<String>>,
+    pub dns_names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Identity {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// A duration as written. Numbers are accepted here so `validate` can reject them with a hint
@@ -160,17 +232,33 @@ pub(crate) enum Section {
     Routes,
     WeightedClusters,
     Clusters,
+    ListenerTls,
+    Certificates,
+    TrustBundles,
+    RouteMatch,
+    PeerMatch,
+    ClusterTls,
+    Verify,
+    Identity,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 7] = [
+    pub(crate) const ALL: [Section; 15] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
         Section::Listeners,
+        Section::ListenerTls,
+        Section::Certificates,
+        Section::TrustBundles,
         Section::Routes,
         Section::WeightedClusters,
+        Section::RouteMatch,
+        Section::PeerMatch,
         Section::Clusters,
+        Section::ClusterTls,
+        Section::Verify,
+        Section::Identity,
     ];
 
     /// The accepted field names.
@@ -183,6 +271,14 @@ impl Section {
             Section::Routes => fields::<Route>(),
             Section::WeightedClusters => fields::<WeightedCluster>(),
             Section::Clusters => fields::<Cluster>(),
+            Section::ListenerTls => fields::<ListenerTls>(),
+            Section::Certificates => fields::<Certificate>(),
+            Section::TrustBundles => fields::<TrustBundle>(),
+            Section::RouteMatch => fields::<RouteMatch>(),
+            Section::PeerMatch => fields::<PeerMatch>(),
+            Section::ClusterTls => fields::<ClusterTls>(),
+            Section::Verify => fields::<Verify>(),
+            Section::Identity => fields::<Identity>(),
         }
     }
 
@@ -196,6 +292,14 @@ impl Section {
             Section::Routes => "[[routes]]",
             Section::WeightedClusters => "weighted_clusters entries",
             Section::Clusters => "[[clusters]]",
+            Section::ListenerTls => "[listeners.tls]",
+            Section::Certificates => "[listeners.tls] certificates entries",
+            Section::TrustBundles => "[listeners.tls] trust_bundles entries",
+            Section::RouteMatch => "[routes.match]",
+            Section::PeerMatch => "[routes.match.peer]",
+            Section::ClusterTls => "[clusters.tls]",
+            Section::Verify => "[clusters.tls.verify]",
+            Section::Identity => "[clusters.tls.identity]",
         }
     }
 
@@ -243,6 +347,55 @@ impl Section {
             (Section::Clusters, "endpoints") => "endpoints = [\"127.0.0.1:15002\", \"[::1]:8080\"]",
             (Section::Clusters, "connect_timeout") => "connect_timeout = \"5s\"",
             (Section::Clusters, "balance") => "balance = \"round_robin\"",
+            (Section::Listeners, "default_route") => "default_route = \"fallback\"",
+            (Section::Listeners, "tls") => {
+                "tls = { certificates = [{ cert = \"/etc/meshgate/server.pem\", key = \"/etc/meshgate/server-key.pem\" }] }"
+            }
+            (Section::ListenerTls, "certificates") => {
+                "certificates = [{ cert = \"/etc/meshgate/server.pem\", key = \"/etc/meshgate/server-key.pem\", sni = [\"gateway.example.test\"] }]"
+            }
+            (Section::ListenerTls, "min_version") => "min_version = \"1.2\"",
+            (Section::ListenerTls, "alpn") => "alpn = [\"h2\", \"http/1.1\"]",
+            (Section::ListenerTls, "client_auth") => "client_auth = \"required\"",
+            (Section::ListenerTls, "trust_bundles") => {
+                "trust_bundles = [{ trust_domain = \"example.test\", bundle = \"/etc/meshgate/example.test.pem\" }]"
+            }
+            (Section::Certificates, "cert") => "cert = \"/etc/meshgate/server.pem\"",
+            (Section::Certificates, "key") => "key = \"/etc/meshgate/server-key.pem\"",
+            (Section::Certificates, "sni") => {
+                "sni = [\"gateway.example.test\", \"*.example.test\"]"
+            }
+            (Section::TrustBundles, "trust_domain") => "trust_domain = \"example.test\"",
+            (Section::TrustBundles, "bundle") => "bundle = \"/etc/meshgate/example.test.pem\"",
+            (Section::TrustBundles, "crl") => "crl = \"/etc/meshgate/example.test.crl.pem\"",
+            (Section::Routes, "match") => {
+                "match = { sni = [\"api.example.test\"], peer = { trust_domains = [\"example.test\"] } }"
+            }
+            (Section::RouteMatch, "sni") => "sni = [\"api.example.test\", \"*.apps.example.test\"]",
+            (Section::RouteMatch, "peer") => "peer = { trust_domains = [\"example.test\"] }",
+            (Section::PeerMatch, "spiffe_ids") => "spiffe_ids = [\"spiffe://example.test/client\"]",
+            (Section::PeerMatch, "trust_domains") => "trust_domains = [\"example.test\"]",
+            (Section::PeerMatch, "path_prefixes") => "path_prefixes = [\"/ns/prod\"]",
+            (Section::Clusters, "tls") => {
+                "tls = { verify = { spiffe_ids = [\"spiffe://example.test/backend\"] } }"
+            }
+            (Section::ClusterTls, "sni") => "sni = \"backend.example.test\"",
+            (Section::ClusterTls, "alpn") => "alpn = [\"h2\"]",
+            (Section::ClusterTls, "min_version") => "min_version = \"1.2\"",
+            (Section::ClusterTls, "verify") => {
+                "verify = { spiffe_ids = [\"spiffe://example.test/backend\"] }"
+            }
+            (Section::ClusterTls, "trust_bundle") => {
+                "trust_bundle = \"/etc/meshgate/example.test.pem\""
+            }
+            (Section::ClusterTls, "identity") => {
+                "identity = { cert = \"/etc/meshgate/gateway.pem\", key = \"/etc/meshgate/gateway-key.pem\" }"
+            }
+            (Section::Verify, "spiffe_ids") => "spiffe_ids = [\"spiffe://example.test/backend\"]",
+            (Section::Verify, "trust_domains") => "trust_domains = [\"example.test\"]",
+            (Section::Verify, "dns_names") => "dns_names = [\"backend.example.test\"]",
+            (Section::Identity, "cert") => "cert = \"/etc/meshgate/gateway.pem\"",
+            (Section::Identity, "key") => "key = \"/etc/meshgate/gateway-key.pem\"",
             _ => return None,
         })
     }
@@ -256,8 +409,9 @@ mod tests {
     fn fields_are_read_from_serde() {
         assert_eq!(
             fields::<Cluster>(),
-            ["name", "endpoints", "connect_timeout", "balance"]
+            ["name", "endpoints", "connect_timeout", "balance", "tls"]
         );
+        assert_eq!(fields::<Route>()[4], "match");
         assert_eq!(
             fields::<Config>(),
             [
@@ -293,6 +447,14 @@ mod tests {
         check::<Route>(Section::Routes);
         check::<WeightedCluster>(Section::WeightedClusters);
         check::<Cluster>(Section::Clusters);
+        check::<ListenerTls>(Section::ListenerTls);
+        check::<Certificate>(Section::Certificates);
+        check::<TrustBundle>(Section::TrustBundles);
+        check::<RouteMatch>(Section::RouteMatch);
+        check::<PeerMatch>(Section::PeerMatch);
+        check::<ClusterTls>(Section::ClusterTls);
+        check::<Verify>(Section::Verify);
+        check::<Identity>(Section::Identity);
         for field in Section::Top.fields() {
             assert!(
                 Section::Top.example(field).is_some(),
@@ -318,6 +480,14 @@ mod tests {
             Section::Routes => "## `[[routes]]`",
             Section::WeightedClusters => "### `weighted_clusters` entries",
             Section::Clusters => "## `[[clusters]]`",
+            Section::ListenerTls => "### `[listeners.tls]`",
+            Section::Certificates => "#### `certificates` entries",
+            Section::TrustBundles => "#### `trust_bundles` entries",
+            Section::RouteMatch => "### `[routes.match]`",
+            Section::PeerMatch => "#### `peer`",
+            Section::ClusterTls => "### `[clusters.tls]`",
+            Section::Verify => "#### `verify`",
+            Section::Identity => "#### `identity`",
         }
     }
 
@@ -474,7 +644,16 @@ mod tests {
                 Section::Runtime => &json["runtime"],
                 Section::Listeners => &json["listeners"][0],
                 Section::Clusters => &json["clusters"][0],
-                Section::Routes | Section::WeightedClusters => continue,
+                Section::Routes
+                | Section::WeightedClusters
+                | Section::ListenerTls
+                | Section::Certificates
+                | Section::TrustBundles
+                | Section::RouteMatch
+                | Section::PeerMatch
+                | Section::ClusterTls
+                | Section::Verify
+                | Section::Identity => continue,
             };
             for (field, default) in field_rows(&doc, section) {
                 let actual = &object[field.as_str()];

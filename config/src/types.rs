@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::spiffe::{SpiffeId, TrustDomain};
+
 /// A validated meshgate configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -93,8 +95,93 @@ pub struct Listener {
     /// `listen(2)` backlog, `1..=65535`.
     pub backlog: u32,
     /// Indices into [`Config::routes`] of the routes bound to this listener, in declared order.
-    /// Exactly one for a `tcp` listener.
+    /// Exactly one for a `tcp` listener; for `tls` and `tls-passthrough` listeners the first
+    /// whose [`Route::matcher`] matches wins.
     pub routes: Vec<usize>,
+    /// Index into [`Config::routes`] of the route used when no route matches (no SNI, unknown
+    /// SNI, or a peer no route accepts); `None`: such connections are closed.
+    pub default_route: Option<usize>,
+    /// TLS termination settings; `Some` exactly for `tls` listeners.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `[listeners.tls]`: how a `tls` listener terminates TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerTls {
+    /// Non-empty. Chosen by SNI: exact name, then `*.` wildcard, then the default (the one
+    /// with [`ServerCertificate::default`] set).
+    pub certificates: Vec<ServerCertificate>,
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in preference order; empty: no ALPN.
+    pub alpn: Vec<String>,
+    pub client_auth: ClientAuth,
+    /// Roots per trust domain for client certificates; non-empty unless `client_auth` is
+    /// `none`. Trust domains are unique.
+    pub trust_bundles: Vec<TrustBundle>,
+}
+
+/// One server certificate of a `tls` listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerCertificate {
+    /// PEM chain, leaf first (absolute path, or relative to the working directory when the
+    /// config was parsed from text).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Lowercase names (`a.example.test`) and wildcards (`*.example.test`) it serves.
+    pub sni: Vec<String>,
+    /// Served when no name matches: the first certificate without `sni`, else the first.
+    pub default: bool,
+}
+
+/// Root certificates of one trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustBundle {
+    pub trust_domain: TrustDomain,
+    /// PEM file of the domain's CA certificates.
+    pub bundle: PathBuf,
+    /// Optional PEM CRL file of the CA that signs the domain's leaves.
+    pub crl: Option<PathBuf>,
+}
+
+/// Lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        }
+    }
+}
+
+/// Client certificate policy of a `tls` listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// No certificate is requested.
+    None,
+    /// Requested; a client without one connects with no identity, a bad one is refused.
+    Optional,
+    /// A valid X509-SVID from a configured trust domain is required.
+    Required,
+}
+
+impl ClientAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::None => "none",
+            ClientAuth::Optional => "optional",
+            ClientAuth::Required => "required",
+        }
+    }
 }
 
 /// What a listener speaks.
@@ -103,6 +190,13 @@ pub struct Listener {
 pub enum Protocol {
     /// Plain TCP proxying: bytes are copied unchanged to the route's cluster.
     Tcp,
+    /// TLS terminated here (see [`Listener::tls`]); routes match on SNI and peer identity,
+    /// the decrypted bytes go to the cluster.
+    Tls,
+    /// TLS not terminated: the ClientHello is read for its SNI, routes match on it, and the
+    /// original bytes go to the cluster untouched.
+    #[serde(rename = "tls-passthrough")]
+    TlsPassthrough,
 }
 
 impl Protocol {
@@ -110,6 +204,8 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Tls => "tls",
+            Protocol::TlsPassthrough => "tls-passthrough",
         }
     }
 }
@@ -129,7 +225,68 @@ pub struct Route {
     pub listener: String,
     /// Index of that listener in [`Config::listeners`].
     pub listener_index: usize,
+    /// Which connections the route takes (`tls` and `tls-passthrough` listeners only);
+    /// `None`: all of them.
+    #[serde(rename = "match")]
+    pub matcher: Option<RouteMatch>,
     pub action: RouteAction,
+}
+
+/// `[routes.match]`: every part given must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteMatch {
+    /// Lowercase exact names and `*.` wildcards (one label deep); empty: any SNI, or none.
+    pub sni: Vec<String>,
+    /// The verified client identity (`tls` listeners with client auth only).
+    pub peer: Option<PeerMatch>,
+}
+
+impl RouteMatch {
+    /// Whether a connection with SNI `sni` and verified peer `peer` takes this route.
+    pub fn matches(&self, sni: Option<&str>, peer: Option<&SpiffeId>) -> bool {
+        let sni_ok = self.sni.is_empty() || sni.is_some_and(|name| sni_matches(&self.sni, name));
+        let peer_ok = match &self.peer {
+            None => true,
+            Some(want) => peer.is_some_and(|id| want.matches(id)),
+        };
+        sni_ok && peer_ok
+    }
+}
+
+/// Whether `name` (case-insensitive, one trailing dot ignored) matches one of `patterns`
+/// (lowercase exact names or `*.parent` wildcards matching exactly one more label).
+pub fn sni_matches(patterns: &[String], name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    patterns
+        .iter()
+        .any(|pattern| match pattern.strip_prefix("*.") {
+            Some(parent) => name.split_once('.').is_some_and(|(label, rest)| {
+                !label.is_empty() && rest.eq_ignore_ascii_case(parent)
+            }),
+            None => name.eq_ignore_ascii_case(pattern),
+        })
+}
+
+/// `[routes.match.peer]`: each non-empty list must match (any entry of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerMatch {
+    pub spiffe_ids: Vec<SpiffeId>,
+    pub trust_domains: Vec<TrustDomain>,
+    /// Path prefixes, segment-wise (`/ns/prod` matches `/ns/prod/sa/web`).
+    pub path_prefixes: Vec<String>,
+}
+
+impl PeerMatch {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        (self.spiffe_ids.is_empty() || self.spiffe_ids.contains(id))
+            && (self.trust_domains.is_empty()
+                || self
+                    .trust_domains
+                    .iter()
+                    .any(|d| d.as_str() == id.trust_domain_name()))
+            && (self.path_prefixes.is_empty()
+                || self.path_prefixes.iter().any(|p| id.path_has_prefix(p)))
+    }
 }
 
 /// What a route does with a connection.
@@ -164,6 +321,42 @@ pub struct Cluster {
     #[serde(serialize_with = "crate::duration::serialize")]
     pub connect_timeout: Duration,
     pub balance: Balance,
+    /// Upstream TLS origination; `None`: plain TCP to the endpoints.
+    pub tls: Option<ClusterTls>,
+}
+
+/// `[clusters.tls]`: TLS (or mTLS, with `identity`) to the endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterTls {
+    /// SNI sent; `None`: none (rustls sends none for IP endpoints).
+    pub sni: Option<String>,
+    pub alpn: Vec<String>,
+    pub min_version: TlsVersion,
+    pub verify: UpstreamVerify,
+    /// PEM roots the upstream chain must lead to.
+    pub trust_bundle: PathBuf,
+    /// The gateway's client certificate for mTLS.
+    pub identity: Option<TlsIdentity>,
+}
+
+/// What the upstream certificate must prove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamVerify {
+    /// An X509-SVID with one of these IDs (all in one trust domain, whose roots are
+    /// `trust_bundle`).
+    SpiffeIds(Vec<SpiffeId>),
+    /// An X509-SVID of this trust domain (one, whose roots are `trust_bundle`).
+    TrustDomains(Vec<TrustDomain>),
+    /// A certificate valid for one of these DNS names (web PKI rules).
+    DnsNames(Vec<String>),
+}
+
+/// A certificate chain and its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// How a cluster spreads connections over its endpoints.

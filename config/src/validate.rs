@@ -5,16 +5,19 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use crate::duration::{format_duration, parse_duration};
 use crate::error::ConfigError;
 use crate::load::nearest;
+use crate::pem::{self, FileError};
 use crate::raw;
+use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::types::{
-    AdminConfig, Balance, Cluster, Config, Listener, Protocol, Route, RouteAction, RuntimeConfig,
-    WeightedCluster,
+    AdminConfig, Balance, ClientAuth, Cluster, ClusterTls, Config, Listener, ListenerTls,
+    PeerMatch, Protocol, Route, RouteAction, RouteMatch, RuntimeConfig, ServerCertificate,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster,
 };
 
 /// The only file format version this release reads.
@@ -33,33 +36,59 @@ pub(crate) const MAX_NAME_LEN: usize = 64;
 /// `sizeof(sockaddr_un.sun_path) - 1` on Linux.
 pub(crate) const MAX_UNIX_SOCKET_PATH: usize = 107;
 
+/// Protocol names this release accepts.
+const PROTOCOLS: [&str; 3] = ["tcp", "tls", "tls-passthrough"];
 /// Protocol names this release recognises but does not implement yet.
-const PLANNED_PROTOCOLS: [&str; 4] = ["tls-passthrough", "tls", "http", "https"];
+const PLANNED_PROTOCOLS: [&str; 2] = ["http", "https"];
+
+/// What validation needs besides the file: where relative paths start, and the time that
+/// certificate validity is checked at.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    /// Relative file paths resolve against this directory; `None`: the working directory.
+    pub base_dir: Option<PathBuf>,
+    pub now: SystemTime,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context {
+            base_dir: None,
+            now: SystemTime::now(),
+        }
+    }
+}
 
 impl TryFrom<raw::Config> for Config {
     type Error = Vec<ConfigError>;
 
     fn try_from(raw: raw::Config) -> Result<Config, Vec<ConfigError>> {
-        let mut validator = Validator::default();
-        match validator.config(raw) {
-            Some(config) if validator.errors.is_empty() => Ok(config),
-            _ if !validator.errors.is_empty() => Err(validator.errors),
-            _ => Err(vec![ConfigError {
-                path: String::new(),
-                message: "internal error: config rejected without a reason".to_owned(),
-                hint: Some(
-                    "this is a meshgate bug; please report it with the config file".to_owned(),
-                ),
-                line: None,
-                column: None,
-            }]),
-        }
+        validate(raw, &Context::default())
     }
 }
 
-#[derive(Default)]
+/// Validates `raw` in `context`: files named by the config are read and checked now.
+pub(crate) fn validate(raw: raw::Config, context: &Context) -> Result<Config, Vec<ConfigError>> {
+    let mut validator = Validator {
+        errors: Vec::new(),
+        context: context.clone(),
+    };
+    match validator.config(raw) {
+        Some(config) if validator.errors.is_empty() => Ok(config),
+        _ if !validator.errors.is_empty() => Err(validator.errors),
+        _ => Err(vec![ConfigError {
+            path: String::new(),
+            message: "internal error: config rejected without a reason".to_owned(),
+            hint: Some("this is a meshgate bug; please report it with the config file".to_owned()),
+            line: None,
+            column: None,
+        }]),
+    }
+}
+
 struct Validator {
     errors: Vec<ConfigError>,
+    context: Context,
 }
 
 /// Names declared in one array of tables: name -> index of the first declaration.
@@ -130,8 +159,8 @@ impl Validator {
             "listener",
             raw.listeners.iter().map(|l| l.name.as_deref()),
         );
-        // Route names are only checked for syntax and duplicates; nothing refers to them.
-        self.names(
+        // Listeners refer to route names through `default_route`.
+        let route_names = self.names(
             "routes",
             "route",
             raw.routes.iter().map(|r| r.name.as_deref()),
@@ -152,6 +181,13 @@ impl Validator {
                 .map(|(index, l)| BoundListener {
                     name: l.name.clone().unwrap_or_default(),
                     tcp: l.protocol.as_deref() == Some("tcp"),
+                    protocol: l.protocol.clone(),
+                    client_auth: l
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.client_auth.clone())
+                        .unwrap_or_else(|| "none".to_owned()),
+                    default_route: l.default_route.clone(),
                     referable: l.name.as_deref().and_then(|n| listener_names.index(n))
                         == Some(index),
                 })
@@ -162,6 +198,7 @@ impl Validator {
                 .map(|r| BoundRoute {
                     name: r.name.clone().unwrap_or_default(),
                     listener: r.listener.as_deref().and_then(|n| listener_names.index(n)),
+                    has_match: r.matcher.is_some(),
                 })
                 .collect(),
         };
@@ -181,10 +218,18 @@ impl Validator {
             .routes
             .into_iter()
             .enumerate()
-            .map(|(index, route)| self.route(index, route, &listener_names, &cluster_names))
+            .map(|(index, route)| {
+                let listener = route
+                    .listener
+                    .as_deref()
+                    .and_then(|n| listener_names.index(n))
+                    .and_then(|i| bindings.listeners.get(i));
+                self.route(index, route, &listener_names, &cluster_names, listener)
+            })
             .collect();
 
         self.bind_routes(&mut listeners, &bindings);
+        self.default_routes(&mut listeners, &bindings, &route_names);
         self.listener_addresses(&listeners, admin.as_ref());
 
         let config = Config {
@@ -440,6 +485,33 @@ impl Validator {
             65535,
             DEFAULT_BACKLOG,
         );
+        let tls_path = format!("{path}.tls");
+        let tls = match (protocol, raw.tls) {
+            (Some(Protocol::Tls), Some(tls)) => self.listener_tls(&tls_path, tls).map(Some),
+            (Some(Protocol::Tls), None) => {
+                self.error(
+                    tls_path,
+                    "a tls listener needs a [listeners.tls] table with its certificates",
+                    "add below the listener: [listeners.tls] then certificates = [{ cert = \
+                     \"server.pem\", key = \"server-key.pem\" }]",
+                );
+                None
+            }
+            (Some(other), Some(_)) => {
+                self.error(
+                    tls_path,
+                    format!("a {other} listener does not terminate TLS, so it takes no tls table"),
+                    if other == Protocol::TlsPassthrough {
+                        "remove [listeners.tls]: tls-passthrough forwards the client's TLS bytes \
+                         untouched; use protocol = \"tls\" to terminate TLS here"
+                    } else {
+                        "remove [listeners.tls], or set protocol = \"tls\" to terminate TLS"
+                    },
+                );
+                None
+            }
+            (_, _) => Some(None),
+        };
         Some(Listener {
             name: raw.name?,
             address: address?,
@@ -448,6 +520,8 @@ impl Validator {
             idle_timeout: idle_timeout?,
             backlog: backlog?,
             routes: Vec::new(),
+            default_route: None,
+            tls: tls?,
         })
     }
 
@@ -455,36 +529,37 @@ impl Validator {
         let path = format!("{listener_path}.protocol");
         match protocol {
             Some("tcp") => return Some(Protocol::Tcp),
+            Some("tls") => return Some(Protocol::Tls),
+            Some("tls-passthrough") => return Some(Protocol::TlsPassthrough),
             None => self.error(
                 path,
                 "missing `protocol`",
-                "add protocol = \"tcp\" (the only protocol in this release)",
-            ),
-            Some("tls-passthrough") => self.error(
-                path,
-                "protocol `tls-passthrough` is not supported yet in this release",
-                "use protocol = \"tcp\": it forwards the TLS bytes unchanged (without SNI routing)",
+                "add protocol = \"tcp\", \"tls\" or \"tls-passthrough\"",
             ),
             Some(other) if PLANNED_PROTOCOLS.contains(&other) => self.error(
                 path,
                 format!("protocol `{other}` is not supported yet in this release"),
                 format!(
-                    "use protocol = \"tcp\" (the only protocol in this release) and handle \
-                     {other} in the upstream"
+                    "use protocol = \"tls\" to terminate TLS (or \"tcp\"/\"tls-passthrough\" \
+                     to forward bytes) and handle {other} in the upstream"
                 ),
             ),
             Some(other) => {
-                let mut hint = match nearest(other, &["tcp"]) {
+                let mut hint = match nearest(other, &PROTOCOLS) {
                     Some(near) => format!("did you mean \"{near}\"? "),
                     None => String::new(),
                 };
                 hint.push_str(&format!(
-                    "write protocol = \"tcp\"; {} are planned for later releases",
+                    "write protocol = \"tcp\", \"tls\" or \"tls-passthrough\"; {} are planned \
+                     for later releases",
                     quoted_list(&PLANNED_PROTOCOLS)
                 ));
                 self.error(
                     path,
-                    format!("unknown protocol `{other}`; allowed values: \"tcp\""),
+                    format!(
+                        "unknown protocol `{other}`; allowed values: {}",
+                        quoted_list(&PROTOCOLS)
+                    ),
                     hint,
                 );
             }
@@ -542,11 +617,16 @@ impl Validator {
                 None
             }
         };
+        let tls = match raw.tls {
+            None => Some(None),
+            Some(tls) => self.cluster_tls(&format!("{path}.tls"), tls).map(Some),
+        };
         Some(Cluster {
             name: raw.name?,
             endpoints: endpoints?,
             connect_timeout: connect_timeout?,
             balance: balance?,
+            tls: tls?,
         })
     }
 
@@ -602,8 +682,15 @@ impl Validator {
         raw: raw::Route,
         listeners: &Names,
         clusters: &Names,
+        listener: Option<&BoundListener>,
     ) -> Option<Route> {
         let path = format!("routes[{index}]");
+        let matcher = match raw.matcher {
+            None => Some(None),
+            Some(matcher) => self
+                .route_match(&format!("{path}.match"), matcher, listener)
+                .map(Some),
+        };
         let listener_index = match raw.listener.as_deref() {
             None => {
                 self.error(
@@ -666,6 +753,7 @@ impl Validator {
             name: raw.name?,
             listener: raw.listener?,
             listener_index: listener_index?,
+            matcher: matcher?,
             action: action?,
         })
     }
@@ -791,6 +879,732 @@ impl Validator {
         ok.then_some(RouteAction::Forward { clusters: out })
     }
 
+    // ---- TLS ----
+
+    /// A file path from the config, resolved against the config file's directory.
+    fn file_path(&mut self, path: &str, field: &str, value: Option<String>) -> Option<PathBuf> {
+        match value {
+            None => {
+                self.error(
+                    path,
+                    format!("missing `{field}`"),
+                    format!("give the path of the PEM file, e.g. {field} = \"/etc/meshgate/{field}.pem\""),
+                );
+                None
+            }
+            Some(text) if text.trim().is_empty() => {
+                self.error(
+                    path,
+                    format!("`{field}` is empty"),
+                    "give the path of a PEM file; relative paths start at the config file's directory",
+                );
+                None
+            }
+            Some(text) => {
+                let file = PathBuf::from(text);
+                Some(match &self.context.base_dir {
+                    Some(base) if file.is_relative() => base.join(file),
+                    _ => file,
+                })
+            }
+        }
+    }
+
+    /// Records a file problem at the config path of the field that named the file.
+    fn file_error(&mut self, paths: &[(&str, &Path)], err: FileError) {
+        let path = paths
+            .iter()
+            .find(|(_, file)| *file == err.path.as_path())
+            .or(paths.first())
+            .map_or(String::new(), |(path, _)| (*path).to_owned());
+        self.error(
+            path,
+            format!("{}: {}", err.path.display(), err.problem),
+            err.hint,
+        );
+    }
+
+    fn tls_version(&mut self, path: &str, value: Option<&str>) -> Option<TlsVersion> {
+        match value {
+            None | Some("1.2") => Some(TlsVersion::Tls12),
+            Some("1.3") => Some(TlsVersion::Tls13),
+            Some(other) => {
+                let hint = if matches!(other, "1.0" | "1.1") {
+                    "TLS 1.0 and 1.1 are not supported; write min_version = \"1.2\""
+                } else {
+                    "write min_version = \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)"
+                };
+                self.error(
+                    path,
+                    format!("unknown TLS version {other:?}; allowed values: \"1.2\", \"1.3\""),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    fn alpn(&mut self, path: &str, list: Option<Vec<String>>) -> Option<Vec<String>> {
+        let list = list.unwrap_or_default();
+        let mut ok = true;
+        for (index, proto) in list.iter().enumerate() {
+            let problem = if proto.is_empty() {
+                Some("an ALPN protocol name is empty".to_owned())
+            } else if proto.len() > 255 {
+                Some(format!(
+                    "ALPN protocol name is {} bytes, the limit is 255",
+                    proto.len()
+                ))
+            } else if list[..index].contains(proto) {
+                Some(format!("ALPN protocol {proto:?} is listed twice"))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                self.error(
+                    format!("{path}[{index}]"),
+                    problem,
+                    "list protocol IDs once each, in preference order, e.g. alpn = [\"h2\", \"http/1.1\"]",
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(list)
+    }
+
+    /// SNI names and `*.` wildcards, lowercased.
+    fn sni_patterns(&mut self, path: &str, list: Vec<String>) -> Option<Vec<String>> {
+        let mut out: Vec<String> = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (index, pattern) in list.into_iter().enumerate() {
+            let lower = pattern.to_ascii_lowercase();
+            let name = lower.strip_prefix("*.").unwrap_or(&lower);
+            if !is_dns_name(name) {
+                self.error(
+                    format!("{path}[{index}]"),
+                    format!("invalid SNI pattern {pattern:?}"),
+                    "write a DNS name (\"api.example.test\") or a wildcard one label deep \
+                     (\"*.example.test\"); IP addresses are not sent as SNI",
+                );
+                ok = false;
+            } else if out.contains(&lower) {
+                self.error(
+                    format!("{path}[{index}]"),
+                    format!("SNI pattern {pattern:?} is listed twice"),
+                    "list each name once",
+                );
+                ok = false;
+            } else {
+                out.push(lower);
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn listener_tls(&mut self, path: &str, raw: raw::ListenerTls) -> Option<ListenerTls> {
+        let now = self.context.now;
+        let certificates = match raw.certificates {
+            None => {
+                self.error(
+                    format!("{path}.certificates"),
+                    "missing `certificates`",
+                    "a tls listener serves at least one certificate, e.g. certificates = [{ cert \
+                     = \"server.pem\", key = \"server-key.pem\" }]",
+                );
+                None
+            }
+            Some(list) if list.is_empty() => {
+                self.error(
+                    format!("{path}.certificates"),
+                    "`certificates` is empty",
+                    "list at least one { cert = \"...\", key = \"...\" }; without a certificate \
+                     every handshake would fail",
+                );
+                None
+            }
+            Some(list) => self.server_certificates(&format!("{path}.certificates"), list, now),
+        };
+        let min_version =
+            self.tls_version(&format!("{path}.min_version"), raw.min_version.as_deref());
+        let alpn = self.alpn(&format!("{path}.alpn"), raw.alpn);
+        let client_auth = match raw.client_auth.as_deref() {
+            None | Some("none") => Some(ClientAuth::None),
+            Some("optional") => Some(ClientAuth::Optional),
+            Some("required") => Some(ClientAuth::Required),
+            Some(other) => {
+                let mut hint = match nearest(other, &["none", "optional", "required"]) {
+                    Some(near) => format!("did you mean \"{near}\"? "),
+                    None => String::new(),
+                };
+                hint.push_str("write client_auth = \"none\", \"optional\" or \"required\"");
+                self.error(
+                    format!("{path}.client_auth"),
+                    format!(
+                        "unknown client_auth `{other}`; allowed values: \"none\", \"optional\", \
+                         \"required\""
+                    ),
+                    hint,
+                );
+                None
+            }
+        };
+        let trust_bundles =
+            self.trust_bundles(&format!("{path}.trust_bundles"), raw.trust_bundles, now);
+        if let (Some(auth), Some(bundles)) = (client_auth, &trust_bundles) {
+            if auth != ClientAuth::None && bundles.is_empty() {
+                self.error(
+                    format!("{path}.trust_bundles"),
+                    format!(
+                        "client_auth = \"{}\" needs at least one trust bundle",
+                        auth.as_str()
+                    ),
+                    "add trust_bundles = [{ trust_domain = \"example.test\", bundle = \
+                     \"example.test.pem\" }] with the roots of each trust domain whose clients \
+                     may connect",
+                );
+                return None;
+            }
+            if auth == ClientAuth::None && !bundles.is_empty() {
+                self.error(
+                    format!("{path}.client_auth"),
+                    "trust_bundles are set but client_auth is \"none\", so no client certificate \
+                     would be requested",
+                    "set client_auth = \"required\" (or \"optional\") to verify clients, or remove \
+                     trust_bundles",
+                );
+                return None;
+            }
+        }
+        Some(ListenerTls {
+            certificates: certificates?,
+            min_version: min_version?,
+            alpn: alpn?,
+            client_auth: client_auth?,
+            trust_bundles: trust_bundles?,
+        })
+    }
+
+    fn server_certificates(
+        &mut self,
+        path: &str,
+        list: Vec<raw::Certificate>,
+        now: SystemTime,
+    ) -> Option<Vec<ServerCertificate>> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut default: Option<usize> = None;
+        for (index, entry) in list.into_iter().enumerate() {
+            let entry_path = format!("{path}[{index}]");
+            let cert_field = format!("{entry_path}.cert");
+            let key_field = format!("{entry_path}.key");
+            let cert = self.file_path(&cert_field, "cert", entry.cert);
+            let key = self.file_path(&key_field, "key", entry.key);
+            let sni =
+                self.sni_patterns(&format!("{entry_path}.sni"), entry.sni.unwrap_or_default());
+            if let Some(sni) = &sni {
+                for (i, name) in sni.iter().enumerate() {
+                    if let Some(first) = names.insert(name.clone(), index) {
+                        self.error(
+                            format!("{entry_path}.sni[{i}]"),
+                            format!("{name:?} is already served by {path}[{first}]"),
+                            "each name is served by one certificate; remove it from one of them",
+                        );
+                        ok = false;
+                    }
+                }
+                if sni.is_empty() {
+                    if let Some(first) = default {
+                        self.error(
+                            format!("{entry_path}.sni"),
+                            format!(
+                                "{path}[{first}] is already the default certificate (no `sni`)"
+                            ),
+                            "give this certificate the names it serves, e.g. sni = \
+                             [\"api.example.test\"]; only one certificate can be the default",
+                        );
+                        ok = false;
+                    } else {
+                        default = Some(index);
+                    }
+                }
+            }
+            if let (Some(cert), Some(key)) = (&cert, &key)
+                && let Err(err) = pem::read_identity(cert, key, now)
+            {
+                self.file_error(&[(&cert_field, cert), (&key_field, key)], err);
+                ok = false;
+            }
+            match (cert, key, sni) {
+                (Some(cert), Some(key), Some(sni)) => out.push(ServerCertificate {
+                    cert,
+                    key,
+                    sni,
+                    default: false,
+                }),
+                _ => ok = false,
+            }
+        }
+        if !ok {
+            return None;
+        }
+        if let Some(first) = out.get_mut(default.unwrap_or(0)) {
+            first.default = true;
+        }
+        Some(out)
+    }
+
+    fn trust_bundles(
+        &mut self,
+        path: &str,
+        list: Option<Vec<raw::TrustBundle>>,
+        now: SystemTime,
+    ) -> Option<Vec<TrustBundle>> {
+        let list = list.unwrap_or_default();
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        let mut seen: HashMap<TrustDomain, usize> = HashMap::new();
+        for (index, entry) in list.into_iter().enumerate() {
+            let entry_path = format!("{path}[{index}]");
+            let domain =
+                self.trust_domain(&format!("{entry_path}.trust_domain"), entry.trust_domain);
+            if let Some(domain) = &domain
+                && let Some(first) = seen.insert(domain.clone(), index)
+            {
+                self.error(
+                    format!("{entry_path}.trust_domain"),
+                    format!("trust domain {domain} is already listed at {path}[{first}]"),
+                    "bundles of one trust domain go in one entry: put all its roots in one PEM \
+                     file",
+                );
+                ok = false;
+            }
+            let bundle_field = format!("{entry_path}.bundle");
+            let bundle = self.file_path(&bundle_field, "bundle", entry.bundle);
+            if let Some(file) = &bundle
+                && let Err(err) = pem::read_bundle(file, now)
+            {
+                self.file_error(&[(&bundle_field, file)], err);
+                ok = false;
+            }
+            let crl = match entry.crl {
+                None => Some(None),
+                Some(text) => {
+                    let crl_field = format!("{entry_path}.crl");
+                    let file = self.file_path(&crl_field, "crl", Some(text));
+                    if let Some(file) = &file
+                        && let Err(err) = pem::read_crls(file)
+                    {
+                        self.file_error(&[(&crl_field, file)], err);
+                        ok = false;
+                    }
+                    file.map(Some)
+                }
+            };
+            match (domain, bundle, crl) {
+                (Some(trust_domain), Some(bundle), Some(crl)) => out.push(TrustBundle {
+                    trust_domain,
+                    bundle,
+                    crl,
+                }),
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn trust_domain(&mut self, path: &str, value: Option<String>) -> Option<TrustDomain> {
+        let Some(text) = value else {
+            self.error(
+                path,
+                "missing `trust_domain`",
+                "name the SPIFFE trust domain of the bundle, e.g. trust_domain = \"example.test\"",
+            );
+            return None;
+        };
+        match TrustDomain::new(&text) {
+            Ok(domain) => Some(domain),
+            Err(err) => {
+                self.error(
+                    path,
+                    format!("invalid trust domain {text:?}: {err}"),
+                    "a trust domain is the host part of SPIFFE IDs, e.g. \"example.test\" for \
+                     spiffe://example.test/...",
+                );
+                None
+            }
+        }
+    }
+
+    fn spiffe_ids(&mut self, path: &str, list: Vec<String>) -> Option<Vec<SpiffeId>> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (index, text) in list.into_iter().enumerate() {
+            match SpiffeId::parse(&text) {
+                Ok(id) => out.push(id),
+                Err(err) => {
+                    self.error(
+                        format!("{path}[{index}]"),
+                        format!("invalid SPIFFE ID {text:?}: {err}"),
+                        "write SPIFFE IDs as spiffe://<trust domain>/<path>, e.g. \
+                         \"spiffe://example.test/ns/prod/sa/web\"",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn trust_domains(&mut self, path: &str, list: Vec<String>) -> Option<Vec<TrustDomain>> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (index, text) in list.into_iter().enumerate() {
+            match self.trust_domain(&format!("{path}[{index}]"), Some(text)) {
+                Some(domain) => out.push(domain),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn route_match(
+        &mut self,
+        path: &str,
+        raw: raw::RouteMatch,
+        listener: Option<&BoundListener>,
+    ) -> Option<RouteMatch> {
+        let protocol = listener.and_then(|l| l.protocol.as_deref());
+        if protocol == Some("tcp") {
+            self.error(
+                path,
+                "a route of a tcp listener cannot have `match`: a tcp listener sends every \
+                 connection to its one route",
+                "remove the match, or set protocol = \"tls-passthrough\" (route by SNI without \
+                 decrypting) or \"tls\" on the listener",
+            );
+            return None;
+        }
+        let sni = self.sni_patterns(&format!("{path}.sni"), raw.sni.unwrap_or_default());
+        let peer = match raw.peer {
+            None => Some(None),
+            Some(peer) => {
+                let peer_path = format!("{path}.peer");
+                if protocol == Some("tls-passthrough") {
+                    self.error(
+                        peer_path,
+                        "a tls-passthrough listener does not see client certificates, so it \
+                         cannot match on the peer",
+                        "use protocol = \"tls\" with client_auth = \"required\" to route by client \
+                         identity, or remove `peer`",
+                    );
+                    None
+                } else if protocol == Some("tls")
+                    && listener.is_some_and(|l| l.client_auth == "none")
+                {
+                    self.error(
+                        peer_path,
+                        format!(
+                            "listener \"{}\" has client_auth = \"none\", so no peer identity is \
+                             known and this match can never succeed",
+                            listener.map_or("", |l| l.name.as_str())
+                        ),
+                        "set client_auth = \"required\" (or \"optional\") under the listener's \
+                         [listeners.tls], or remove `peer`",
+                    );
+                    None
+                } else {
+                    self.peer_match(&peer_path, peer).map(Some)
+                }
+            }
+        };
+        Some(RouteMatch {
+            sni: sni?,
+            peer: peer?,
+        })
+    }
+
+    fn peer_match(&mut self, path: &str, raw: raw::PeerMatch) -> Option<PeerMatch> {
+        let spiffe_ids = self.spiffe_ids(
+            &format!("{path}.spiffe_ids"),
+            raw.spiffe_ids.unwrap_or_default(),
+        );
+        let trust_domains = self.trust_domains(
+            &format!("{path}.trust_domains"),
+            raw.trust_domains.unwrap_or_default(),
+        );
+        let mut prefixes_ok = true;
+        let path_prefixes = raw.path_prefixes.unwrap_or_default();
+        for (index, prefix) in path_prefixes.iter().enumerate() {
+            let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+            let valid = prefix.starts_with('/')
+                && (trimmed.is_empty() || SpiffeId::parse(&format!("spiffe://x{trimmed}")).is_ok());
+            if !valid {
+                self.error(
+                    format!("{path}.path_prefixes[{index}]"),
+                    format!("invalid SPIFFE path prefix {prefix:?}"),
+                    "write a path starting with '/', e.g. \"/ns/prod\" (matches /ns/prod and \
+                     /ns/prod/...)",
+                );
+                prefixes_ok = false;
+            }
+        }
+        let (spiffe_ids, trust_domains) = (spiffe_ids?, trust_domains?);
+        if !prefixes_ok {
+            return None;
+        }
+        if spiffe_ids.is_empty() && trust_domains.is_empty() && path_prefixes.is_empty() {
+            self.error(
+                path,
+                "`peer` is empty",
+                "set spiffe_ids, trust_domains or path_prefixes (each one given must match), or \
+                 remove `peer`",
+            );
+            return None;
+        }
+        Some(PeerMatch {
+            spiffe_ids,
+            trust_domains,
+            path_prefixes,
+        })
+    }
+
+    fn cluster_tls(&mut self, path: &str, raw: raw::ClusterTls) -> Option<ClusterTls> {
+        let now = self.context.now;
+        let verify = match raw.verify {
+            None => {
+                self.error(
+                    format!("{path}.verify"),
+                    "missing `verify`: the upstream's identity must be checked",
+                    "add verify = { spiffe_ids = [\"spiffe://example.test/backend\"] } or verify \
+                     = { dns_names = [\"backend.example.test\"] }",
+                );
+                None
+            }
+            Some(verify) => self.upstream_verify(&format!("{path}.verify"), verify),
+        };
+        let bundle_field = format!("{path}.trust_bundle");
+        let trust_bundle = match raw.trust_bundle {
+            None => {
+                self.error(
+                    &bundle_field,
+                    "missing `trust_bundle`",
+                    "give the PEM file of the CA certificates the upstream's chain leads to, e.g. \
+                     trust_bundle = \"/etc/meshgate/example.test.pem\"",
+                );
+                None
+            }
+            Some(text) => {
+                let file = self.file_path(&bundle_field, "trust_bundle", Some(text));
+                if let Some(file) = &file
+                    && let Err(err) = pem::read_bundle(file, now)
+                {
+                    self.file_error(&[(&bundle_field, file)], err);
+                    return None;
+                }
+                file
+            }
+        };
+        let identity = match raw.identity {
+            None => Some(None),
+            Some(identity) => {
+                let cert_field = format!("{path}.identity.cert");
+                let key_field = format!("{path}.identity.key");
+                let cert = self.file_path(&cert_field, "cert", identity.cert);
+                let key = self.file_path(&key_field, "key", identity.key);
+                match (cert, key) {
+                    (Some(cert), Some(key)) => match pem::read_identity(&cert, &key, now) {
+                        Ok(_) => Some(Some(TlsIdentity { cert, key })),
+                        Err(err) => {
+                            self.file_error(&[(&cert_field, &cert), (&key_field, &key)], err);
+                            None
+                        }
+                    },
+                    _ => None,
+                }
+            }
+        };
+        let sni = match raw.sni {
+            None => Some(match &verify {
+                Some(UpstreamVerify::DnsNames(names)) => names.first().cloned(),
+                _ => None,
+            }),
+            Some(name) => {
+                let lower = name.to_ascii_lowercase();
+                if is_dns_name(&lower) {
+                    Some(Some(lower))
+                } else {
+                    self.error(
+                        format!("{path}.sni"),
+                        format!("invalid SNI {name:?}"),
+                        "write the DNS name to send, e.g. sni = \"backend.example.test\"; leave it \
+                         out to send none",
+                    );
+                    None
+                }
+            }
+        };
+        let min_version =
+            self.tls_version(&format!("{path}.min_version"), raw.min_version.as_deref());
+        let alpn = self.alpn(&format!("{path}.alpn"), raw.alpn);
+        Some(ClusterTls {
+            sni: sni?,
+            alpn: alpn?,
+            min_version: min_version?,
+            verify: verify?,
+            trust_bundle: trust_bundle?,
+            identity: identity?,
+        })
+    }
+
+    fn upstream_verify(&mut self, path: &str, raw: raw::Verify) -> Option<UpstreamVerify> {
+        const HINT: &str = "set exactly one of spiffe_ids, trust_domains and dns_names, e.g. \
+                            verify = { spiffe_ids = [\"spiffe://example.test/backend\"] }";
+        let given = [
+            raw.spiffe_ids.is_some(),
+            raw.trust_domains.is_some(),
+            raw.dns_names.is_some(),
+        ]
+        .into_iter()
+        .filter(|g| *g)
+        .count();
+        if given != 1 {
+            self.error(
+                path,
+                if given == 0 {
+                    "`verify` is empty".to_owned()
+                } else {
+                    "`verify` sets more than one of spiffe_ids, trust_domains and dns_names"
+                        .to_owned()
+                },
+                HINT,
+            );
+            return None;
+        }
+        let verify = if let Some(list) = raw.spiffe_ids {
+            UpstreamVerify::SpiffeIds(self.spiffe_ids(&format!("{path}.spiffe_ids"), list)?)
+        } else if let Some(list) = raw.trust_domains {
+            UpstreamVerify::TrustDomains(
+                self.trust_domains(&format!("{path}.trust_domains"), list)?,
+            )
+        } else {
+            let list = raw.dns_names.unwrap_or_default();
+            for (index, name) in list.iter().enumerate() {
+                if !is_dns_name(&name.to_ascii_lowercase()) {
+                    self.error(
+                        format!("{path}.dns_names[{index}]"),
+                        format!("invalid DNS name {name:?}"),
+                        "write the name the upstream certificate is issued for, e.g. \
+                         \"backend.example.test\"",
+                    );
+                    return None;
+                }
+            }
+            UpstreamVerify::DnsNames(list.iter().map(|n| n.to_ascii_lowercase()).collect())
+        };
+        let (empty, domains): (bool, Vec<&str>) = match &verify {
+            UpstreamVerify::SpiffeIds(ids) => (
+                ids.is_empty(),
+                ids.iter().map(SpiffeId::trust_domain_name).collect(),
+            ),
+            UpstreamVerify::TrustDomains(domains) => (
+                domains.is_empty(),
+                domains.iter().map(TrustDomain::as_str).collect(),
+            ),
+            UpstreamVerify::DnsNames(names) => (names.is_empty(), Vec::new()),
+        };
+        if empty {
+            self.error(path, "`verify` lists nothing to accept", HINT);
+            return None;
+        }
+        if let Some(first) = domains.first()
+            && let Some(other) = domains.iter().find(|d| *d != first)
+        {
+            self.error(
+                path,
+                format!(
+                    "the expected identities span trust domains {first} and {other}; a cluster's \
+                     trust_bundle holds the roots of one trust domain"
+                ),
+                "split the endpoints into one cluster per trust domain",
+            );
+            return None;
+        }
+        Some(verify)
+    }
+
+    /// Resolves `default_route` of each listener to one of its routes.
+    fn default_routes(
+        &mut self,
+        listeners: &mut [Option<Listener>],
+        bindings: &Bindings,
+        route_names: &Names,
+    ) {
+        for (index, bound) in bindings.listeners.iter().enumerate() {
+            let Some(name) = &bound.default_route else {
+                continue;
+            };
+            let path = format!("listeners[{index}].default_route");
+            if bound.tcp {
+                self.error(
+                    path,
+                    "a tcp listener has no default_route: its one route takes every connection",
+                    "remove default_route",
+                );
+                continue;
+            }
+            let Some(route_index) = route_names.index(name) else {
+                self.error(
+                    path,
+                    format!("no route named \"{name}\""),
+                    route_names.suggest(name, "route"),
+                );
+                continue;
+            };
+            let route_listener = bindings.routes.get(route_index).and_then(|r| r.listener);
+            if route_listener != Some(index) {
+                self.error(
+                    path,
+                    format!(
+                        "route \"{name}\" belongs to another listener; the default route must be \
+                         one of this listener's routes"
+                    ),
+                    format!("set listener = \"{}\" in route \"{name}\"", bound.name),
+                );
+                continue;
+            }
+            if let Some(Some(listener)) = listeners.get_mut(index) {
+                listener.default_route = Some(route_index);
+            }
+        }
+        // Routes after a catch-all route of the same listener would never be used.
+        let mut catch_all: HashMap<usize, usize> = HashMap::new();
+        for (route_index, route) in bindings.routes.iter().enumerate() {
+            let Some(listener) = route.listener else {
+                continue;
+            };
+            let tcp = bindings.listeners.get(listener).is_some_and(|l| l.tcp);
+            if tcp {
+                continue;
+            }
+            if let Some(&first) = catch_all.get(&listener) {
+                let first_name = bindings.routes.get(first).map_or("", |r| r.name.as_str());
+                self.error(
+                    format!("routes[{route_index}]"),
+                    format!(
+                        "route \"{}\" is never used: route \"{first_name}\" (routes[{first}]) \
+                         before it has no `match` and takes every connection",
+                        route.name
+                    ),
+                    "routes are tried in file order: move the catch-all route last, or make it the \
+                     listener's default_route",
+                );
+            } else if !route.has_match {
+                catch_all.insert(listener, route_index);
+            }
+        }
+    }
+
     /// Fills `Listener::routes` and checks that each tcp listener has exactly one route.
     fn bind_routes(&mut self, listeners: &mut [Option<Listener>], bindings: &Bindings) {
         let mut bound: Vec<Vec<usize>> = vec![Vec::new(); bindings.listeners.len()];
@@ -827,7 +1641,11 @@ impl Validator {
         let unresolved = bindings.routes.iter().any(|r| r.listener.is_none());
         for (index, listener) in bindings.listeners.iter().enumerate() {
             let routes = bound.get(index).map_or(&[][..], Vec::as_slice);
-            if listener.tcp && listener.referable && routes.is_empty() && !unresolved {
+            let known_protocol = listener
+                .protocol
+                .as_deref()
+                .is_some_and(|p| PROTOCOLS.contains(&p));
+            if known_protocol && listener.referable && routes.is_empty() && !unresolved {
                 self.error(
                     format!("listeners[{index}]"),
                     format!("listener \"{}\" has no route", listener.name),
@@ -984,6 +1802,11 @@ struct Bindings {
 struct BoundListener {
     name: String,
     tcp: bool,
+    /// As written.
+    protocol: Option<String>,
+    /// As written; "none" when absent.
+    client_auth: String,
+    default_route: Option<String>,
     /// The first listener with its name, so routes can refer to it.
     referable: bool,
 }
@@ -991,6 +1814,24 @@ struct BoundListener {
 struct BoundRoute {
     name: String,
     listener: Option<usize>,
+    has_match: bool,
+}
+
+/// A DNS name: labels of `A-Za-z0-9-_`, 1..=63 bytes each, 1..=253 bytes in all, not all
+/// digits (no IP literals).
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && !name
+            .split('.')
+            .all(|label| label.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn name_example(kind: &str) -> &'static str {

@@ -50,6 +50,12 @@ pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) 
             Protocol::Tcp => {
                 rt::spawn(proxy::tcp::serve(guard, stream, peer));
             }
+            // Fail closed until `tls::secure` is wired in here: never serve a tls listener's
+            // connections as plain TCP.
+            Protocol::Tls | Protocol::TlsPassthrough => {
+                tracing::warn!(listener = %name, %peer, "tls listeners are not wired into the pipeline yet; closing");
+                drop((guard, stream));
+            }
         }
     }
 }
