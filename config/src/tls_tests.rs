@@ -1,7 +1,7 @@
 //! Config tests for the TLS fields: listeners, route matches, upstream TLS. Certificates come
 //! from testkit's PKI, written to a temporary directory next to the config file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use meshgate_testkit::pki::{BadCert, Leaf, Pki};
 
@@ -496,5 +496,4 @@ fn upstream_dns_verification_defaults_the_sni() {
         tls.verify,
         UpstreamVerify::DnsNames(vec!["backend.example.test".to_owned()])
     );
-    let _ = Path::new("");
 }

@@ -448,7 +448,7 @@ fn pem_identities_are_checked_on_load() {
     assert!(err.contains("server.pem"), "{err}");
 }
 
-fn tempfile_dir() -> std::io::Result<TempDir> {
+pub(super) fn tempfile_dir() -> std::io::Result<TempDir> {
     let path = std::env::temp_dir().join(format!(
         "meshgate-tls-{}-{}",
         std::process::id(),
@@ -461,7 +461,7 @@ fn tempfile_dir() -> std::io::Result<TempDir> {
     Ok(TempDir(path))
 }
 
-struct TempDir(std::path::PathBuf);
+pub(super) struct TempDir(std::path::PathBuf);
 
 impl TempDir {
     fn path(&self) -> &std::path::Path {
@@ -676,4 +676,470 @@ fn mozilla_intermediate_suites_only_and_ring() {
             .all(|n| n.contains("GCM") || n.contains("CHACHA20"))
     );
     assert!(names.iter().filter(|n| n.starts_with("TLS13_")).count() == 3);
+}
+
+// ---- the stage over a transport: peek, accept/connect, TlsStream, secure ----
+
+mod over_a_transport {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::io;
+    use std::pin::{Pin, pin};
+    use std::rc::Rc;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+    use std::time::SystemTime;
+
+    use futures_io::{AsyncRead, AsyncWrite};
+    use meshgate_config::{ClientAuth, ClusterTls, ListenerTls, ServerCertificate, TlsVersion};
+    use meshgate_testkit::pki::{BadCert, EXAMPLE, OTHER};
+
+    use super::super::clienthello::Invalid;
+    use super::super::setup::{ClusterTlsState, ListenerTlsState, select_route};
+    use super::super::spiffe::{Rejection, TrustDomain, VerifyCounts};
+    use super::super::stream::{self, PeekError};
+    use super::super::{SecureError, secure};
+    use super::{TempDir, ok, pki, tempfile_dir};
+    use crate::tls::certs::Resumption;
+
+    /// One direction of an in-memory connection.
+    #[derive(Debug, Default)]
+    struct Half {
+        bytes: VecDeque<u8>,
+        closed: bool,
+    }
+
+    /// One end of an in-memory duplex connection; reads of an empty, open half are `Pending`
+    /// (the test executor polls again), writes deliver at most `chunk` bytes at a time.
+    #[derive(Debug)]
+    struct End {
+        rx: Rc<RefCell<Half>>,
+        tx: Rc<RefCell<Half>>,
+        chunk: usize,
+        /// Everything written through this end, for passthrough checks.
+        log: Rc<RefCell<Vec<u8>>>,
+    }
+
+    fn duplex(chunk: usize) -> (End, End) {
+        let (a, b) = (Rc::default(), Rc::default());
+        (
+            End {
+                rx: Rc::clone(&a),
+                tx: Rc::clone(&b),
+                chunk,
+                log: Rc::default(),
+            },
+            End {
+                rx: b,
+                tx: a,
+                chunk,
+                log: Rc::default(),
+            },
+        )
+    }
+
+    impl AsyncRead for End {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut half = self.rx.borrow_mut();
+            if half.bytes.is_empty() {
+                return if half.closed {
+                    Poll::Ready(Ok(0))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let n = buf.len().min(half.bytes.len());
+            for (slot, byte) in buf.iter_mut().zip(half.bytes.drain(..n)) {
+                *slot = byte;
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for End {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.chunk);
+            self.tx.borrow_mut().bytes.extend(&buf[..n]);
+            self.log.borrow_mut().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.tx.borrow_mut().closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Polls two futures in turn until both are done (they talk over a [`duplex`]).
+    fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+        let mut a = pin!(a);
+        let mut b = pin!(b);
+        let mut cx = Context::from_waker(Waker::noop());
+        let (mut ra, mut rb) = (None, None);
+        for _ in 0..100_000 {
+            if ra.is_none()
+                && let Poll::Ready(out) = a.as_mut().poll(&mut cx)
+            {
+                ra = Some(out);
+            }
+            if rb.is_none()
+                && let Poll::Ready(out) = b.as_mut().poll(&mut cx)
+            {
+                rb = Some(out);
+            }
+            if let (Some(_), Some(_)) = (&ra, &rb) {
+                break;
+            }
+        }
+        match (ra, rb) {
+            (Some(a), Some(b)) => (a, b),
+            (a, b) => panic!("stuck: a done {}, b done {}", a.is_some(), b.is_some()),
+        }
+    }
+
+    async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = std::future::poll_fn(|cx| Pin::new(&mut *w).poll_write(cx, buf)).await?;
+            buf = &buf[n..];
+        }
+        std::future::poll_fn(|cx| Pin::new(&mut *w).poll_flush(cx)).await
+    }
+
+    async fn read_some<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; 64 * 1024];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *r).poll_read(cx, &mut buf)).await?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    async fn close<W: AsyncWrite + Unpin>(w: &mut W) -> io::Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut *w).poll_close(cx)).await
+    }
+
+    struct Files {
+        dir: TempDir,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let pki = pki();
+            let dir = ok(tempfile_dir());
+            let path = dir.path();
+            ok(ok(pki.example.server(&["gateway.example.test"])).write_pem(path, "server"));
+            ok(ok(pki.example.svid("/client")).write_pem(path, "client"));
+            ok(ok(pki.other.svid("/client")).write_pem(path, "wrong-client"));
+            ok(ok(pki.bad_client(BadCert::ForeignIssuer)).write_pem(path, "foreign"));
+            ok(pki.example.write_bundle(path, "example"));
+            ok(pki.other.write_bundle(path, "other"));
+            Files { dir }
+        }
+
+        fn p(&self, name: &str) -> std::path::PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn listener(&self, auth: ClientAuth, domains: &[&str]) -> ListenerTls {
+            ListenerTls {
+                certificates: vec![ServerCertificate {
+                    cert: self.p("server.pem"),
+                    key: self.p("server-key.pem"),
+                    sni: Vec::new(),
+                    default: true,
+                }],
+                min_version: TlsVersion::Tls12,
+                alpn: vec!["h2".to_owned(), "http/1.1".to_owned()],
+                client_auth: auth,
+                trust_bundles: domains
+                    .iter()
+                    .map(|d| meshgate_config::TrustBundle {
+                        trust_domain: ok(TrustDomain::new(d)),
+                        bundle: self.p(if *d == EXAMPLE {
+                            "example.pem"
+                        } else {
+                            "other.pem"
+                        }),
+                        crl: None,
+                    })
+                    .collect(),
+            }
+        }
+
+        /// A meshgate cluster originating mTLS to the listener, as `name`.
+        fn cluster(&self, identity: &str) -> ClusterTlsState {
+            let tls = ClusterTls {
+                sni: Some("gateway.example.test".to_owned()),
+                alpn: vec!["h2".to_owned()],
+                min_version: TlsVersion::Tls12,
+                verify: meshgate_config::UpstreamVerify::DnsNames(vec![
+                    "gateway.example.test".to_owned(),
+                ]),
+                trust_bundle: self.p("example.pem"),
+                identity: Some(meshgate_config::TlsIdentity {
+                    cert: self.p(&format!("{identity}.pem")),
+                    key: self.p(&format!("{identity}-key.pem")),
+                }),
+            };
+            ok(ClusterTlsState::build(
+                &tls,
+                [127, 0, 0, 1].into(),
+                Arc::new(VerifyCounts::default()),
+                SystemTime::now(),
+            ))
+        }
+    }
+
+    fn listener_state(files: &Files, auth: ClientAuth, domains: &[&str]) -> ListenerTlsState {
+        ok(ListenerTlsState::build(
+            &files.listener(auth, domains),
+            &ok(Resumption::new(64)),
+            Arc::new(VerifyCounts::default()),
+            SystemTime::now(),
+        ))
+    }
+
+    #[test]
+    fn secure_then_echo_through_tls_streams() {
+        let files = Files::new();
+        let gateway = listener_state(&files, ClientAuth::Required, &[EXAMPLE, OTHER]);
+        let upstream = files.cluster("client");
+        // 7-byte writes: the ClientHello arrives in pieces and must be reassembled.
+        let (client_end, server_end) = duplex(7);
+        let server = async {
+            let mut secured = secure(server_end, &gateway)
+                .await
+                .map_err(|e| e.to_string())?;
+            let got = read_some(&mut secured.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            write_all(&mut secured.stream, &got)
+                .await
+                .map_err(|e| e.to_string())?;
+            let eof = read_some(&mut secured.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((secured.sni, secured.alpn, secured.peer, got, eof))
+        };
+        let client = async {
+            let mut tls = stream::connect(
+                client_end,
+                upstream.client_config.clone(),
+                upstream.server_name.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            write_all(&mut tls, b"ping")
+                .await
+                .map_err(|e| e.to_string())?;
+            let echo = read_some(&mut tls).await.map_err(|e| e.to_string())?;
+            close(&mut tls).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(echo)
+        };
+        let (server, client) = join(server, client);
+        let (sni, alpn, peer, got, eof) = ok(server);
+        assert_eq!(ok(client), b"ping");
+        assert_eq!(got, b"ping");
+        assert!(eof.is_empty(), "close_notify reads as end of stream");
+        assert_eq!(sni.as_deref(), Some("gateway.example.test"));
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(
+            peer.map(|p| p.to_string()).as_deref(),
+            Some("spiffe://example.test/client")
+        );
+        assert_eq!(gateway.counts.accepted_total(), 1);
+        assert_eq!(
+            upstream
+                .counts
+                .rejected_total(Rejection::UnexpectedIdentity),
+            0
+        );
+    }
+
+    fn refused(files: &Files, gateway: &ListenerTlsState, identity: &str) -> SecureError {
+        let upstream = files.cluster(identity);
+        let (client_end, server_end) = duplex(1 << 16);
+        let server = secure(server_end, gateway);
+        let client = async {
+            let mut tls = stream::connect(
+                client_end,
+                upstream.client_config.clone(),
+                upstream.server_name.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            // TLS 1.3: the refusal arrives after the client's Finished.
+            write_all(&mut tls, b"x").await.map_err(|e| e.to_string())?;
+            read_some(&mut tls)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        let (server, client) = join(server, client);
+        assert!(client.is_err(), "client must see the refusal");
+        match server {
+            Ok(_) => panic!("{identity} accepted"),
+            Err(err) => err,
+        }
+    }
+
+    #[test]
+    fn secure_refuses_bad_peers_with_reasons() {
+        let files = Files::new();
+        let gateway = listener_state(&files, ClientAuth::Required, &[EXAMPLE]);
+        let err = refused(&files, &gateway, "wrong-client");
+        assert_eq!(err.reason(), "unknown_issuer");
+        assert_eq!(
+            gateway.counts.rejected_total(Rejection::UnknownTrustDomain),
+            1
+        );
+        let both = listener_state(&files, ClientAuth::Required, &[EXAMPLE, OTHER]);
+        let err = refused(&files, &both, "foreign");
+        assert_eq!(err.rejection(), Some(Rejection::UnknownIssuer));
+        assert_eq!(both.counts.rejected_total(Rejection::UnknownIssuer), 1);
+    }
+
+    #[test]
+    fn plaintext_and_truncated_clients_are_refused_before_rustls() {
+        let files = Files::new();
+        let gateway = listener_state(&files, ClientAuth::None, &[]);
+        let (client_end, server_end) = duplex(1 << 16);
+        let client = async move {
+            let mut end = client_end;
+            write_all(&mut end, b"GET / HTTP/1.1\r\n\r\n").await
+        };
+        let (server, client) = join(secure(server_end, &gateway), client);
+        ok(client);
+        let err = server.err().unwrap_or_else(|| panic!("accepted plaintext"));
+        assert!(
+            matches!(
+                err,
+                SecureError::Peek(PeekError::Invalid(Invalid::NotTls { first_byte: b'G' }))
+            ),
+            "{err}"
+        );
+        assert_eq!(err.reason(), "not_tls");
+
+        let (client_end, server_end) = duplex(1 << 16);
+        let client = async move {
+            let mut end = client_end;
+            write_all(&mut end, &[22, 3, 1, 0, 200, 1, 0]).await?;
+            close(&mut end).await
+        };
+        let (server, client) = join(secure(server_end, &gateway), client);
+        ok(client);
+        assert!(matches!(
+            server.err(),
+            Some(SecureError::Peek(PeekError::Eof(7)))
+        ));
+    }
+
+    #[test]
+    fn passthrough_peek_keeps_the_original_bytes() {
+        let files = Files::new();
+        let upstream = files.cluster("client");
+        let (client_end, mut server_end) = duplex(3);
+        let sent = Rc::clone(&client_end.log);
+        let server = async {
+            let mut buf = Vec::new();
+            let hello = stream::peek_client_hello(&mut server_end, &mut buf).await;
+            (hello, buf)
+        };
+        let client = async {
+            // The handshake never completes (nobody answers); only the hello matters.
+            let mut cx_budget = 0;
+            let connect = stream::connect(
+                client_end,
+                upstream.client_config.clone(),
+                upstream.server_name.clone(),
+            );
+            let mut connect = pin!(connect);
+            std::future::poll_fn(|cx| {
+                cx_budget += 1;
+                match connect.as_mut().poll(cx) {
+                    Poll::Pending if cx_budget < 50 => Poll::Pending,
+                    _ => Poll::Ready(()),
+                }
+            })
+            .await;
+        };
+        let ((hello, buf), ()) = join(server, client);
+        let hello = hello.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(hello.server_name.as_deref(), Some("gateway.example.test"));
+        assert_eq!(hello.alpn().collect::<Vec<_>>(), [&b"h2"[..]]);
+        let sent = sent.borrow();
+        assert_eq!(
+            &buf[..],
+            &sent[..buf.len()],
+            "peeked bytes are the client's bytes"
+        );
+        assert_eq!(hello.records_len, sent.len());
+    }
+
+    #[test]
+    fn routes_are_selected_by_sni_then_peer_then_default() {
+        let config = ok(meshgate_config::parse(
+            r#"version = 1
+[[listeners]]
+name = "pt"
+address = "127.0.0.1:0"
+protocol = "tls-passthrough"
+default_route = "fallback"
+[[routes]]
+name = "a"
+listener = "pt"
+cluster = "c"
+match = { sni = ["a.example.test"] }
+[[routes]]
+name = "wild"
+listener = "pt"
+cluster = "c"
+match = { sni = ["*.b.example.test"] }
+[[routes]]
+name = "fallback"
+listener = "pt"
+cluster = "c"
+match = { sni = ["fallback.example.test"] }
+[[clusters]]
+name = "c"
+endpoints = ["127.0.0.1:1"]
+"#,
+            "routes.toml",
+        ));
+        let listener = &config.listeners[0];
+        let pick = |sni: Option<&str>| {
+            select_route(
+                &config.routes,
+                &listener.routes,
+                listener.default_route,
+                sni,
+                None,
+            )
+            .map(|i| config.routes[i].name.as_str())
+        };
+        assert_eq!(pick(Some("a.example.test")), Some("a"));
+        assert_eq!(pick(Some("A.EXAMPLE.TEST.")), Some("a"));
+        assert_eq!(pick(Some("x.b.example.test")), Some("wild"));
+        assert_eq!(pick(Some("b.example.test")), Some("fallback"));
+        assert_eq!(pick(Some("y.x.b.example.test")), Some("fallback"));
+        assert_eq!(pick(None), Some("fallback"));
+        assert!(super::super::setup::sni_known(
+            &config.routes,
+            &listener.routes,
+            "a.example.test"
+        ));
+        let no_default = select_route(&config.routes, &listener.routes, None, Some("zzz"), None);
+        assert_eq!(no_default, None, "no match and no default: close");
+    }
 }
