@@ -1143,3 +1143,212 @@ endpoints = ["127.0.0.1:1"]
         assert_eq!(no_default, None, "no match and no default: close");
     }
 }
+
+// ---- interop: the example config and its make.sh certificates, with openssl and curl ----
+
+mod interop {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::{Duration, SystemTime};
+
+    use rustls::ServerConnection;
+
+    use super::super::certs::Resumption;
+    use super::super::setup::ListenerTlsState;
+    use super::super::spiffe::{Rejection, VerifyCounts, peer_spiffe_id};
+    use super::{TempDir, ok, tempfile_dir};
+
+    /// `config/examples/mtls-gateway.toml` with fresh certificates from its make.sh, in a
+    /// temporary directory.
+    fn example() -> (TempDir, ListenerTlsState) {
+        let dir = ok(tempfile_dir());
+        let examples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples"));
+        let status = Command::new("sh")
+            .arg(examples.join("certs/make.sh"))
+            .arg(dir.path().join("certs"))
+            .stdout(Stdio::null())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "make.sh failed (is openssl installed?)"
+        );
+        let config_path = dir.path().join("mtls-gateway.toml");
+        ok(std::fs::copy(
+            examples.join("mtls-gateway.toml"),
+            &config_path,
+        ));
+        let config = ok(meshgate_config::load(&config_path));
+        let tls = config.listeners[0]
+            .tls
+            .as_ref()
+            .unwrap_or_else(|| panic!("mtls-gateway has a tls listener"));
+        let state = ok(ListenerTlsState::build(
+            tls,
+            &ok(Resumption::new(64)),
+            Arc::new(VerifyCounts::default()),
+            SystemTime::now(),
+        ));
+        (dir, state)
+    }
+
+    /// What the test server saw of one connection.
+    type Seen = Result<Option<String>, String>;
+
+    /// A blocking rustls server on 127.0.0.1 that answers each connection with an HTTP
+    /// response naming the client's SPIFFE ID, and reports what it saw.
+    fn serve(state: &ListenerTlsState, connections: usize) -> (u16, mpsc::Receiver<Seen>) {
+        let listener = ok(TcpListener::bind("127.0.0.1:0"));
+        let port = ok(listener.local_addr()).port();
+        let config = state.server_config.clone();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for _ in 0..connections {
+                let Ok((sock, _)) = listener.accept() else {
+                    return;
+                };
+                let _ = tx.send(serve_one(sock, config.clone()));
+            }
+        });
+        (port, rx)
+    }
+
+    fn serve_one(mut sock: TcpStream, config: Arc<rustls::ServerConfig>) -> Seen {
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut conn = ServerConnection::new(config).map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            if let Err(err) = conn.complete_io(&mut sock) {
+                let reason = err
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .and_then(Rejection::from_error);
+                return Err(reason.map_or_else(|| err.to_string(), |r| r.as_str().to_owned()));
+            }
+        }
+        let peer = peer_spiffe_id(&conn).map(|id| id.to_string());
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && !request.ends_with(b"\n\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => request.push(byte[0]),
+                _ => break,
+            }
+        }
+        let body = peer.clone().unwrap_or_default();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tls.write_all(response.as_bytes());
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        Ok(peer)
+    }
+
+    fn certs(dir: &TempDir, name: &str) -> PathBuf {
+        dir.path().join("certs").join(name)
+    }
+
+    fn curl(dir: &TempDir, port: u16, client: &str) -> std::process::Output {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(certs(dir, "ca.pem"))
+            .arg("--cert")
+            .arg(certs(dir, &format!("{client}.pem")))
+            .arg("--key")
+            .arg(certs(dir, &format!("{client}-key.pem")))
+            .arg("--resolve")
+            .arg(format!("gateway.example.test:{port}:127.0.0.1"))
+            .arg(format!("https://gateway.example.test:{port}/"))
+            .output();
+        ok(output)
+    }
+
+    fn recv(rx: &mpsc::Receiver<Seen>) -> Seen {
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|err| panic!("server saw nothing: {err}"))
+    }
+
+    #[test]
+    fn curl_completes_mtls_and_the_wrong_domain_is_refused() {
+        let (dir, state) = example();
+        let (port, rx) = serve(&state, 2);
+        let good = curl(&dir, port, "client");
+        assert!(
+            good.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&good.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&good.stdout),
+            "spiffe://example.test/client"
+        );
+        assert_eq!(
+            recv(&rx),
+            Ok(Some("spiffe://example.test/client".to_owned()))
+        );
+        let bad = curl(&dir, port, "wrong-client");
+        assert!(!bad.status.success(), "wrong-client was accepted");
+        assert_eq!(recv(&rx), Err("unknown_issuer".to_owned()));
+        assert_eq!(
+            state.counts.rejected_total(Rejection::UnknownTrustDomain),
+            1
+        );
+        assert_eq!(state.counts.accepted_total(), 1);
+    }
+
+    #[test]
+    fn openssl_s_client_completes_mtls_on_tls12_and_tls13() {
+        let (dir, state) = example();
+        let (port, rx) = serve(&state, 3);
+        for (version, client) in [
+            ("-tls1_3", "client"),
+            ("-tls1_2", "client"),
+            ("-tls1_3", "none"),
+        ] {
+            let mut cmd = Command::new("openssl");
+            cmd.args(["s_client", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-servername", "gateway.example.test", version, "-CAfile"])
+                .arg(certs(&dir, "ca.pem"))
+                .args(["-verify_return_error", "-ign_eof"]);
+            if client != "none" {
+                cmd.arg("-cert")
+                    .arg(certs(&dir, &format!("{client}.pem")))
+                    .arg("-key")
+                    .arg(certs(&dir, &format!("{client}-key.pem")));
+            }
+            let mut child = ok(cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn());
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            }
+            let output = ok(child.wait_with_output());
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let seen = recv(&rx);
+            if client == "none" {
+                assert_eq!(seen, Err("no_certificate".to_owned()), "{stdout}");
+            } else {
+                assert!(
+                    stdout.contains("Verify return code: 0 (ok)"),
+                    "{version}: {stdout}"
+                );
+                assert!(stdout.contains("spiffe://example.test/client"), "{stdout}");
+                assert_eq!(
+                    seen,
+                    Ok(Some("spiffe://example.test/client".to_owned())),
+                    "{version}"
+                );
+            }
+        }
+    }
+}
