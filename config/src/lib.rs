@@ -280,6 +280,7 @@ endpoints = ["127.0.0.1:15002"]
                 idle_timeout: Duration::from_secs(3600),
                 backlog: 1024,
                 routes: vec![0],
+                handshake_timeout: Duration::from_secs(10),
                 default_route: None,
                 tls: None,
             }]

@@ -52,6 +52,7 @@ pub(crate) struct Listener {
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<Duration>,
     pub backlog: Option<i64>,
+    pub handshake_timeout: Option<Duration>,
     pub default_route: Option<String>,
     pub tls: Option<ListenerTls>,
 }
@@ -348,6 +349,7 @@ impl Section {
             (Section::Clusters, "connect_timeout") => "connect_timeout = \"5s\"",
             (Section::Clusters, "balance") => "balance = \"round_robin\"",
             (Section::Listeners, "default_route") => "default_route = \"fallback\"",
+            (Section::Listeners, "handshake_timeout") => "handshake_timeout = \"10s\"",
             (Section::Listeners, "tls") => {
                 "tls = { certificates = [{ cert = \"/etc/meshgate/server.pem\", key = \"/etc/meshgate/server-key.pem\" }] }"
             }

@@ -114,6 +114,7 @@ const TLS_LISTENER: &str = r#"version = 1
 name = "tls-in"
 address = "127.0.0.1:0"
 protocol = "tls"
+handshake_timeout = "3s"
 default_route = "fallback"
 
 [listeners.tls]
@@ -162,6 +163,10 @@ fn full_tls_config_validates_with_paths_relative_to_the_file() {
     let listener = &config.listeners[0];
     assert_eq!(listener.protocol, Protocol::Tls);
     assert_eq!(listener.default_route, Some(1));
+    assert_eq!(
+        listener.handshake_timeout,
+        std::time::Duration::from_secs(3)
+    );
     let tls = listener.tls.as_ref().unwrap_or_else(|| panic!("no tls"));
     assert_eq!(tls.min_version, TlsVersion::Tls13);
     assert_eq!(tls.client_auth, ClientAuth::Required);
@@ -393,7 +398,7 @@ fn tls_structure_errors() {
     let errors = setup
         .errors(&TLS_LISTENER.replace("[listeners.tls]", "[listeners.tls]\nciphers = [\"x\"]"));
     let error = error_at(&errors, "listeners[0].tls.ciphers");
-    assert_eq!(error.line, Some(10));
+    assert_eq!(error.line, Some(11));
     assert!(
         error
             .hint
@@ -445,6 +450,22 @@ endpoints = ["127.0.0.1:1"]
             passthrough.replace("protocol = \"tls-passthrough\"", "protocol = \"tcp\""),
             "routes[0].match",
             "cannot have `match`",
+        ),
+        (
+            passthrough.replace(
+                "protocol = \"tls-passthrough\"",
+                "protocol = \"tcp\"\nhandshake_timeout = \"1s\"",
+            ),
+            "listeners[0].handshake_timeout",
+            "no TLS handshake",
+        ),
+        (
+            passthrough.replace(
+                "protocol = \"tls-passthrough\"",
+                "protocol = \"tls-passthrough\"\nhandshake_timeout = \"0s\"",
+            ),
+            "listeners[0].handshake_timeout",
+            "must be greater than 0",
         ),
         (
             TLS_LISTENER.replace("client_auth = \"required\"\ntrust_bundles = [\n  { trust_domain = \"example.test\", bundle = \"example.pem\", crl = \"example.crl.pem\" },\n  { trust_domain = \"other.test\", bundle = \"other.pem\" },\n]\n", ""),

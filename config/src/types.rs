@@ -98,6 +98,10 @@ pub struct Listener {
     /// Exactly one for a `tcp` listener; for `tls` and `tls-passthrough` listeners the first
     /// whose [`Route::matcher`] matches wins.
     pub routes: Vec<usize>,
+    /// Time a `tls` or `tls-passthrough` connection gets to send its ClientHello and (for
+    /// `tls`) finish the handshake; then it is closed. `> 0`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub handshake_timeout: Duration,
     /// Index into [`Config::routes`] of the route used when no route matches (no SNI, unknown
     /// SNI, or a peer no route accepts); `None`: such connections are closed.
     pub default_route: Option<usize>,

@@ -32,6 +32,7 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) const DEFAULT_BACKLOG: u32 = 1024;
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const MAX_NAME_LEN: usize = 64;
 /// `sizeof(sockaddr_un.sun_path) - 1` on Linux.
 pub(crate) const MAX_UNIX_SOCKET_PATH: usize = 107;
@@ -485,6 +486,23 @@ impl Validator {
             65535,
             DEFAULT_BACKLOG,
         );
+        let handshake_timeout =
+            if raw.handshake_timeout.is_some() && protocol == Some(Protocol::Tcp) {
+                self.error(
+                    format!("{path}.handshake_timeout"),
+                    "a tcp listener has no TLS handshake to time",
+                    "remove handshake_timeout, or use protocol = \"tls\" or \"tls-passthrough\"",
+                );
+                None
+            } else {
+                self.duration(
+                    &format!("{path}.handshake_timeout"),
+                    "handshake_timeout",
+                    raw.handshake_timeout,
+                    DEFAULT_HANDSHAKE_TIMEOUT,
+                    true,
+                )
+            };
         let tls_path = format!("{path}.tls");
         let tls = match (protocol, raw.tls) {
             (Some(Protocol::Tls), Some(tls)) => self.listener_tls(&tls_path, tls).map(Some),
@@ -520,6 +538,7 @@ impl Validator {
             idle_timeout: idle_timeout?,
             backlog: backlog?,
             routes: Vec::new(),
+            handshake_timeout: handshake_timeout?,
             default_route: None,
             tls: tls?,
         })
