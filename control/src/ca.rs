@@ -18,6 +18,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -185,6 +186,26 @@ pub struct SignedSvid {
     pub entry: LedgerEntry,
     /// True when the TTL was cut short so as not to outlive the CA certificate.
     pub ttl_shortened: bool,
+}
+
+/// Options of [`Ca::renew_with`].
+#[derive(Debug, Clone, Default)]
+pub struct RenewOptions {
+    /// None: the CA's default TTL.
+    pub ttl: Option<Duration>,
+    /// How long after expiry an SVID may still renew (zero: never).
+    pub grace: Duration,
+}
+
+/// The result of [`Ca::renew_with`].
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub svid: SignedSvid,
+    /// The certificate that authenticated the renewal.
+    pub previous_serial: Serial,
+    pub previous_spiffe_id: SpiffeId,
+    /// The previous certificate had expired (renewed within the grace period).
+    pub in_grace: bool,
 }
 
 /// A signed X509-SVID with the key the CA generated for it.
@@ -784,12 +805,23 @@ impl Ca {
 
     /// Issue an X509-SVID with a fresh ECDSA P-256 key generated here.
     pub fn issue(&self, req: &IssueRequest) -> Result<IssuedSvid, CaError> {
+        self.issue_with_ips(req, &[])
+    }
+
+    /// [`Ca::issue`] with IP address SANs as well: for a server reached by address, such as
+    /// the enrollment server's own serving certificate (`https://127.0.0.1:15080`).
+    pub fn issue_with_ips(
+        &self,
+        req: &IssueRequest,
+        ip_addresses: &[IpAddr],
+    ) -> Result<IssuedSvid, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(CaError::crypto("generate a key"))?;
         let svid = self.sign_leaf(
             &key,
             &req.spiffe_id,
             &req.dns_names,
+            ip_addresses,
             req.ttl,
             &req.authorised_by,
         )?;
@@ -824,7 +856,7 @@ impl Ca {
     ) -> Result<SignedSvid, CaError> {
         csr.check_identity(id)?;
         csr.check_dns(allowed_dns)?;
-        self.sign_leaf(&csr.spki, id, &csr.dns_names, ttl, by)
+        self.sign_leaf(&csr.spki, id, &csr.dns_names, &[], ttl, by)
     }
 
     /// Enrollment with a join token: check the CSR first (a malformed or mismatched CSR does not
@@ -856,6 +888,30 @@ impl Ca {
         csr_der: &[u8],
         ttl: Option<Duration>,
     ) -> Result<SignedSvid, CaError> {
+        self.renew_with(
+            current_der,
+            csr_der,
+            &RenewOptions {
+                ttl,
+                grace: Duration::ZERO,
+            },
+        )
+        .map(|r| r.svid)
+    }
+
+    /// [`Ca::renew`] with a grace period for a certificate that expired while its holder could
+    /// not reach the CA (an outage longer than the time left on the SVID).
+    ///
+    /// An SVID that expired at most `opts.grace` ago may still renew, but only if it is the
+    /// newest certificate this CA issued for its SPIFFE ID (by ledger order) and is not revoked.
+    /// So a key that leaked earlier cannot be used after its holder has renewed, and the
+    /// ledger shows who renewed. `grace = 0` disables this (only unexpired SVIDs renew).
+    pub fn renew_with(
+        &self,
+        current_der: &[u8],
+        csr_der: &[u8],
+        opts: &RenewOptions,
+    ) -> Result<Renewed, CaError> {
         let refuse = CaError::RenewalRefused;
         let (_, cur) = X509Certificate::from_der(current_der).map_err(|e| refuse(e.to_string()))?;
         let (_, signer) = X509Certificate::from_der(&self.signing.der)
@@ -863,13 +919,21 @@ impl Ca {
         cur.verify_signature(Some(signer.public_key()))
             .map_err(|_| refuse("the presented certificate was not issued by this CA".into()))?;
         let now = self.clock.now();
-        if !cur
-            .validity()
-            .is_valid_at(x509_parser::time::ASN1Time::new(now))
-        {
-            return Err(refuse(
-                "the presented certificate is expired (enroll again with a join token)".into(),
-            ));
+        let not_before = cur.validity().not_before.to_datetime();
+        let not_after = cur.validity().not_after.to_datetime();
+        if now < not_before {
+            return Err(refuse(format!(
+                "the presented certificate is not valid before {}; check this host's clock",
+                rfc3339(not_before)
+            )));
+        }
+        let expired = now > not_after;
+        if expired && now - not_after > to_time(opts.grace) {
+            return Err(refuse(format!(
+                "the presented certificate expired at {} (more than the renewal grace of {} ago); enroll again with a new join token",
+                rfc3339(not_after),
+                secs(opts.grace)
+            )));
         }
         let info = inspect_der(current_der, 0).map_err(|e| refuse(e.to_string()))?;
         let serial: Serial = info.serial.parse()?;
@@ -881,14 +945,41 @@ impl Ca {
             .as_deref()
             .and_then(|s| SpiffeId::parse(s).ok())
             .ok_or_else(|| refuse("the presented certificate has no SPIFFE ID".into()))?;
+        if expired {
+            let newest = ledger::read_all(&self.dir)?
+                .into_iter()
+                .rev()
+                .find(|e| e.spiffe_id == id);
+            match newest {
+                Some(e) if e.serial == serial => {}
+                Some(e) => {
+                    return Err(refuse(format!(
+                        "the presented certificate {serial} expired at {} and a newer certificate ({}) exists for {id}; only the newest may renew after expiry; enroll again with a new join token",
+                        rfc3339(not_after),
+                        e.serial
+                    )));
+                }
+                None => {
+                    return Err(refuse(format!(
+                        "the presented certificate {serial} is not in this CA's ledger"
+                    )));
+                }
+            }
+        }
         let csr = verify_csr(csr_der)?;
-        self.sign_verified(
+        let svid = self.sign_verified(
             &csr,
             &id,
             &info.dns_names,
-            ttl,
-            &AuthorisedBy::Renewal(serial),
-        )
+            opts.ttl,
+            &AuthorisedBy::Renewal(serial.clone()),
+        )?;
+        Ok(Renewed {
+            svid,
+            previous_serial: serial,
+            previous_spiffe_id: id,
+            in_grace: expired,
+        })
     }
 
     fn sign_leaf(
@@ -896,6 +987,7 @@ impl Ca {
         public_key: &impl PublicKeyData,
         id: &SpiffeId,
         dns_names: &[String],
+        ip_addresses: &[IpAddr],
         ttl: Option<Duration>,
         by: &AuthorisedBy,
     ) -> Result<SignedSvid, CaError> {
@@ -924,6 +1016,13 @@ impl Ca {
             })?;
             params.subject_alt_names.push(SanType::DnsName(name));
         }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in ip_addresses {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+                params.subject_alt_names.push(SanType::IpAddress(*ip));
+            }
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -945,6 +1044,7 @@ impl Ca {
             serial,
             spiffe_id: id.clone(),
             dns_names: dns,
+            ip_addresses: ips,
             not_before,
             not_after,
             issued_at: self.clock.now(),
@@ -1527,6 +1627,55 @@ mod tests {
         assert!(
             f.ca.renew(&renewed.cert_der, &csr, None).is_err(),
             "expired SVIDs cannot renew"
+        );
+    }
+
+    #[test]
+    fn renewal_grace_admits_only_the_newest_expired_svid() {
+        let f = fixture();
+        let vm = id("spiffe://example.org/vm/g");
+        let mut r = req("spiffe://example.org/vm/g");
+        r.ttl = Some(Duration::from_secs(600));
+        let a = f.ca.issue(&r).expect("a");
+        let a_der = pem_certificates(a.cert_pem.as_bytes()).expect("pem")[0].clone();
+        let (_, csr) = csr_for(None, &[]);
+        let grace = |g: u64| RenewOptions {
+            ttl: None,
+            grace: Duration::from_secs(g),
+        };
+        // 100 s past expiry.
+        f.clock.advance(Duration::from_secs(700));
+        assert!(matches!(
+            f.ca.renew_with(&a_der, &csr, &grace(0)),
+            Err(CaError::RenewalRefused(_))
+        ));
+        assert!(matches!(
+            f.ca.renew_with(&a_der, &csr, &grace(99)),
+            Err(CaError::RenewalRefused(_))
+        ));
+        let b =
+            f.ca.renew_with(&a_der, &csr, &grace(100))
+                .expect("within grace");
+        assert!(b.in_grace);
+        assert_eq!(b.previous_serial, a.entry.serial);
+        assert_eq!(b.svid.entry.spiffe_id, vm);
+        // A is no longer the newest for its identity.
+        let e =
+            f.ca.renew_with(&a_der, &csr, &grace(3600))
+                .expect_err("superseded");
+        assert!(e.to_string().contains("newer certificate"), "{e}");
+        // B is valid: renews without grace, and not "in grace".
+        let c =
+            f.ca.renew_with(&b.svid.cert_der, &csr, &grace(0))
+                .expect("valid");
+        assert!(!c.in_grace);
+        // A revoked newest SVID cannot use the grace either.
+        f.ca.revoke(&c.svid.entry.serial, RevocationReason::KeyCompromise)
+            .expect("revoke");
+        f.clock.advance(DEFAULT_SVID_TTL + Duration::from_secs(10));
+        assert!(
+            f.ca.renew_with(&c.svid.cert_der, &csr, &grace(86_400))
+                .is_err()
         );
     }
 

@@ -137,6 +137,9 @@ pub struct LedgerEntry {
     pub spiffe_id: SpiffeId,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
+    /// IP address SANs (only the enrollment server's own serving certificate has them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<std::net::IpAddr>,
     #[serde(with = "time::serde::rfc3339")]
     pub not_before: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -242,6 +245,7 @@ mod tests {
             serial: Serial::from_bytes(&i.to_be_bytes()),
             spiffe_id: SpiffeId::parse("spiffe://example.org/w").expect("id"),
             dns_names: vec![],
+            ip_addresses: vec![],
             not_before: OffsetDateTime::UNIX_EPOCH,
             not_after: OffsetDateTime::UNIX_EPOCH,
             issued_at: OffsetDateTime::UNIX_EPOCH,

@@ -4,14 +4,18 @@
 //! root, or an intermediate under an operator's root), issues X509-SVIDs ([`ca::Ca::issue`],
 //! [`ca::Ca::sign_csr`]), records them in a ledger, revokes them into a CRL, exports trust
 //! bundles, and manages single-use join tokens ([`tokens::TokenStore::redeem`]). The enrollment
-//! server, the agent and the Workload API build on these calls. State layout: docs/state-dir.md.
+//! server ([`enroll`]: join-token enrollment and mTLS renewal over HTTPS) and the agent
+//! ([`agent`]: enroll once, rotate at half-life, survive CA outages and restarts) build on
+//! these calls; the Workload API will too. State layout: docs/state-dir.md.
 //! Every state write goes through [`state::write_atomic`]; writers serialise on
 //! [`layout::StateLock`].
 
+pub mod agent;
 pub mod bundle;
 pub mod ca;
 pub mod clock;
 pub mod duration;
+pub mod enroll;
 pub mod error;
 pub mod history;
 pub mod inspect;
@@ -21,7 +25,9 @@ pub mod spiffe;
 pub mod state;
 pub mod tokens;
 
-pub use ca::{Ca, CsrRequest, InitOptions, IssueRequest, IssuedSvid, SignedSvid};
+pub use ca::{
+    Ca, CsrRequest, InitOptions, IssueRequest, IssuedSvid, RenewOptions, Renewed, SignedSvid,
+};
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use error::{CaError, CsrError, StoreError, TokenError};
 pub use ledger::{AuthorisedBy, LedgerEntry, Serial};
