@@ -29,7 +29,8 @@ use runner::Settings;
 struct Cli {
     /// Scenario name, or `all`.
     scenario: String,
-    /// Short run: 1 s warm-up, 3 s windows, 3 rounds (under a minute per scenario).
+    /// Short run: 1 s warm-up, 3 s windows, 3 rounds (under a minute per scenario on an idle
+    /// machine). Default: 2 s warm-up, 5 s windows, 7 rounds.
     #[arg(long)]
     quick: bool,
     /// meshgate binary [default: <workspace>/target/release/meshgate].
@@ -122,10 +123,13 @@ fn run() -> Result<()> {
     // core; proxies are moved to the proxy core between fork and exec.
     sys::pin_current_thread(cli.load_cpu).context("pinning the harness to the load CPU")?;
 
+    // Many short interleaved rounds rather than a few long ones: on a shared VM the cost per
+    // unit of work drifts by 10-30% over seconds to minutes, and a median over more rounds
+    // taken in rotation is what cancels that (docs/performance.md).
     let (warmup, window, rounds, sys_window, attempts, max_wait) = if cli.quick {
         (1.0, 3.0, 3, 1.0, 2, 10.0)
     } else {
-        (3.0, 10.0, 3, 2.0, 3, 120.0)
+        (2.0, 5.0, 7, 2.0, 3, 60.0)
     };
     let syscall_window = if cli.no_syscalls {
         None

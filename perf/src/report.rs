@@ -32,8 +32,15 @@ pub struct Row {
 /// The table columns besides meshgate, whose ratios we print.
 const BASELINES: [&str; 2] = ["haproxy", "nginx"];
 
+/// Median over the rounds that count (undisturbed ones when there are any).
 fn med(p: &ProxyResult, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
     median(p.counted().into_iter().filter_map(f).collect())
+}
+
+/// Median over every round: for counts per unit of work (syscalls), which other processes do
+/// not change, and which only the last round measures.
+fn med_all(p: &ProxyResult, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    median(p.samples.iter().filter_map(f).collect())
 }
 
 /// The metric rows of one scenario, medians over rounds.
@@ -73,7 +80,7 @@ pub fn rows(r: &ScenarioResult) -> Vec<Row> {
             format!("syscalls / {one} (lower is better)"),
             Better::Lower,
             &|p| {
-                med(p, |x| {
+                med_all(p, |x| {
                     x.syscalls
                         .as_ref()
                         .filter(|c| c.work > 0.0)
@@ -91,7 +98,7 @@ pub fn rows(r: &ScenarioResult) -> Vec<Row> {
                 format!("io_uring ops / {one} (lower is better)"),
                 Better::Lower,
                 &|p| {
-                    med(p, |x| {
+                    med_all(p, |x| {
                         x.syscalls
                             .as_ref()
                             .filter(|c| c.work > 0.0)
@@ -254,7 +261,7 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
             for x in p.samples.iter().filter(|x| !x.clean()) {
                 w.push(format!(
                     "{} / {} round {}: still disturbed after {} windows: other work took {:.0}% of \
-                     the proxy core and {:.0}% of the load core ({}); {}; rerun on an idle machine",
+                     the proxy core and {:.0}% of the load core ({}); {}",
                     r.scenario,
                     p.proxy,
                     x.round,
@@ -263,9 +270,9 @@ pub fn warnings(results: &[ScenarioResult], st: &Settings) -> Vec<String> {
                     x.load_core_foreign * 100.0,
                     others(&x.others),
                     if p.counted().len() < p.samples.len() {
-                        "; left out of the medians"
+                        "left out of the medians"
                     } else {
-                        "; no clean round, so the medians include it"
+                        "no clean round, so the medians include it; rerun on an idle machine"
                     }
                 ));
             }
@@ -334,7 +341,13 @@ pub fn write_all(
     let _ = writeln!(md, "\n## Headline metric per round\n");
     let _ = writeln!(
         md,
-        "| scenario | proxy | work / proxy-CPU-second, each round |\n|---|---|---|"
+        "Work per proxy-CPU-second in each round, in round order (* = disturbed, left out of the \
+         median when the proxy has undisturbed rounds); spread = max / min over the counted \
+         rounds.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | proxy | unit | rounds | median | spread |\n|---|---|---|---|---:|---:|"
     );
     for r in results {
         for p in r.proxies.iter().filter(|p| p.ran()) {
@@ -343,20 +356,33 @@ pub fn write_all(
                 .iter()
                 .map(|x| {
                     format!(
-                        "r{}: {}{}",
-                        x.round,
+                        "{}{}",
                         x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num),
-                        if x.clean() { "" } else { " (disturbed)" }
+                        if x.clean() { "" } else { "*" }
                     )
                 })
                 .collect();
+            let counted: Vec<f64> = p
+                .counted()
+                .iter()
+                .filter_map(|x| x.per_cpu_sec(r.scale))
+                .collect();
+            let (lo, hi) = counted
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let spread = if counted.len() > 1 && lo > 0.0 {
+                format!("{:.2}x", hi / lo)
+            } else {
+                "–".into()
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} {} |",
+                "| {} | {} | {} | {} | {} | {spread} |",
                 r.scenario,
                 p.proxy,
+                r.unit,
                 v.join(", "),
-                r.unit
+                median(counted).map_or("–".into(), fmt_num),
             );
         }
     }
