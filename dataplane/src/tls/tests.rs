@@ -1352,3 +1352,79 @@ mod interop {
         }
     }
 }
+
+/// Rotation: a reload builds new state from new files; new handshakes see the new certificate,
+/// sessions from before the reload still resume (the ticket keys outlive the snapshot), an open
+/// connection keeps its old config, and a bad new file fails the build (the caller keeps the
+/// old state).
+#[test]
+fn rotation_keeps_sessions_and_refuses_bad_files() {
+    use std::time::SystemTime;
+
+    use super::setup::ListenerTlsState;
+    use meshgate_config::{ClientAuth, ListenerTls, ServerCertificate, TlsVersion};
+
+    let pki = pki();
+    let dir = ok(tempfile_dir());
+    let old = ok(pki.example.server(&["gateway.example.test"]));
+    let new = ok(pki.example.server(&["gateway.example.test"]));
+    ok(old.write_pem(dir.path(), "old"));
+    ok(new.write_pem(dir.path(), "new"));
+    let listener = |cert: &str, key: &str| ListenerTls {
+        certificates: vec![ServerCertificate {
+            cert: dir.path().join(format!("{cert}.pem")),
+            key: dir.path().join(format!("{key}-key.pem")),
+            sni: Vec::new(),
+            default: true,
+        }],
+        min_version: TlsVersion::Tls12,
+        alpn: Vec::new(),
+        client_auth: ClientAuth::None,
+        trust_bundles: Vec::new(),
+    };
+    let resumption = ok(Resumption::new(64));
+    let counts = Arc::new(VerifyCounts::default());
+    let build = |tls: &ListenerTls| {
+        ListenerTlsState::build(tls, &resumption, counts.clone(), SystemTime::now())
+    };
+    let before = ok(build(&listener("old", "old")));
+    let client = downstream_client(&pki.example.root_der(), None, TLS13);
+    let (c, s, outcome) = connect(&client, &before.server_config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
+    assert_eq!(
+        c.peer_certificates().and_then(|p| p.first()),
+        Some(old.cert())
+    );
+
+    let err = build(&listener("new", "old")).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("does not match")),
+        "{err:?}"
+    );
+
+    let after = ok(build(&listener("new", "new")));
+    let (_, s, outcome) = connect(&client, &after.server_config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(
+        s.handshake_kind(),
+        Some(HandshakeKind::Resumed),
+        "a session from before the reload resumes after it"
+    );
+    let fresh = downstream_client(&pki.example.root_der(), None, TLS13);
+    let (c, _, outcome) = connect(&fresh, &after.server_config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(
+        c.peer_certificates().and_then(|p| p.first()),
+        Some(new.cert()),
+        "new handshakes use the new certificate"
+    );
+    // The old snapshot still serves connections that hold it.
+    let other = downstream_client(&pki.example.root_der(), None, TLS13);
+    let (c, _, outcome) = connect(&other, &before.server_config, "gateway.example.test");
+    assert!(outcome.ok(), "{outcome:?}");
+    assert_eq!(
+        c.peer_certificates().and_then(|p| p.first()),
+        Some(old.cert())
+    );
+}
