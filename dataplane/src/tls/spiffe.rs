@@ -773,6 +773,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rejection_counters_are_indexed_by_declaration_order() {
+        let counts = VerifyCounts::default();
+        for (index, reason) in Rejection::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, index, "{reason}");
+            counts.rejected(reason);
+            assert_eq!(counts.rejected_total(reason), 1);
+        }
+        let labels: std::collections::HashSet<&str> =
+            Rejection::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), Rejection::ALL.len(), "labels are unique");
+    }
+
+    #[test]
     fn rejections_round_trip_through_rustls_errors() {
         for reason in Rejection::ALL {
             let error = match reason {
