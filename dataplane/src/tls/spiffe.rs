@@ -473,18 +473,6 @@ fn verify_chain<'a>(
     Ok(cert)
 }
 
-/// Client authentication policy of a `tls` listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAuth {
-    /// No certificate is requested.
-    None,
-    /// A certificate is requested; without one the handshake succeeds with no peer identity,
-    /// with a bad one it fails.
-    Optional,
-    /// A valid SVID is required.
-    Required,
-}
-
 /// rustls `ClientCertVerifier` for downstream mTLS with SPIFFE semantics.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
