@@ -47,7 +47,7 @@ fn med_all(p: &ProxyResult, f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
 pub fn rows(r: &ScenarioResult) -> Vec<Row> {
     let unit = &r.unit;
     let s = r.scale;
-    let one = unit.strip_suffix('s').unwrap_or(unit);
+    let one = &r.unit_one;
     let mut out = Vec::new();
     let mut row = |metric: String, better: Better, f: &dyn Fn(&ProxyResult) -> Option<f64>| {
         let values: Vec<Option<f64>> = r.proxies.iter().map(f).collect();

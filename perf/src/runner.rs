@@ -119,6 +119,8 @@ pub struct ScenarioResult {
     pub about: String,
     pub unit: String,
     #[serde(skip)]
+    pub unit_one: String,
+    #[serde(skip)]
     pub scale: f64,
     pub proxies: Vec<ProxyResult>,
 }
@@ -222,6 +224,7 @@ pub fn run_scenario(
         scenario: sc.name().to_string(),
         about: sc.about().to_string(),
         unit: sc.unit().name.to_string(),
+        unit_one: sc.unit().one.to_string(),
         scale: sc.unit().scale,
         proxies: results,
     })

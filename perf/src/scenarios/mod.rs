@@ -27,6 +27,8 @@ pub enum Listener {
 pub struct WorkUnit {
     /// Shown unit, e.g. "round trips" or "MB".
     pub name: &'static str,
+    /// One of it, for "per" rows: "round trip", "MB".
+    pub one: &'static str,
     /// Shown value = counted work * scale (bytes -> MB is 1e-6).
     pub scale: f64,
 }

@@ -32,6 +32,7 @@ impl Scenario for TcpBulk {
     fn unit(&self) -> WorkUnit {
         WorkUnit {
             name: "MB",
+            one: "MB",
             scale: 1e-6,
         }
     }

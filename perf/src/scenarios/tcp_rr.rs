@@ -33,6 +33,7 @@ impl Scenario for TcpRr {
     fn unit(&self) -> WorkUnit {
         WorkUnit {
             name: "round trips",
+            one: "round trip",
             scale: 1.0,
         }
     }
