@@ -34,6 +34,9 @@ pub enum CaCmd {
     Show(ShowArgs),
     /// Publish a fresh CRL (next number, new nextUpdate) from the recorded revocations.
     Crl(CrlArgs),
+    /// Run the enrollment server in the foreground (HTTPS: join-token enrollment, mTLS
+    /// renewal, trust bundle). SIGTERM or SIGINT stops it. See docs/enrollment.md.
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,11 +82,59 @@ pub struct CrlArgs {
     pub state: StateDirArg,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// Address to listen on (port 0 picks one; the address is printed on stdout).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15080")]
+    pub listen: std::net::SocketAddr,
+    /// A name (or IP address) clients use to reach the server, added to its certificate
+    /// (repeatable). The listen address is always included unless it is 0.0.0.0/::.
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns: Vec<String>,
+    /// TTL of the SVIDs issued [default: the CA's default TTL].
+    #[arg(long, value_name = "DUR")]
+    pub svid_ttl: Option<String>,
+    /// Lifetime of the server's own certificate, rotated at half of it [default: the CA's
+    /// default TTL].
+    #[arg(long, value_name = "DUR")]
+    pub serving_ttl: Option<String>,
+    /// How long after expiry an SVID may still renew (only the newest SVID of its identity,
+    /// never a revoked one); 0 disables.
+    #[arg(long, value_name = "DUR", default_value = "24h")]
+    pub renewal_grace: String,
+    /// Requests a source address may make at once.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub per_source_burst: u32,
+    /// Sustained requests per minute per source address.
+    #[arg(long, value_name = "N", default_value_t = 60)]
+    pub per_source_per_minute: u32,
+    /// Requests all sources together may make at once.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub global_burst: u32,
+    /// Sustained requests per minute, all sources together.
+    #[arg(long, value_name = "N", default_value_t = 1200)]
+    pub global_per_minute: u32,
+    /// Connection workers.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub workers: usize,
+    /// Audit file [default: <state-dir>/audit/enrollment.jsonl].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_audit_file")]
+    pub audit_file: Option<PathBuf>,
+    /// Audit only to the log (target `meshgate::audit`), not to a file.
+    #[arg(long)]
+    pub no_audit_file: bool,
+    #[command(flatten)]
+    pub logging: super::agent::LogArgs,
+}
+
 pub fn run(cmd: CaCmd) -> u8 {
     match cmd {
         CaCmd::Init(a) => init(a),
         CaCmd::Show(a) => show(a),
         CaCmd::Crl(a) => crl(a),
+        CaCmd::Serve(a) => serve(a),
     }
 }
 
@@ -209,6 +260,85 @@ fn crl(a: CrlArgs) -> u8 {
         }
         Err(e) => fail(&e),
     }
+}
+
+fn serve(a: ServeArgs) -> u8 {
+    use meshgate_control::enroll::ratelimit::Rate;
+    use meshgate_control::enroll::{AuditTarget, EnrollmentConfig, EnrollmentServer};
+
+    let mut cfg = EnrollmentConfig::new(a.listen);
+    for name in &a.dns {
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => cfg.ip_addresses.push(ip),
+            Err(_) => cfg.dns_names.push(name.clone()),
+        }
+    }
+    let parsed = (|| {
+        if let Some(v) = &a.svid_ttl {
+            cfg.svid_ttl = Some(parse_duration("svid-ttl", v)?);
+        }
+        if let Some(v) = &a.serving_ttl {
+            cfg.serving_ttl = Some(parse_duration("serving-ttl", v)?);
+        }
+        cfg.renewal_grace = if a.renewal_grace.trim() == "0" {
+            Duration::ZERO
+        } else {
+            parse_duration("renewal-grace", &a.renewal_grace)?
+        };
+        Ok::<(), u8>(())
+    })();
+    if let Err(code) = parsed {
+        return code;
+    }
+    if a.per_source_burst == 0 || a.global_burst == 0 || a.workers == 0 {
+        return usage("--per-source-burst, --global-burst and --workers must be at least 1");
+    }
+    cfg.rate_limits.per_source = Rate {
+        burst: a.per_source_burst,
+        per_minute: a.per_source_per_minute,
+    };
+    cfg.rate_limits.global = Rate {
+        burst: a.global_burst,
+        per_minute: a.global_per_minute,
+    };
+    cfg.workers = a.workers;
+    cfg.audit = match (&a.audit_file, a.no_audit_file) {
+        (_, true) => AuditTarget::TracingOnly,
+        (Some(p), _) => AuditTarget::File(p.clone()),
+        (None, false) => AuditTarget::StateDir,
+    };
+
+    super::agent::init_logging(&a.logging);
+    let ca = match open(&a.state.state_dir) {
+        Ok(ca) => Arc::new(ca),
+        Err(code) => return code,
+    };
+    // Before any server thread starts, so they all inherit the blocked mask.
+    let signals = match super::agent::Signals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot set up signal handling: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let handle = match EnrollmentServer::start(ca, cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    println!(
+        "listening on https://{} as {}",
+        handle.local_addr(),
+        handle.server_id()
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let sig = signals.wait();
+    tracing::info!(signal = sig, "stopping the enrollment server");
+    handle.stop();
+    exit::OK
 }
 
 pub fn print_json(v: &impl serde::Serialize) -> u8 {

@@ -2,6 +2,7 @@
 //! and maps outcomes to exit codes.
 
 mod admin_client;
+mod agent;
 mod bundle;
 mod ca;
 mod cert;
@@ -94,6 +95,9 @@ enum Command {
     /// Export the trust bundle (PEM or SPIFFE format).
     #[command(subcommand)]
     Bundle(bundle::BundleCmd),
+    /// Enroll this host with a join token and keep its SVID fresh (writes svid.pem,
+    /// svid_key.pem, bundle.pem; renews at half-life; exits 77 when the CA refuses for good).
+    Agent(agent::AgentArgs),
     /// Print version and build information.
     Version {
         #[arg(short, long, value_enum, default_value_t)]
@@ -121,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Cert(cmd) => cert::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Agent(args) => agent::run(args),
         Command::Version { output } => version(output),
         Command::Completions { shell } => {
             clap_complete::generate(
