@@ -19,6 +19,11 @@ use serde::Serialize;
 use crate::metrics::Stats;
 use crate::rt;
 use crate::shard::{self, Plan, ShardMsg};
+use crate::tls::certs::Resumption;
+use crate::tls::setup::{ClusterTlsState, ListenerTlsState};
+
+/// TLS 1.2 sessions kept for session-ID resumption (tickets need no server state).
+const SESSION_CACHE_ENTRIES: usize = 65_536;
 
 /// How long a shard may take to acknowledge a prepare.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +105,11 @@ pub enum StartError {
     },
     #[error("shard {0} did not answer (see the log above)")]
     ShardDied(usize),
+    #[error("{what}: {error}")]
+    Tls {
+        what: String,
+        error: crate::tls::certs::TlsSetupError,
+    },
 }
 
 pub(crate) fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -128,6 +138,9 @@ pub struct ReloadOutcome {
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
+    /// Session ticket keys and cache, shared by every listener, shard and generation, so a
+    /// session resumes on any core and across reloads.
+    resumption: Resumption,
     stats: Arc<Stats>,
     shared: Arc<Shared>,
     ring: rt::RingFeatures,
@@ -154,6 +167,10 @@ impl Gateway {
             Some(n) => n,
             None => cpus.len().max(1),
         };
+        let resumption = Resumption::new(SESSION_CACHE_ENTRIES).map_err(|e| StartError::Tls {
+            what: "session resumption".into(),
+            error: crate::tls::certs::TlsSetupError::from(e),
+        })?;
         let stats = Arc::new(Stats::new(count, access_log.clone()));
         let shared = Arc::new(Shared {
             shards_ready: AtomicUsize::new(0),
@@ -192,6 +209,7 @@ impl Gateway {
                 Ok(h) => h,
                 Err(e) => {
                     Gateway {
+                        resumption,
                         stats,
                         shared,
                         ring,
@@ -204,6 +222,7 @@ impl Gateway {
             shards.push((handle, tx));
         }
         let gw = Gateway {
+            resumption,
             stats,
             shared,
             ring,
@@ -272,8 +291,58 @@ impl Gateway {
         })
     }
 
+    /// Load certificates, keys and bundles for every TLS listener and cluster of `config`.
+    /// Done once per generation on the control thread; the shards share the result.
+    #[allow(clippy::type_complexity)] // two parallel per-index vectors, named in `Plan`
+    fn build_tls(
+        &self,
+        config: &Config,
+    ) -> Result<
+        (
+            Vec<Option<Arc<ListenerTlsState>>>,
+            Vec<Option<Arc<ClusterTlsState>>>,
+        ),
+        StartError,
+    > {
+        let now = SystemTime::now();
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            listeners.push(match &l.tls {
+                None => None,
+                Some(tls) => {
+                    let counts = self.stats.verify_counts(&format!("listener:{}", l.name));
+                    let state = ListenerTlsState::build(tls, &self.resumption, counts, now)
+                        .map_err(|error| StartError::Tls {
+                            what: format!("listener `{}`", l.name),
+                            error,
+                        })?;
+                    Some(Arc::new(state))
+                }
+            });
+        }
+        let mut clusters = Vec::with_capacity(config.clusters.len());
+        for c in &config.clusters {
+            clusters.push(match (&c.tls, c.endpoints.first()) {
+                (Some(tls), Some(ep)) => {
+                    let counts = self.stats.verify_counts(&format!("cluster:{}", c.name));
+                    let state =
+                        ClusterTlsState::build(tls, ep.ip(), counts, now).map_err(|error| {
+                            StartError::Tls {
+                                what: format!("cluster `{}`", c.name),
+                                error,
+                            }
+                        })?;
+                    Some(Arc::new(state))
+                }
+                _ => None,
+            });
+        }
+        Ok((listeners, clusters))
+    }
+
     fn apply(&self, config: Arc<Config>, source: &str, generation: u64) -> Result<(), StartError> {
         let old = self.shared.current();
+        let (listener_tls, cluster_tls) = self.build_tls(&config)?;
         // Port 0 means "pick one": a listener that keeps its name and configured address keeps
         // its port; otherwise reserve one so every shard binds the same port.
         let mut reservations = Vec::new();
@@ -313,6 +382,8 @@ impl Gateway {
                 .iter()
                 .map(|l| self.shared.conns(&l.name))
                 .collect(),
+            listener_tls,
+            cluster_tls,
         });
 
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();

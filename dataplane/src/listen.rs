@@ -47,13 +47,13 @@ pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) 
             continue;
         };
         match snap.config.listeners[idx].protocol {
-            Protocol::Tcp => {
+            Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough => {
                 rt::spawn(proxy::tcp::serve(guard, stream, peer));
             }
-            // Fail closed until `tls::secure` is wired in here: never serve a tls listener's
-            // connections as plain TCP.
-            Protocol::Tls | Protocol::TlsPassthrough => {
-                tracing::warn!(listener = %name, %peer, "tls listeners are not wired into the pipeline yet; closing");
+            // HTTP listeners are served by the HTTP pipeline once it is wired in; until then
+            // fail closed rather than treat HTTP as TCP.
+            Protocol::Http => {
+                tracing::warn!(listener = %name, %peer, "http listeners are not wired into the pipeline yet; closing");
                 drop((guard, stream));
             }
         }

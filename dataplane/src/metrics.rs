@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::tls::spiffe::{Rejection, VerifyCounts};
 use std::time::{Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -70,6 +72,12 @@ pub struct ListenerStats {
     pub idle_timeouts: Counter,
     /// accept(2) errors (EMFILE, ENFILE, ...).
     pub accept_errors: Counter,
+    /// TLS handshakes completed in full / resumed / failed (tls listeners).
+    pub tls_full: Counter,
+    pub tls_resumed: Counter,
+    pub tls_failed: Counter,
+    /// Connections closed because no route took them (tls/passthrough listeners).
+    pub no_route: Counter,
 }
 
 /// Per cluster, per shard.
@@ -146,12 +154,16 @@ pub struct Stats {
     pub reloads_failed: AtomicU64,
     /// The access log, when one is configured (its dropped/written counts are exported).
     pub access_log: Option<crate::accesslog::AccessLog>,
+    /// Peer-certificate verification outcomes, keyed `listener:NAME` / `cluster:NAME`; kept
+    /// across reloads.
+    verify: Mutex<BTreeMap<String, Arc<VerifyCounts>>>,
 }
 
 impl Stats {
     pub fn new(shards: usize, access_log: Option<crate::accesslog::AccessLog>) -> Self {
         Stats {
             access_log,
+            verify: Mutex::new(BTreeMap::new()),
             shards: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -164,6 +176,16 @@ impl Stats {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
         }
+    }
+
+    /// The verification counters for `key` (`listener:NAME` or `cluster:NAME`).
+    pub fn verify_counts(&self, key: &str) -> Arc<VerifyCounts> {
+        self.verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Sum of one listener counter over all shards.
@@ -305,7 +327,12 @@ impl Collector for Exporter {
             [(vec![], ConstGauge::new(s.started_unix as i64))],
         )?;
 
-        let lcounters: [CounterDef<ListenerStats>; 7] = [
+        let lcounters: [CounterDef<ListenerStats>; 8] = [
+            (
+                "meshgate_listener_no_route",
+                "Connections closed because no route took them (SNI / peer identity)",
+                |l| l.no_route.get(),
+            ),
             (
                 "meshgate_listener_connections_accepted",
                 "Downstream connections accepted",
@@ -366,6 +393,74 @@ impl Collector for Exporter {
             "meshgate_listener_connections_active",
             "Downstream connections open now",
             MetricType::Gauge,
+            series,
+        )?;
+
+        let tls_series = lsnap.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.iter().flat_map(move |(name, l)| {
+                [
+                    ("full", l.tls_full.get()),
+                    ("resumed", l.tls_resumed.get()),
+                    ("failed", l.tls_failed.get()),
+                ]
+                .into_iter()
+                .filter(|(_, v)| *v > 0)
+                .map(move |(result, v)| {
+                    (
+                        vec![
+                            ("listener", name.clone()),
+                            ("shard", shard.to_string()),
+                            ("result", result.to_string()),
+                        ],
+                        ConstCounter::new(v),
+                    )
+                })
+            })
+        });
+        family(
+            &mut enc,
+            "meshgate_tls_handshakes",
+            "TLS handshakes on tls listeners by result (full, resumed, failed)",
+            MetricType::Counter,
+            tls_series,
+        )?;
+        let verify: Vec<(String, Arc<VerifyCounts>)> = s
+            .verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut series = Vec::new();
+        for (key, counts) in &verify {
+            let (scope, name) = key.split_once(':').unwrap_or(("", key));
+            series.push((
+                vec![
+                    ("scope", scope.to_string()),
+                    ("name", name.to_string()),
+                    ("result", "accepted".to_string()),
+                ],
+                ConstCounter::new(counts.accepted_total()),
+            ));
+            for reason in Rejection::ALL {
+                let n = counts.rejected_total(reason);
+                if n > 0 {
+                    series.push((
+                        vec![
+                            ("scope", scope.to_string()),
+                            ("name", name.to_string()),
+                            ("result", reason.as_str().to_string()),
+                        ],
+                        ConstCounter::new(n),
+                    ));
+                }
+            }
+        }
+        family(
+            &mut enc,
+            "meshgate_tls_peer_verifications",
+            "Peer certificate verifications (scope=listener: client certificates; scope=cluster: upstream certificates) by result or rejection reason",
+            MetricType::Counter,
             series,
         )?;
 

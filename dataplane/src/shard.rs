@@ -26,6 +26,7 @@ use crate::gateway::{Shared, StartError, bind_hint};
 use crate::listen;
 use crate::metrics::{ClusterStats, ListenerStats, ShardStats};
 use crate::rt;
+use crate::tls::setup::{ClusterTlsState, ListenerTlsState};
 
 /// A config generation as the control thread hands it to every shard.
 #[derive(Debug)]
@@ -36,6 +37,10 @@ pub struct Plan {
     pub addrs: Vec<SocketAddr>,
     /// Cross-shard open-connection count per listener of `config` (for `max_connections`).
     pub conns: Vec<Arc<AtomicU32>>,
+    /// TLS termination state per listener (`Some` for `tls` listeners), same index as listeners.
+    pub listener_tls: Vec<Option<Arc<ListenerTlsState>>>,
+    /// TLS origination state per cluster (`Some` for clusters with `[clusters.tls]`).
+    pub cluster_tls: Vec<Option<Arc<ClusterTlsState>>>,
 }
 
 pub type Ack = std::sync::mpsc::Sender<(usize, Result<(), StartError>)>;
@@ -82,6 +87,10 @@ pub struct ShardGen {
     pub listeners: Vec<ListenerRt>,
     /// Same index as `config.clusters`.
     pub clusters: Vec<Arc<ClusterStats>>,
+    /// Same index as `config.listeners`; `Some` for `tls` listeners.
+    pub listener_tls: Vec<Option<Arc<ListenerTlsState>>>,
+    /// Same index as `config.clusters`; `Some` for clusters that originate TLS.
+    pub cluster_tls: Vec<Option<Arc<ClusterTlsState>>>,
     /// One weighted picker per route (same index as `config.routes`).
     pub route_pickers: Vec<WeightedPicker>,
     /// One round robin per cluster (same index as `config.clusters`).
@@ -113,6 +122,8 @@ impl ShardGen {
                 .iter()
                 .map(|c| stats.cluster(&c.name))
                 .collect(),
+            listener_tls: plan.listener_tls.clone(),
+            cluster_tls: plan.cluster_tls.clone(),
             route_pickers: config
                 .routes
                 .iter()
@@ -120,6 +131,8 @@ impl ShardGen {
                     RouteAction::Forward { clusters } => {
                         WeightedPicker::new(&clusters.iter().map(|c| c.weight).collect::<Vec<_>>())
                     }
+                    // Answered by the gateway itself: nothing to pick.
+                    _ => WeightedPicker::new(&[1]),
                 })
                 .collect(),
             endpoint_rr: config

@@ -1,3 +1,4 @@
 //! `proxy`: the last stage of a connection, moving bytes (TCP) or requests (HTTP, later).
 
+pub mod relay;
 pub mod tcp;

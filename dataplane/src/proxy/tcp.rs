@@ -1,80 +1,212 @@
-//! The TCP proxy pipeline: `listen::accept` -> `route::resolve` -> `balance::pick` ->
-//! `upstream::connect` -> copy both ways.
+//! L4 forwarding for `tcp`, `tls-passthrough` and `tls` listeners:
+//! `listen::accept` -> (`tls::secure` | ClientHello peek) -> `route::resolve` -> `balance::pick`
+//! -> `upstream::connect` (+ TLS origination for clusters with `[clusters.tls]`) -> relay ->
+//! access log.
 //!
-//! The copy loop is zero-copy in user space: each direction receives into a buffer the kernel
-//! picked from the shard's provided-buffer ring and sends that same buffer on; the buffer goes
-//! back to the ring when the send completes. Half-close is honoured (EOF on one side becomes
-//! `shutdown(SHUT_WR)` on the other; the other direction keeps flowing). Both directions share
-//! one idle clock: the connection closes only when *neither* side moved data for `idle_timeout`.
+//! - `tcp`: the listener's single route.
+//! - `tls-passthrough`: the ClientHello is read (never decrypted), routes match on its SNI, and
+//!   the bytes read so far go to the upstream first, untouched.
+//! - `tls`: TLS is terminated here; routes match on SNI and the verified peer SPIFFE ID; the
+//!   plaintext is relayed.
 
 use std::cell::Cell;
-use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meshgate_config::RouteAction;
+use meshgate_config::{Protocol, RouteAction};
 
 use crate::accesslog::Record;
-use crate::error::{Blame, ProxyError};
+use crate::error::ProxyError;
 use crate::listen::ConnGuard;
-use crate::metrics::Counter;
+use crate::proxy::relay::{self, Down, Idle, Meters, Up};
 use crate::rt;
+use crate::tls;
+use crate::tls::setup::select_route;
+use crate::tls::spiffe::SpiffeId;
 use crate::upstream;
 
-/// Serve one downstream connection of a `tcp` listener.
-pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr) {
+/// What was learnt about a connection before routing.
+#[derive(Debug, Default)]
+struct Seen {
+    sni: Option<String>,
+    peer: Option<SpiffeId>,
+    tls_version: Option<&'static str>,
+    /// Bytes already read from the client that the upstream must get first (passthrough).
+    prefix: Vec<u8>,
+}
+
+/// Serve one downstream connection of a `tcp`, `tls-passthrough` or `tls` listener.
+pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
     let snap = guard.snap.clone();
-    let listener = &snap.config.listeners[guard.listener];
-    // route::resolve: a tcp listener has exactly one route (validated by the config crate).
-    let Some(&route_idx) = listener.routes.first() else {
-        tracing::error!(listener = %listener.name, "tcp listener without a route; closing");
+    let idx = guard.listener;
+    let listener = &snap.config.listeners[idx];
+    let lstats = &snap.listeners[idx].stats;
+    let (down, seen) = match listener.protocol {
+        Protocol::Tcp => (Down::Plain(stream), Seen::default()),
+        Protocol::Http => {
+            tracing::error!(listener = %listener.name, "http listener handed to the L4 path; closing");
+            return;
+        }
+        Protocol::TlsPassthrough => {
+            let mut stream = stream;
+            let mut buf = Vec::new();
+            match rt::timeout(
+                listener.handshake_timeout,
+                tls::stream::peek_client_hello(&mut stream, &mut buf),
+            )
+            .await
+            {
+                Ok(Ok(hello)) => {
+                    let sni = hello.server_name.as_deref().map(|n| n.to_ascii_lowercase());
+                    (
+                        Down::Plain(stream),
+                        Seen {
+                            sni,
+                            prefix: buf,
+                            ..Seen::default()
+                        },
+                    )
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %listener.name, %peer, error = %e, "no usable ClientHello; closing");
+                    log(&guard, peer, None, "-", None, &Seen::default(), 0, 0);
+                    return;
+                }
+                Err(rt::Elapsed) => {
+                    tracing::debug!(listener = %listener.name, %peer, "ClientHello timed out; closing");
+                    return;
+                }
+            }
+        }
+        Protocol::Tls => {
+            let Some(state) = snap.listener_tls.get(idx).and_then(|s| s.clone()) else {
+                tracing::error!(listener = %listener.name, "tls listener without TLS state; closing");
+                return;
+            };
+            match rt::timeout(listener.handshake_timeout, tls::secure(stream, &state)).await {
+                Ok(Ok(secured)) => {
+                    if secured.resumed {
+                        lstats.tls_resumed.inc()
+                    } else {
+                        lstats.tls_full.inc()
+                    }
+                    let seen = Seen {
+                        sni: secured.sni,
+                        peer: secured.peer,
+                        tls_version: secured.version.map(version_str),
+                        prefix: Vec::new(),
+                    };
+                    (Down::Tls(Box::new(secured.stream)), seen)
+                }
+                Ok(Err(e)) => {
+                    lstats.tls_failed.inc();
+                    tracing::debug!(listener = %listener.name, %peer, error = %e, reason = e.reason(), "TLS handshake failed");
+                    return;
+                }
+                Err(rt::Elapsed) => {
+                    lstats.tls_failed.inc();
+                    tracing::debug!(listener = %listener.name, %peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+
+    // route::resolve
+    let route_idx = match listener.protocol {
+        Protocol::Tcp => listener.routes.first().copied(),
+        _ => select_route(
+            &snap.config.routes,
+            &listener.routes,
+            listener.default_route,
+            seen.sni.as_deref(),
+            seen.peer.as_ref(),
+        ),
+    };
+    let Some(route_idx) = route_idx else {
+        lstats.no_route.inc();
+        tracing::debug!(listener = %listener.name, %peer, sni = ?seen.sni, peer_id = ?seen.peer, "no route; closing");
+        log(&guard, peer, None, "NR", None, &seen, 0, 0);
+        close(down).await;
         return;
     };
-    let RouteAction::Forward { clusters } = &snap.config.routes[route_idx].action;
+    // L4 routes only forward (the config refuses other actions on L4 listeners).
+    let RouteAction::Forward { clusters } = &snap.config.routes[route_idx].action else {
+        close(down).await;
+        return;
+    };
     // balance::pick
     let Some(target) = clusters.get(snap.route_pickers[route_idx].pick()) else {
         return;
     };
-    let moved = Moved::default();
+    let cluster = target.cluster_index;
+    let received = Cell::new(0);
+    let sent = Cell::new(0);
     let mut upstream_host = None;
-    // upstream::connect, then the copy loop.
-    let outcome = match upstream::connect(&snap, target.cluster_index).await {
-        Err(e) => Err(e),
-        Ok(up) => {
-            upstream_host = Some(up.endpoint);
-            let lstats = &snap.listeners[guard.listener].stats;
-            let cstats = &snap.clusters[target.cluster_index];
-            let idle = Idle::new(listener.idle_timeout);
-            let (down_rd, down_wr) = downstream.into_split();
-            let (up_rd, up_wr) = up.stream.into_split();
-            let to_upstream = pump(
-                down_rd,
-                up_wr,
-                Blame::Downstream,
-                [&lstats.bytes_in, &cstats.bytes_sent],
-                &moved.received,
-                &idle,
-            );
-            let to_downstream = pump(
-                up_rd,
-                down_wr,
-                Blame::Upstream,
-                [&cstats.bytes_received, &lstats.bytes_out],
-                &moved.sent,
-                &idle,
-            );
-            let r = both_or_first_error(to_upstream, to_downstream).await;
-            if let Err(e) = &r
-                && matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout)
-            {
-                lstats.idle_timeouts.inc();
+    let outcome: Result<(), ProxyError> = async {
+        let up = upstream::connect(&snap, cluster).await?;
+        upstream_host = Some(up.endpoint);
+        let guard_up = up.guard;
+        let mut up_conn = match snap.cluster_tls.get(cluster).and_then(|s| s.clone()) {
+            None => Up::Plain(up.stream),
+            Some(tls_state) => {
+                let timeout = snap.config.clusters[cluster].connect_timeout;
+                let handshake = tls::stream::connect(
+                    up.stream,
+                    tls_state.client_config.clone(),
+                    tls_state.server_name.clone(),
+                );
+                match rt::timeout(timeout, handshake).await {
+                    Ok(Ok(s)) => Up::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        snap.clusters[cluster].connect_failures.inc();
+                        return Err(ProxyError::upstream_connect(
+                            up.endpoint,
+                            std::io::Error::other(format!("TLS: {e}")),
+                        ));
+                    }
+                    Err(rt::Elapsed) => {
+                        snap.clusters[cluster].connect_failures.inc();
+                        snap.clusters[cluster].connect_timeouts.inc();
+                        return Err(ProxyError::upstream_connect(
+                            up.endpoint,
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "TLS handshake timed out",
+                            ),
+                        ));
+                    }
+                }
             }
-            drop(up.guard);
-            r
+        };
+        if !seen.prefix.is_empty() {
+            write_prefix(&mut up_conn, seen.prefix.clone())
+                .await
+                .map_err(|e| ProxyError::io(crate::error::Blame::Upstream, e))?;
+            lstats.bytes_in.add(seen.prefix.len() as u64);
+            snap.clusters[cluster]
+                .bytes_sent
+                .add(seen.prefix.len() as u64);
+            received.set(seen.prefix.len() as u64);
         }
-    };
+        let cstats = &snap.clusters[cluster];
+        let meters = Meters {
+            up: [&lstats.bytes_in, &cstats.bytes_sent],
+            down: [&cstats.bytes_received, &lstats.bytes_out],
+            received: &received,
+            sent: &sent,
+        };
+        let idle = Idle::new(listener.idle_timeout);
+        let r = relay::relay(down, up_conn, &meters, &idle).await;
+        if let Err(e) = &r
+            && matches!(e.kind, crate::error::ProxyErrorKind::IdleTimeout)
+        {
+            lstats.idle_timeouts.inc();
+        }
+        drop(guard_up);
+        r
+    }
+    .await;
     let flags = match &outcome {
         Ok(()) => "-",
         Err(e) => {
@@ -82,132 +214,101 @@ pub async fn serve(guard: ConnGuard, downstream: rt::TcpStream, peer: SocketAddr
             e.response_flag()
         }
     };
-    if let Some(log) = &guard.shard.access_log {
-        log.log(Record {
-            start_time: guard.start_time,
-            duration: guard.accepted_at.elapsed(),
-            protocol: "TCP",
-            method: None,
-            path: None,
-            authority: None,
-            response_code: 0,
-            response_flags: flags,
-            bytes_received: moved.received.get(),
-            bytes_sent: moved.sent.get(),
-            upstream_host,
-            upstream_cluster: Some(snap.cluster_names[target.cluster_index].clone()),
-            downstream_remote_address: peer,
-            downstream_local_address: None,
-            requested_server_name: None,
-            route_name: Some(snap.route_names[route_idx].clone()),
-            listener: snap.listener_names[guard.listener].clone(),
-            downstream_peer_spiffe_id: None,
-            tls_version: None,
-            x_forwarded_for: None,
-            user_agent: None,
-            request_id: None,
-            shard: guard.shard.id,
-        });
-    }
-    drop(guard);
+    log(
+        &guard,
+        peer,
+        Some((route_idx, cluster)),
+        flags,
+        upstream_host,
+        &seen,
+        received.get(),
+        sent.get(),
+    );
 }
 
-/// Bytes this connection moved, for its access-log record.
-#[derive(Debug, Default)]
-struct Moved {
-    /// From the client.
-    received: Cell<u64>,
-    /// To the client.
-    sent: Cell<u64>,
-}
-
-/// The idle clock both directions of a connection share.
-#[derive(Debug)]
-struct Idle {
-    timeout: Duration,
-    last: Cell<Instant>,
-}
-
-impl Idle {
-    fn new(timeout: Duration) -> Self {
-        Idle {
-            timeout,
-            last: Cell::new(Instant::now()),
-        }
-    }
-    fn touch(&self) {
-        self.last.set(Instant::now());
-    }
-    /// Time left before the connection counts as idle; None once it is.
-    fn remaining(&self) -> Option<Duration> {
-        self.timeout
-            .checked_sub(self.last.get().elapsed())
-            .filter(|d| !d.is_zero())
+fn version_str(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "TLS",
     }
 }
 
-/// Copy `from` -> `to` until EOF (then half-close `to`) or an error.
-async fn pump(
-    mut from: rt::ReadHalf,
-    mut to: rt::WriteHalf,
-    reader_blame: Blame,
-    [read_counter, write_counter]: [&Counter; 2],
-    moved: &Cell<u64>,
-    idle: &Idle,
-) -> Result<(), ProxyError> {
-    let writer_blame = match reader_blame {
-        Blame::Downstream => Blame::Upstream,
-        _ => Blame::Downstream,
-    };
-    loop {
-        let Some(left) = idle.remaining() else {
-            return Err(ProxyError::idle());
-        };
-        let buf = match rt::timeout(left, from.recv_buf()).await {
-            Err(rt::Elapsed) => continue, // re-check: the other direction may have moved data
-            Ok(Err(e)) => return Err(ProxyError::io(reader_blame, e)),
-            Ok(Ok(None)) => {
-                // EOF: pass the half-close on; a peer that already went away is not an error.
-                let _ = to.shutdown_write().await;
-                return Ok(());
+/// Close a downstream we will not serve (TLS: with close_notify), without waiting long.
+async fn close(down: Down) {
+    if let Down::Tls(mut s) = down {
+        let _ = rt::timeout(
+            Duration::from_secs(1),
+            std::future::poll_fn(|cx| {
+                futures_io::AsyncWrite::poll_close(std::pin::Pin::new(&mut *s), cx)
+            }),
+        )
+        .await;
+    }
+}
+
+async fn write_prefix(up: &mut Up, prefix: Vec<u8>) -> std::io::Result<()> {
+    match up {
+        Up::Plain(s) => s.write_all_owned(prefix).await.0,
+        Up::Tls(s) => {
+            let mut off = 0;
+            while off < prefix.len() {
+                let n = std::future::poll_fn(|cx| {
+                    futures_io::AsyncWrite::poll_write(
+                        std::pin::Pin::new(&mut **s),
+                        cx,
+                        &prefix[off..],
+                    )
+                })
+                .await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                off += n;
             }
-            Ok(Ok(Some(buf))) => buf,
-        };
-        let n = buf.len() as u64;
-        read_counter.add(n);
-        idle.touch();
-        let (res, buf) = to.write_all_owned(buf).await;
-        drop(buf); // back to the provided-buffer ring
-        res.map_err(|e| ProxyError::io(writer_blame, e))?;
-        write_counter.add(n);
-        moved.set(moved.get() + n);
-        idle.touch();
+            Ok(())
+        }
     }
 }
 
-/// Run both directions; finish when both finished, or at the first error (dropping the other).
-async fn both_or_first_error<A, B>(a: A, b: B) -> Result<(), ProxyError>
-where
-    A: Future<Output = Result<(), ProxyError>>,
-    B: Future<Output = Result<(), ProxyError>>,
-{
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    let (mut a_done, mut b_done) = (false, false);
-    poll_fn(|cx| {
-        if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
-            r?;
-            a_done = true;
-        }
-        if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
-            r?;
-            b_done = true;
-        }
-        if a_done && b_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
+#[allow(clippy::too_many_arguments)] // one access-log record's worth of fields
+fn log(
+    guard: &ConnGuard,
+    peer: SocketAddr,
+    target: Option<(usize, usize)>,
+    flags: &'static str,
+    upstream_host: Option<SocketAddr>,
+    seen: &Seen,
+    received: u64,
+    sent: u64,
+) {
+    let Some(log) = &guard.shard.access_log else {
+        return;
+    };
+    let snap = &guard.snap;
+    log.log(Record {
+        start_time: guard.start_time,
+        duration: guard.accepted_at.elapsed(),
+        protocol: "TCP",
+        method: None,
+        path: None,
+        authority: None,
+        response_code: 0,
+        response_flags: flags,
+        bytes_received: received,
+        bytes_sent: sent,
+        upstream_host,
+        upstream_cluster: target.map(|(_, c)| snap.cluster_names[c].clone()),
+        downstream_remote_address: peer,
+        downstream_local_address: None,
+        requested_server_name: seen.sni.clone(),
+        route_name: target.map(|(r, _)| snap.route_names[r].clone()),
+        listener: snap.listener_names[guard.listener].clone(),
+        downstream_peer_spiffe_id: seen.peer.as_ref().map(|p| p.as_str().to_string()),
+        tls_version: seen.tls_version,
+        x_forwarded_for: None,
+        user_agent: None,
+        request_id: None,
+        shard: guard.shard.id,
+    });
 }

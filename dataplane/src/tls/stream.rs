@@ -237,6 +237,7 @@ where
                 cx,
             };
             let _ = self.conn.write_tls(&mut writer);
+            let _ = Pin::new(&mut self.io).poll_flush(cx);
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, err)));
         }
         Poll::Ready(Ok(n))
@@ -267,6 +268,13 @@ where
         loop {
             let mut progressed = false;
             match self.poll_write_tls(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
+                Poll::Pending => return Poll::Pending,
+            }
+            // The transport may buffer writes (rt's AsyncWrite does): our flight must be on the
+            // wire before we wait for the peer's answer.
+            match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
                 Poll::Pending => return Poll::Pending,
@@ -345,9 +353,16 @@ where
             if this.eof {
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
-            // Key updates and tickets may need answers while reading.
-            if let Poll::Ready(Err(err)) = this.poll_write_tls(cx) {
-                return Poll::Ready(Err(err));
+            // Key updates and tickets may need answers while reading; put them on the wire
+            // before waiting for more input.
+            match this.poll_write_tls(cx) {
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(())) => {
+                    if let Poll::Ready(Err(err)) = Pin::new(&mut this.io).poll_flush(cx) {
+                        return Poll::Ready(Err(err));
+                    }
+                }
+                Poll::Pending => {}
             }
             match this.poll_read_tls(cx) {
                 Poll::Ready(Ok(_)) => {}

@@ -1,0 +1,472 @@
+//! TLS through the whole gateway: the real binary, real handshakes with curl and openssl,
+//! certificates from testkit's PKI (two trust domains).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use meshgate_testkit::pki::TrustDomainCa;
+use meshgate_testkit::{EchoServer, Meshgate, free_port, metric_sum, wait_until};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A tiny HTTP/1.1 origin: every connection gets `body` and is closed.
+fn http_origin(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    a
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    example: TrustDomainCa,
+    other: TrustDomainCa,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki {
+            dir: tempfile::tempdir().expect("tempdir"),
+            example: TrustDomainCa::new("example.test", false).expect("ca"),
+            other: TrustDomainCa::new("other.test", false).expect("ca"),
+        }
+    }
+    fn server(&self, name: &str, dns: &[&str]) -> (PathBuf, PathBuf) {
+        self.example
+            .server(dns)
+            .expect("server cert")
+            .write_pem(self.dir.path(), name)
+            .expect("write")
+    }
+    fn svid(&self, ca: &TrustDomainCa, name: &str, path: &str) -> (PathBuf, PathBuf) {
+        ca.svid(path)
+            .expect("svid")
+            .write_pem(self.dir.path(), name)
+            .expect("write")
+    }
+    fn bundle(&self, ca: &TrustDomainCa, name: &str) -> PathBuf {
+        ca.write_bundle(self.dir.path(), name).expect("bundle")
+    }
+}
+
+fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn mtls_config(pki: &Pki, admin: SocketAddr, listen: SocketAddr, origin: SocketAddr) -> String {
+    let (cert, key) = pki.server("server", &["gateway.example.test"]);
+    let bundle = pki.bundle(&pki.example, "example-bundle");
+    format!(
+        r#"version = 1
+[admin]
+address = "{admin}"
+[runtime]
+cores = 2
+[[listeners]]
+name = "mtls"
+address = "{listen}"
+protocol = "tls"
+[listeners.tls]
+certificates = [{{ cert = "{}", key = "{}" }}]
+client_auth = "required"
+trust_bundles = [{{ trust_domain = "example.test", bundle = "{}" }}]
+[[routes]]
+name = "clients"
+listener = "mtls"
+cluster = "origin"
+match = {{ peer = {{ trust_domains = ["example.test"] }} }}
+[[clusters]]
+name = "origin"
+endpoints = ["{origin}"]
+"#,
+        cert.display(),
+        key.display(),
+        bundle.display()
+    )
+}
+
+#[test]
+fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
+    let pki = Pki::new();
+    let origin = http_origin("hello from origin");
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mg =
+        Meshgate::start(bin(), &mtls_config(&pki, admin, listen, origin), admin).expect("start");
+    let root = pki.bundle(&pki.example, "root");
+    let (ccert, ckey) = pki.svid(&pki.example, "client", "/client");
+    let resolve = format!("gateway.example.test:{}:127.0.0.1", listen.port());
+    let url = format!("https://gateway.example.test:{}/", listen.port());
+    let base = [
+        "--resolve",
+        &resolve,
+        "--cacert",
+        root.to_str().expect("utf8"),
+    ];
+
+    let (code, out, err) = curl(
+        &[
+            &base[..],
+            &[
+                "--cert",
+                ccert.to_str().expect("utf8"),
+                "--key",
+                ckey.to_str().expect("utf8"),
+                &url,
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}\n{}", mg.log());
+    assert_eq!(out, "hello from origin");
+
+    // No client certificate: refused.
+    let (code, _, _) = curl(&[&base[..], &[&url]].concat());
+    assert_ne!(code, 0);
+    // A valid SVID of another trust domain: refused.
+    let (wcert, wkey) = pki.svid(&pki.other, "wrong", "/client");
+    let (code, _, _) = curl(
+        &[
+            &base[..],
+            &[
+                "--cert",
+                wcert.to_str().expect("utf8"),
+                "--key",
+                wkey.to_str().expect("utf8"),
+                &url,
+            ],
+        ]
+        .concat(),
+    );
+    assert_ne!(code, 0);
+
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let m = mg.metrics();
+            metric_sum(
+                &m,
+                "meshgate_tls_handshakes_total",
+                &[("listener", "mtls"), ("result", "full")],
+            ) >= 1.0
+                && metric_sum(
+                    &m,
+                    "meshgate_tls_handshakes_total",
+                    &[("listener", "mtls"), ("result", "failed")],
+                ) >= 2.0
+                && metric_sum(
+                    &m,
+                    "meshgate_tls_peer_verifications_total",
+                    &[("name", "mtls"), ("result", "accepted")],
+                ) >= 1.0
+        }),
+        "{}",
+        mg.metrics()
+    );
+    let m = mg.metrics();
+    let rejected: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("meshgate_tls_peer_verifications_total")
+                && l.contains("name=\"mtls\"")
+                && !l.contains("accepted")
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert!(rejected >= 2.0, "both refusals counted by reason:\n{m}");
+}
+
+#[test]
+fn openssl_s_client_round_trip_through_mtls() {
+    let pki = Pki::new();
+    let echo = EchoServer::start();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mg =
+        Meshgate::start(bin(), &mtls_config(&pki, admin, listen, echo.addr), admin).expect("start");
+    let root = pki.bundle(&pki.example, "root");
+    let (ccert, ckey) = pki.svid(&pki.example, "client", "/client");
+    for version in ["-tls1_2", "-tls1_3"] {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &listen.to_string(),
+                "-servername",
+                "gateway.example.test",
+                version,
+            ])
+            .args([
+                "-CAfile",
+                root.to_str().expect("utf8"),
+                "-cert",
+                ccert.to_str().expect("utf8"),
+                "-key",
+                ckey.to_str().expect("utf8"),
+            ])
+            .args(["-verify_return_error"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(b"ping through meshgate\n")
+            .expect("write");
+        let out = read_line_with_deadline(&mut child, Duration::from_secs(10));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            out.trim(),
+            "ping through meshgate",
+            "{version}\n{}",
+            mg.log()
+        );
+    }
+}
+
+fn read_line_with_deadline(child: &mut Child, d: Duration) -> String {
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1];
+        while let Ok(1) = stdout.read(&mut b) {
+            buf.push(b[0]);
+            if b[0] == b'\n' {
+                break;
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx.recv_timeout(d).unwrap_or_default()
+}
+
+/// `openssl s_server -WWW` serving `name.txt` (containing `name`) with a certificate for `dns`.
+struct SServer {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl SServer {
+    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("name.txt"), name).expect("write");
+        let (cert, key) = pki.server(name, &[dns]);
+        let port = free_port();
+        let child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-WWW",
+                "-accept",
+                &port.to_string(),
+                "-cert",
+            ])
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let addr = addr(port);
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
+            "s_server up"
+        );
+        SServer {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for SServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn passthrough_routes_by_sni_to_three_upstreams_without_decrypting() {
+    let pki = Pki::new();
+    let names = ["a", "b", "c"];
+    let servers: Vec<SServer> = names
+        .iter()
+        .map(|n| SServer::start(&pki, n, &format!("{n}.example.test")))
+        .collect();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mut cfg = format!(
+        "version = 1\n[admin]\naddress = \"{admin}\"\n[[listeners]]\nname = \"pt\"\naddress = \"{listen}\"\nprotocol = \"tls-passthrough\"\n"
+    );
+    for (n, s) in names.iter().zip(&servers) {
+        cfg += &format!(
+            "[[routes]]\nname = \"to-{n}\"\nlistener = \"pt\"\ncluster = \"{n}\"\nmatch = {{ sni = [\"{n}.example.test\"] }}\n[[clusters]]\nname = \"{n}\"\nendpoints = [\"{}\"]\n",
+            s.addr
+        );
+    }
+    let mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+    let root = pki.bundle(&pki.example, "root");
+    for n in names {
+        let host = format!("{n}.example.test");
+        let resolve = format!("{host}:{}:127.0.0.1", listen.port());
+        let (code, out, err) = curl(&[
+            "--resolve",
+            &resolve,
+            "--cacert",
+            root.to_str().expect("utf8"),
+            &format!("https://{host}:{}/name.txt", listen.port()),
+        ]);
+        assert_eq!(code, 0, "{host}: {err}\n{}", mg.log());
+        assert_eq!(
+            out, n,
+            "SNI {host} reached upstream {n} (its own certificate verified end to end)"
+        );
+    }
+    // Unknown SNI: no route, closed, counted.
+    let resolve = format!("zzz.example.test:{}:127.0.0.1", listen.port());
+    let (code, _, _) = curl(&[
+        "--resolve",
+        &resolve,
+        "--cacert",
+        root.to_str().expect("utf8"),
+        &format!("https://zzz.example.test:{}/name.txt", listen.port()),
+    ]);
+    assert_ne!(code, 0);
+    assert!(wait_until(Duration::from_secs(5), || metric_sum(
+        &mg.metrics(),
+        "meshgate_listener_no_route_total",
+        &[("listener", "pt")]
+    ) >= 1.0));
+}
+
+#[test]
+fn tcp_listener_originates_mtls_verified_by_spiffe_id() {
+    let pki = Pki::new();
+    // Upstream: openssl s_server with an SVID, requiring a client certificate from example.test.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("name.txt"), "secured upstream").expect("write");
+    let (ucert, ukey) = pki.svid(&pki.example, "upstream", "/ns/prod/web");
+    let bundle = pki.bundle(&pki.example, "bundle");
+    let (gcert, gkey) = pki.svid(&pki.example, "gateway", "/gateway");
+    let uport = free_port();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-WWW",
+            "-accept",
+            &uport.to_string(),
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ])
+        .arg("-cert")
+        .arg(&ucert)
+        .arg("-key")
+        .arg(&ukey)
+        .arg("-CAfile")
+        .arg(&bundle)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("s_server");
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        addr(uport)
+    )
+    .is_ok()));
+    let run = |expect_id: &str| {
+        let admin = addr(free_port());
+        let listen = addr(free_port());
+        let cfg = format!(
+            r#"version = 1
+[admin]
+address = "{admin}"
+[[listeners]]
+name = "egress"
+address = "{listen}"
+protocol = "tcp"
+[[routes]]
+name = "r"
+listener = "egress"
+cluster = "web"
+[[clusters]]
+name = "web"
+endpoints = ["127.0.0.1:{uport}"]
+[clusters.tls]
+verify = {{ spiffe_ids = ["{expect_id}"] }}
+trust_bundle = "{}"
+identity = {{ cert = "{}", key = "{}" }}
+"#,
+            bundle.display(),
+            gcert.display(),
+            gkey.display()
+        );
+        let mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+        let (code, out, err) = curl(&[&format!("http://{listen}/name.txt")]);
+        (mg, code, out, err)
+    };
+    let (mg, code, out, err) = run("spiffe://example.test/ns/prod/web");
+    assert_eq!(code, 0, "{err}\n{}", mg.log());
+    assert_eq!(out, "secured upstream");
+    // Expecting another identity: the upstream is refused, the client gets a closed connection.
+    let (mg2, code, _, _) = run("spiffe://example.test/ns/prod/db");
+    assert_ne!(code, 0);
+    assert!(wait_until(Duration::from_secs(5), || metric_sum(
+        &mg2.metrics(),
+        "meshgate_cluster_upstream_connect_failures_total",
+        &[("cluster", "web")]
+    ) >= 1.0));
+    drop(mg);
+    let _ = child.kill();
+    let _ = child.wait();
+}
