@@ -78,8 +78,9 @@ impl StateDir {
         "bundle.json",
     ];
 
-    /// Other meshgate state that may share the directory (the gateway's config history).
-    const OTHER_NAMES: &'static [&'static str] = &["config-history"];
+    /// Other meshgate state that may share the directory (the gateway's config history, the
+    /// enrollment server's audit trail).
+    const OTHER_NAMES: &'static [&'static str] = &["config-history", "audit"];
 
     /// Whether `ca init` may use a directory holding an entry of this name: meshgate's own
     /// state, or a temp file left by a killed writer. Anything else means the operator pointed

@@ -141,6 +141,34 @@ fn jitter() -> f64 {
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
 }
 
+/// The chain must lead to one of the bundle's roots at `now`, for client and server use:
+/// never install a set that cannot work.
+fn verify_chain(chain_pem: &str, bundle_pem: &str, now: OffsetDateTime) -> Result<(), String> {
+    let chain = client::pem_certs(chain_pem)?;
+    let roots = client::pem_certs(bundle_pem).map_err(|e| format!("bundle: {e}"))?;
+    let anchors = roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(r)
+                .map(|a| a.to_owned())
+                .map_err(|e| format!("bundle: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(now.unix_timestamp()).unwrap_or(0),
+    ));
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        leaf.verify_for_usage(algs.all, &anchors, &chain[1..], at, usage, None, None)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("bad timestamp {s:?}: {e}"))
 }
@@ -272,7 +300,8 @@ impl Agent {
                 self.cfg.spiffe_id
             )));
         }
-        client::pem_certs(&r.bundle_pem).map_err(|e| proto(format!("bundle_pem: {e}")))?;
+        verify_chain(&r.svid_pem, &r.bundle_pem, self.clock.now())
+            .map_err(|e| proto(format!("the SVID does not verify against the bundle: {e}")))?;
         let issued_at = parse_time(&r.issued_at).map_err(proto)?;
         Ok(Identity {
             spiffe_id: id,
@@ -399,6 +428,8 @@ impl Agent {
         }
         let mut failures: u32 = 0;
         let mut not_before: Option<OffsetDateTime> = None;
+        // Why the last SVID could not renew, when enrolling again because of it.
+        let mut renewal_refused: Option<String> = None;
         loop {
             if self.stopped() {
                 return AgentExit::Stopped;
@@ -437,6 +468,7 @@ impl Agent {
                     trusted = Some(new.clone());
                     identity = Some(new);
                     failures = 0;
+                    renewal_refused = None;
                     if self.cfg.once {
                         return AgentExit::Done;
                     }
@@ -461,6 +493,7 @@ impl Agent {
                             "the CA will not renew this SVID; enrolling again with the join token"
                         );
                         // Keep the files; enroll next (a refusal of the token ends the run).
+                        renewal_refused = Some(e.to_string());
                         identity = None;
                         failures = 0;
                     }
@@ -469,7 +502,14 @@ impl Agent {
                             "{e}; enroll again: create a join token (`meshgate token create`) and pass it with --token-file"
                         ));
                     }
-                    _ => return AgentExit::Refused(e.to_string()),
+                    _ => {
+                        return AgentExit::Refused(match &renewal_refused {
+                            Some(r) => format!(
+                                "the SVID could not be renewed ({r}) and enrollment was refused: {e}; create a new join token (`meshgate token create`) and put it in --token-file"
+                            ),
+                            None => e.to_string(),
+                        });
+                    }
                 },
                 Failure::Call(e @ CallError::Untrusted(_)) if identity.is_none() => {
                     return AgentExit::Failed(format!(
@@ -505,6 +545,41 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installs_only_chains_that_verify_against_the_bundle() {
+        use crate::ca::{Ca, InitOptions, IssueRequest};
+        use crate::clock::SystemClock;
+        use crate::ledger::AuthorisedBy;
+        use crate::spiffe::TrustDomain;
+        let mk = || {
+            let d = tempfile::tempdir().expect("tempdir");
+            let opts = InitOptions::new(TrustDomain::parse("example.org").expect("td"));
+            let ca = Ca::init(&d.path().join("s"), &opts, Arc::new(SystemClock)).expect("init");
+            (d, ca)
+        };
+        let ((_d1, a), (_d2, b)) = (mk(), mk());
+        let svid = a
+            .issue(&IssueRequest {
+                spiffe_id: SpiffeId::parse("spiffe://example.org/vm").expect("id"),
+                dns_names: vec![],
+                ttl: None,
+                authorised_by: AuthorisedBy::Operator("test".into()),
+            })
+            .expect("issue");
+        let now = SystemClock.now();
+        let a_pem = a.bundle().expect("bundle").to_pem();
+        let b_pem = b.bundle().expect("bundle").to_pem();
+        verify_chain(&svid.chain_pem, &a_pem, now).expect("own CA");
+        assert!(
+            verify_chain(&svid.chain_pem, &b_pem, now).is_err(),
+            "other CA"
+        );
+        assert!(
+            verify_chain(&svid.chain_pem, &a_pem, now + time::Duration::days(1)).is_err(),
+            "expired"
+        );
+    }
 
     #[test]
     fn parses_signal_targets() {

@@ -46,6 +46,8 @@ pub struct Head {
     pub content_length: usize,
     /// Bytes of the buffer the head took; the body starts here.
     pub head_len: usize,
+    /// `Expect: 100-continue`: the client waits for an interim response before the body.
+    pub expect_continue: bool,
 }
 
 impl Head {
@@ -111,7 +113,11 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError
         None => (target.to_owned(), None),
     };
     let mut content_length: Option<usize> = None;
+    let mut expect_continue = false;
     for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue") {
+            expect_continue = true;
+        }
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(bad(
                 "Transfer-Encoding is not accepted; send the body with Content-Length",
@@ -151,6 +157,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError
         query,
         content_length,
         head_len,
+        expect_continue,
     }))
 }
 
@@ -266,6 +273,13 @@ mod tests {
         assert_eq!(h.query_param("x"), Some(""));
         assert_eq!(h.query_param("y"), None);
         assert_eq!(h.content_length, 0);
+        assert!(!h.expect_continue);
+        let h = parse(
+            b"POST /v1/enroll HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 2000\r\n\r\n",
+        )
+        .expect("ok")
+        .expect("complete");
+        assert!(h.expect_continue);
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! Enrollment is rare and each request does a CA signature and an fsync'd ledger append, so
 //! there is nothing to gain from async here, and nothing it does can stall the proxy.
 //!
-//! One request per connection: accept -> rate limit slot is checked after the head is read ->
-//! TLS handshake ([`tls`]) -> head ([`http::parse_head`], size caps) -> route -> [`crate::Ca`]
-//! -> JSON response ([`api`]) -> one audit line ([`audit`]) -> close.
+//! One request per connection: accept -> TLS handshake ([`tls`]; a refused client certificate
+//! is audited here) -> request head ([`http::parse_head`], size caps) -> rate limit
+//! ([`ratelimit`]; 429 + Retry-After) -> body -> route -> [`crate::Ca`] -> JSON response
+//! ([`api`]) -> one audit line ([`audit`]) -> close. Each connection has one deadline
+//! ([`EnrollmentConfig::io_timeout`]) for all of it.
 //!
 //! Start it with [`EnrollmentServer::start`]; the returned [`EnrollmentHandle`] stops it.
 //! `meshgate ca serve` runs it in the foreground; `meshgate run` can embed it the same way.
@@ -681,6 +683,13 @@ fn read_request(conn: &mut Conn, limits: &Limits) -> Result<(Head, Vec<u8>), Rea
         }
     };
     let mut body = buf.split_off(head.head_len.min(buf.len()));
+    if head.expect_continue && body.len() < head.content_length {
+        // curl waits a second for this before sending a body over 1 KiB.
+        let mut s = rustls::Stream::new(&mut conn.tls, &mut conn.tcp);
+        if s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+            return Err(ReadError::Gone);
+        }
+    }
     while body.len() < head.content_length {
         match conn.read(&mut chunk) {
             Ok(0) | Err(_) => {
