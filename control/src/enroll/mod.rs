@@ -228,6 +228,15 @@ impl EnrollmentServer {
         for d in &cfg.dns_names {
             crate::ca::validate_dns_name(d).map_err(EnrollError::ServingCert)?;
         }
+        if let Some(t) = cfg.svid_ttl
+            && (t.is_zero() || t > ca.max_ttl())
+        {
+            return Err(EnrollError::Config(format!(
+                "the SVID TTL {} must be between 1s and the CA's maximum {} (set at `meshgate ca init --max-ttl`)",
+                crate::duration::format(t),
+                crate::duration::format(ca.max_ttl())
+            )));
+        }
         let server_id = SpiffeId::parse(&format!(
             "{}{SERVER_ID_PATH}",
             ca.trust_domain().id_string()
