@@ -14,11 +14,87 @@ use meshgate_dataplane::admin::{ControlAction, ReloadFailure, ReloadReply};
 
 pub struct Daemon {
     pub gateway: Gateway,
-    /// The config file; None when running the embedded default.
-    pub config_path: Option<PathBuf>,
+    pub source: ConfigSource,
     pub history: Option<History>,
     /// The config in force (to summarise what a change does).
     current: Arc<Config>,
+    /// When the embedded default's serving certificate is due for renewal.
+    renew_at: Option<std::time::SystemTime>,
+}
+
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// The embedded default, with its identity from the local CA in `state_dir`.
+    Embedded {
+        state_dir: PathBuf,
+    },
+}
+
+/// A config read and validated, with the exact text it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub text: String,
+    pub source: String,
+    pub config: Config,
+    pub renew_at: Option<std::time::SystemTime>,
+}
+
+#[derive(Debug)]
+pub enum LoadFailure {
+    Invalid(meshgate_config::LoadError),
+    Other(anyhow::Error),
+}
+
+impl ConfigSource {
+    /// Read and validate: the same loader as `meshgate config validate`.
+    pub fn load(&self) -> Result<Loaded, LoadFailure> {
+        match self {
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    LoadFailure::Other(anyhow::anyhow!(
+                        "cannot read the config file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let config =
+                    meshgate_config::parse_file_text(&text, path).map_err(LoadFailure::Invalid)?;
+                Ok(Loaded {
+                    text,
+                    source: path.display().to_string(),
+                    config,
+                    renew_at: None,
+                })
+            }
+            ConfigSource::Embedded { state_dir } => {
+                let template = meshgate_config::EMBEDDED_DEFAULT;
+                let (text, renew_at) = if template.contains("@GATEWAY_CERT@") {
+                    let id = super::local_ca::ensure(state_dir).map_err(LoadFailure::Other)?;
+                    tracing::info!(
+                        ca = %id.root.display(),
+                        "serving with an identity from the local CA; clients trust it with e.g. `curl --cacert {}`",
+                        id.root.display()
+                    );
+                    (
+                        super::local_ca::render_default(template, &id),
+                        Some(id.renew_at),
+                    )
+                } else {
+                    (template.to_string(), None)
+                };
+                let config =
+                    meshgate_config::parse(&text, meshgate_config::EMBEDDED_DEFAULT_ORIGIN)
+                        .map_err(LoadFailure::Invalid)?;
+                Ok(Loaded {
+                    text,
+                    source: "embedded default".into(),
+                    config,
+                    renew_at,
+                })
+            }
+        }
+    }
 }
 
 fn now_unix() -> u64 {
@@ -32,17 +108,19 @@ impl Daemon {
     /// `text` is the exact config text generation 1 was built from.
     pub fn new(
         gateway: Gateway,
-        config_path: Option<PathBuf>,
+        source_kind: ConfigSource,
         history: Option<History>,
         current: Arc<Config>,
         text: &str,
         source: &str,
+        renew_at: Option<std::time::SystemTime>,
     ) -> Daemon {
         let d = Daemon {
             gateway,
-            config_path,
+            source: source_kind,
             history,
             current,
+            renew_at,
         };
         d.record(text, source, 1, "started");
         d
@@ -74,23 +152,42 @@ impl Daemon {
     }
 
     fn path(&self) -> Result<&Path, ReloadFailure> {
-        self.config_path.as_deref().ok_or_else(|| {
-            ReloadFailure::other(
-                "running on the embedded default config; there is no file to reload (start with --config FILE)",
-            )
-        })
+        match &self.source {
+            ConfigSource::File(p) => Ok(p),
+            ConfigSource::Embedded { .. } => Err(ReloadFailure::other(
+                "running on the embedded default config; there is no file to roll back (start with --config FILE)",
+            )),
+        }
     }
 
-    /// Re-read the config file and apply it. The same loader as start-up and `config validate`.
+    /// A channel that fires when the embedded default's certificate needs renewing (never for
+    /// a config file).
+    pub fn renewal_timer(&self) -> crossbeam_channel::Receiver<std::time::Instant> {
+        match self.renew_at {
+            None => crossbeam_channel::never(),
+            Some(at) => {
+                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                crossbeam_channel::after(wait.max(std::time::Duration::from_secs(1)))
+            }
+        }
+    }
+
+    /// Re-read the config (file, or the embedded default with a renewed identity) and apply
+    /// it. The same loader as start-up and `config validate`.
     fn reload_file(&mut self) -> ReloadReply {
-        let path = self.path()?.to_path_buf();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ReloadFailure::other(format!("cannot read {}: {e}", path.display())))?;
-        self.apply(
-            &text,
-            &path.display().to_string(),
-            &path.display().to_string(),
-        )
+        let loaded = match self.source.load() {
+            Ok(l) => l,
+            Err(LoadFailure::Invalid(e)) => {
+                self.gateway
+                    .stats()
+                    .reloads_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(ReloadFailure::invalid(&e));
+            }
+            Err(LoadFailure::Other(e)) => return Err(ReloadFailure::other(format!("{e:#}"))),
+        };
+        self.renew_at = loaded.renew_at;
+        self.apply(&loaded.text, loaded.config, &loaded.source)
     }
 
     /// Put history entry `to` (default: the one before the newest) back in the config file and
@@ -118,8 +215,9 @@ impl Daemon {
         let (_, text) = history
             .get(id)
             .map_err(|e| ReloadFailure::other(e.to_string()))?;
-        // Validate before touching the file.
-        meshgate_config::parse(&text, &format!("config history #{id}"))
+        // Validate before touching the file (relative paths resolve against the file's
+        // directory, as they will once it is written there).
+        let config = meshgate_config::parse_file_text(&text, &path)
             .map_err(|e| ReloadFailure::invalid(&e))?;
         if let Ok(on_disk) = std::fs::read_to_string(&path) {
             let applied = entries.last().is_some_and(|e| {
@@ -143,21 +241,10 @@ impl Daemon {
         write_atomic(&path, text.as_bytes(), mode)
             .map_err(|e| ReloadFailure::other(e.to_string()))?;
         tracing::info!(to = id, file = %path.display(), "rolled the config file back");
-        self.apply(
-            &text,
-            &path.display().to_string(),
-            &format!("rollback to #{id}"),
-        )
+        self.apply(&text, config, &format!("rollback to #{id}"))
     }
 
-    fn apply(&mut self, text: &str, origin: &str, source: &str) -> ReloadReply {
-        let config = meshgate_config::parse(text, origin).map_err(|e| {
-            self.gateway
-                .stats()
-                .reloads_failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            ReloadFailure::invalid(&e)
-        })?;
+    fn apply(&mut self, text: &str, config: Config, source: &str) -> ReloadReply {
         let config = Arc::new(config);
         sd_notify_reloading();
         let result = self.gateway.reload(config.clone(), source);

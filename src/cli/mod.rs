@@ -9,6 +9,7 @@ mod cert;
 mod check;
 mod config_cmd;
 mod daemon;
+mod local_ca;
 mod reload;
 mod run;
 mod status;

@@ -15,7 +15,7 @@ use meshgate_dataplane::admin::{self, AdminState, ControlAction, ReloadRequest};
 use meshgate_dataplane::metrics::BuildInfo;
 use meshgate_dataplane::{Gateway, StartError};
 
-use super::daemon::Daemon;
+use super::daemon::{ConfigSource, Daemon, LoadFailure};
 use super::exit;
 
 #[derive(Debug, Args)]
@@ -76,29 +76,32 @@ fn init_logging(args: &RunArgs) {
 }
 
 pub fn run(args: RunArgs) -> u8 {
-    let (text, origin, source) = match &args.config {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) => (t, path.display().to_string(), path.display().to_string()),
-            Err(e) => {
-                eprintln!("{}: cannot read the config file: {e}", path.display());
-                return exit::CONFIG;
-            }
+    let config_source = match &args.config {
+        Some(path) => ConfigSource::File(path.clone()),
+        None => ConfigSource::Embedded {
+            state_dir: args.state_dir.clone(),
         },
-        None => (
-            meshgate_config::EMBEDDED_DEFAULT.to_string(),
-            meshgate_config::EMBEDDED_DEFAULT_ORIGIN.to_string(),
-            "embedded default".to_string(),
-        ),
     };
-    let config = match meshgate_config::parse(&text, &origin) {
-        Ok(c) => c,
-        Err(e) => {
+    // The embedded default serves TLS with an identity from the local CA: logging must be up
+    // before it is issued, so that its messages are seen.
+    init_logging(&args);
+    let loaded = match config_source.load() {
+        Ok(l) => l,
+        Err(LoadFailure::Invalid(e)) => {
             eprint!("{e}");
             eprintln!("meshgate: configuration is invalid; nothing was started");
             return exit::CONFIG;
         }
+        Err(LoadFailure::Other(e)) => {
+            super::report(&e);
+            return exit::FAILURE;
+        }
     };
-    init_logging(&args);
+    let (text, source, config) = (
+        loaded.text.clone(),
+        loaded.source.clone(),
+        loaded.config.clone(),
+    );
     let config = Arc::new(config);
 
     // Block the signals we handle before any thread starts, so every thread inherits the mask
@@ -190,11 +193,12 @@ pub fn run(args: RunArgs) -> u8 {
 
     let mut daemon = Daemon::new(
         gateway,
-        args.config.clone(),
+        config_source,
         history,
         config.clone(),
         &text,
         &source,
+        loaded.renew_at,
     );
     let sig_rx = signals.forward();
     let drain_timeout = loop {
@@ -216,6 +220,10 @@ pub fn run(args: RunArgs) -> u8 {
                 if let Ok(req) = req {
                     let _ = req.reply.send(daemon.handle(req.action));
                 }
+            }
+            recv(daemon.renewal_timer()) -> _ => {
+                tracing::info!("the gateway's serving certificate is at half its lifetime: renewing");
+                let _ = daemon.handle(ControlAction::Reload);
             }
         }
     };
