@@ -24,14 +24,18 @@ mod validate;
 #[cfg(test)]
 mod tls_tests;
 
+#[cfg(test)]
+mod http_tests;
+
 use std::path::Path;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
-    AdminConfig, Balance, ClientAuth, Cluster, ClusterTls, Config, Listener, ListenerTls,
-    PeerMatch, Protocol, Route, RouteAction, RouteMatch, RuntimeConfig, ServerCertificate,
-    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    AdminConfig, Balance, ClientAuth, Cluster, ClusterTls, Config, HeaderMatch, HeaderOps,
+    HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch, PeerMatch, Protocol, Route,
+    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion,
+    TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -283,6 +287,7 @@ endpoints = ["127.0.0.1:15002"]
                 handshake_timeout: Duration::from_secs(10),
                 default_route: None,
                 tls: None,
+                http: None,
             }]
         );
         assert_eq!(
@@ -299,6 +304,7 @@ endpoints = ["127.0.0.1:15002"]
                         weight: 1,
                     }],
                 },
+                http: None,
             }]
         );
         assert_eq!(
@@ -370,7 +376,9 @@ endpoints = ["10.0.0.3:80"]
         assert_eq!(config.listeners[1].routes, [0]);
         assert_eq!(config.listeners[0].idle_timeout, Duration::from_millis(250));
         assert_eq!(config.routes[0].listener_index, 1);
-        let RouteAction::Forward { clusters } = &config.routes[0].action;
+        let RouteAction::Forward { clusters } = &config.routes[0].action else {
+            panic!("routes[0] forwards");
+        };
         assert_eq!(
             clusters,
             &[
@@ -831,23 +839,21 @@ endpoints = [\"127.0.0.1:15004\"]
 
     #[test]
     fn unsupported_protocols() {
-        for planned in ["http", "https"] {
-            let error = only_error(
-                &VALID.replace("\"tcp\"", &format!("\"{planned}\"")),
-                "listeners[0].protocol",
-            );
-            assert_eq!(
-                error.message,
-                format!("protocol `{planned}` is not supported yet in this release")
-            );
-        }
+        let error = only_error(
+            &VALID.replace("\"tcp\"", "\"https\""),
+            "listeners[0].protocol",
+        );
+        assert_eq!(
+            error.message,
+            "protocol `https` is not supported yet in this release"
+        );
         let error = only_error(
             &VALID.replace("\"tcp\"", "\"udp\""),
             "listeners[0].protocol",
         );
         assert_eq!(
             error.message,
-            "unknown protocol `udp`; allowed values: \"tcp\", \"tls\", \"tls-passthrough\""
+            "unknown protocol `udp`; allowed values: \"tcp\", \"tls\", \"tls-passthrough\", \"http\""
         );
         let error = only_error(
             &VALID.replace("\"tcp\"", "\"tls-passthru\""),
@@ -1021,7 +1027,7 @@ drain_timeout = "soon"
 [[listeners]]
 name = "tcp-in"
 address = "127.0.0.1"
-protocol = "http"
+protocol = "https"
 backlogg = 10
 
 [[listeners]]

@@ -312,20 +312,37 @@ impl Loader<'_> {
                                 &mut table,
                                 ("match", Section::RouteMatch),
                                 &item_path,
-                                &[("peer", Section::PeerMatch)],
+                                &[("peer", Section::PeerMatch), ("path", Section::PathMatch)],
+                                &[("headers", Section::HeaderMatch)],
+                            );
+                            for sub in [
+                                ("direct_response", Section::DirectResponse),
+                                ("redirect", Section::Redirect),
+                                ("request_headers", Section::HeaderOps),
+                                ("response_headers", Section::HeaderOps),
+                            ] {
+                                self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
+                            }
+                        }
+                        Section::Listeners => {
+                            self.clean_subtable(
+                                &mut table,
+                                ("tls", Section::ListenerTls),
+                                &item_path,
+                                &[],
+                                &[
+                                    ("certificates", Section::Certificates),
+                                    ("trust_bundles", Section::TrustBundles),
+                                ],
+                            );
+                            self.clean_subtable(
+                                &mut table,
+                                ("http", Section::ListenerHttp),
+                                &item_path,
+                                &[],
                                 &[],
                             );
                         }
-                        Section::Listeners => self.clean_subtable(
-                            &mut table,
-                            ("tls", Section::ListenerTls),
-                            &item_path,
-                            &[],
-                            &[
-                                ("certificates", Section::Certificates),
-                                ("trust_bundles", Section::TrustBundles),
-                            ],
-                        ),
                         Section::Clusters => self.clean_subtable(
                             &mut table,
                             ("tls", Section::ClusterTls),
@@ -409,6 +426,9 @@ impl Loader<'_> {
                 .to_owned(),
             Section::TrustBundles => "write each entry as an inline table, e.g. { trust_domain \
                                       = \"example.test\", bundle = \"example.test.pem\" }"
+                .to_owned(),
+            Section::HeaderMatch => "write each entry as an inline table, e.g. { name = \
+                                     \"x-canary\", exact = \"1\" }"
                 .to_owned(),
             _ => format!(
                 "declare each entry in its own {} table (double brackets) with its fields \
@@ -587,6 +607,12 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::ClusterTls => value.try_into::<raw::ClusterTls>().map(drop),
         Section::Verify => value.try_into::<raw::Verify>().map(drop),
         Section::Identity => value.try_into::<raw::Identity>().map(drop),
+        Section::ListenerHttp => value.try_into::<raw::ListenerHttp>().map(drop),
+        Section::PathMatch => value.try_into::<raw::PathMatch>().map(drop),
+        Section::HeaderMatch => value.try_into::<raw::HeaderMatch>().map(drop),
+        Section::DirectResponse => value.try_into::<raw::DirectResponse>().map(drop),
+        Section::Redirect => value.try_into::<raw::Redirect>().map(drop),
+        Section::HeaderOps => value.try_into::<raw::HeaderOps>().map(drop),
     }
 }
 

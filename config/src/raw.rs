@@ -55,6 +55,14 @@ pub(crate) struct Listener {
     pub handshake_timeout: Option<Duration>,
     pub default_route: Option<String>,
     pub tls: Option<ListenerTls>,
+    pub http: Option<ListenerHttp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerHttp {
+    pub max_request_head: Option<i64>,
+    pub request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +100,13 @@ pub(crate) struct Route {
     pub weighted_clusters: Option<Vec<WeightedCluster>>,
     #[serde(rename = "match")]
     pub matcher: Option<RouteMatch>,
+    pub direct_response: Option<DirectResponse>,
+    pub redirect: Option<Redirect>,
+    pub request_headers: Option<HeaderOps>,
+    pub response_headers: Option<HeaderOps>,
+    pub prefix_rewrite: Option<String>,
+    pub host_rewrite: Option<String>,
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +114,50 @@ pub(crate) struct Route {
 pub(crate) struct RouteMatch {
     pub sni: Option<Vec<String>>,
     pub peer: Option<PeerMatch>,
+    pub hosts: Option<Vec<String>>,
+    pub path: Option<PathMatch>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<Vec<HeaderMatch>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PathMatch {
+    pub prefix: Option<String>,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HeaderMatch {
+    pub name: Option<String>,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DirectResponse {
+    pub status: Option<i64>,
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Redirect {
+    pub location: Option<String>,
+    pub status: Option<i64>,
+}
+
+/// `add` and `set` map header names to values; kept in name order.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HeaderOps {
+    pub add: Option<std::collections::BTreeMap<String, String>>,
+    pub set: Option<std::collections::BTreeMap<String, String>>,
+    pub remove: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,10 +300,16 @@ pub(crate) enum Section {
     ClusterTls,
     Verify,
     Identity,
+    ListenerHttp,
+    PathMatch,
+    HeaderMatch,
+    DirectResponse,
+    Redirect,
+    HeaderOps,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 15] = [
+    pub(crate) const ALL: [Section; 21] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -252,10 +317,16 @@ impl Section {
         Section::ListenerTls,
         Section::Certificates,
         Section::TrustBundles,
+        Section::ListenerHttp,
         Section::Routes,
         Section::WeightedClusters,
         Section::RouteMatch,
         Section::PeerMatch,
+        Section::PathMatch,
+        Section::HeaderMatch,
+        Section::DirectResponse,
+        Section::Redirect,
+        Section::HeaderOps,
         Section::Clusters,
         Section::ClusterTls,
         Section::Verify,
@@ -280,6 +351,12 @@ impl Section {
             Section::ClusterTls => fields::<ClusterTls>(),
             Section::Verify => fields::<Verify>(),
             Section::Identity => fields::<Identity>(),
+            Section::ListenerHttp => fields::<ListenerHttp>(),
+            Section::PathMatch => fields::<PathMatch>(),
+            Section::HeaderMatch => fields::<HeaderMatch>(),
+            Section::DirectResponse => fields::<DirectResponse>(),
+            Section::Redirect => fields::<Redirect>(),
+            Section::HeaderOps => fields::<HeaderOps>(),
         }
     }
 
@@ -301,6 +378,12 @@ impl Section {
             Section::ClusterTls => "[clusters.tls]",
             Section::Verify => "[clusters.tls.verify]",
             Section::Identity => "[clusters.tls.identity]",
+            Section::ListenerHttp => "[listeners.http]",
+            Section::PathMatch => "[routes.match.path]",
+            Section::HeaderMatch => "[routes.match] headers entries",
+            Section::DirectResponse => "[routes.direct_response]",
+            Section::Redirect => "[routes.redirect]",
+            Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
         }
     }
 
@@ -398,6 +481,46 @@ impl Section {
             (Section::Verify, "dns_names") => "dns_names = [\"backend.example.test\"]",
             (Section::Identity, "cert") => "cert = \"/etc/meshgate/gateway.pem\"",
             (Section::Identity, "key") => "key = \"/etc/meshgate/gateway-key.pem\"",
+            (Section::Listeners, "http") => {
+                "http = { max_request_head = 65536, request_timeout = \"30s\" }"
+            }
+            (Section::ListenerHttp, "max_request_head") => "max_request_head = 65536",
+            (Section::ListenerHttp, "request_timeout") => "request_timeout = \"30s\"",
+            (Section::Routes, "direct_response") => {
+                "direct_response = { status = 200, body = \"ok\\n\" }"
+            }
+            (Section::Routes, "redirect") => {
+                "redirect = { location = \"https://example.test/\", status = 301 }"
+            }
+            (Section::Routes, "request_headers") => {
+                "request_headers = { add = { x-env = \"prod\" }, set = { x-team = \"web\" }, remove = [\"x-debug\"] }"
+            }
+            (Section::Routes, "response_headers") => {
+                "response_headers = { set = { cache-control = \"no-store\" }, remove = [\"server\"] }"
+            }
+            (Section::Routes, "prefix_rewrite") => "prefix_rewrite = \"/v2/\"",
+            (Section::Routes, "host_rewrite") => "host_rewrite = \"backend.internal\"",
+            (Section::Routes, "timeout") => "timeout = \"15s\"",
+            (Section::RouteMatch, "hosts") => "hosts = [\"api.example.test\", \"*.example.test\"]",
+            (Section::RouteMatch, "path") => "path = { prefix = \"/api/\" }",
+            (Section::RouteMatch, "methods") => "methods = [\"GET\", \"HEAD\"]",
+            (Section::RouteMatch, "headers") => {
+                "headers = [{ name = \"x-canary\", exact = \"1\" }]"
+            }
+            (Section::PathMatch, "prefix") => "prefix = \"/api/\"",
+            (Section::PathMatch, "exact") => "exact = \"/healthz\"",
+            (Section::PathMatch, "regex") => "regex = \"^/v[0-9]+/\"",
+            (Section::HeaderMatch, "name") => "name = \"x-canary\"",
+            (Section::HeaderMatch, "exact") => "exact = \"1\"",
+            (Section::HeaderMatch, "regex") => "regex = \"^(alpha|beta)$\"",
+            (Section::HeaderMatch, "present") => "present = true",
+            (Section::DirectResponse, "status") => "status = 200",
+            (Section::DirectResponse, "body") => "body = \"ok\\n\"",
+            (Section::Redirect, "location") => "location = \"https://example.test/\"",
+            (Section::Redirect, "status") => "status = 301",
+            (Section::HeaderOps, "add") => "add = { x-env = \"prod\" }",
+            (Section::HeaderOps, "set") => "set = { x-team = \"web\" }",
+            (Section::HeaderOps, "remove") => "remove = [\"x-debug\"]",
             _ => return None,
         })
     }
@@ -457,6 +580,12 @@ mod tests {
         check::<ClusterTls>(Section::ClusterTls);
         check::<Verify>(Section::Verify);
         check::<Identity>(Section::Identity);
+        check::<ListenerHttp>(Section::ListenerHttp);
+        check::<PathMatch>(Section::PathMatch);
+        check::<HeaderMatch>(Section::HeaderMatch);
+        check::<DirectResponse>(Section::DirectResponse);
+        check::<Redirect>(Section::Redirect);
+        check::<HeaderOps>(Section::HeaderOps);
         for field in Section::Top.fields() {
             assert!(
                 Section::Top.example(field).is_some(),
@@ -490,6 +619,12 @@ mod tests {
             Section::ClusterTls => "### `[clusters.tls]`",
             Section::Verify => "#### `verify`",
             Section::Identity => "#### `identity`",
+            Section::ListenerHttp => "### `[listeners.http]`",
+            Section::PathMatch => "#### `path`",
+            Section::HeaderMatch => "#### `headers` entries",
+            Section::DirectResponse => "### `direct_response`",
+            Section::Redirect => "### `redirect`",
+            Section::HeaderOps => "### `request_headers` and `response_headers`",
         }
     }
 
@@ -637,6 +772,9 @@ mod tests {
         "#;
         let config = crate::parse(MINIMAL, "minimal").unwrap_or_else(|err| panic!("{err}"));
         let json = serde_json::to_value(&config).unwrap_or_default();
+        let http = MINIMAL.replace("\"tcp\"", "\"http\"");
+        let http = crate::parse(&http, "minimal http").unwrap_or_else(|err| panic!("{err}"));
+        let http_json = serde_json::to_value(&http).unwrap_or_default();
         let doc = reference();
         let mut checked = 0;
         for section in Section::ALL {
@@ -646,6 +784,7 @@ mod tests {
                 Section::Runtime => &json["runtime"],
                 Section::Listeners => &json["listeners"][0],
                 Section::Clusters => &json["clusters"][0],
+                Section::ListenerHttp => &http_json["listeners"][0]["http"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls
@@ -655,7 +794,12 @@ mod tests {
                 | Section::PeerMatch
                 | Section::ClusterTls
                 | Section::Verify
-                | Section::Identity => continue,
+                | Section::Identity
+                | Section::PathMatch
+                | Section::HeaderMatch
+                | Section::DirectResponse
+                | Section::Redirect
+                | Section::HeaderOps => continue,
             };
             for (field, default) in field_rows(&doc, section) {
                 let actual = &object[field.as_str()];

@@ -107,6 +107,20 @@ pub struct Listener {
     pub default_route: Option<usize>,
     /// TLS termination settings; `Some` exactly for `tls` listeners.
     pub tls: Option<ListenerTls>,
+    /// HTTP settings; `Some` exactly for `http` listeners (defaults filled in).
+    pub http: Option<ListenerHttp>,
+}
+
+/// `[listeners.http]`: limits of an `http` listener's downstream side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerHttp {
+    /// Largest request head (request line + header fields) in bytes; larger -> 431.
+    /// `1024..=1048576`.
+    pub max_request_head: u32,
+    /// Time a client gets to send a complete request head once it started one (and, on a new
+    /// connection, from accept); then 408 and close. `> 0`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub request_timeout: Duration,
 }
 
 /// `[listeners.tls]`: how a `tls` listener terminates TLS.
@@ -201,6 +215,9 @@ pub enum Protocol {
     /// original bytes go to the cluster untouched.
     #[serde(rename = "tls-passthrough")]
     TlsPassthrough,
+    /// Cleartext HTTP/1.1: each request is routed on host, path, method and headers (see
+    /// [`RouteMatch`]) and proxied, or answered by the route ([`RouteAction`]).
+    Http,
 }
 
 impl Protocol {
@@ -210,6 +227,7 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Tls => "tls",
             Protocol::TlsPassthrough => "tls-passthrough",
+            Protocol::Http => "http",
         }
     }
 }
@@ -234,6 +252,8 @@ pub struct Route {
     #[serde(rename = "match")]
     pub matcher: Option<RouteMatch>,
     pub action: RouteAction,
+    /// Request handling of routes of `http` listeners; `Some` exactly for those.
+    pub http: Option<RouteHttp>,
 }
 
 /// `[routes.match]`: every part given must match.
@@ -243,6 +263,87 @@ pub struct RouteMatch {
     pub sni: Vec<String>,
     /// The verified client identity (`tls` listeners with client auth only).
     pub peer: Option<PeerMatch>,
+    /// `http` listeners: lowercase host names (or IP literals) and `*.` wildcards (one label
+    /// deep), compared with the request's host without its port; empty: any host.
+    pub hosts: Vec<String>,
+    /// `http` listeners: the normalised request path (no query) must match.
+    pub path: Option<PathMatch>,
+    /// `http` listeners: the method must be one of these (case-sensitive); empty: any.
+    pub methods: Vec<String>,
+    /// `http` listeners: every entry must match.
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// How a route matches the request path (the normalised path, without the query).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    /// The path starts with this string (plain string prefix, as in Envoy: `/api` also
+    /// matches `/apis`; write `/api/` to match whole segments).
+    Prefix(String),
+    /// The path is exactly this.
+    Exact(String),
+    /// The regular expression (Rust `regex` syntax, unanchored unless `^`/`$`) matches.
+    Regex(String),
+}
+
+/// One header condition of a route match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeaderMatch {
+    /// Lowercase field name.
+    pub name: String,
+    #[serde(flatten)]
+    pub value: HeaderValueMatch,
+}
+
+/// What a [`HeaderMatch`] requires of the named field. With several fields of that name, any
+/// of them may match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderValueMatch {
+    /// A field with exactly this value (case-sensitive).
+    Exact(String),
+    /// A field whose value the regular expression matches.
+    Regex(String),
+    /// `true`: the field is present (any value); `false`: it is absent.
+    Present(bool),
+}
+
+/// How a route of an `http` listener edits the requests and responses it forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteHttp {
+    /// Edits to the request sent upstream.
+    pub request_headers: HeaderOps,
+    /// Edits to the response sent to the client (also applied to direct responses and
+    /// redirects).
+    pub response_headers: HeaderOps,
+    /// Replaces the part of the path matched by `match.path.prefix` (or the whole path, with
+    /// `match.path.exact`); forward routes only.
+    pub prefix_rewrite: Option<String>,
+    /// Replaces the Host sent upstream; forward routes only.
+    pub host_rewrite: Option<String>,
+    /// Time the upstream gets to deliver the whole response (all attempts); then 504.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub timeout: Duration,
+}
+
+/// Header edits: names are lowercase tokens, never a field the proxy manages itself (Host,
+/// framing and connection fields); values are valid field values. Applied in the order
+/// remove, set, add.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HeaderOps {
+    /// Fields appended (existing ones of the same name are kept).
+    pub add: Vec<(String, String)>,
+    /// Fields replaced (existing ones of the same name are dropped first).
+    pub set: Vec<(String, String)>,
+    /// Fields dropped.
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
+    }
 }
 
 impl RouteMatch {
@@ -301,6 +402,10 @@ pub enum RouteAction {
     /// `cluster = "x"` has a single entry of weight 1. Never empty; names are unique; the sum of
     /// the weights fits in a `u32`.
     Forward { clusters: Vec<WeightedCluster> },
+    /// `http` listeners: answer with this status and body; nothing goes upstream.
+    DirectResponse { status: u16, body: String },
+    /// `http` listeners: answer with a redirect to `location`.
+    Redirect { location: String, status: u16 },
 }
 
 /// One destination of a route.

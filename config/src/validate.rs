@@ -20,6 +20,8 @@ use crate::types::{
     TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster,
 };
 
+mod http;
+
 /// The only file format version this release reads.
 pub(crate) const VERSION: u32 = 1;
 
@@ -33,14 +35,26 @@ pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) const DEFAULT_BACKLOG: u32 = 1024;
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MAX_REQUEST_HEAD: u32 = 64 * 1024;
+/// The HTTP/1.1 codec's hard limit on a head.
+pub(crate) const MAX_REQUEST_HEAD: u32 = 1 << 20;
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Compiled size limit of a route regex (path or header), so a config cannot make matching slow
+/// or the gateway's memory large.
+pub(crate) const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Entries per `add`, `set` or `remove` list of a route's header edits.
+pub(crate) const MAX_HEADER_OPS: usize = 32;
+/// Largest direct-response body.
+pub(crate) const MAX_DIRECT_BODY: usize = 64 * 1024;
 pub(crate) const MAX_NAME_LEN: usize = 64;
 /// `sizeof(sockaddr_un.sun_path) - 1` on Linux.
 pub(crate) const MAX_UNIX_SOCKET_PATH: usize = 107;
 
 /// Protocol names this release accepts.
-const PROTOCOLS: [&str; 3] = ["tcp", "tls", "tls-passthrough"];
+const PROTOCOLS: [&str; 4] = ["tcp", "tls", "tls-passthrough", "http"];
 /// Protocol names this release recognises but does not implement yet.
-const PLANNED_PROTOCOLS: [&str; 2] = ["http", "https"];
+const PLANNED_PROTOCOLS: [&str; 1] = ["https"];
 
 /// What validation needs besides the file: where relative paths start, and the time that
 /// certificate validity is checked at.
@@ -486,23 +500,27 @@ impl Validator {
             65535,
             DEFAULT_BACKLOG,
         );
-        let handshake_timeout =
-            if raw.handshake_timeout.is_some() && protocol == Some(Protocol::Tcp) {
-                self.error(
-                    format!("{path}.handshake_timeout"),
-                    "a tcp listener has no TLS handshake to time",
-                    "remove handshake_timeout, or use protocol = \"tls\" or \"tls-passthrough\"",
-                );
-                None
-            } else {
-                self.duration(
-                    &format!("{path}.handshake_timeout"),
-                    "handshake_timeout",
-                    raw.handshake_timeout,
-                    DEFAULT_HANDSHAKE_TIMEOUT,
-                    true,
-                )
-            };
+        let handshake_timeout = if raw.handshake_timeout.is_some()
+            && matches!(protocol, Some(Protocol::Tcp | Protocol::Http))
+        {
+            self.error(
+                format!("{path}.handshake_timeout"),
+                format!(
+                    "a {} listener has no TLS handshake to time",
+                    protocol.map_or("", Protocol::as_str)
+                ),
+                "remove handshake_timeout, or use protocol = \"tls\" or \"tls-passthrough\"",
+            );
+            None
+        } else {
+            self.duration(
+                &format!("{path}.handshake_timeout"),
+                "handshake_timeout",
+                raw.handshake_timeout,
+                DEFAULT_HANDSHAKE_TIMEOUT,
+                true,
+            )
+        };
         let tls_path = format!("{path}.tls");
         let tls = match (protocol, raw.tls) {
             (Some(Protocol::Tls), Some(tls)) => self.listener_tls(&tls_path, tls).map(Some),
@@ -530,6 +548,21 @@ impl Validator {
             }
             (_, _) => Some(None),
         };
+        let http_path = format!("{path}.http");
+        let http = match (protocol, raw.http) {
+            (Some(Protocol::Http), http) => self
+                .listener_http(&http_path, http.unwrap_or_default())
+                .map(Some),
+            (Some(other), Some(_)) => {
+                self.error(
+                    http_path,
+                    format!("a {other} listener does not speak HTTP, so it takes no http table"),
+                    "remove [listeners.http], or set protocol = \"http\" to route HTTP requests",
+                );
+                None
+            }
+            (_, _) => Some(None),
+        };
         Some(Listener {
             name: raw.name?,
             address: address?,
@@ -541,6 +574,7 @@ impl Validator {
             handshake_timeout: handshake_timeout?,
             default_route: None,
             tls: tls?,
+            http: http?,
         })
     }
 
@@ -550,17 +584,18 @@ impl Validator {
             Some("tcp") => return Some(Protocol::Tcp),
             Some("tls") => return Some(Protocol::Tls),
             Some("tls-passthrough") => return Some(Protocol::TlsPassthrough),
+            Some("http") => return Some(Protocol::Http),
             None => self.error(
                 path,
                 "missing `protocol`",
-                "add protocol = \"tcp\", \"tls\" or \"tls-passthrough\"",
+                "add protocol = \"tcp\", \"tls\", \"tls-passthrough\" or \"http\"",
             ),
             Some(other) if PLANNED_PROTOCOLS.contains(&other) => self.error(
                 path,
                 format!("protocol `{other}` is not supported yet in this release"),
                 format!(
-                    "use protocol = \"tls\" to terminate TLS (or \"tcp\"/\"tls-passthrough\" \
-                     to forward bytes) and handle {other} in the upstream"
+                    "use protocol = \"http\" behind a TLS terminator, or protocol = \"tls\" to \
+                     terminate TLS here and handle {other} in the upstream"
                 ),
             ),
             Some(other) => {
@@ -569,8 +604,8 @@ impl Validator {
                     None => String::new(),
                 };
                 hint.push_str(&format!(
-                    "write protocol = \"tcp\", \"tls\" or \"tls-passthrough\"; {} are planned \
-                     for later releases",
+                    "write protocol = \"tcp\", \"tls\", \"tls-passthrough\" or \"http\"; {} is \
+                     planned for a later release",
                     quoted_list(&PLANNED_PROTOCOLS)
                 ));
                 self.error(
@@ -698,13 +733,13 @@ impl Validator {
     fn route(
         &mut self,
         index: usize,
-        raw: raw::Route,
+        mut raw: raw::Route,
         listeners: &Names,
         clusters: &Names,
         listener: Option<&BoundListener>,
     ) -> Option<Route> {
         let path = format!("routes[{index}]");
-        let matcher = match raw.matcher {
+        let matcher = match raw.matcher.take() {
             None => Some(None),
             Some(matcher) => self
                 .route_match(&format!("{path}.match"), matcher, listener)
@@ -734,47 +769,109 @@ impl Validator {
                 }
             },
         };
-        let action = match (raw.cluster, raw.weighted_clusters) {
-            (Some(_), Some(_)) => {
-                self.error(
-                    path.clone(),
-                    "route sets both `cluster` and `weighted_clusters`",
-                    "keep one: cluster = \"NAME\" sends everything to one cluster, \
-                     weighted_clusters splits traffic between several",
-                );
-                None
-            }
-            (None, None) => {
-                self.error(
-                    path.clone(),
-                    "route has no destination: neither `cluster` nor `weighted_clusters` is set",
-                    format!(
-                        "add cluster = \"NAME\" (or weighted_clusters to split traffic); {}",
-                        clusters.suggest("", "cluster")
-                    ),
-                );
-                None
-            }
-            (Some(cluster), None) => {
-                let cluster_path = format!("{path}.cluster");
-                self.cluster_ref(&cluster_path, &cluster, clusters)
-                    .map(|cluster_index| RouteAction::Forward {
-                        clusters: vec![WeightedCluster {
-                            cluster,
-                            cluster_index,
-                            weight: 1,
-                        }],
-                    })
-            }
-            (None, Some(list)) => self.weighted_clusters(&path, list, clusters),
-        };
+        let protocol = listener.and_then(|l| l.protocol.as_deref());
+        let action = self.route_action(&path, &mut raw, clusters, protocol);
+        let matched_path = matcher
+            .as_ref()
+            .map(|m| m.as_ref().and_then(|m| m.path.as_ref()));
+        let http = self.route_http(&path, &mut raw, protocol, action.as_ref(), matched_path);
         Some(Route {
             name: raw.name?,
             listener: raw.listener?,
             listener_index: listener_index?,
             matcher: matcher?,
             action: action?,
+            http: http?,
         })
+    }
+
+    /// `cluster`, `weighted_clusters`, `direct_response` or `redirect`: exactly one.
+    fn route_action(
+        &mut self,
+        path: &str,
+        raw: &mut raw::Route,
+        clusters: &Names,
+        protocol: Option<&str>,
+    ) -> Option<RouteAction> {
+        let given: Vec<&str> = [
+            ("cluster", raw.cluster.is_some()),
+            ("weighted_clusters", raw.weighted_clusters.is_some()),
+            ("direct_response", raw.direct_response.is_some()),
+            ("redirect", raw.redirect.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        match given.as_slice() {
+            [] => {
+                let (message, also) = if protocol == Some("http") {
+                    (
+                        "route has no destination: none of `cluster`, `weighted_clusters`, \
+                         `direct_response` and `redirect` is set",
+                        ", direct_response or redirect to answer without an upstream",
+                    )
+                } else {
+                    (
+                        "route has no destination: neither `cluster` nor `weighted_clusters` is set",
+                        "",
+                    )
+                };
+                self.error(
+                    path,
+                    message,
+                    format!(
+                        "add cluster = \"NAME\" (or weighted_clusters to split traffic{also}); {}",
+                        clusters.suggest("", "cluster")
+                    ),
+                );
+                return None;
+            }
+            [_] => {}
+            [first, second] => {
+                self.error(
+                    path,
+                    format!("route sets both `{first}` and `{second}`"),
+                    "keep one: cluster = \"NAME\" sends everything to one cluster, \
+                     weighted_clusters splits traffic between several, direct_response and \
+                     redirect answer without an upstream",
+                );
+                return None;
+            }
+            more => {
+                self.error(
+                    path,
+                    format!(
+                        "route sets {}; a route has exactly one action",
+                        more.iter()
+                            .map(|f| format!("`{f}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "keep one of cluster, weighted_clusters, direct_response and redirect",
+                );
+                return None;
+            }
+        }
+        if let Some(cluster) = raw.cluster.take() {
+            let cluster_path = format!("{path}.cluster");
+            return self
+                .cluster_ref(&cluster_path, &cluster, clusters)
+                .map(|cluster_index| RouteAction::Forward {
+                    clusters: vec![WeightedCluster {
+                        cluster,
+                        cluster_index,
+                        weight: 1,
+                    }],
+                });
+        }
+        if let Some(list) = raw.weighted_clusters.take() {
+            return self.weighted_clusters(path, list, clusters);
+        }
+        if let Some(direct) = raw.direct_response.take() {
+            return self.direct_response(&format!("{path}.direct_response"), direct, protocol);
+        }
+        let redirect = raw.redirect.take()?;
+        self.redirect(&format!("{path}.redirect"), redirect, protocol)
     }
 
     fn cluster_ref(&mut self, path: &str, name: &str, clusters: &Names) -> Option<usize> {
@@ -1290,7 +1387,7 @@ impl Validator {
     fn route_match(
         &mut self,
         path: &str,
-        raw: raw::RouteMatch,
+        mut raw: raw::RouteMatch,
         listener: Option<&BoundListener>,
     ) -> Option<RouteMatch> {
         let protocol = listener.and_then(|l| l.protocol.as_deref());
@@ -1304,6 +1401,7 @@ impl Validator {
             );
             return None;
         }
+        let http = self.http_match(path, &mut raw, protocol);
         let sni = self.sni_patterns(&format!("{path}.sni"), raw.sni.unwrap_or_default());
         let peer = match raw.peer {
             None => Some(None),
@@ -1332,14 +1430,28 @@ impl Validator {
                          [listeners.tls], or remove `peer`",
                     );
                     None
+                } else if protocol == Some("http") {
+                    self.error(
+                        peer_path,
+                        "an http listener does not see client certificates, so it cannot match \
+                         on the peer",
+                        "remove `peer`; routing by client identity needs a tls listener with \
+                         client_auth (https listeners are planned)",
+                    );
+                    None
                 } else {
                     self.peer_match(&peer_path, peer).map(Some)
                 }
             }
         };
+        let http = http?;
         Some(RouteMatch {
             sni: sni?,
             peer: peer?,
+            hosts: http.hosts,
+            path: http.path,
+            methods: http.methods,
+            headers: http.headers,
         })
     }
 
