@@ -12,6 +12,8 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -569,7 +571,14 @@ fn agent_renews_repeatedly_survives_a_ca_outage_longer_than_a_lifetime_and_resta
     const RENEWALS: usize = 6;
     let t0 = Instant::now();
     let env = Env::new(&format!("{TTL_SECS}s"));
-    let server = Server::start(&env, "127.0.0.1:0", &[]);
+    // The prober below calls several times a second from 127.0.0.1.
+    let limits = [
+        "--per-source-burst",
+        "1000",
+        "--per-source-per-minute",
+        "60000",
+    ];
+    let server = Server::start(&env, "127.0.0.1:0", &limits);
     let port = server.port;
     let vm = "spiffe://example.org/vm/rotating";
     let token = env.token_file(vm, "token");
@@ -595,6 +604,25 @@ fn agent_renews_repeatedly_survives_a_ca_outage_longer_than_a_lifetime_and_resta
         .expect("agent"),
     );
 
+    // A workload calling over mTLS with whatever identity is current, all along the renewals:
+    // not one call may fail.
+    let probing = Arc::new(AtomicBool::new(true));
+    let prober = {
+        let (probing, out, url) = (probing.clone(), out.clone(), server.url());
+        std::thread::spawn(move || {
+            let mut calls = 0u32;
+            while probing.load(Ordering::SeqCst) {
+                if out.join("current").exists() {
+                    let (code, text) = curl_mtls(&current_gen(&out), &format!("{url}/v1/bundle"));
+                    assert_eq!(code, 200, "a workload call failed: {text}");
+                    calls += 1;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            calls
+        })
+    };
+
     // Enrollment, then RENEWALS renewals in a row at ~half-life; after each one the files
     // verify and work as an mTLS client certificate.
     let svid = out.join("svid.pem");
@@ -612,6 +640,10 @@ fn agent_renews_repeatedly_survives_a_ca_outage_longer_than_a_lifetime_and_resta
         assert_eq!(code, 200, "the workload's mTLS call failed: {text}");
         seen.push(serial);
     }
+    probing.store(false, Ordering::SeqCst);
+    let calls = prober.join().expect("every workload call succeeded");
+    assert!(calls >= 20, "only {calls} workload calls");
+    eprintln!("{calls} workload mTLS calls during the renewals, all 200");
     let per_rotation = phase.elapsed() / u32::try_from(RENEWALS).expect("small");
     eprintln!(
         "{RENEWALS} renewals at TTL {TTL_SECS}s in {:?} ({per_rotation:?} each)",
@@ -643,7 +675,7 @@ fn agent_renews_repeatedly_survives_a_ca_outage_longer_than_a_lifetime_and_resta
 
     // It returns on the same address: the agent renews its (now expired) SVID within the
     // server's renewal grace, without a token.
-    let server = Server::start(&env, &format!("127.0.0.1:{port}"), &[]);
+    let server = Server::start(&env, &format!("127.0.0.1:{port}"), &limits);
     let back = Instant::now();
     let recovered = eventually(Duration::from_secs(60), "recovery after the outage", || {
         serial_of(&svid).filter(|s| *s != last)
