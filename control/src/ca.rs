@@ -869,6 +869,9 @@ impl Ca {
         ttl: Option<Duration>,
     ) -> Result<SignedSvid, CaError> {
         self.check_member(spiffe_id)?;
+        if spiffe_id.is_reserved() {
+            return Err(CaError::ReservedIdentity(spiffe_id.clone()));
+        }
         if let Some(t) = ttl {
             self.check_ttl(t)?;
         }
@@ -945,6 +948,9 @@ impl Ca {
             .as_deref()
             .and_then(|s| SpiffeId::parse(s).ok())
             .ok_or_else(|| refuse("the presented certificate has no SPIFFE ID".into()))?;
+        if id.is_reserved() {
+            return Err(CaError::ReservedIdentity(id));
+        }
         if expired {
             let newest = ledger::read_all(&self.dir)?
                 .into_iter()
@@ -1244,6 +1250,9 @@ impl Ca {
         ttl: Duration,
     ) -> Result<(JoinToken, TokenRecord), CaError> {
         self.check_member(spiffe_id)?;
+        if spiffe_id.is_reserved() {
+            return Err(CaError::ReservedIdentity(spiffe_id.clone()));
+        }
         if ttl.as_secs() == 0 {
             return Err(CaError::InvalidTtl(
                 "a join token needs a TTL of at least 1s".into(),
@@ -1677,6 +1686,36 @@ mod tests {
             f.ca.renew_with(&c.svid.cert_der, &csr, &grace(86_400))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn reserved_identities_get_no_token_enrollment_or_renewal() {
+        let f = fixture();
+        let server = id("spiffe://example.org/meshgate/enrollment");
+        assert!(server.is_reserved() && id("spiffe://example.org/meshgate").is_reserved());
+        assert!(!id("spiffe://example.org/meshgatex/a").is_reserved());
+        assert!(matches!(
+            f.ca.create_token(&server, Duration::from_secs(60)),
+            Err(CaError::ReservedIdentity(_))
+        ));
+        let vm = id("spiffe://example.org/vm/1");
+        let (token, _) =
+            f.ca.create_token(&vm, Duration::from_secs(60))
+                .expect("token");
+        let (_, csr) = csr_for(None, &[]);
+        assert!(matches!(
+            f.ca.enroll(&token, &server, &csr, None),
+            Err(CaError::ReservedIdentity(_))
+        ));
+        // An operator may issue one (offline), but it cannot renew over the network.
+        let svid =
+            f.ca.issue(&req("spiffe://example.org/meshgate/enrollment"))
+                .expect("operator issue");
+        let der = pem_certificates(svid.cert_pem.as_bytes()).expect("pem")[0].clone();
+        assert!(matches!(
+            f.ca.renew(&der, &csr, None),
+            Err(CaError::ReservedIdentity(_))
+        ));
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub enum CaError {
         id: SpiffeId,
         trust_domain: TrustDomain,
     },
+    #[error(
+        "{0} is reserved for meshgate's own components (paths under /meshgate/); join tokens and enrollment cannot issue it, pick another path"
+    )]
+    ReservedIdentity(SpiffeId),
     #[error("invalid DNS name {name:?}: {reason}")]
     InvalidDnsName { name: String, reason: &'static str },
     #[error("invalid TTL: {0}")]

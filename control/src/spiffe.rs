@@ -173,6 +173,13 @@ impl SpiffeId {
     pub fn is_member_of(&self, td: &TrustDomain) -> bool {
         &self.trust_domain == td
     }
+
+    /// Paths under `/meshgate/` name meshgate's own components (the enrollment server is
+    /// `/meshgate/enrollment`, and agents pin it). Join tokens, enrollment and renewal never
+    /// issue them; only an operator can (`meshgate cert issue`).
+    pub fn is_reserved(&self) -> bool {
+        self.path == "/meshgate" || self.path.starts_with("/meshgate/")
+    }
 }
 
 impl fmt::Display for SpiffeId {

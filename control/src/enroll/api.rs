@@ -94,6 +94,8 @@ pub enum Reason {
     CsrUnsupportedSan,
     BadSpiffeId,
     ForeignTrustDomain,
+    /// A path under `/meshgate/`: meshgate's own components.
+    ReservedIdentity,
     BadTtl,
     /// `/v1/renew` without a client certificate.
     ClientCertificateRequired,
@@ -129,6 +131,7 @@ impl Reason {
             CsrUnsupportedSan => "csr_unsupported_san",
             BadSpiffeId => "bad_spiffe_id",
             ForeignTrustDomain => "foreign_trust_domain",
+            ReservedIdentity => "reserved_identity",
             BadTtl => "bad_ttl",
             ClientCertificateRequired => "client_certificate_required",
             RenewalRefused => "renewal_refused",
@@ -156,7 +159,8 @@ impl Reason {
             | TokenIdentityMismatch
             | CsrIdentityMismatch
             | CsrDnsNotAuthorised
-            | ForeignTrustDomain => 403,
+            | ForeignTrustDomain
+            | ReservedIdentity => 403,
             NotFound => 404,
             MethodNotAllowed => 405,
             LengthRequired => 411,
@@ -199,6 +203,7 @@ impl Reason {
             CsrUnsupportedSan,
             BadSpiffeId,
             ForeignTrustDomain,
+            ReservedIdentity,
             BadTtl,
             ClientCertificateRequired,
             RenewalRefused,
@@ -231,6 +236,7 @@ impl Reason {
             },
             CaError::SpiffeId(_) => BadSpiffeId,
             CaError::ForeignTrustDomain { .. } => ForeignTrustDomain,
+            CaError::ReservedIdentity(_) => ReservedIdentity,
             CaError::InvalidTtl(_) | CaError::TtlTooLong { .. } => BadTtl,
             CaError::InvalidDnsName { .. } => CsrDnsNotAuthorised,
             CaError::RenewalRefused(_) | CaError::BadSerial(_) | CaError::UnknownSerial(_) => {
