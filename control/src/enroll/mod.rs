@@ -451,7 +451,13 @@ fn worker(sh: &Shared, rx: &Mutex<Receiver<(TcpStream, SocketAddr)>>) {
         let Ok((stream, peer)) = next else {
             return;
         };
-        serve_connection(sh, stream, peer);
+        // A bug in one request must not cost a worker for the life of the server.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_connection(sh, stream, peer);
+        }));
+        if served.is_err() {
+            tracing::error!(%peer, "internal error while serving a connection (panic); closed it");
+        }
     }
 }
 
