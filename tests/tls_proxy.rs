@@ -470,3 +470,46 @@ identity = {{ cert = "{}", key = "{}" }}
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn tls_listener_without_certificates_serves_the_local_ca_identity() {
+    let origin = http_origin("served with the local CA");
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let cfg = format!(
+        "version = 1\n[admin]\naddress = \"{admin}\"\n[[listeners]]\nname = \"https\"\naddress = \"{listen}\"\nprotocol = \"tls\"\n[[routes]]\nname = \"r\"\nlistener = \"https\"\ncluster = \"origin\"\n[[clusters]]\nname = \"origin\"\nendpoints = [\"{origin}\"]\n"
+    );
+    let mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+    let state = mg.dir.path().join("state");
+    let root = state.join("ca/root.pem");
+    assert!(
+        root.exists(),
+        "local CA initialised in the state dir:\n{}",
+        mg.log()
+    );
+    let key = state.join("gateway/svid_key.pem");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+    let resolve = format!("localhost:{}:127.0.0.1", listen.port());
+    let (code, out, err) = curl(&[
+        "--resolve",
+        &resolve,
+        "--cacert",
+        root.to_str().expect("utf8"),
+        &format!("https://localhost:{}/", listen.port()),
+    ]);
+    assert_eq!(code, 0, "{err}\n{}", mg.log());
+    assert_eq!(out, "served with the local CA");
+    // The serving certificate is an X509-SVID of the local trust domain.
+    let out = Command::new(bin())
+        .args(["cert", "inspect", "-o", "json"])
+        .arg(state.join("gateway/svid.pem"))
+        .output()
+        .expect("inspect");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let text = v.to_string();
+    assert!(text.contains("spiffe://meshgate.local/gateway"), "{text}");
+}

@@ -126,8 +126,9 @@ pub struct ListenerHttp {
 /// `[listeners.tls]`: how a `tls` listener terminates TLS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenerTls {
-    /// Non-empty. Chosen by SNI: exact name, then `*.` wildcard, then the default (the one
-    /// with [`ServerCertificate::default`] set).
+    /// Chosen by SNI: exact name, then `*.` wildcard, then the default (the one with
+    /// [`ServerCertificate::default`] set). Empty: the config gave none, and the daemon serves
+    /// the gateway's own identity from its local CA (filled in before the dataplane sees it).
     pub certificates: Vec<ServerCertificate>,
     pub min_version: TlsVersion,
     /// ALPN protocols offered, in preference order; empty: no ALPN.

@@ -524,15 +524,14 @@ impl Validator {
         let tls_path = format!("{path}.tls");
         let tls = match (protocol, raw.tls) {
             (Some(Protocol::Tls), Some(tls)) => self.listener_tls(&tls_path, tls).map(Some),
-            (Some(Protocol::Tls), None) => {
-                self.error(
-                    tls_path,
-                    "a tls listener needs a [listeners.tls] table with its certificates",
-                    "add below the listener: [listeners.tls] then certificates = [{ cert = \
-                     \"server.pem\", key = \"server-key.pem\" }]",
-                );
-                None
-            }
+            // No [listeners.tls]: defaults, and the identity from the gateway's local CA.
+            (Some(Protocol::Tls), None) => Some(Some(ListenerTls {
+                certificates: Vec::new(),
+                min_version: TlsVersion::Tls12,
+                alpn: Vec::new(),
+                client_auth: ClientAuth::None,
+                trust_bundles: Vec::new(),
+            })),
             (Some(other), Some(_)) => {
                 self.error(
                     tls_path,
@@ -1120,15 +1119,8 @@ impl Validator {
     fn listener_tls(&mut self, path: &str, raw: raw::ListenerTls) -> Option<ListenerTls> {
         let now = self.context.now;
         let certificates = match raw.certificates {
-            None => {
-                self.error(
-                    format!("{path}.certificates"),
-                    "missing `certificates`",
-                    "a tls listener serves at least one certificate, e.g. certificates = [{ cert \
-                     = \"server.pem\", key = \"server-key.pem\" }]",
-                );
-                None
-            }
+            // No certificates: the gateway serves an identity from its local CA.
+            None => Some(Vec::new()),
             Some(list) if list.is_empty() => {
                 self.error(
                     format!("{path}.certificates"),

@@ -15,6 +15,8 @@ use meshgate_dataplane::admin::{ControlAction, ReloadFailure, ReloadReply};
 pub struct Daemon {
     pub gateway: Gateway,
     pub source: ConfigSource,
+    /// Where the local CA (and config history) live.
+    pub state_dir: PathBuf,
     pub history: Option<History>,
     /// The config in force (to summarise what a change does).
     current: Arc<Config>,
@@ -26,10 +28,8 @@ pub struct Daemon {
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
     File(PathBuf),
-    /// The embedded default, with its identity from the local CA in `state_dir`.
-    Embedded {
-        state_dir: PathBuf,
-    },
+    /// The embedded default (`meshgate config default`).
+    Embedded,
 }
 
 /// A config read and validated, with the exact text it came from.
@@ -48,9 +48,11 @@ pub enum LoadFailure {
 }
 
 impl ConfigSource {
-    /// Read and validate: the same loader as `meshgate config validate`.
-    pub fn load(&self) -> Result<Loaded, LoadFailure> {
-        match self {
+    /// Read and validate (the same loader as `meshgate config validate`), then give every
+    /// `tls` listener without certificates the gateway's own identity from the local CA in
+    /// `state_dir`.
+    pub fn load(&self, state_dir: &Path) -> Result<Loaded, LoadFailure> {
+        let (text, source, mut config) = match self {
             ConfigSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     LoadFailure::Other(anyhow::anyhow!(
@@ -60,41 +62,57 @@ impl ConfigSource {
                 })?;
                 let config =
                     meshgate_config::parse_file_text(&text, path).map_err(LoadFailure::Invalid)?;
-                Ok(Loaded {
-                    text,
-                    source: path.display().to_string(),
-                    config,
-                    renew_at: None,
-                })
+                (text, path.display().to_string(), config)
             }
-            ConfigSource::Embedded { state_dir } => {
-                let template = meshgate_config::EMBEDDED_DEFAULT;
-                let (text, renew_at) = if template.contains("@GATEWAY_CERT@") {
-                    let id = super::local_ca::ensure(state_dir).map_err(LoadFailure::Other)?;
-                    tracing::info!(
-                        ca = %id.root.display(),
-                        "serving with an identity from the local CA; clients trust it with e.g. `curl --cacert {}`",
-                        id.root.display()
-                    );
-                    (
-                        super::local_ca::render_default(template, &id),
-                        Some(id.renew_at),
-                    )
-                } else {
-                    (template.to_string(), None)
-                };
+            ConfigSource::Embedded => {
+                let text = meshgate_config::EMBEDDED_DEFAULT.to_string();
                 let config =
                     meshgate_config::parse(&text, meshgate_config::EMBEDDED_DEFAULT_ORIGIN)
                         .map_err(LoadFailure::Invalid)?;
-                Ok(Loaded {
-                    text,
-                    source: "embedded default".into(),
-                    config,
-                    renew_at,
-                })
+                (text, "embedded default".to_string(), config)
             }
+        };
+        let renew_at = fill_local_identity(&mut config, state_dir).map_err(LoadFailure::Other)?;
+        Ok(Loaded {
+            text,
+            source,
+            config,
+            renew_at,
+        })
+    }
+}
+
+/// Serve the local CA's identity on every `tls` listener that names no certificate.
+fn fill_local_identity(
+    config: &mut Config,
+    state_dir: &Path,
+) -> anyhow::Result<Option<std::time::SystemTime>> {
+    let wants = config
+        .listeners
+        .iter()
+        .any(|l| l.tls.as_ref().is_some_and(|t| t.certificates.is_empty()));
+    if !wants {
+        return Ok(None);
+    }
+    let id = super::local_ca::ensure(state_dir)?;
+    tracing::info!(
+        ca = %id.root.display(),
+        "tls listeners without certificates serve the gateway's identity from the local CA; clients trust it with e.g. `curl --cacert {}`",
+        id.root.display()
+    );
+    for l in &mut config.listeners {
+        if let Some(tls) = l.tls.as_mut()
+            && tls.certificates.is_empty()
+        {
+            tls.certificates.push(meshgate_config::ServerCertificate {
+                cert: id.cert.clone(),
+                key: id.key.clone(),
+                sni: Vec::new(),
+                default: true,
+            });
         }
     }
+    Ok(Some(id.renew_at))
 }
 
 fn now_unix() -> u64 {
@@ -109,6 +127,7 @@ impl Daemon {
     pub fn new(
         gateway: Gateway,
         source_kind: ConfigSource,
+        state_dir: PathBuf,
         history: Option<History>,
         current: Arc<Config>,
         text: &str,
@@ -118,6 +137,7 @@ impl Daemon {
         let d = Daemon {
             gateway,
             source: source_kind,
+            state_dir,
             history,
             current,
             renew_at,
@@ -154,7 +174,7 @@ impl Daemon {
     fn path(&self) -> Result<&Path, ReloadFailure> {
         match &self.source {
             ConfigSource::File(p) => Ok(p),
-            ConfigSource::Embedded { .. } => Err(ReloadFailure::other(
+            ConfigSource::Embedded => Err(ReloadFailure::other(
                 "running on the embedded default config; there is no file to roll back (start with --config FILE)",
             )),
         }
@@ -175,7 +195,7 @@ impl Daemon {
     /// Re-read the config (file, or the embedded default with a renewed identity) and apply
     /// it. The same loader as start-up and `config validate`.
     fn reload_file(&mut self) -> ReloadReply {
-        let loaded = match self.source.load() {
+        let loaded = match self.source.load(&self.state_dir) {
             Ok(l) => l,
             Err(LoadFailure::Invalid(e)) => {
                 self.gateway

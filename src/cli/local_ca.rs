@@ -92,10 +92,3 @@ fn half_life(a: time::OffsetDateTime, b: time::OffsetDateTime) -> std::time::Sys
     let mid: time::OffsetDateTime = a + (b - a) / 2;
     std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(mid.unix_timestamp().max(0) as u64)
 }
-
-/// The embedded default config text with the identity's paths filled in.
-pub fn render_default(template: &str, id: &LocalIdentity) -> String {
-    template
-        .replace("@GATEWAY_CERT@", &id.cert.display().to_string())
-        .replace("@GATEWAY_KEY@", &id.key.display().to_string())
-}

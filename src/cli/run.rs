@@ -78,14 +78,12 @@ fn init_logging(args: &RunArgs) {
 pub fn run(args: RunArgs) -> u8 {
     let config_source = match &args.config {
         Some(path) => ConfigSource::File(path.clone()),
-        None => ConfigSource::Embedded {
-            state_dir: args.state_dir.clone(),
-        },
+        None => ConfigSource::Embedded,
     };
     // The embedded default serves TLS with an identity from the local CA: logging must be up
     // before it is issued, so that its messages are seen.
     init_logging(&args);
-    let loaded = match config_source.load() {
+    let loaded = match config_source.load(&args.state_dir) {
         Ok(l) => l,
         Err(LoadFailure::Invalid(e)) => {
             eprint!("{e}");
@@ -194,6 +192,7 @@ pub fn run(args: RunArgs) -> u8 {
     let mut daemon = Daemon::new(
         gateway,
         config_source,
+        args.state_dir.clone(),
         history,
         config.clone(),
         &text,
