@@ -123,26 +123,23 @@ fn now_unix() -> u64 {
 }
 
 impl Daemon {
-    /// `text` is the exact config text generation 1 was built from.
+    /// `first` is what generation 1 was built from (recorded in the history).
     pub fn new(
         gateway: Gateway,
         source_kind: ConfigSource,
         state_dir: PathBuf,
         history: Option<History>,
-        current: Arc<Config>,
-        text: &str,
-        source: &str,
-        renew_at: Option<std::time::SystemTime>,
+        first: &Loaded,
     ) -> Daemon {
         let d = Daemon {
             gateway,
             source: source_kind,
             state_dir,
             history,
-            current,
-            renew_at,
+            current: Arc::new(first.config.clone()),
+            renew_at: first.renew_at,
         };
-        d.record(text, source, 1, "started");
+        d.record(&first.text, &first.source, 1, "started");
         d
     }
 

@@ -95,12 +95,8 @@ pub fn run(args: RunArgs) -> u8 {
             return exit::FAILURE;
         }
     };
-    let (text, source, config) = (
-        loaded.text.clone(),
-        loaded.source.clone(),
-        loaded.config.clone(),
-    );
-    let config = Arc::new(config);
+    let source = loaded.source.clone();
+    let config = Arc::new(loaded.config.clone());
 
     // Block the signals we handle before any thread starts, so every thread inherits the mask
     // and only the sigwait below receives them.
@@ -194,10 +190,7 @@ pub fn run(args: RunArgs) -> u8 {
         config_source,
         args.state_dir.clone(),
         history,
-        config.clone(),
-        &text,
-        &source,
-        loaded.renew_at,
+        &loaded,
     );
     let sig_rx = signals.forward();
     let drain_timeout = loop {
