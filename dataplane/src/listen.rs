@@ -50,11 +50,8 @@ pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) 
             Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough => {
                 rt::spawn(proxy::tcp::serve(guard, stream, peer));
             }
-            // HTTP listeners are served by the HTTP pipeline once it is wired in; until then
-            // fail closed rather than treat HTTP as TCP.
             Protocol::Http => {
-                tracing::warn!(listener = %name, %peer, "http listeners are not wired into the pipeline yet; closing");
-                drop((guard, stream));
+                rt::spawn(proxy::http::serve(guard, stream, peer));
             }
         }
     }

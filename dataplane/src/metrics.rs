@@ -101,6 +101,32 @@ pub struct ClusterStats {
 pub struct ShardStats {
     listeners: RwLock<BTreeMap<String, Arc<ListenerStats>>>,
     clusters: RwLock<BTreeMap<String, Arc<ClusterStats>>>,
+    /// HTTP requests per (listener, route): bounded by the config's names.
+    http: RwLock<BTreeMap<(String, String), Arc<HttpRouteStats>>>,
+}
+
+/// One shard's HTTP request counters keyed by (listener, route).
+type HttpSnapshot = Vec<((String, String), Arc<HttpRouteStats>)>;
+
+/// HTTP requests of one route of one listener (per shard), by response class. The route
+/// label of requests no route took (404, or refused before routing) is [`HttpRouteStats::NO_ROUTE`].
+#[derive(Debug, Default)]
+pub struct HttpRouteStats {
+    /// 1xx .. 5xx.
+    by_class: [Counter; 5],
+}
+
+impl HttpRouteStats {
+    /// Route label of requests that no route took; not a valid route name, so no clash.
+    pub const NO_ROUTE: &'static str = "(none)";
+    const CLASSES: [&'static str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+    /// Count one response with `status`.
+    #[inline]
+    pub fn count(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
+    }
 }
 
 impl ShardStats {
@@ -120,6 +146,34 @@ impl ShardStats {
 
     fn cluster_snapshot(&self) -> Vec<(String, Arc<ClusterStats>)> {
         snapshot(&self.clusters)
+    }
+
+    /// The HTTP request counters of `route` on `listener`, created on first use.
+    pub fn http_route(&self, listener: &str, route: &str) -> Arc<HttpRouteStats> {
+        let key = (listener.to_owned(), route.to_owned());
+        if let Some(v) = self
+            .http
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return v.clone();
+        }
+        self.http
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    fn http_snapshot(&self) -> HttpSnapshot {
+        self.http
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -515,6 +569,33 @@ impl Collector for Exporter {
             "meshgate_cluster_upstream_connections_active",
             "Upstream connections open now",
             MetricType::Gauge,
+            series,
+        )?;
+        let hsnap: Vec<HttpSnapshot> = s.shards.iter().map(|ss| ss.http_snapshot()).collect();
+        let series = hsnap.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.iter().flat_map(move |((listener, route), h)| {
+                HttpRouteStats::CLASSES
+                    .iter()
+                    .zip(&h.by_class)
+                    .filter(|(_, c)| c.get() > 0)
+                    .map(move |(class, c)| {
+                        (
+                            vec![
+                                ("listener", listener.clone()),
+                                ("route", route.clone()),
+                                ("code_class", (*class).to_string()),
+                                ("shard", shard.to_string()),
+                            ],
+                            ConstCounter::new(c.get()),
+                        )
+                    })
+            })
+        });
+        family(
+            &mut enc,
+            "meshgate_http_requests",
+            "HTTP requests answered, by listener, route (\"(none)\": no route took it) and response class",
+            MetricType::Counter,
             series,
         )?;
         Ok(())

@@ -99,6 +99,8 @@ pub struct ShardGen {
     pub listener_names: Vec<Arc<str>>,
     pub route_names: Vec<Arc<str>>,
     pub cluster_names: Vec<Arc<str>>,
+    /// Compiled routes of the `http` listeners.
+    pub http: crate::http_route::HttpRoutes,
     by_name: HashMap<String, usize>,
 }
 
@@ -155,6 +157,7 @@ impl ShardGen {
                 .iter()
                 .map(|c| Arc::from(c.name.as_str()))
                 .collect(),
+            http: crate::http_route::HttpRoutes::new(config, stats),
             by_name: config
                 .listeners
                 .iter()
@@ -180,6 +183,8 @@ pub struct Shard {
     current: RefCell<Option<Rc<ShardGen>>>,
     /// Connections open on this shard (all listeners, all generations).
     pub open: Cell<u64>,
+    /// Idle upstream HTTP/1.1 connections of this shard (all generations).
+    pub http_pool: crate::pool::Pool,
 }
 
 impl Shard {
@@ -210,6 +215,7 @@ pub async fn run(init: ShardInit) {
         shared: init.shared.clone(),
         current: RefCell::new(None),
         open: Cell::new(0),
+        http_pool: crate::pool::Pool::new(),
     });
     let mut serving: HashMap<String, Serving> = HashMap::new();
     let mut prepared: Option<Prepared> = None;

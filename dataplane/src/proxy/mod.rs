@@ -1,4 +1,5 @@
 //! `proxy`: the last stage of a connection, moving bytes (TCP) or requests (HTTP, later).
 
+pub mod http;
 pub mod relay;
 pub mod tcp;

@@ -1,0 +1,1478 @@
+//! The HTTP/1.1 proxy pipeline for `http` listeners, one request at a time per connection:
+//!
+//! `listen::accept` -> read head (`http1::parse_request_resumable`, header-read timeout) ->
+//! normalise path -> `route::resolve` ([`crate::http_route`]) -> direct response / redirect, or
+//! `balance::pick` (weighted cluster, round-robin endpoint) -> `upstream::connect` (the shard's
+//! keep-alive [`crate::pool`], else a new connection) -> send head, stream the request body and
+//! the response both ways at once -> access log + metrics -> next request (keep-alive) or close.
+//!
+//! Memory: the head buffer grows only as the head arrives and is released whenever the
+//! connection waits for its next request, so an idle keep-alive connection holds no buffer
+//! (the receive waits on the shard's provided-buffer ring, which selects a buffer only when
+//! data arrives). Bodies stream through in the ring's fixed buffers: a received buffer whose
+//! bytes all belong to the body is sent on as is (no copy); only partial framing is copied.
+//!
+//! Strict framing comes from the codec: anything it refuses gets its status (400, 413, 414,
+//! 431, 501, 505) with `connection: close`. A chunked body is checked as far as it was received
+//! before anything goes upstream, so a malformed request that arrives in one piece reaches no
+//! origin. Requests go upstream as HTTP/1.1 with the normalised path; a request body is sent
+//! with the framing it arrived with (validated wire bytes); a chunked response to an HTTP/1.0
+//! client is de-chunked and close-delimited.
+//!
+//! Failures before any response byte: connect refused 502 `UF`, connect timeout 504 `UF,UT`,
+//! upstream closed 502 `UC`, bad response 502 `UPE`, no response within the route timeout 504
+//! `UT`. A connect failure is retried once on the next endpoint (nothing was sent); a failure
+//! after sending is retried once only for an idempotent method with an empty body and no
+//! response byte received; the flag then gets `URX`.
+
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime};
+
+use meshgate_config::RouteAction;
+
+use crate::accesslog::Record;
+use crate::error::ProxyErrorKind;
+use crate::http_route::{CompiledRoute, Edits, ListenerRoutes, RequestView, host_without_port};
+use crate::http1::{
+    BodyDecoder, ConnectionHeader, Framing, H1Error, HeadProgress, HeaderEdits, Limits, Method,
+    Parsed, RequestEdits, RequestHead, ResponseEdits, TargetForm, Version, Violation,
+    encode_request, encode_response, normalize_path, parse_request_resumable,
+    parse_response_resumable, split_query,
+};
+use crate::listen::ConnGuard;
+use crate::metrics::{ClusterStats, ListenerStats};
+use crate::pool::{self, PoolKey, UpConn};
+use crate::rt;
+use crate::shard::ShardGen;
+
+/// Header edits per list: the config's 32 plus the gateway's own fields.
+const MAX_EDITS: usize = 36;
+/// Longest `x-request-id` kept from a client.
+const MAX_REQUEST_ID: usize = 128;
+/// After a response with `connection: close`, how long (and how many bytes) the client's
+/// remaining input is read and dropped, so that closing does not reset the connection before
+/// the client read the response.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: u64 = 256 * 1024;
+/// While the request body is still arriving the response wait re-checks its deadline this
+/// often (the route timeout starts when the request has been sent in full).
+const RESPONSE_WAIT_SLICE: Duration = Duration::from_secs(1);
+/// A keep-alive connection waiting for its next request notices a drain this quickly.
+const IDLE_WAIT_SLICE: Duration = Duration::from_secs(1);
+
+/// Serve one downstream connection of an `http` listener.
+pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
+    let snap = guard.snap.clone();
+    let Some(routes) = snap.http.listener(guard.listener) else {
+        tracing::error!(listener = %snap.listener_names[guard.listener], "http listener without compiled routes; closing");
+        return;
+    };
+    let (rd, wr) = stream.into_split();
+    let mut conn = Conn {
+        rd,
+        wr,
+        buf: Vec::new(),
+        progress: HeadProgress::default(),
+        peer,
+        served: 0,
+    };
+    let linger = loop {
+        match request(&guard, &snap, routes, &mut conn).await {
+            Next::KeepAlive => {}
+            Next::Close { linger } => break linger,
+        }
+    };
+    if linger {
+        lingering_close(&mut conn).await;
+    }
+    drop(conn);
+    drop(guard);
+}
+
+/// The client side of a connection.
+struct Conn {
+    rd: rt::ReadHalf,
+    wr: rt::WriteHalf,
+    /// Bytes received and not yet used: a head being read, or the start of a body or of the
+    /// next (pipelined) request. Empty, and without capacity, while the connection is idle.
+    buf: Vec<u8>,
+    progress: HeadProgress,
+    peer: SocketAddr,
+    /// Requests read so far.
+    served: u64,
+}
+
+/// What the connection does after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    /// `linger`: the client may still be sending (an unread body, a refused head), so its
+    /// input is drained for a moment before the socket closes.
+    Close {
+        linger: bool,
+    },
+}
+
+/// One request's record, for the access log and the counters. Shared by the stages of the
+/// request (and the two directions of an exchange), so what changes is in cells.
+struct Exchange {
+    start_time: SystemTime,
+    started: Instant,
+    status: Cell<u16>,
+    flags: Cell<&'static str>,
+    received: Cell<u64>,
+    sent: Cell<u64>,
+    route: Cell<Option<usize>>,
+    cluster: Cell<Option<usize>>,
+    upstream_host: Cell<Option<SocketAddr>>,
+    /// Filled only when an access log is configured.
+    log: Option<LogFields>,
+}
+
+#[derive(Default)]
+struct LogFields {
+    method: String,
+    path: String,
+    authority: Option<String>,
+    user_agent: Option<String>,
+    x_forwarded_for: Option<String>,
+    request_id: Option<String>,
+}
+
+impl Exchange {
+    fn new() -> Exchange {
+        Exchange {
+            start_time: SystemTime::now(),
+            started: Instant::now(),
+            status: Cell::new(0),
+            flags: Cell::new("-"),
+            received: Cell::new(0),
+            sent: Cell::new(0),
+            route: Cell::new(None),
+            cluster: Cell::new(None),
+            upstream_host: Cell::new(None),
+            log: None,
+        }
+    }
+
+    fn answer(&self, status: u16, flags: &'static str) {
+        self.status.set(status);
+        self.flags.set(flags);
+    }
+}
+
+/// Byte counters of one request: the listener's, the cluster's and the exchange's own.
+struct Meters<'a> {
+    listener: &'a ListenerStats,
+    cluster: Option<&'a ClusterStats>,
+    ex: &'a Exchange,
+}
+
+impl Meters<'_> {
+    fn client_in(&self, n: usize) {
+        self.listener.bytes_in.add(n as u64);
+        self.ex.received.set(self.ex.received.get() + n as u64);
+    }
+    fn client_out(&self, n: usize) {
+        self.listener.bytes_out.add(n as u64);
+        self.ex.sent.set(self.ex.sent.get() + n as u64);
+    }
+    fn upstream_out(&self, n: usize) {
+        if let Some(c) = self.cluster {
+            c.bytes_sent.add(n as u64);
+        }
+    }
+    fn upstream_in(&self, n: usize) {
+        if let Some(c) = self.cluster {
+            c.bytes_received.add(n as u64);
+        }
+    }
+}
+
+/// Read, route and answer one request.
+async fn request(
+    guard: &ConnGuard,
+    snap: &Rc<ShardGen>,
+    routes: &ListenerRoutes,
+    conn: &mut Conn,
+) -> Next {
+    let lstats = &*snap.listeners[guard.listener].stats;
+    let draining = &guard.shard.shared.draining;
+    let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
+    let read = read_head(conn, routes, head_deadline, draining, lstats).await;
+    let mut ex = Exchange::new();
+    ex.received.set(read.bytes);
+    let meters = Meters {
+        listener: lstats,
+        cluster: None,
+        ex: &ex,
+    };
+    let (head, head_len) = match read.result {
+        Ok(x) => x,
+        Err(HeadError::Closed) => return Next::Close { linger: false },
+        Err(HeadError::Timeout) => {
+            ex.answer(408, "-");
+            local(conn, &meters, Version::Http11, false, None).await;
+            finish(guard, snap, routes, None, &ex, conn.peer);
+            return Next::Close { linger: true };
+        }
+        Err(HeadError::Invalid(e)) => {
+            tracing::debug!(listener = %snap.listener_names[guard.listener], peer = %conn.peer, error = %e, "request refused");
+            ex.answer(e.status(), e.response_flag().unwrap_or("-"));
+            local(conn, &meters, Version::Http11, false, None).await;
+            finish(guard, snap, routes, None, &ex, conn.peer);
+            return Next::Close { linger: true };
+        }
+    };
+    conn.served += 1;
+    let log_on = guard.shard.access_log.is_some();
+    let planned = plan(
+        snap,
+        guard.listener,
+        routes,
+        conn,
+        &head,
+        log_on,
+        draining,
+        &mut ex,
+    );
+    // The head's bytes are no longer needed: what follows is body or the next request.
+    conn.buf.drain(..head_len);
+    let body_done = head_body_done(&head);
+    let meters = Meters {
+        listener: lstats,
+        cluster: None,
+        ex: &ex,
+    };
+    let (next, route) = match planned {
+        Plan::Local {
+            route,
+            status,
+            flags,
+            response,
+            keep_alive,
+        } => {
+            ex.route.set(route.map(|r| r.index));
+            ex.answer(status, flags);
+            let ok = write_client(conn, &meters, response).await;
+            let next = if ok && keep_alive {
+                Next::KeepAlive
+            } else {
+                Next::Close {
+                    linger: ok && !body_done,
+                }
+            };
+            (next, route)
+        }
+        Plan::Forward {
+            route,
+            upstream_head,
+        } => {
+            ex.route.set(Some(route.index));
+            let req = ReqInfo {
+                method: head.method(),
+                version: head.version(),
+                keep_alive: head.keep_alive(),
+                decoder: head.body_decoder(&Limits::default()),
+            };
+            let next = forward(guard, snap, routes, route, conn, req, upstream_head, &ex).await;
+            (next, Some(route))
+        }
+    };
+    finish(guard, snap, routes, route, &ex, conn.peer);
+    if next == Next::KeepAlive && conn.buf.is_empty() {
+        // Idle from here: hold no buffer.
+        conn.buf = Vec::new();
+    }
+    next
+}
+
+fn head_body_done(head: &RequestHead) -> bool {
+    matches!(head.framing(), Framing::None | Framing::Length(0))
+}
+
+enum HeadError {
+    /// The client closed (or reset) the connection, or stayed idle: close quietly.
+    Closed,
+    /// A head was started but not finished in time: 408.
+    Timeout,
+    Invalid(H1Error),
+}
+
+struct HeadRead {
+    result: Result<(RequestHead, usize), HeadError>,
+    bytes: u64,
+}
+
+/// Read until a complete head is in `conn.buf`. `deadline`: on a new connection, the time the
+/// whole first head must have arrived by; otherwise the wait for the first byte is the
+/// keep-alive idle wait, and the head must be complete `request_timeout` after that byte.
+async fn read_head(
+    conn: &mut Conn,
+    routes: &ListenerRoutes,
+    deadline: Option<Instant>,
+    draining: &AtomicBool,
+    lstats: &ListenerStats,
+) -> HeadRead {
+    let mut bytes = 0u64;
+    let mut started = !conn.buf.is_empty();
+    let mut deadline = match (started, deadline) {
+        (true, None) => Some(Instant::now() + routes.request_timeout),
+        (_, d) => d,
+    };
+    let idle_until = Instant::now() + routes.idle_timeout;
+    loop {
+        if started {
+            match parse_request_resumable(&conn.buf, &routes.limits, &mut conn.progress) {
+                Ok(Parsed::Complete { head, consumed }) => {
+                    return HeadRead {
+                        result: Ok((head, consumed)),
+                        bytes,
+                    };
+                }
+                Ok(Parsed::Partial) => {}
+                Err(e) => {
+                    return HeadRead {
+                        result: Err(HeadError::Invalid(e)),
+                        bytes,
+                    };
+                }
+            }
+        }
+        let now = Instant::now();
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(now),
+            None => idle_until
+                .saturating_duration_since(now)
+                .min(IDLE_WAIT_SLICE),
+        };
+        if wait.is_zero() {
+            let result = Err(if started {
+                HeadError::Timeout
+            } else {
+                HeadError::Closed
+            });
+            return HeadRead { result, bytes };
+        }
+        match rt::timeout(wait, conn.rd.recv_buf()).await {
+            Err(rt::Elapsed) => {
+                // Idle between requests: give up at a drain; else re-check the deadlines.
+                if !started && deadline.is_none() && draining.load(Ordering::Acquire) {
+                    return HeadRead {
+                        result: Err(HeadError::Closed),
+                        bytes,
+                    };
+                }
+            }
+            Ok(Ok(Some(rb))) => {
+                bytes += rb.len() as u64;
+                lstats.bytes_in.add(rb.len() as u64);
+                conn.buf.extend_from_slice(&rb);
+                if !started {
+                    started = true;
+                    deadline.get_or_insert_with(|| Instant::now() + routes.request_timeout);
+                }
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return HeadRead {
+                    result: Err(HeadError::Closed),
+                    bytes,
+                };
+            }
+        }
+    }
+}
+
+/// What to do with a parsed request.
+enum Plan<'r> {
+    /// Answer from the gateway (no route, direct response, redirect, refused request).
+    Local {
+        route: Option<&'r CompiledRoute>,
+        status: u16,
+        flags: &'static str,
+        response: Vec<u8>,
+        keep_alive: bool,
+    },
+    Forward {
+        route: &'r CompiledRoute,
+        upstream_head: Vec<u8>,
+    },
+}
+
+/// Route the request in `conn.buf` and prepare its answer or its upstream head. Synchronous:
+/// nothing here waits, so the head's borrows of the buffer end before any I/O.
+#[allow(clippy::too_many_arguments)] // one request's context; a struct would only rename it
+fn plan<'r>(
+    snap: &ShardGen,
+    listener: usize,
+    routes: &'r ListenerRoutes,
+    conn: &Conn,
+    head: &RequestHead,
+    log_on: bool,
+    draining: &AtomicBool,
+    ex: &mut Exchange,
+) -> Plan<'r> {
+    let buf = &conn.buf[..];
+    let version = head.version();
+    let keep_alive = head.keep_alive() && head_body_done(head) && !draining.load(Ordering::Acquire);
+    let target = head.path(buf);
+    if log_on {
+        ex.log = Some(LogFields {
+            method: head.method_str(buf).to_owned(),
+            path: target.to_owned(),
+            authority: head.host(buf).map(str::to_owned),
+            user_agent: head
+                .header(buf, "user-agent")
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            ..LogFields::default()
+        });
+    }
+    let refuse = |status: u16, flags: &'static str| Plan::Local {
+        route: None,
+        status,
+        flags,
+        response: local_response(status, version, false, false, b"", None, None),
+        keep_alive: false,
+    };
+    if head.method() == Method::Connect {
+        return refuse(405, "-");
+    }
+    let normalized: Cow<'_, str> = if head.target_form() == TargetForm::Asterisk {
+        Cow::Borrowed("*")
+    } else {
+        match normalize_path(target.as_bytes()) {
+            Ok(p) => p,
+            Err(e) => return refuse(e.status(), e.response_flag().unwrap_or("-")),
+        }
+    };
+    let view = RequestView {
+        host: head.host(buf).map(host_without_port),
+        path: &normalized,
+        method: head.method_str(buf),
+        head,
+        buf,
+    };
+    let head_only = head.method() == Method::Head;
+    let Some(route) = routes.select(&view) else {
+        return Plan::Local {
+            route: None,
+            status: 404,
+            flags: "NR",
+            response: local_response(404, version, keep_alive, head_only, b"", None, None),
+            keep_alive,
+        };
+    };
+    let answer = |status: u16, body: &[u8], location: Option<&[u8]>| Plan::Local {
+        route: Some(route),
+        status,
+        flags: "-",
+        response: local_response(
+            status,
+            version,
+            keep_alive,
+            head_only,
+            body,
+            location,
+            Some(&route.response_edits),
+        ),
+        keep_alive,
+    };
+    match &snap.config.routes[route.index].action {
+        RouteAction::DirectResponse { status, body } => {
+            return answer(*status, body.as_bytes(), None);
+        }
+        RouteAction::Redirect { location, status } => {
+            return answer(*status, b"", Some(location.as_bytes()));
+        }
+        RouteAction::Forward { .. } => {}
+    }
+
+    // The path sent upstream: rewritten, or normalised, with the query as received.
+    let (_, query) = split_query(target.as_bytes());
+    let new_path = match (route.rewrite(&normalized), &normalized) {
+        (Some(p), _) => Some(p),
+        (None, Cow::Owned(p)) => Some(p.clone()),
+        (None, Cow::Borrowed(_)) => None,
+    }
+    .map(|mut p| {
+        if let Some(q) = query {
+            p.push('?');
+            p.push_str(&String::from_utf8_lossy(q));
+        }
+        p
+    });
+
+    // The gateway's own fields: x-forwarded-for gets the peer appended, x-request-id is kept
+    // when sane and made up otherwise.
+    let mut xff = Vec::new();
+    for (name, value) in head.headers(buf) {
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            if !xff.is_empty() {
+                xff.extend_from_slice(b", ");
+            }
+            xff.extend_from_slice(value);
+        }
+    }
+    if !xff.is_empty() {
+        xff.extend_from_slice(b", ");
+    }
+    let _ = write!(xff, "{}", conn.peer.ip().to_canonical());
+    let kept_id = head.header(buf, "x-request-id").filter(|v| {
+        !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.iter().all(|b| (0x21..=0x7e).contains(b))
+    });
+    let new_id = kept_id.is_none().then(request_id);
+    if let Some(log) = ex.log.as_mut() {
+        log.x_forwarded_for = Some(String::from_utf8_lossy(&xff).into_owned());
+        let id: &[u8] = match (&new_id, kept_id) {
+            (Some(id), _) => id,
+            (None, id) => id.unwrap_or_default(),
+        };
+        log.request_id = Some(String::from_utf8_lossy(id).into_owned());
+    }
+
+    let mut edits = EditSet::new(&route.request_edits);
+    if !route.overrides.forwarded_for {
+        edits.set("x-forwarded-for", &xff);
+    }
+    if !route.overrides.forwarded_proto {
+        edits.set("x-forwarded-proto", b"http");
+    }
+    if !route.overrides.request_id
+        && let Some(id) = &new_id
+    {
+        edits.set("x-request-id", id);
+    }
+    // An HTTP/1.0 request may come without Host; upstreams want one: the address the client
+    // connected to.
+    let fallback_host = (route.host_rewrite.is_none() && head.host(buf).is_none())
+        .then(|| snap.config.listeners[listener].address.to_string());
+    let mut upstream_head = Vec::with_capacity(buf.len() / 2 + 256);
+    let encoded = encode_request(
+        head,
+        buf,
+        &RequestEdits {
+            headers: edits.headers(),
+            path: new_path.as_deref().map(str::as_bytes),
+            host: route
+                .host_rewrite
+                .as_deref()
+                .or(fallback_host.as_deref().map(str::as_bytes)),
+            framing: None,
+            connection: Some(ConnectionHeader::Persist),
+        },
+        &mut upstream_head,
+    );
+    match encoded {
+        Ok(()) => Plan::Forward {
+            route,
+            upstream_head,
+        },
+        // A path that cannot be sent (a raw '#' in the query) is the client's fault; an edit
+        // that cannot be written is ours.
+        Err(e @ H1Error::Edit(Violation::InvalidPath)) => {
+            tracing::debug!(error = %e, "request path cannot be forwarded");
+            refuse(400, "DPE")
+        }
+        Err(e) => {
+            tracing::error!(route = %snap.route_names[route.index], error = %e, "cannot encode the upstream request");
+            Plan::Local {
+                route: Some(route),
+                status: 500,
+                flags: "-",
+                response: local_response(500, version, false, false, b"", None, None),
+                keep_alive: false,
+            }
+        }
+    }
+}
+
+/// What the forwarding stage needs of the request once its head bytes are gone.
+struct ReqInfo {
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    decoder: BodyDecoder,
+}
+
+/// Why an upstream attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpFail {
+    ConnectRefused,
+    ConnectTimeout,
+    /// Closed or reset before the response was complete.
+    Closed,
+    /// No (complete) response within the route timeout.
+    Timeout,
+    /// A response the codec refuses.
+    Protocol,
+}
+
+impl UpFail {
+    fn status(self) -> u16 {
+        match self {
+            UpFail::ConnectTimeout | UpFail::Timeout => 504,
+            UpFail::ConnectRefused | UpFail::Closed | UpFail::Protocol => 502,
+        }
+    }
+
+    /// Envoy flags; `retried`: a retry was made and this is how the last attempt failed.
+    fn flags(self, retried: bool) -> &'static str {
+        match (self, retried) {
+            (UpFail::ConnectRefused, false) => "UF",
+            (UpFail::ConnectRefused, true) => "UF,URX",
+            (UpFail::ConnectTimeout, false) => "UF,UT",
+            (UpFail::ConnectTimeout, true) => "UF,UT,URX",
+            (UpFail::Closed, false) => "UC",
+            (UpFail::Closed, true) => "UC,URX",
+            (UpFail::Timeout, false) => "UT",
+            (UpFail::Timeout, true) => "UT,URX",
+            (UpFail::Protocol, false) => "UPE",
+            (UpFail::Protocol, true) => "UPE,URX",
+        }
+    }
+}
+
+/// `balance::pick` -> `upstream::connect` -> exchange, with at most one retry.
+#[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
+async fn forward(
+    guard: &ConnGuard,
+    snap: &Rc<ShardGen>,
+    routes: &ListenerRoutes,
+    route: &CompiledRoute,
+    conn: &mut Conn,
+    mut req: ReqInfo,
+    upstream_head: Vec<u8>,
+    ex: &Exchange,
+) -> Next {
+    let lstats = &*snap.listeners[guard.listener].stats;
+    let mut meters = Meters {
+        listener: lstats,
+        cluster: None,
+        ex,
+    };
+    let body_done = req.decoder.is_done();
+    // The client connection after a local answer: usable only if the body was read.
+    let after_local = |ok: bool, req_done: bool| {
+        if ok && req.keep_alive && req_done {
+            Next::KeepAlive
+        } else {
+            Next::Close {
+                linger: ok && !req_done,
+            }
+        }
+    };
+    let RouteAction::Forward { clusters } = &snap.config.routes[route.index].action else {
+        ex.answer(500, "-");
+        let ok = local(conn, &meters, req.version, false, None).await;
+        return after_local(ok, false);
+    };
+    let Some(target) = clusters.get(snap.route_pickers[route.index].pick()) else {
+        ex.answer(500, "-");
+        let ok = local(conn, &meters, req.version, false, None).await;
+        return after_local(ok, false);
+    };
+    let cluster = target.cluster_index;
+    ex.cluster.set(Some(cluster));
+    let ccfg = &snap.config.clusters[cluster];
+    let cstats: &Arc<ClusterStats> = &snap.clusters[cluster];
+    meters.cluster = Some(cstats);
+    if snap.cluster_tls.get(cluster).is_some_and(Option::is_some) {
+        // Fail closed: never send a request in clear text to a cluster that expects TLS.
+        tracing::warn!(cluster = %ccfg.name, "http routes to clusters with [clusters.tls] are not supported yet; answering 502");
+        ex.answer(502, "-");
+        let ok = local(conn, &meters, req.version, false, None).await;
+        return after_local(ok, false);
+    }
+    // The part of the body that already arrived (all of a small request) is checked before
+    // anything goes upstream: a malformed chunked body reaches no origin.
+    let mut probe = req.decoder.clone();
+    let mut at = 0;
+    while !probe.is_done() && at < conn.buf.len() {
+        match probe.decode(&conn.buf[at..]) {
+            Ok(d) if d.consumed > 0 => at += d.consumed,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "request body refused");
+                ex.answer(e.status(), e.response_flag().unwrap_or("-"));
+                let ok = local(conn, &meters, req.version, false, None).await;
+                return after_local(ok, false);
+            }
+        }
+    }
+    let retry_idempotent = req.method.is_idempotent() && body_done;
+    let mut head_bytes = upstream_head;
+    let mut retried = false;
+    let mut attempt = 0;
+    let fail = loop {
+        attempt += 1;
+        let Some(&endpoint) = ccfg.endpoints.get(snap.endpoint_rr[cluster].pick()) else {
+            break UpFail::ConnectRefused;
+        };
+        ex.upstream_host.set(Some(endpoint));
+        let key = PoolKey::plain(endpoint);
+        let mut up = match guard.shard.http_pool.take(&key, cstats) {
+            Some(up) => up,
+            None => match pool::connect(endpoint, ccfg.connect_timeout, cstats).await {
+                Ok(up) => up,
+                Err(e) => {
+                    let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
+                    // Nothing was sent: any request may go to the next endpoint.
+                    if attempt < 2 {
+                        retried = true;
+                        continue;
+                    }
+                    break if timed_out {
+                        UpFail::ConnectTimeout
+                    } else {
+                        UpFail::ConnectRefused
+                    };
+                }
+            },
+        };
+        let (sent, back) = up.wr.write_all_owned(head_bytes).await;
+        head_bytes = back;
+        if sent.is_err() {
+            drop(up);
+            if retry_idempotent && attempt < 2 {
+                retried = true;
+                continue;
+            }
+            break UpFail::Closed;
+        }
+        meters.upstream_out(head_bytes.len());
+        let shared = ExShared::default();
+        if body_done {
+            shared.req_done_at.set(Some(Instant::now()));
+        }
+        let rctx = RespCtx {
+            method: req.method,
+            version: req.version,
+            client_keep_alive: req.keep_alive,
+            edits: &route.response_edits,
+            timeout: route.timeout,
+            draining: &guard.shard.shared.draining,
+        };
+        let joined = exchange(
+            conn,
+            &mut up,
+            &mut req.decoder,
+            routes.idle_timeout,
+            &rctx,
+            &shared,
+            &meters,
+        )
+        .await;
+        match joined {
+            Joined::Done { resp, req_complete } => {
+                ex.answer(resp.status, if retried { "URX" } else { "-" });
+                if req_complete && resp.upstream_reusable {
+                    guard.shard.http_pool.put(key, up);
+                } else {
+                    drop(up);
+                }
+                return if resp.keep_down && req_complete {
+                    Next::KeepAlive
+                } else {
+                    Next::Close {
+                        linger: !req_complete,
+                    }
+                };
+            }
+            Joined::ReqFailed(PumpError::Body(e)) => {
+                drop(up);
+                tracing::debug!(peer = %conn.peer, error = %e, "request body refused");
+                let flags = e.response_flag().unwrap_or("-");
+                if shared.responded.get() {
+                    ex.answer(shared.status.get(), flags);
+                } else {
+                    ex.answer(e.status(), flags);
+                    local(conn, &meters, req.version, false, None).await;
+                }
+                return Next::Close { linger: true };
+            }
+            Joined::ReqFailed(PumpError::ClientGone) => {
+                drop(up);
+                ex.answer(shared.status.get(), "DC");
+                return Next::Close { linger: false };
+            }
+            Joined::RespFailed(RespFail::ClientGone) => {
+                drop(up);
+                ex.answer(shared.status.get(), "DC");
+                return Next::Close { linger: false };
+            }
+            Joined::RespFailed(RespFail::Upstream(f)) => {
+                drop(up);
+                if shared.responded.get() {
+                    // The response had started: all that is left is to cut the connection.
+                    ex.answer(shared.status.get(), f.flags(retried));
+                    return Next::Close { linger: false };
+                }
+                if f == UpFail::Closed && !shared.got_bytes.get() && retry_idempotent && attempt < 2
+                {
+                    retried = true;
+                    continue;
+                }
+                let req_done = shared.req_done_at.get().is_some();
+                ex.answer(f.status(), f.flags(retried));
+                let ok = local(conn, &meters, req.version, req.keep_alive && req_done, None).await;
+                return after_local(ok, req_done);
+            }
+        }
+    };
+    // Nothing was received from any upstream: answer for it.
+    ex.answer(fail.status(), fail.flags(retried));
+    let ok = local(
+        conn,
+        &meters,
+        req.version,
+        req.keep_alive && body_done,
+        None,
+    )
+    .await;
+    after_local(ok, body_done)
+}
+
+/// State both directions of an exchange see.
+#[derive(Default)]
+struct ExShared {
+    /// When the request (head and body) had been sent in full; the route timeout runs from
+    /// here.
+    req_done_at: Cell<Option<Instant>>,
+    /// A byte of the response (even an interim one) arrived from the upstream.
+    got_bytes: Cell<bool>,
+    /// The final response head went to the client: no local answer is possible any more.
+    responded: Cell<bool>,
+    status: Cell<u16>,
+}
+
+enum Joined {
+    /// The response is complete; `req_complete`: so is the request.
+    Done {
+        resp: RespOk,
+        req_complete: bool,
+    },
+    ReqFailed(PumpError),
+    RespFailed(RespFail),
+}
+
+/// Run the request-body pump and the response relay at once (an upstream may answer before
+/// the body is in, e.g. with 413, and `100-continue` needs the response side running while the
+/// client waits). Ends when the response ends or either side fails.
+async fn exchange(
+    conn: &mut Conn,
+    up: &mut UpConn,
+    decoder: &mut BodyDecoder,
+    client_idle: Duration,
+    rctx: &RespCtx<'_>,
+    shared: &ExShared,
+    meters: &Meters<'_>,
+) -> Joined {
+    let Conn { rd, wr, buf, .. } = conn;
+    let req = pump_request(rd, &mut up.wr, buf, decoder, client_idle, shared, meters);
+    let mut rbuf = Vec::new();
+    let resp = relay_response(&mut up.rd, wr, &mut rbuf, rctx, shared, meters);
+    let mut req = pin!(req);
+    let mut resp = pin!(resp);
+    let mut req_end: Option<PumpEnd> = None;
+    poll_fn(|cx| {
+        if req_end.is_none() {
+            match req.as_mut().poll(cx) {
+                Poll::Ready(Ok(end)) => req_end = Some(end),
+                Poll::Ready(Err(e)) => return Poll::Ready(Joined::ReqFailed(e)),
+                Poll::Pending => {}
+            }
+        }
+        match resp.as_mut().poll(cx) {
+            Poll::Ready(Ok(resp)) => Poll::Ready(Joined::Done {
+                resp,
+                req_complete: req_end == Some(PumpEnd::Complete),
+            }),
+            Poll::Ready(Err(e)) => Poll::Ready(Joined::RespFailed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PumpEnd {
+    Complete,
+    /// Writing to the upstream failed; the response side decides what happens.
+    UpstreamGone,
+}
+
+enum PumpError {
+    /// The body broke the framing rules.
+    Body(H1Error),
+    /// The client closed, reset or went quiet for the idle timeout mid-body.
+    ClientGone,
+}
+
+/// Forward the request body (with the framing it arrived in) from the client to the upstream.
+async fn pump_request(
+    rd: &mut rt::ReadHalf,
+    wr: &mut rt::WriteHalf,
+    buf: &mut Vec<u8>,
+    decoder: &mut BodyDecoder,
+    idle: Duration,
+    shared: &ExShared,
+    meters: &Meters<'_>,
+) -> Result<PumpEnd, PumpError> {
+    loop {
+        let used = decode_run(decoder, buf).map_err(PumpError::Body)?;
+        if used > 0 {
+            if wr.write_all(&buf[..used]).await.is_err() {
+                return Ok(PumpEnd::UpstreamGone);
+            }
+            meters.upstream_out(used);
+            buf.drain(..used);
+        }
+        if decoder.is_done() {
+            shared.req_done_at.set(Some(Instant::now()));
+            return Ok(PumpEnd::Complete);
+        }
+        let rb = match rt::timeout(idle, rd.recv_buf()).await {
+            Ok(Ok(Some(rb))) => rb,
+            Err(rt::Elapsed) | Ok(Ok(None)) | Ok(Err(_)) => return Err(PumpError::ClientGone),
+        };
+        meters.client_in(rb.len());
+        if !buf.is_empty() {
+            buf.extend_from_slice(&rb);
+            continue;
+        }
+        // Nothing pending: decode straight from the received buffer and, when all of it is
+        // body, send that very buffer on.
+        let used = decode_run(decoder, &rb).map_err(PumpError::Body)?;
+        if used == rb.len() {
+            let (res, rb) = wr.write_all_owned(rb).await;
+            drop(rb);
+            if res.is_err() {
+                return Ok(PumpEnd::UpstreamGone);
+            }
+            meters.upstream_out(used);
+        } else {
+            if used > 0 {
+                if wr.write_all(&rb[..used]).await.is_err() {
+                    return Ok(PumpEnd::UpstreamGone);
+                }
+                meters.upstream_out(used);
+            }
+            buf.extend_from_slice(&rb[used..]);
+        }
+    }
+}
+
+/// Decode as much of `input` as is body; the number of bytes (framing included) it took.
+fn decode_run(decoder: &mut BodyDecoder, input: &[u8]) -> Result<usize, H1Error> {
+    let mut used = 0;
+    while !decoder.is_done() && used < input.len() {
+        let d = decoder.decode(&input[used..])?;
+        if d.consumed == 0 {
+            break;
+        }
+        used += d.consumed;
+    }
+    Ok(used)
+}
+
+/// [`decode_run`] that also appends the de-chunked payload to `out`.
+fn decode_payload(
+    decoder: &mut BodyDecoder,
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, H1Error> {
+    let mut used = 0;
+    while !decoder.is_done() && used < input.len() {
+        let d = decoder.decode(&input[used..])?;
+        if d.consumed == 0 {
+            break;
+        }
+        out.extend_from_slice(d.payload);
+        used += d.consumed;
+    }
+    Ok(used)
+}
+
+/// How the response goes to this client.
+struct RespCtx<'a> {
+    method: Method,
+    version: Version,
+    client_keep_alive: bool,
+    edits: &'a Edits,
+    timeout: Duration,
+    draining: &'a AtomicBool,
+}
+
+struct RespOk {
+    status: u16,
+    /// The client connection may carry another request.
+    keep_down: bool,
+    /// The upstream connection ended this response cleanly and may go back to the pool.
+    upstream_reusable: bool,
+}
+
+enum RespFail {
+    Upstream(UpFail),
+    /// Writing to the client failed.
+    ClientGone,
+}
+
+/// Read the response from the upstream (forwarding `100 Continue`) and relay it to the client.
+async fn relay_response(
+    up: &mut rt::ReadHalf,
+    down: &mut rt::WriteHalf,
+    rbuf: &mut Vec<u8>,
+    cx: &RespCtx<'_>,
+    shared: &ExShared,
+    meters: &Meters<'_>,
+) -> Result<RespOk, RespFail> {
+    let limits = Limits::default();
+    let mut progress = HeadProgress::default();
+    let (head, consumed) = loop {
+        if !rbuf.is_empty() {
+            match parse_response_resumable(rbuf, &limits, cx.method, &mut progress) {
+                Ok(Parsed::Complete { head, consumed }) if head.is_interim() => {
+                    if head.status() == 100 && cx.version == Version::Http11 {
+                        const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+                        if down.write_all(CONTINUE).await.is_err() {
+                            return Err(RespFail::ClientGone);
+                        }
+                        meters.client_out(CONTINUE.len());
+                    }
+                    rbuf.drain(..consumed);
+                    continue;
+                }
+                Ok(Parsed::Complete { head, consumed }) => {
+                    if head.status() == 101 || head.is_tunnel() {
+                        // Never asked for: requests go upstream without Upgrade.
+                        return Err(RespFail::Upstream(UpFail::Protocol));
+                    }
+                    break (head, consumed);
+                }
+                Ok(Parsed::Partial) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream response refused");
+                    return Err(RespFail::Upstream(UpFail::Protocol));
+                }
+            }
+        }
+        match read_upstream(up, cx, shared).await? {
+            Some(rb) => {
+                shared.got_bytes.set(true);
+                meters.upstream_in(rb.len());
+                rbuf.extend_from_slice(&rb);
+            }
+            None => return Err(RespFail::Upstream(UpFail::Closed)),
+        }
+    };
+    let status = head.status();
+    shared.status.set(status);
+    // HTTP/1.0 clients cannot read chunked bodies: de-chunk and close-delimit.
+    let dechunk = cx.version == Version::Http10 && head.framing() == Framing::Chunked;
+    let req_complete = shared.req_done_at.get().is_some();
+    let keep_down = cx.client_keep_alive
+        && req_complete
+        && !dechunk
+        && head.framing() != Framing::CloseDelimited
+        && !cx.draining.load(Ordering::Acquire);
+    let mut out = Vec::with_capacity(consumed + 128);
+    let edits = EditSet::new(cx.edits);
+    let encoded = encode_response(
+        &head,
+        rbuf,
+        &ResponseEdits {
+            headers: edits.headers(),
+            framing: dechunk.then_some(Framing::CloseDelimited),
+            connection: Some(ConnectionHeader::for_peer(cx.version, keep_down)),
+        },
+        &mut out,
+    );
+    if let Err(e) = encoded {
+        tracing::error!(error = %e, "cannot encode the response");
+        return Err(RespFail::Upstream(UpFail::Protocol));
+    }
+    let mut upstream_reusable = head.keep_alive() && head.framing() != Framing::CloseDelimited;
+    let mut decoder = head.body_decoder(&limits);
+    rbuf.drain(..consumed);
+    // Body bytes that came with the head go out in the same write.
+    let used = if dechunk {
+        decode_payload(&mut decoder, rbuf, &mut out)
+    } else {
+        decode_run(&mut decoder, rbuf).inspect(|&used| out.extend_from_slice(&rbuf[..used]))
+    }
+    .map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
+    rbuf.drain(..used);
+    shared.responded.set(true);
+    let n = out.len();
+    let (res, _) = down.write_all_owned(out).await;
+    res.map_err(|_| RespFail::ClientGone)?;
+    meters.client_out(n);
+    let mut payload = Vec::new();
+    while !decoder.is_done() {
+        let Some(rb) = read_upstream(up, cx, shared).await? else {
+            // Close-delimited bodies end here; any other body is cut short.
+            decoder
+                .eof()
+                .map_err(|_| RespFail::Upstream(UpFail::Closed))?;
+            upstream_reusable = false;
+            break;
+        };
+        meters.upstream_in(rb.len());
+        if dechunk {
+            rbuf.extend_from_slice(&rb);
+            payload.clear();
+            let used = decode_payload(&mut decoder, rbuf, &mut payload)
+                .map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
+            rbuf.drain(..used);
+            if !payload.is_empty() {
+                down.write_all(&payload)
+                    .await
+                    .map_err(|_| RespFail::ClientGone)?;
+                meters.client_out(payload.len());
+            }
+            continue;
+        }
+        if !rbuf.is_empty() {
+            rbuf.extend_from_slice(&rb);
+            let used =
+                decode_run(&mut decoder, rbuf).map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
+            if used > 0 {
+                down.write_all(&rbuf[..used])
+                    .await
+                    .map_err(|_| RespFail::ClientGone)?;
+                meters.client_out(used);
+                rbuf.drain(..used);
+            }
+            continue;
+        }
+        let used =
+            decode_run(&mut decoder, &rb).map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
+        if used == rb.len() {
+            let (res, rb) = down.write_all_owned(rb).await;
+            drop(rb);
+            res.map_err(|_| RespFail::ClientGone)?;
+            meters.client_out(used);
+        } else {
+            if used > 0 {
+                down.write_all(&rb[..used])
+                    .await
+                    .map_err(|_| RespFail::ClientGone)?;
+                meters.client_out(used);
+            }
+            rbuf.extend_from_slice(&rb[used..]);
+        }
+    }
+    // Bytes after the end of the body: the upstream does not frame its messages as it says.
+    if !rbuf.is_empty() {
+        upstream_reusable = false;
+    }
+    Ok(RespOk {
+        status,
+        keep_down,
+        upstream_reusable,
+    })
+}
+
+/// The next bytes from the upstream within the route timeout (which starts once the request
+/// was sent in full); `None` at EOF.
+async fn read_upstream(
+    up: &mut rt::ReadHalf,
+    cx: &RespCtx<'_>,
+    shared: &ExShared,
+) -> Result<Option<rt::RecvBuf>, RespFail> {
+    loop {
+        let wait = match shared.req_done_at.get() {
+            Some(at) => (at + cx.timeout).saturating_duration_since(Instant::now()),
+            None => RESPONSE_WAIT_SLICE,
+        };
+        if wait.is_zero() {
+            return Err(RespFail::Upstream(UpFail::Timeout));
+        }
+        match rt::timeout(wait, up.recv_buf()).await {
+            Err(rt::Elapsed) => {} // re-check the deadline
+            Ok(Ok(rb)) => return Ok(rb),
+            Ok(Err(_)) => return Err(RespFail::Upstream(UpFail::Closed)),
+        }
+    }
+}
+
+/// Answer the client with the exchange's status (an error or a refusal; no body but the
+/// status line). Returns whether the write worked.
+async fn local(
+    conn: &mut Conn,
+    meters: &Meters<'_>,
+    version: Version,
+    keep_alive: bool,
+    edits: Option<&Edits>,
+) -> bool {
+    let status = meters.ex.status.get();
+    let response = local_response(status, version, keep_alive, false, b"", None, edits);
+    write_client(conn, meters, response).await
+}
+
+async fn write_client(conn: &mut Conn, meters: &Meters<'_>, response: Vec<u8>) -> bool {
+    let n = response.len();
+    let (res, _) = conn.wr.write_all_owned(response).await;
+    if res.is_ok() {
+        meters.client_out(n);
+    }
+    res.is_ok()
+}
+
+/// A complete response written by the gateway: `status`, `content-length`, a `text/plain`
+/// body (the reason phrase when `body` is empty and the status is an error), `location`,
+/// the route's response edits, and the connection field.
+fn local_response(
+    status: u16,
+    version: Version,
+    keep_alive: bool,
+    head_only: bool,
+    body: &[u8],
+    location: Option<&[u8]>,
+    edits: Option<&Edits>,
+) -> Vec<u8> {
+    let reason = reason(status);
+    let generated;
+    let body: &[u8] = if body.is_empty() && status >= 400 {
+        generated = format!("{status} {reason}\n");
+        generated.as_bytes()
+    } else {
+        body
+    };
+    let no_body = matches!(status, 204 | 304);
+    let mut out = Vec::with_capacity(128 + body.len());
+    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    let taken = |name: &str| edits.is_some_and(|e| e.takes_over(name));
+    if !no_body {
+        let _ = write!(out, "content-length: {}\r\n", body.len());
+        if !body.is_empty() && !taken("content-type") {
+            out.extend_from_slice(b"content-type: text/plain\r\n");
+        }
+    }
+    if let Some(location) = location
+        && !taken("location")
+    {
+        out.extend_from_slice(b"location: ");
+        out.extend_from_slice(location);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(edits) = edits {
+        for (name, value) in edits.set.iter().chain(edits.add.iter()) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match ConnectionHeader::for_peer(version, keep_alive) {
+        ConnectionHeader::Close => out.extend_from_slice(b"connection: close\r\n"),
+        ConnectionHeader::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        ConnectionHeader::Persist | ConnectionHeader::Upgrade => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only && !no_body {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        421 => "Misdirected Request",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => match status / 100 {
+            1 => "Informational",
+            2 => "Success",
+            3 => "Redirection",
+            4 => "Client Error",
+            _ => "Server Error",
+        },
+    }
+}
+
+/// A route's edits plus the gateway's own fields, as the borrowed lists the codec takes; on
+/// the stack (no allocation), bounded by the config's limit per list.
+struct EditSet<'a> {
+    remove: [&'a str; MAX_EDITS],
+    removes: usize,
+    set: [(&'a str, &'a [u8]); MAX_EDITS],
+    sets: usize,
+    add: [(&'a str, &'a [u8]); MAX_EDITS],
+    adds: usize,
+}
+
+impl<'a> EditSet<'a> {
+    fn new(edits: &'a Edits) -> Self {
+        let mut out = EditSet {
+            remove: [""; MAX_EDITS],
+            removes: 0,
+            set: [("", &[]); MAX_EDITS],
+            sets: 0,
+            add: [("", &[]); MAX_EDITS],
+            adds: 0,
+        };
+        for (slot, name) in out.remove.iter_mut().zip(edits.remove.iter()) {
+            *slot = name;
+            out.removes += 1;
+        }
+        for (slot, (name, value)) in out.set.iter_mut().zip(edits.set.iter()) {
+            *slot = (name, value);
+            out.sets += 1;
+        }
+        for (slot, (name, value)) in out.add.iter_mut().zip(edits.add.iter()) {
+            *slot = (name, value);
+            out.adds += 1;
+        }
+        out
+    }
+
+    fn set(&mut self, name: &'a str, value: &'a [u8]) {
+        if let Some(slot) = self.set.get_mut(self.sets) {
+            *slot = (name, value);
+            self.sets += 1;
+        }
+    }
+
+    fn headers(&self) -> HeaderEdits<'_> {
+        HeaderEdits {
+            remove: &self.remove[..self.removes],
+            set: &self.set[..self.sets],
+            add: &self.add[..self.adds],
+        }
+    }
+}
+
+thread_local! {
+    /// Per shard: a random prefix chosen at start and a counter.
+    static REQUEST_IDS: (u64, Cell<u64>) = (random_u64(), Cell::new(0));
+}
+
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A new request ID, UUID-shaped (`8-4-4-4-12` hex digits): the shard's random prefix and its
+/// counter. Unique per process run without coordination between shards.
+fn request_id() -> [u8; 36] {
+    let (prefix, n) = REQUEST_IDS.with(|(prefix, counter)| {
+        let n = counter.get().wrapping_add(1);
+        counter.set(n);
+        (*prefix, n)
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (u128::from(prefix) << 64) | u128::from(n);
+    let mut out = [b'-'; 36];
+    let mut shift = 128;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        shift -= 4;
+        *slot = HEX[((digits >> shift) & 0xf) as usize];
+    }
+    out
+}
+
+/// Counters and the access-log record of one request.
+fn finish(
+    guard: &ConnGuard,
+    snap: &ShardGen,
+    routes: &ListenerRoutes,
+    route: Option<&CompiledRoute>,
+    ex: &Exchange,
+    peer: SocketAddr,
+) {
+    let status = ex.status.get();
+    if status != 0 {
+        route.map_or(&routes.unrouted, |r| &r.stats).count(status);
+    }
+    let Some(log) = &guard.shard.access_log else {
+        return;
+    };
+    let fields = ex.log.as_ref();
+    log.log(Record {
+        start_time: ex.start_time,
+        duration: ex.started.elapsed(),
+        protocol: "HTTP/1.1",
+        method: fields.map(|f| f.method.clone()),
+        path: fields.map(|f| f.path.clone()),
+        authority: fields.and_then(|f| f.authority.clone()),
+        response_code: status,
+        response_flags: ex.flags.get(),
+        bytes_received: ex.received.get(),
+        bytes_sent: ex.sent.get(),
+        upstream_host: ex.upstream_host.get(),
+        upstream_cluster: ex.cluster.get().map(|c| snap.cluster_names[c].clone()),
+        downstream_remote_address: peer,
+        downstream_local_address: None,
+        requested_server_name: None,
+        route_name: ex.route.get().map(|r| snap.route_names[r].clone()),
+        listener: snap.listener_names[guard.listener].clone(),
+        downstream_peer_spiffe_id: None,
+        tls_version: None,
+        x_forwarded_for: fields.and_then(|f| f.x_forwarded_for.clone()),
+        user_agent: fields.and_then(|f| f.user_agent.clone()),
+        request_id: fields.and_then(|f| f.request_id.clone()),
+        shard: guard.shard.id,
+    });
+}
+
+/// After `connection: close`: stop sending, then read and drop what the client still sends
+/// for a moment, so that closing a socket with unread input does not reset the connection
+/// before the client read the response.
+async fn lingering_close(conn: &mut Conn) {
+    let _ = conn.wr.shutdown_write().await;
+    let until = Instant::now() + LINGER_TIME;
+    let mut drained = 0u64;
+    while drained < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match rt::timeout(left, conn.rd.recv_buf()).await {
+            Ok(Ok(Some(rb))) => drained += rb.len() as u64,
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,994 @@
+//! The HTTP/1.1 gateway end to end: the real `meshgate` binary (2 shards) in front of a real
+//! nginx origin, driven by curl (and raw sockets where curl is too polite), on 127.0.0.1.
+//!
+//! nginx and curl are Debian packages (`.ci/run` installs them). When nginx is missing the
+//! nginx-based tests print why and pass without checking anything; wrk is optional too.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshgate_testkit::{Fnv, Meshgate, fill_pseudo_random, free_port, metric_sum, wait_until};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `name` on the PATH (or in /usr/sbin, where Debian puts nginx).
+fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// nginx, or a note that the test is skipped.
+fn nginx_or_skip(test: &str) -> Option<PathBuf> {
+    let found = tool("nginx");
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED {test}: nginx is not installed (apt-get install nginx; .ci/run installs it)"
+        );
+    }
+    found
+}
+
+const BIG: usize = 8 * 1024 * 1024;
+
+/// nginx as the origin: two servers, `stable` and `canary`, each answering `/` with a line
+/// that echoes what the gateway sent, serving an 8 MiB file, a chunked copy of it, PUT
+/// uploads and a 204.
+struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+    stable: SocketAddr,
+    canary: SocketAddr,
+    big_sum: u64,
+}
+
+impl Nginx {
+    fn start(nginx: &Path) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for sub in ["files", "put", "tmp"] {
+            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+        }
+        let mut big = vec![0u8; BIG];
+        fill_pseudo_random(&mut 7u64, &mut big);
+        let mut sum = Fnv::default();
+        sum.update(&big);
+        std::fs::write(d.join("files/big.bin"), &big).expect("write big.bin");
+        let (stable, canary) = (addr(free_port()), addr(free_port()));
+        let locations = format!(
+            r#"
+    location / {{
+      add_header x-origin $origin;
+      add_header x-secret s3cr3t;
+      return 200 "origin=$origin method=$request_method uri=$request_uri host=$http_host xff=$http_x_forwarded_for xfp=$http_x_forwarded_proto rid=$http_x_request_id conn=$connection env=$http_x_env team=$http_x_team debug=$http_x_debug\n";
+    }}
+    location /files/ {{ root {d}; }}
+    location /chunked/ {{
+      alias {d}/files/;
+      sub_filter_types *;
+      sub_filter 'no-such-text-in-the-file' 'x';
+    }}
+    location /put/ {{
+      root {d};
+      dav_methods PUT;
+      create_full_put_path on;
+      client_max_body_size 64m;
+      client_body_buffer_size 1m;
+    }}
+    location = /nocontent {{ return 204; }}
+"#,
+            d = d.display()
+        );
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 4096; }}
+http {{
+  log_format mg '$server_port $connection "$request" $status';
+  access_log {d}/access.log mg;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  keepalive_requests 100000;
+  keepalive_timeout 75s;
+  server {{
+    listen {stable};
+    set $origin stable;
+    {locations}
+  }}
+  server {{
+    listen {canary};
+    set $origin canary;
+    {locations}
+  }}
+}}
+"#,
+            d = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut n = Nginx {
+            child,
+            dir,
+            stable,
+            canary,
+            big_sum: sum.0,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(n.stable).is_ok() && TcpStream::connect(n.canary).is_ok()
+        });
+        if !up {
+            let _ = n.child.kill();
+            panic!(
+                "nginx did not start:\n{}",
+                std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        n
+    }
+
+    /// nginx's access log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP upstream that accepts connections and never answers (for timeouts).
+struct Silent {
+    addr: SocketAddr,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in l.incoming().flatten() {
+                held.push(conn);
+            }
+        });
+        Silent { addr }
+    }
+}
+
+/// The gateway in front of `ng`, with a route of every kind. `dead`: an endpoint nobody
+/// listens on; `silent`: one that never answers.
+struct Gateway {
+    mg: Meshgate,
+    web: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(ng: &Nginx, dead: SocketAddr, silent: SocketAddr) -> Gateway {
+        let admin = addr(free_port());
+        let web = addr(free_port());
+        let config = format!(
+            r#"version = 1
+
+[admin]
+address = "{admin}"
+
+[runtime]
+cores = 2
+drain_timeout = "2s"
+
+[[listeners]]
+name = "web"
+address = "{web}"
+protocol = "http"
+
+[listeners.http]
+request_timeout = "2s"
+
+[[routes]]
+name = "healthz"
+listener = "web"
+match = {{ path = {{ exact = "/healthz" }} }}
+direct_response = {{ status = 200, body = "ok\n" }}
+response_headers = {{ set = {{ x-health = "yes" }} }}
+
+[[routes]]
+name = "moved"
+listener = "web"
+match = {{ hosts = ["old.example.test"] }}
+redirect = {{ location = "https://new.example.test/", status = 301 }}
+
+[[routes]]
+name = "api"
+listener = "web"
+match = {{ hosts = ["api.example.test", "*.apps.example.test"], path = {{ prefix = "/api/" }} }}
+cluster = "canary"
+prefix_rewrite = "/v2/"
+host_rewrite = "backend.internal"
+request_headers = {{ add = {{ x-env = "prod" }}, set = {{ x-team = "web" }}, remove = ["x-debug"] }}
+response_headers = {{ set = {{ x-gw = "meshgate" }}, remove = ["x-secret"] }}
+
+[[routes]]
+name = "versioned"
+listener = "web"
+match = {{ path = {{ regex = "^/v[0-9]+/" }} }}
+cluster = "canary"
+
+[[routes]]
+name = "by-header"
+listener = "web"
+match = {{ headers = [{{ name = "x-canary", exact = "1" }}] }}
+cluster = "canary"
+
+[[routes]]
+name = "post-only"
+listener = "web"
+match = {{ path = {{ exact = "/submit" }}, methods = ["POST"] }}
+cluster = "canary"
+
+[[routes]]
+name = "split"
+listener = "web"
+match = {{ path = {{ prefix = "/split/" }} }}
+weighted_clusters = [{{ cluster = "stable", weight = 50 }}, {{ cluster = "canary", weight = 50 }}]
+
+[[routes]]
+name = "down"
+listener = "web"
+match = {{ path = {{ prefix = "/down/" }} }}
+cluster = "down"
+
+[[routes]]
+name = "slow"
+listener = "web"
+match = {{ path = {{ prefix = "/slow/" }} }}
+cluster = "slow"
+timeout = "1s"
+
+[[routes]]
+name = "rest"
+listener = "web"
+match = {{ hosts = ["127.0.0.1"] }}
+cluster = "stable"
+
+[[clusters]]
+name = "stable"
+endpoints = ["{stable}"]
+
+[[clusters]]
+name = "canary"
+endpoints = ["{canary}"]
+
+[[clusters]]
+name = "down"
+endpoints = ["{dead}"]
+connect_timeout = "1s"
+
+[[clusters]]
+name = "slow"
+endpoints = ["{silent}"]
+"#,
+            stable = ng.stable,
+            canary = ng.canary,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("access.log");
+        let mg = Meshgate::start_with_args(
+            bin(),
+            &config,
+            admin,
+            &["--access-log", log.to_str().expect("utf-8 path")],
+        )
+        .expect("gateway starts");
+        Gateway {
+            mg,
+            web,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.web)
+    }
+
+    /// Access-log records (JSON objects) so far.
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The access-log record of the request to `path`, waiting for the writer.
+    fn record(&self, path: &str) -> serde_json::Value {
+        let mut found = None;
+        wait_until(Duration::from_secs(5), || {
+            found = self.records().into_iter().find(|r| r["path"] == path);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no access-log record for {path}: {:?}", self.records()))
+    }
+}
+
+/// A response as curl showed it with `-i`.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// `curl -sS -i ARGS`; the last response (curl prints one per URL and interim ones).
+fn curl(args: &[&str]) -> Resp {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_last(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_last(text: &str) -> Resp {
+    let start = text.rfind("HTTP/1.").unwrap_or(0);
+    let (head, body) = text[start..].split_once("\r\n\r\n").unwrap_or((text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// The keys of the origin's echo line, in order.
+const KEYS: [&str; 11] = [
+    "origin", "method", "uri", "host", "xff", "xfp", "rid", "conn", "env", "team", "debug",
+];
+
+/// The value of `key=` in an origin echo line (values may contain spaces: each runs to the
+/// next key).
+fn field<'a>(body: &'a str, key: &str) -> &'a str {
+    let Some(at) = body.find(&format!("{key}=")) else {
+        return "";
+    };
+    let rest = &body[at + key.len() + 1..];
+    let next = KEYS
+        .iter()
+        .position(|k| *k == key)
+        .and_then(|i| KEYS.get(i + 1));
+    let end = next
+        .and_then(|n| rest.find(&format!(" {n}=")))
+        .unwrap_or_else(|| rest.find('\n').unwrap_or(rest.len()));
+    &rest[..end]
+}
+
+/// Raw bytes to the gateway; everything it answers until it closes (or 5 s pass).
+fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let closed = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn checksum(path: &Path) -> (usize, u64) {
+    let data = std::fs::read(path).expect("read download");
+    let mut sum = Fnv::default();
+    sum.update(&data);
+    (data.len(), sum.0)
+}
+
+#[test]
+fn routes_match_on_host_path_method_and_headers() {
+    let Some(nginx) = nginx_or_skip("routes_match_on_host_path_method_and_headers") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+
+    // Direct response, with the route's response headers.
+    let r = curl(&[&gw.url("/healthz")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{r:?}");
+    assert_eq!(r.headers["x-health"], "yes");
+
+    // Redirect by host.
+    let r = curl(&["-H", "host: old.example.test", &gw.url("/anything")]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert_eq!(r.headers["location"], "https://new.example.test/");
+
+    // Host + prefix: rewrite, host rewrite, header edits both ways, the gateway's fields.
+    let r = curl(&[
+        "-H",
+        "host: api.example.test",
+        "-H",
+        "x-debug: 1",
+        "-H",
+        "x-team: ops",
+        "-H",
+        "x-forwarded-for: 203.0.113.9",
+        "-H",
+        "x-request-id: keep-me-1",
+        &gw.url("/api/items?q=1"),
+    ]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(field(&r.body, "origin"), "canary", "{}", r.body);
+    assert_eq!(field(&r.body, "uri"), "/v2/items?q=1", "{}", r.body);
+    assert_eq!(field(&r.body, "host"), "backend.internal", "{}", r.body);
+    assert_eq!(field(&r.body, "env"), "prod", "{}", r.body);
+    assert_eq!(field(&r.body, "team"), "web", "{}", r.body);
+    assert_eq!(field(&r.body, "debug"), "", "{}", r.body);
+    assert_eq!(
+        field(&r.body, "xff"),
+        "203.0.113.9, 127.0.0.1",
+        "{}",
+        r.body
+    );
+    assert_eq!(field(&r.body, "xfp"), "http", "{}", r.body);
+    assert_eq!(field(&r.body, "rid"), "keep-me-1", "{}", r.body);
+    assert_eq!(r.headers["x-gw"], "meshgate");
+    assert!(!r.headers.contains_key("x-secret"), "{r:?}");
+    assert_eq!(r.headers["x-origin"], "canary");
+
+    // Wildcards are one label deep.
+    let r = curl(&["-H", "host: a.apps.example.test", &gw.url("/api/x")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+    let r = curl(&["-H", "host: a.b.apps.example.test", &gw.url("/api/x")]);
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // Regex on the normalised path; exact method match; header match.
+    let r = curl(&[&gw.url("/v3/thing")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+    let r = curl(&["--path-as-is", &gw.url("/x/../v1/./thing")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+    assert_eq!(field(&r.body, "uri"), "/v1/thing", "{r:?}");
+    let r = curl(&[&gw.url("/vx/thing")]);
+    assert_eq!(field(&r.body, "origin"), "stable", "{r:?}");
+    let r = curl(&["-X", "POST", "-d", "a=1", &gw.url("/submit")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+    assert_eq!(field(&r.body, "method"), "POST", "{r:?}");
+    let r = curl(&[&gw.url("/submit")]);
+    assert_eq!(field(&r.body, "origin"), "stable", "{r:?}");
+    let r = curl(&["-H", "x-canary: 1", &gw.url("/h")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+    let r = curl(&["-H", "x-canary: 0", &gw.url("/h")]);
+    assert_eq!(field(&r.body, "origin"), "stable", "{r:?}");
+
+    // A request ID is made up when the client sends none; x-forwarded-for starts.
+    let r = curl(&[&gw.url("/plain")]);
+    let rid = field(&r.body, "rid");
+    assert_eq!(rid.len(), 36, "{}", r.body);
+    assert_eq!(rid.matches('-').count(), 4, "{rid}");
+    assert_eq!(field(&r.body, "xff"), "127.0.0.1", "{}", r.body);
+
+    // No route: 404, flag NR.
+    let r = curl(&["-H", "host: nowhere.test", &gw.url("/missing")]);
+    assert_eq!(r.status, 404, "{r:?}");
+    let rec = gw.record("/missing");
+    assert_eq!(rec["response_code"], 404);
+    assert_eq!(rec["response_flags"], "NR");
+    assert_eq!(rec["protocol"], "HTTP/1.1");
+
+    // One access-log record per request, with the request's details.
+    let rec = gw.record("/api/items?q=1");
+    assert_eq!(rec["method"], "GET");
+    assert_eq!(rec["authority"], "api.example.test");
+    assert_eq!(rec["route_name"], "api");
+    assert_eq!(rec["upstream_cluster"], "canary");
+    assert_eq!(rec["upstream_host"], ng.canary.to_string());
+    assert_eq!(rec["request_id"], "keep-me-1");
+    assert_eq!(rec["x_forwarded_for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(rec["response_flags"], "-");
+    assert!(
+        rec["user_agent"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("curl/")
+    );
+
+    // Request counters by route and class.
+    let m = gw.mg.metrics();
+    let count = |route: &str, class: &str| {
+        metric_sum(
+            &m,
+            "meshgate_http_requests_total",
+            &[("listener", "web"), ("route", route), ("code_class", class)],
+        )
+    };
+    assert_eq!(count("healthz", "2xx"), 1.0, "{m}");
+    assert_eq!(count("moved", "3xx"), 1.0, "{m}");
+    assert_eq!(count("(none)", "4xx"), 2.0, "{m}");
+    assert!(count("api", "2xx") >= 2.0, "{m}");
+}
+
+#[test]
+fn weighted_split_reaches_both_clusters() {
+    let Some(nginx) = nginx_or_skip("weighted_split_reaches_both_clusters") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    // 200 requests, curl's URL globbing, over keep-alive connections.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .arg(gw.url("/split/[1-200]"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stable = text.matches("origin=stable").count();
+    let canary = text.matches("origin=canary").count();
+    assert_eq!(stable + canary, 200, "{text}");
+    assert!(
+        (80..=120).contains(&stable),
+        "stable {stable}, canary {canary}"
+    );
+}
+
+#[test]
+fn keep_alive_on_both_sides() {
+    let Some(nginx) = nginx_or_skip("keep_alive_on_both_sides") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    // Five URLs on one client connection: curl reuses it, the gateway reuses its upstream
+    // connection (nginx sees one $connection).
+    let out = Command::new("curl")
+        .args(["-sS", "-v", "--max-time", "20"])
+        .args((1..=5).map(|i| gw.url(&format!("/ka/{i}"))))
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("Re-using existing connection").count(),
+        4,
+        "{stderr}"
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    let conns: Vec<&str> = body.lines().map(|l| field(l, "conn")).collect();
+    assert_eq!(conns.len(), 5, "{body}");
+    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
+    let m = gw.mg.metrics();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "meshgate_cluster_upstream_connections_total",
+            &[("cluster", "stable")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "meshgate_listener_connections_accepted_total",
+            &[("listener", "web")]
+        ),
+        1.0,
+        "{m}"
+    );
+    // `connection: close` from the client: answered with close, the connection ends.
+    let (answer, closed) = raw(
+        gw.web,
+        b"GET /ka/close HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(closed);
+    // Pipelined requests are answered in order on one connection.
+    let (answer, _) = raw(
+        gw.web,
+        b"GET /p/1 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\nGET /p/2 HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+    );
+    let first = answer.find("uri=/p/1").expect("first answer");
+    let second = answer.find("uri=/p/2").expect("second answer");
+    assert!(first < second, "{answer}");
+}
+
+#[test]
+fn bodies_stream_both_ways_with_their_framing() {
+    let Some(nginx) = nginx_or_skip("bodies_stream_both_ways_with_their_framing") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out.bin");
+    let out_s = out.to_str().expect("utf-8");
+
+    // 8 MiB with Content-Length, then chunked (nginx's sub_filter drops the length), to an
+    // HTTP/1.1 client and to an HTTP/1.0 client (de-chunked, close-delimited).
+    for (args, what) in [
+        (vec![gw.url("/files/big.bin")], "content-length"),
+        (vec![gw.url("/chunked/big.bin")], "chunked"),
+        (
+            vec!["--http1.0".to_owned(), gw.url("/chunked/big.bin")],
+            "chunked to HTTP/1.0",
+        ),
+    ] {
+        let status = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-o", out_s])
+            .args(&args)
+            .status()
+            .expect("curl");
+        assert!(status.success(), "{what}");
+        assert_eq!(checksum(&out), (BIG, ng.big_sum), "{what}");
+    }
+    let r = curl(&[
+        "--http1.0",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+        &gw.url("/chunked/big.bin"),
+    ]);
+    assert!(!r.headers.contains_key("transfer-encoding"), "{r:?}");
+
+    // Upload: chunked (curl adds `Expect: 100-continue` for a large body, so the 100 goes
+    // through too), then with Content-Length.
+    let mut upload = vec![0u8; 3 * 1024 * 1024 + 17];
+    fill_pseudo_random(&mut 99u64, &mut upload);
+    let up_file = tmp.path().join("up.bin");
+    std::fs::write(&up_file, &upload).expect("write upload");
+    let mut sum = Fnv::default();
+    sum.update(&upload);
+    for (name, extra) in [
+        ("chunked.bin", Some("transfer-encoding: chunked")),
+        ("length.bin", None),
+    ] {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("-T")
+        .arg(&up_file);
+        if let Some(h) = extra {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd
+            .arg(gw.url(&format!("/put/{name}")))
+            .output()
+            .expect("curl");
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(code == "201" || code == "204", "{name}: {code}");
+        assert_eq!(
+            checksum(&ng.dir.path().join("put").join(name)),
+            (upload.len(), sum.0),
+            "{name}"
+        );
+    }
+
+    // HEAD, 204 and 304 carry no body; the connection stays usable after each.
+    let (answer, _) = raw(
+        gw.web,
+        b"HEAD /files/big.bin HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\nGET /nocontent HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\nGET /h HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("Content-Length: 8388608"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 204"), "{answer}");
+    assert!(answer.ends_with("debug=\n"), "{answer}");
+    let etag = curl(&["-I", &gw.url("/files/big.bin")]).headers["etag"].clone();
+    let r = curl(&[
+        "-H",
+        &format!("if-none-match: {etag}"),
+        &gw.url("/files/big.bin"),
+    ]);
+    assert_eq!((r.status, r.body.as_str()), (304, ""), "{r:?}");
+}
+
+#[test]
+fn http10_clients() {
+    let Some(nginx) = nginx_or_skip("http10_clients") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    // No Host: the upstream still gets one (the listener's address); no keep-alive asked:
+    // closed after the answer.
+    let (answer, closed) = raw(gw.web, b"GET /v1/old HTTP/1.0\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&format!("host={}", gw.web)), "{answer}");
+    assert!(closed);
+    // `connection: keep-alive`: kept, and said so.
+    let mut s = TcpStream::connect(gw.web).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for i in 0..2 {
+        write!(
+            s,
+            "GET /ten/{i} HTTP/1.0\r\nhost: 127.0.0.1\r\nconnection: keep-alive\r\n\r\n"
+        )
+        .expect("send");
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(&format!("uri=/ten/{i} ")) {
+            let n = s.read(&mut b).expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.contains("connection: keep-alive"), "{text}");
+    }
+    // curl --http1.0.
+    let r = curl(&["--http1.0", &gw.url("/v1/curl")]);
+    assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
+}
+
+#[test]
+fn smuggling_and_malformed_requests_get_400_and_a_close() {
+    let Some(nginx) = nginx_or_skip("smuggling_and_malformed_requests_get_400_and_a_close") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    let cases: [(&str, &[u8]); 7] = [
+        (
+            "CL+TE",
+            b"POST /smuggle/1 HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+        ),
+        (
+            "bad chunk size",
+            b"POST /smuggle/2 HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk size overflow",
+            b"POST /smuggle/3 HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n1ffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        ),
+        (
+            "two content-lengths",
+            b"POST /smuggle/4 HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        ),
+        (
+            "obs-fold",
+            b"GET /smuggle/5 HTTP/1.1\r\nhost: 127.0.0.1\r\nx-a: 1\r\n 2\r\n\r\n",
+        ),
+        (
+            "bare LF",
+            b"GET /smuggle/6 HTTP/1.1\nhost: 127.0.0.1\n\n",
+        ),
+        (
+            "transfer-encoding in HTTP/1.0",
+            b"POST /smuggle/7 HTTP/1.0\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, request) in cases {
+        let (answer, closed) = raw(gw.web, request);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {answer}"
+        );
+        assert!(closed, "{what}: connection left open");
+    }
+    // A good request afterwards, so nginx's log is flushed past the refused ones.
+    assert_eq!(curl(&[&gw.url("/after")]).status, 200);
+    let log = ng.log();
+    assert!(log.contains("/after"), "{log}");
+    assert!(
+        !log.contains("smuggle"),
+        "the origin saw a refused request:\n{log}"
+    );
+    // A head larger than the limit: 431.
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let (answer, _) = raw(gw.web, big.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let (answer, _) = raw(
+        gw.web,
+        format!("GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n{many}\r\n").as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // A head that never completes: 408 after request_timeout (2 s here).
+    let started = Instant::now();
+    let (answer, closed) = raw(gw.web, b"GET /slowloris HTTP/1.1\r\nhost: 127.0.0.1\r\n");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(closed);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = gw.mg.metrics();
+    assert!(
+        metric_sum(
+            &m,
+            "meshgate_http_requests_total",
+            &[("listener", "web"), ("code_class", "4xx")]
+        ) >= 10.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn upstream_down_is_502_uf_and_slow_is_504_ut() {
+    let Some(nginx) = nginx_or_skip("upstream_down_is_502_uf_and_slow_is_504_ut") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    let r = curl(&[&gw.url("/down/x")]);
+    assert_eq!(r.status, 502, "{r:?}");
+    let rec = gw.record("/down/x");
+    assert_eq!(rec["response_code"], 502);
+    let flags = rec["response_flags"].as_str().unwrap_or("");
+    assert!(flags.split(',').any(|f| f == "UF"), "{rec}");
+    assert!(flags.split(',').any(|f| f == "URX"), "retried once: {rec}");
+
+    let started = Instant::now();
+    let r = curl(&[&gw.url("/slow/x")]);
+    assert_eq!(r.status, 504, "{r:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let rec = gw.record("/slow/x");
+    assert_eq!(rec["response_code"], 504);
+    assert_eq!(rec["response_flags"], "UT");
+    // The client connection survives a gateway error.
+    let out = Command::new("curl")
+        .args(["-sS", "-v", "-o", "/dev/null", "--max-time", "20"])
+        .args([gw.url("/down/a"), gw.url("/ok")])
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Re-using existing connection"), "{stderr}");
+    let m = gw.mg.metrics();
+    assert!(
+        metric_sum(
+            &m,
+            "meshgate_http_requests_total",
+            &[("route", "down"), ("code_class", "5xx")]
+        ) >= 2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn client_that_vanishes_mid_upload_frees_everything() {
+    let Some(nginx) = nginx_or_skip("client_that_vanishes_mid_upload_frees_everything") else {
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    let mut s = TcpStream::connect(gw.web).expect("connect");
+    s.write_all(
+        b"PUT /put/partial.bin HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .expect("head");
+    s.write_all(&[1u8; 100_000]).expect("part of the body");
+    s.shutdown(Shutdown::Both).expect("vanish");
+    drop(s);
+    let rec = gw.record("/put/partial.bin");
+    assert_eq!(rec["response_flags"], "DC", "{rec}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        let m = gw.mg.metrics();
+        metric_sum(
+            &m,
+            "meshgate_listener_connections_active",
+            &[("listener", "web")],
+        ) == 0.0
+            && metric_sum(
+                &m,
+                "meshgate_cluster_upstream_connections_active",
+                &[("cluster", "stable")],
+            ) == 0.0
+    }));
+}
+
+#[test]
+fn wrk_smoke() {
+    let Some(nginx) = nginx_or_skip("wrk_smoke") else {
+        return;
+    };
+    let Some(wrk) = tool("wrk") else {
+        eprintln!("SKIPPED wrk_smoke: wrk is not installed");
+        return;
+    };
+    let ng = Nginx::start(&nginx);
+    let silent = Silent::start();
+    let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    let run = |url: &str| {
+        let out = Command::new(&wrk)
+            .args(["-t", "1", "-c", "16", "-d", "2s", url])
+            .output()
+            .expect("wrk");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let through = run(&gw.url("/wrk"));
+    let direct = run(&format!("http://{}/wrk", ng.stable));
+    let rps = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "wrk 2 s, 16 connections: through meshgate {:.0} req/s, nginx direct {:.0} req/s",
+        rps(&through),
+        rps(&direct)
+    );
+    assert!(rps(&through) > 100.0, "{through}");
+    assert!(!through.contains("Non-2xx"), "{through}");
+    assert!(!through.contains("Socket errors"), "{through}");
+}
