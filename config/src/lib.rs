@@ -32,10 +32,11 @@ use std::path::Path;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
-    AdminConfig, Balance, ClientAuth, Cluster, ClusterTls, Config, HeaderMatch, HeaderOps,
-    HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch, PeerMatch, Protocol, Route,
-    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion,
-    TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
+    ClusterTls, Config, HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp,
+    ListenerTls, PathMatch, PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch,
+    RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
+    WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -274,6 +275,7 @@ endpoints = ["127.0.0.1:15002"]
                 ring_entries: 1024,
             }
         );
+        assert_eq!(config.access_log, None);
         assert_eq!(
             config.listeners,
             [Listener {
@@ -1130,5 +1132,218 @@ endpoints = []
             hint(date).contains("address = \"127.0.0.1:15000\""),
             "{date}"
         );
+    }
+
+    // ---- [access_log] ----
+
+    fn with_access_log(fields: &str) -> String {
+        format!("{VALID}\n[access_log]\n{fields}\n")
+    }
+
+    #[test]
+    fn access_log_section() {
+        let config = valid(&with_access_log(
+            "path = \"/var/log/meshgate/access.log\"\nformat = \"text\"\nqueue = 1024",
+        ));
+        assert_eq!(
+            config.access_log,
+            Some(AccessLogConfig {
+                target: AccessLogTarget::File("/var/log/meshgate/access.log".into()),
+                format: AccessLogFormat::Text,
+                queue: 1024,
+            })
+        );
+        let json = serde_json::to_value(&config).unwrap_or_default();
+        assert_eq!(
+            json["access_log"]["target"]["file"],
+            "/var/log/meshgate/access.log"
+        );
+        assert_eq!(json["access_log"]["format"], "text");
+        assert_eq!(json["access_log"]["queue"], 1024);
+        // The range is inclusive at both ends.
+        for queue in [1, 1_048_576] {
+            let config = valid(&with_access_log(&format!(
+                "path = \"stdout\"\nqueue = {queue}"
+            )));
+            assert_eq!(config.access_log.map(|log| log.queue), Some(queue));
+        }
+    }
+
+    #[test]
+    fn access_log_defaults_and_stdout() {
+        let config = valid(&with_access_log("path = \"stdout\""));
+        assert_eq!(
+            config.access_log,
+            Some(AccessLogConfig {
+                target: AccessLogTarget::Stdout,
+                format: AccessLogFormat::Json,
+                queue: 65536,
+            })
+        );
+        let json = serde_json::to_value(&config).unwrap_or_default();
+        assert_eq!(json["access_log"]["target"], "stdout");
+        assert_eq!(json["access_log"]["format"], "json");
+        assert_eq!(AccessLogTarget::Stdout.to_string(), "stdout");
+        assert_eq!(AccessLogFormat::Text.to_string(), "text");
+        let explicit = valid(&with_access_log("path = \"stdout\"\nformat = \"json\""));
+        assert_eq!(explicit, config);
+    }
+
+    #[test]
+    fn access_log_relative_paths_start_at_the_config_file() {
+        let text = with_access_log("path = \"logs/access.log\"");
+        let config = parse_file_text(&text, Path::new("/etc/meshgate/meshgate.toml"))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let target = config.access_log.map(|log| log.target);
+        assert_eq!(
+            target,
+            Some(AccessLogTarget::File(
+                "/etc/meshgate/logs/access.log".into()
+            ))
+        );
+        assert_eq!(
+            target.map(|t| t.to_string()).as_deref(),
+            Some("/etc/meshgate/logs/access.log")
+        );
+        // "./stdout" is a file, not the stream.
+        let text = with_access_log("path = \"./stdout\"");
+        let config = parse_file_text(&text, Path::new("/etc/meshgate/meshgate.toml"))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            config.access_log.map(|log| log.target),
+            Some(AccessLogTarget::File("/etc/meshgate/./stdout".into()))
+        );
+        // Absolute paths are kept; parsed from text, relative paths stay relative (to the
+        // working directory). Neither the file nor its directory has to exist.
+        let text = with_access_log("path = \"/nonexistent/meshgate/access.log\"");
+        let config = parse_file_text(&text, Path::new("/etc/meshgate/meshgate.toml"))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            config.access_log.map(|log| log.target),
+            Some(AccessLogTarget::File(
+                "/nonexistent/meshgate/access.log".into()
+            ))
+        );
+        let config = valid(&with_access_log("path = \"access.log\""));
+        assert_eq!(
+            config.access_log.map(|log| log.target),
+            Some(AccessLogTarget::File("access.log".into()))
+        );
+    }
+
+    #[test]
+    fn access_log_path_errors() {
+        let missing = only_error(&with_access_log("format = \"json\""), "access_log.path");
+        assert_eq!(missing.message, "missing `path`");
+        assert_eq!(missing.line, Some(17));
+        assert!(hint(&missing).contains("path = \"stdout\""), "{missing}");
+
+        for empty in ["\"\"", "\"  \""] {
+            let error = only_error(
+                &with_access_log(&format!("path = {empty}")),
+                "access_log.path",
+            );
+            assert_eq!(error.message, "`path` is empty");
+            assert_eq!(error.line, Some(18));
+            assert!(
+                hint(&error).contains("relative paths start at the config file's directory"),
+                "{error}"
+            );
+        }
+
+        let directory = only_error(
+            &with_access_log("path = \"/var/log/meshgate/\""),
+            "access_log.path",
+        );
+        assert!(
+            directory.message.contains("names a directory"),
+            "{directory}"
+        );
+        assert!(
+            hint(&directory).contains("path = \"/var/log/meshgate/access.log\""),
+            "{directory}"
+        );
+
+        for stream in ["STDOUT", "stderr", "-"] {
+            let error = only_error(
+                &with_access_log(&format!("path = \"{stream}\"")),
+                "access_log.path",
+            );
+            assert!(error.message.contains("not a stream"), "{error}");
+            assert!(
+                hint(&error).contains(&format!("path = \"./{stream}\"")),
+                "{error}"
+            );
+        }
+
+        let wrong_type = only_error(&with_access_log("path = 1"), "access_log.path");
+        assert_eq!(wrong_type.message, "expected a string, found integer 1");
+        assert_eq!(
+            hint(&wrong_type),
+            "write it like `path = \"/var/log/meshgate/access.log\"`"
+        );
+    }
+
+    #[test]
+    fn access_log_format_errors() {
+        let typo = only_error(
+            &with_access_log("path = \"stdout\"\nformat = \"JSON\""),
+            "access_log.format",
+        );
+        assert_eq!(
+            typo.message,
+            "unknown access log format `JSON`; allowed values: \"json\", \"text\""
+        );
+        assert_eq!(typo.line, Some(19));
+        assert!(hint(&typo).starts_with("did you mean \"json\"? "), "{typo}");
+        let other = only_error(
+            &with_access_log("path = \"stdout\"\nformat = \"logfmt\""),
+            "access_log.format",
+        );
+        assert!(other.message.contains("allowed values"), "{other}");
+        assert!(
+            hint(&other).starts_with("write format = \"json\""),
+            "{other}"
+        );
+    }
+
+    #[test]
+    fn access_log_queue_errors() {
+        for queue in ["0", "-1", "1048577", "9223372036854775807"] {
+            let error = only_error(
+                &with_access_log(&format!("path = \"stdout\"\nqueue = {queue}")),
+                "access_log.queue",
+            );
+            assert_eq!(
+                error.message,
+                format!("`queue` must be between 1 and 1048576, found {queue}")
+            );
+            assert_eq!(hint(&error), "e.g. queue = 65536");
+        }
+        let float = only_error(
+            &with_access_log("path = \"stdout\"\nqueue = 1.5"),
+            "access_log.queue",
+        );
+        assert_eq!(float.message, "expected an integer, found float 1.5");
+    }
+
+    #[test]
+    fn access_log_structure_errors() {
+        // Every problem of the table is reported at once, with the rest of the file checked.
+        let errors = errors(&with_access_log(
+            "path = \"\"\nfromat = \"json\"\nformat = \"xml\"\nqueue = 0",
+        ));
+        assert_eq!(errors.len(), 4, "{}", dump(&errors));
+        assert!(hint(error_at(&errors, "access_log.fromat")).starts_with("did you mean `format`?"));
+        error_at(&errors, "access_log.path");
+        error_at(&errors, "access_log.format");
+        error_at(&errors, "access_log.queue");
+
+        let shape = only_error(
+            &VALID.replace("version = 1\n", "version = 1\naccess_log = \"stdout\"\n"),
+            "access_log",
+        );
+        assert_eq!(shape.message, "expected a table, found string \"stdout\"");
+        assert!(hint(&shape).contains("[access_log]"), "{shape}");
     }
 }

@@ -290,7 +290,11 @@ struct Loader<'s> {
 impl Loader<'_> {
     fn config(&mut self, mut top: toml::Table) -> raw::Config {
         let root = FieldPath::default();
-        for (key, section) in [("admin", Section::Admin), ("runtime", Section::Runtime)] {
+        for (key, section) in [
+            ("admin", Section::Admin),
+            ("runtime", Section::Runtime),
+            ("access_log", Section::AccessLog),
+        ] {
             if let Some(Value::Table(table)) = top.get_mut(key) {
                 *table = self.clean(std::mem::take(table), section, &root.key(key));
             }
@@ -613,6 +617,7 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::DirectResponse => value.try_into::<raw::DirectResponse>().map(drop),
         Section::Redirect => value.try_into::<raw::Redirect>().map(drop),
         Section::HeaderOps => value.try_into::<raw::HeaderOps>().map(drop),
+        Section::AccessLog => value.try_into::<raw::AccessLog>().map(drop),
     }
 }
 

@@ -18,6 +18,7 @@ pub(crate) struct Config {
     pub version: Option<i64>,
     pub admin: Option<Admin>,
     pub runtime: Option<Runtime>,
+    pub access_log: Option<AccessLog>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -41,6 +42,14 @@ pub(crate) struct Runtime {
     pub pin: Option<bool>,
     pub drain_timeout: Option<Duration>,
     pub ring_entries: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AccessLog {
+    pub path: Option<String>,
+    pub format: Option<String>,
+    pub queue: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,13 +315,15 @@ pub(crate) enum Section {
     DirectResponse,
     Redirect,
     HeaderOps,
+    AccessLog,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 21] = [
+    pub(crate) const ALL: [Section; 22] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
+        Section::AccessLog,
         Section::Listeners,
         Section::ListenerTls,
         Section::Certificates,
@@ -357,6 +368,7 @@ impl Section {
             Section::DirectResponse => fields::<DirectResponse>(),
             Section::Redirect => fields::<Redirect>(),
             Section::HeaderOps => fields::<HeaderOps>(),
+            Section::AccessLog => fields::<AccessLog>(),
         }
     }
 
@@ -384,6 +396,7 @@ impl Section {
             Section::DirectResponse => "[routes.direct_response]",
             Section::Redirect => "[routes.redirect]",
             Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
+            Section::AccessLog => "[access_log]",
         }
     }
 
@@ -396,6 +409,9 @@ impl Section {
             }
             (Section::Top, "runtime") => {
                 "put the runtime settings under a [runtime] header, e.g. [runtime] then cores = 2 on the next line"
+            }
+            (Section::Top, "access_log") => {
+                "put the access log settings under an [access_log] header, e.g. [access_log] then path = \"/var/log/meshgate/access.log\" on the next line"
             }
             (Section::Top, "listeners") => {
                 "declare each listener under its own [[listeners]] header (double brackets), with its fields on the lines below"
@@ -413,6 +429,9 @@ impl Section {
             (Section::Runtime, "pin") => "pin = true",
             (Section::Runtime, "drain_timeout") => "drain_timeout = \"30s\"",
             (Section::Runtime, "ring_entries") => "ring_entries = 1024",
+            (Section::AccessLog, "path") => "path = \"/var/log/meshgate/access.log\"",
+            (Section::AccessLog, "format") => "format = \"json\"",
+            (Section::AccessLog, "queue") => "queue = 65536",
             (Section::Listeners, "name") => "name = \"tcp-in\"",
             (Section::Listeners, "address") => "address = \"127.0.0.1:15001\"",
             (Section::Listeners, "protocol") => "protocol = \"tcp\"",
@@ -543,6 +562,7 @@ mod tests {
                 "version",
                 "admin",
                 "runtime",
+                "access_log",
                 "listeners",
                 "routes",
                 "clusters"
@@ -568,6 +588,7 @@ mod tests {
         }
         check::<Admin>(Section::Admin);
         check::<Runtime>(Section::Runtime);
+        check::<AccessLog>(Section::AccessLog);
         check::<Listener>(Section::Listeners);
         check::<Route>(Section::Routes);
         check::<WeightedCluster>(Section::WeightedClusters);
@@ -625,6 +646,7 @@ mod tests {
             Section::DirectResponse => "### `direct_response`",
             Section::Redirect => "### `redirect`",
             Section::HeaderOps => "### `request_headers` and `response_headers`",
+            Section::AccessLog => "## `[access_log]`",
         }
     }
 
@@ -775,6 +797,10 @@ mod tests {
         let http = MINIMAL.replace("\"tcp\"", "\"http\"");
         let http = crate::parse(&http, "minimal http").unwrap_or_else(|err| panic!("{err}"));
         let http_json = serde_json::to_value(&http).unwrap_or_default();
+        let logged = format!("{MINIMAL}\n[access_log]\npath = \"stdout\"\n");
+        let logged =
+            crate::parse(&logged, "minimal access log").unwrap_or_else(|err| panic!("{err}"));
+        let logged_json = serde_json::to_value(&logged).unwrap_or_default();
         let doc = reference();
         let mut checked = 0;
         for section in Section::ALL {
@@ -785,6 +811,7 @@ mod tests {
                 Section::Listeners => &json["listeners"][0],
                 Section::Clusters => &json["clusters"][0],
                 Section::ListenerHttp => &http_json["listeners"][0]["http"],
+                Section::AccessLog => &logged_json["access_log"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

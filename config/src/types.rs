@@ -20,6 +20,8 @@ pub struct Config {
     pub version: u32,
     pub admin: AdminConfig,
     pub runtime: RuntimeConfig,
+    /// `None`: no `[access_log]` table, no access log.
+    pub access_log: Option<AccessLogConfig>,
     /// In file order.
     pub listeners: Vec<Listener>,
     /// In file order; [`Listener::routes`] and [`Route::listener_index`] index into these.
@@ -77,6 +79,63 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     /// io_uring submission queue size per shard: a power of two in `2..=32768`.
     pub ring_entries: u32,
+}
+
+/// The access log (`[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLogConfig {
+    /// Where the records go.
+    pub target: AccessLogTarget,
+    pub format: AccessLogFormat,
+    /// Records buffered between the shards and the writer; `1..=1048576`.
+    pub queue: usize,
+}
+
+/// Where the access log is written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogTarget {
+    /// Standard output (`path = "stdout"`).
+    Stdout,
+    /// A file: absolute, or relative to the config file's directory (to the working directory
+    /// when the config was parsed from text). Not checked at validation: its directory need not
+    /// exist yet; the file is opened (created if missing) when the log starts.
+    File(PathBuf),
+}
+
+impl fmt::Display for AccessLogTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLogTarget::Stdout => f.write_str("stdout"),
+            AccessLogTarget::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// How each access log record is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line, with the keys of Istio's default JSON access log.
+    Json,
+    /// One line per record in Envoy's default text format.
+    Text,
+}
+
+impl AccessLogFormat {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLogFormat::Json => "json",
+            AccessLogFormat::Text => "text",
+        }
+    }
+}
+
+impl fmt::Display for AccessLogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A listening socket (`[[listeners]]`).

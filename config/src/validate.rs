@@ -15,9 +15,10 @@ use crate::pem::{self, FileError};
 use crate::raw;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::types::{
-    AdminConfig, Balance, ClientAuth, Cluster, ClusterTls, Config, Listener, ListenerTls,
-    PeerMatch, Protocol, Route, RouteAction, RouteMatch, RuntimeConfig, ServerCertificate,
-    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
+    ClusterTls, Config, Listener, ListenerTls, PeerMatch, Protocol, Route, RouteAction, RouteMatch,
+    RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
+    WeightedCluster,
 };
 
 mod http;
@@ -50,6 +51,11 @@ pub(crate) const MAX_DIRECT_BODY: usize = 64 * 1024;
 pub(crate) const MAX_NAME_LEN: usize = 64;
 /// `sizeof(sockaddr_un.sun_path) - 1` on Linux.
 pub(crate) const MAX_UNIX_SOCKET_PATH: usize = 107;
+pub(crate) const DEFAULT_ACCESS_LOG_QUEUE: u32 = 65536;
+pub(crate) const MAX_ACCESS_LOG_QUEUE: u32 = 1 << 20;
+
+/// Access log formats this release writes.
+const ACCESS_LOG_FORMATS: [&str; 2] = ["json", "text"];
 
 /// Protocol names this release accepts.
 const PROTOCOLS: [&str; 4] = ["tcp", "tls", "tls-passthrough", "http"];
@@ -168,6 +174,10 @@ impl Validator {
         let version = self.version(raw.version);
         let admin = self.admin(raw.admin.unwrap_or_default());
         let runtime = self.runtime(raw.runtime.unwrap_or_default());
+        let access_log = match raw.access_log {
+            None => Some(None),
+            Some(raw) => self.access_log(raw).map(Some),
+        };
 
         let listener_names = self.names(
             "listeners",
@@ -251,6 +261,7 @@ impl Validator {
             version: version?,
             admin: admin?,
             runtime: runtime?,
+            access_log: access_log?,
             listeners: listeners.into_iter().collect::<Option<_>>()?,
             routes: routes.into_iter().collect::<Option<_>>()?,
             clusters: clusters.into_iter().collect::<Option<_>>()?,
@@ -346,6 +357,104 @@ impl Validator {
         } else {
             Some(path)
         }
+    }
+
+    fn access_log(&mut self, raw: raw::AccessLog) -> Option<AccessLogConfig> {
+        const EXAMPLE: &str = "e.g. path = \"/var/log/meshgate/access.log\", or path = \"stdout\"";
+        let target = match raw.path {
+            None => {
+                self.error(
+                    "access_log.path",
+                    "missing `path`",
+                    format!(
+                        "say where the access log goes, {EXAMPLE}; remove the [access_log] table \
+                         for no access log"
+                    ),
+                );
+                None
+            }
+            Some(text) if text.trim().is_empty() => {
+                self.error(
+                    "access_log.path",
+                    "`path` is empty",
+                    format!(
+                        "give a file path (relative paths start at the config file's directory), \
+                         {EXAMPLE}"
+                    ),
+                );
+                None
+            }
+            Some(text) if text == "stdout" => Some(AccessLogTarget::Stdout),
+            Some(text)
+                if text == "-"
+                    || text.eq_ignore_ascii_case("stdout")
+                    || text.eq_ignore_ascii_case("stderr") =>
+            {
+                self.error(
+                    "access_log.path",
+                    format!(
+                        "`path` {text:?} is not a stream here: it would name a file in the config \
+                         file's directory"
+                    ),
+                    format!(
+                        "write path = \"stdout\" for standard output (the only stream supported), \
+                         or path = \"./{text}\" for a file of that name"
+                    ),
+                );
+                None
+            }
+            Some(text) if text.ends_with('/') => {
+                self.error(
+                    "access_log.path",
+                    format!("`path` {text:?} names a directory, not a file"),
+                    format!("name the log file in it, e.g. path = \"{text}access.log\""),
+                );
+                None
+            }
+            Some(text) => {
+                let file = PathBuf::from(text);
+                Some(AccessLogTarget::File(match &self.context.base_dir {
+                    Some(base) if file.is_relative() => base.join(file),
+                    _ => file,
+                }))
+            }
+        };
+        let format = match raw.format.as_deref() {
+            None | Some("json") => Some(AccessLogFormat::Json),
+            Some("text") => Some(AccessLogFormat::Text),
+            Some(other) => {
+                let mut hint = match nearest(other, &ACCESS_LOG_FORMATS) {
+                    Some(near) => format!("did you mean \"{near}\"? "),
+                    None => String::new(),
+                };
+                hint.push_str(
+                    "write format = \"json\" (one JSON object per line, Istio's keys) or \
+                     \"text\" (Envoy's default format)",
+                );
+                self.error(
+                    "access_log.format",
+                    format!(
+                        "unknown access log format `{other}`; allowed values: {}",
+                        quoted_list(&ACCESS_LOG_FORMATS)
+                    ),
+                    hint,
+                );
+                None
+            }
+        };
+        let queue = self.integer(
+            "access_log.queue",
+            "queue",
+            raw.queue,
+            1,
+            MAX_ACCESS_LOG_QUEUE,
+            DEFAULT_ACCESS_LOG_QUEUE,
+        );
+        Some(AccessLogConfig {
+            target: target?,
+            format: format?,
+            queue: usize::try_from(queue?).ok()?,
+        })
     }
 
     fn runtime(&mut self, raw: raw::Runtime) -> Option<RuntimeConfig> {
