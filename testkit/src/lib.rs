@@ -29,6 +29,17 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 always works on a test machine")
 }
 
+/// A listener on 127.0.0.1:0 with a deep accept queue (std's default is shallow, and a test
+/// that opens a thousand connections at once through the gateway must not see SYNs dropped).
+pub fn listen_loopback(backlog: i32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
 /// Poll `f` every 10 ms until it returns true or `timeout` passes. Returns whether it did.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -55,7 +66,7 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start() -> EchoServer {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        let l = listen_loopback(4096).expect("bind echo server");
         let addr = l.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
