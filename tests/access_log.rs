@@ -127,3 +127,29 @@ fn tcp_connections_are_logged_as_json_and_log_reopens_on_sigusr1() {
         3.0
     );
 }
+
+#[test]
+fn access_log_from_the_config_file() {
+    let echo = EchoServer::start();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("from-config.log");
+    let cfg = tcp_config(admin, listen, &[echo.addr], "")
+        + &format!(
+            "\n[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+            log.display()
+        );
+    let mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+    let mut s = TcpStream::connect(listen).expect("connect");
+    s.write_all(b"hi").expect("write");
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).expect("echo");
+    drop(s);
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&log).len() == 1),
+        "{}",
+        mg.log()
+    );
+    assert_eq!(lines(&log)[0]["bytes_received"], 2);
+}

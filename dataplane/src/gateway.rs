@@ -270,6 +270,9 @@ impl Gateway {
         if a.ring_entries != b.ring_entries {
             needs_restart.push("runtime.ring_entries".to_string());
         }
+        if old.config.access_log != config.access_log {
+            needs_restart.push("access_log".to_string());
+        }
         if old.config.admin != config.admin {
             needs_restart.push("admin".to_string());
         }

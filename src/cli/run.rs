@@ -32,7 +32,8 @@ pub struct RunArgs {
     /// State directory (config history; CA state later). Created 0700 if missing.
     #[arg(long, env = "MESHGATE_STATE_DIR", default_value = "/var/lib/meshgate")]
     pub state_dir: PathBuf,
-    /// Access log: a file path (reopened on SIGUSR1, for logrotate) or `stdout`. Off if unset.
+    /// Access log: a file path (reopened on SIGUSR1, for logrotate) or `stdout`; overrides the
+    /// config's `[access_log]`. Off if neither is set.
     #[arg(long, env = "MESHGATE_ACCESS_LOG")]
     pub access_log: Option<String>,
     /// Access-log line format: `json` (Istio's keys) or `text` (Envoy's default format).
@@ -108,26 +109,39 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
-    let (access_log, access_writer) = match &args.access_log {
+    // The access log: --access-log overrides the config's [access_log].
+    let from_flag = args.access_log.as_ref().map(|t| {
+        let target = if t == "stdout" || t == "-" {
+            accesslog::Target::Stdout
+        } else {
+            accesslog::Target::File(PathBuf::from(t))
+        };
+        let format = match args.access_log_format {
+            AccessLogFormat::Json => accesslog::Format::Json,
+            AccessLogFormat::Text => accesslog::Format::Text,
+        };
+        (target, format, ACCESS_LOG_QUEUE)
+    });
+    let from_config = config.access_log.as_ref().map(|a| {
+        let target = match &a.target {
+            meshgate_config::AccessLogTarget::Stdout => accesslog::Target::Stdout,
+            meshgate_config::AccessLogTarget::File(p) => accesslog::Target::File(p.clone()),
+        };
+        let format = match a.format {
+            meshgate_config::AccessLogFormat::Json => accesslog::Format::Json,
+            meshgate_config::AccessLogFormat::Text => accesslog::Format::Text,
+        };
+        (target, format, a.queue)
+    });
+    let (access_log, access_writer) = match from_flag.or(from_config) {
         None => (None, None),
-        Some(t) => {
-            let target = if t == "stdout" || t == "-" {
-                accesslog::Target::Stdout
-            } else {
-                accesslog::Target::File(PathBuf::from(t))
-            };
-            let format = match args.access_log_format {
-                AccessLogFormat::Json => accesslog::Format::Json,
-                AccessLogFormat::Text => accesslog::Format::Text,
-            };
-            match accesslog::AccessLog::start(target, format, ACCESS_LOG_QUEUE) {
-                Ok((log, writer)) => (Some(log), Some(writer)),
-                Err(e) => {
-                    eprintln!("error: cannot open the access log: {e}");
-                    return exit::FAILURE;
-                }
+        Some((target, format, queue)) => match accesslog::AccessLog::start(target, format, queue) {
+            Ok((log, writer)) => (Some(log), Some(writer)),
+            Err(e) => {
+                eprintln!("error: cannot open the access log: {e}");
+                return exit::FAILURE;
             }
-        }
+        },
     };
     let gateway = match Gateway::start(config.clone(), &source, access_log) {
         Ok(g) => g,
