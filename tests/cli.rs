@@ -281,3 +281,45 @@ fn admin_over_unix_socket() {
     );
     assert!(!sock.exists(), "socket file removed at exit");
 }
+
+/// The README's first command: `meshgate run` with no config is a working HTTPS gateway with
+/// its own local CA.
+#[test]
+fn embedded_default_serves_https_from_its_local_ca() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(bin())
+        .args(["run", "--state-dir"])
+        .arg(state.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let admin: SocketAddr = ([127, 0, 0, 1], 15000).into();
+    let ready = meshgate_testkit::wait_until(std::time::Duration::from_secs(20), || {
+        matches!(meshgate_testkit::http_get(admin, "/ready"), Ok((200, _)))
+    });
+    let root = state.path().join("ca/root.pem");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&root)
+        .arg("https://localhost:15443/")
+        .output()
+        .expect("curl");
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().expect("wait");
+    let mut log = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut log));
+    assert!(ready, "not ready:\n{log}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "meshgate is running\n",
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status.success(), "{log}");
+}

@@ -236,15 +236,19 @@ endpoints = ["127.0.0.1:15002"]
     }
 
     #[test]
-    fn embedded_default_is_the_tcp_proxy_example() {
+    fn embedded_default_is_https_http_and_tcp() {
         let config = embedded_default();
-        let example = load(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/tcp-proxy.toml"
-        )))
-        .unwrap_or_else(|err| panic!("{err}"));
-        assert_eq!(config, example);
         assert_eq!(config.admin.address, Some(addr("127.0.0.1:15000")));
+        let https = config
+            .listener("https")
+            .unwrap_or_else(|| panic!("no https"));
+        assert_eq!(https.address, addr("127.0.0.1:15443"));
+        assert_eq!(https.protocol, Protocol::Tls);
+        let tls = https.tls.as_ref().unwrap_or_else(|| panic!("no tls"));
+        assert!(tls.certificates.is_empty(), "served from the local CA");
+        let http = config.listener("http").unwrap_or_else(|| panic!("no http"));
+        assert_eq!(http.address, addr("127.0.0.1:15080"));
+        assert_eq!(http.protocol, Protocol::Http);
         let listener = config
             .listener("tcp-in")
             .unwrap_or_else(|| panic!("no tcp-in"));
@@ -415,13 +419,14 @@ endpoints = ["10.0.0.3:80"]
     fn serializes_durations_and_enums_as_written_in_the_file() {
         let json = serde_json::to_value(embedded_default()).unwrap_or_default();
         assert_eq!(json["runtime"]["drain_timeout"], "30s");
-        assert_eq!(json["listeners"][0]["idle_timeout"], "1h");
-        assert_eq!(json["listeners"][0]["protocol"], "tcp");
-        assert_eq!(json["listeners"][0]["address"], "127.0.0.1:15001");
-        assert_eq!(json["clusters"][0]["connect_timeout"], "5s");
-        assert_eq!(json["clusters"][0]["balance"], "round_robin");
+        assert_eq!(json["listeners"][2]["idle_timeout"], "1h");
+        assert_eq!(json["listeners"][2]["protocol"], "tcp");
+        assert_eq!(json["listeners"][0]["protocol"], "tls");
+        assert_eq!(json["listeners"][2]["address"], "127.0.0.1:15001");
+        assert_eq!(json["clusters"][1]["connect_timeout"], "5s");
+        assert_eq!(json["clusters"][1]["balance"], "round_robin");
         assert_eq!(
-            json["routes"][0]["action"]["forward"]["clusters"][0]["cluster"],
+            json["routes"][2]["action"]["forward"]["clusters"][0]["cluster"],
             "echo"
         );
         assert_eq!(Protocol::Tcp.to_string(), "tcp");
