@@ -92,7 +92,9 @@ fn without_io_uring(args: &[&str]) -> Output {
 
 #[test]
 fn low_memlock_is_named_with_the_fix() {
-    for args in [&["check"][..], &["run"][..]] {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state = state.path().to_str().expect("utf8").to_string();
+    for args in [&["check"][..], &["run", "--state-dir", &state][..]] {
         let out = with_memlock(args, 64 * 1024);
         let err = String::from_utf8_lossy(&out.stderr);
         let text = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
@@ -106,7 +108,9 @@ fn low_memlock_is_named_with_the_fix() {
 
 #[test]
 fn io_uring_blocked_by_seccomp_is_named_with_the_fix() {
-    for args in [&["check"][..], &["run"][..]] {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_path = state.path().to_str().expect("utf8").to_string();
+    for args in [&["check"][..], &["run", "--state-dir", &state_path][..]] {
         let out = without_io_uring(args);
         let text = format!(
             "{}{}",

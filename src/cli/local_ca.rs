@@ -41,10 +41,19 @@ pub fn ensure(state_dir: &Path) -> Result<LocalIdentity> {
         Ok(ca) => ca,
         Err(_) if !state_dir.join("ca").join("config.json").exists() => {
             let td = TrustDomain::parse(TRUST_DOMAIN).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let ca = Ca::init(state_dir, &InitOptions::new(td), Arc::new(SystemClock))
-                .with_context(|| format!("initialise the local CA in {}", state_dir.display()))?;
-            tracing::info!(state_dir = %state_dir.display(), trust_domain = TRUST_DOMAIN, "initialised the local CA");
-            ca
+            match Ca::init(state_dir, &InitOptions::new(td), Arc::new(SystemClock)) {
+                Ok(ca) => {
+                    tracing::info!(state_dir = %state_dir.display(), trust_domain = TRUST_DOMAIN, "initialised the local CA");
+                    ca
+                }
+                // Another process initialised it meanwhile: use theirs.
+                Err(init_err) => Ca::open(state_dir).map_err(|_| {
+                    anyhow::anyhow!("{init_err}").context(format!(
+                        "initialise the local CA in {}",
+                        state_dir.display()
+                    ))
+                })?,
+            }
         }
         Err(e) => return Err(anyhow::anyhow!("{e}")).context("open the local CA"),
     };
@@ -62,7 +71,9 @@ pub fn ensure(state_dir: &Path) -> Result<LocalIdentity> {
     let renew_at = match current {
         Some(c) => half_life(c.not_before, c.not_after),
         None => {
-            let id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/gateway"))
+            // The CA's own trust domain: `meshgate.local` when meshgate created it, the
+            // operator's when they ran `meshgate ca init` in this state directory.
+            let id = SpiffeId::parse(&format!("spiffe://{}/gateway", ca.trust_domain().as_str()))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let issued = ca
                 .issue(&IssueRequest {

@@ -81,6 +81,12 @@ pub fn run(args: RunArgs) -> u8 {
         Some(path) => ConfigSource::File(path.clone()),
         None => ConfigSource::Embedded,
     };
+    // Refuse a host that cannot run the dataplane before anything is created on it.
+    if let Err(e) = meshgate_dataplane::rt::check() {
+        eprintln!("error: this host cannot run the dataplane: {e}");
+        eprintln!("hint: `meshgate check` shows what the host supports");
+        return exit::HOST;
+    }
     // The embedded default serves TLS with an identity from the local CA: logging must be up
     // before it is issued, so that its messages are seen.
     init_logging(&args);
