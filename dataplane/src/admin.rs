@@ -118,24 +118,15 @@ pub fn serve(
         let l = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("admin address {addr}: {e}")))?;
         server.tcp = Some(l.local_addr()?);
-        let st = state.clone();
-        std::thread::Builder::new()
-            .name("meshgate-admin".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(c) => {
-                            let _ = c.set_read_timeout(Some(READ_DEADLINE));
-                            let _ = c.set_write_timeout(Some(READ_DEADLINE));
-                            handle(&st, c);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })?;
+        spawn_loop(
+            "meshgate-admin",
+            state.clone(),
+            move || l.accept().map(|(c, _)| c),
+            |c: &std::net::TcpStream| {
+                let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                let _ = c.set_write_timeout(Some(READ_DEADLINE));
+            },
+        )?;
     }
     if let Some(path) = unix {
         // A socket file left by a previous run (crash, SIGKILL) would make bind fail.
@@ -153,26 +144,47 @@ pub fn serve(
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         }
         server.unix = Some(path.to_path_buf());
-        let st = state;
-        std::thread::Builder::new()
-            .name("meshgate-admin-unix".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(c) => {
-                            let _ = c.set_read_timeout(Some(READ_DEADLINE));
-                            let _ = c.set_write_timeout(Some(READ_DEADLINE));
-                            handle(&st, c);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })?;
+        spawn_loop(
+            "meshgate-admin-unix",
+            state,
+            move || l.accept().map(|(c, _)| c),
+            |c: &std::os::unix::net::UnixStream| {
+                let _ = c.set_read_timeout(Some(READ_DEADLINE));
+                let _ = c.set_write_timeout(Some(READ_DEADLINE));
+            },
+        )?;
     }
     Ok(server)
+}
+
+/// Serve one admin socket on its own thread, one request at a time.
+fn spawn_loop<C, A>(
+    name: &str,
+    state: Arc<AdminState>,
+    mut accept: A,
+    prepare: fn(&C),
+) -> io::Result<()>
+where
+    C: Read + Write + 'static,
+    A: FnMut() -> io::Result<C> + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            loop {
+                match accept() {
+                    Ok(c) => {
+                        prepare(&c);
+                        handle(&state, c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 struct Response {
