@@ -210,6 +210,26 @@ fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum();
     assert!(rejected >= 2.0, "both refusals counted by reason:\n{m}");
+    // The served certificate is listed, with its expiry exported as a gauge.
+    let (code, body) = mg.get("/certs").expect("certs");
+    assert_eq!(code, 200);
+    let certs: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(certs[0]["listener"], "mtls");
+    assert!(
+        certs[0]["dns_names"]
+            .to_string()
+            .contains("gateway.example.test"),
+        "{body}"
+    );
+    let not_after = certs[0]["not_after"].as_i64().expect("not_after");
+    assert_eq!(
+        metric_sum(
+            &m,
+            "meshgate_cert_expiry_timestamp_seconds",
+            &[("listener", "mtls")]
+        ),
+        not_after as f64
+    );
 }
 
 #[test]

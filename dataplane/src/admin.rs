@@ -278,6 +278,7 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         },
         ("GET" | "HEAD", "/config_dump") => Response::json(&*state.shared.current().config),
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
+        ("GET" | "HEAD", "/certs") => Response::json(&state.stats.certs()),
         ("POST", "/reload") => control(state, ControlAction::Reload),
         ("POST", "/config/rollback") => match query_u64(query, "to") {
             Ok(to) => control(state, ControlAction::Rollback { to }),
@@ -315,7 +316,7 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status /config/history[/ID], POST /reload, POST /config/rollback[?to=ID]\n"
+            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID]\n"
                 .to_string(),
         ),
     }

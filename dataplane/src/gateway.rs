@@ -376,6 +376,28 @@ impl Gateway {
                 }
             }
         }
+        let certs = config
+            .listeners
+            .iter()
+            .zip(&listener_tls)
+            .filter_map(|(l, t)| t.as_ref().map(|t| (l, t)))
+            .flat_map(|(l, t)| {
+                t.certs
+                    .certificates()
+                    .iter()
+                    .map(move |c| crate::metrics::CertInfo {
+                        listener: l.name.clone(),
+                        subject: c.summary.subject.clone(),
+                        serial: c.summary.serial.clone(),
+                        not_before: c.summary.not_before,
+                        not_after: c.summary.not_after,
+                        dns_names: c.summary.dns_names.clone(),
+                        uris: c.summary.uris.clone(),
+                        sni: c.sni.clone(),
+                        source: c.source.display().to_string(),
+                    })
+            })
+            .collect::<Vec<_>>();
         let plan = Arc::new(Plan {
             generation,
             config: config.clone(),
@@ -428,6 +450,7 @@ impl Gateway {
         for (_, tx) in &self.shards {
             let _ = tx.send(ShardMsg::Commit { generation });
         }
+        self.stats.set_certs(certs);
         let applied_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -211,6 +211,23 @@ pub struct Stats {
     /// Peer-certificate verification outcomes, keyed `listener:NAME` / `cluster:NAME`; kept
     /// across reloads.
     verify: Mutex<BTreeMap<String, Arc<VerifyCounts>>>,
+    /// Certificates served by the current generation's tls listeners.
+    certs: Mutex<Vec<CertInfo>>,
+}
+
+/// A certificate a listener serves, as `GET /certs` and the expiry gauge report it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    pub listener: String,
+    pub subject: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub dns_names: Vec<String>,
+    pub uris: Vec<String>,
+    /// SNI names it is chosen for; empty for the default certificate.
+    pub sni: Vec<String>,
+    pub source: String,
 }
 
 impl Stats {
@@ -218,6 +235,7 @@ impl Stats {
         Stats {
             access_log,
             verify: Mutex::new(BTreeMap::new()),
+            certs: Mutex::new(Vec::new()),
             shards: (0..shards)
                 .map(|_| Arc::new(ShardStats::default()))
                 .collect(),
@@ -230,6 +248,16 @@ impl Stats {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
         }
+    }
+
+    /// Replace the list of served certificates (on every applied generation).
+    pub fn set_certs(&self, certs: Vec<CertInfo>) {
+        *self.certs.lock().unwrap_or_else(|p| p.into_inner()) = certs;
+    }
+
+    /// The certificates served now.
+    pub fn certs(&self) -> Vec<CertInfo> {
+        self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The verification counters for `key` (`listener:NAME` or `cluster:NAME`).
@@ -477,6 +505,23 @@ impl Collector for Exporter {
             "TLS handshakes on tls listeners by result (full, resumed, failed)",
             MetricType::Counter,
             tls_series,
+        )?;
+        let series = s.certs().into_iter().map(|c| {
+            (
+                vec![
+                    ("listener", c.listener),
+                    ("serial", c.serial),
+                    ("subject", c.subject),
+                ],
+                ConstGauge::new(c.not_after),
+            )
+        });
+        family(
+            &mut enc,
+            "meshgate_cert_expiry_timestamp_seconds",
+            "Unix time at which each served certificate expires",
+            MetricType::Gauge,
+            series,
         )?;
         let verify: Vec<(String, Arc<VerifyCounts>)> = s
             .verify
