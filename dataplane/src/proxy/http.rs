@@ -45,7 +45,7 @@ use crate::error::ProxyErrorKind;
 use crate::http_route::{CompiledRoute, Edits, ListenerRoutes, RequestView, host_without_port};
 use crate::http1::{
     BodyDecoder, ConnectionHeader, Framing, H1Error, HeadProgress, HeaderEdits, Limits, Method,
-    Parsed, RequestEdits, RequestHead, ResponseEdits, TargetForm, Version, Violation,
+    Parsed, RequestEdits, RequestHead, ResponseEdits, ResponseHead, TargetForm, Version, Violation,
     encode_request, encode_response, normalize_path, parse_request_resumable,
     parse_response_resumable, split_query,
 };
@@ -86,8 +86,14 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         peer,
         served: 0,
     };
+    let lstats = &*snap.listeners[guard.listener].stats;
+    let draining = &guard.shard.shared.draining;
     let linger = loop {
-        match request(&guard, &snap, routes, &mut conn).await {
+        // Waiting for a request is all an idle connection does: this future stays small. The
+        // work on a request (and its state across awaits) is boxed, for that request only.
+        let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
+        let read = read_head(&mut conn, routes, head_deadline, draining, lstats).await;
+        match Box::pin(request(&guard, &snap, routes, &mut conn, read)).await {
             Next::KeepAlive => {}
             Next::Close { linger } => break linger,
         }
@@ -199,17 +205,16 @@ impl Meters<'_> {
     }
 }
 
-/// Read, route and answer one request.
+/// Route and answer one request whose head was read.
 async fn request(
     guard: &ConnGuard,
     snap: &Rc<ShardGen>,
     routes: &ListenerRoutes,
     conn: &mut Conn,
+    read: HeadRead,
 ) -> Next {
     let lstats = &*snap.listeners[guard.listener].stats;
     let draining = &guard.shard.shared.draining;
-    let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
-    let read = read_head(conn, routes, head_deadline, draining, lstats).await;
     let mut ex = Exchange::new();
     ex.received.set(read.bytes);
     let meters = Meters {
@@ -1085,24 +1090,16 @@ async fn relay_response(
         && !dechunk
         && head.framing() != Framing::CloseDelimited
         && !cx.draining.load(Ordering::Acquire);
-    let mut out = Vec::with_capacity(consumed + 128);
-    let edits = EditSet::new(cx.edits);
-    let encoded = encode_response(
-        &head,
-        rbuf,
-        &ResponseEdits {
-            headers: edits.headers(),
-            framing: dechunk.then_some(Framing::CloseDelimited),
-            connection: Some(ConnectionHeader::for_peer(cx.version, keep_down)),
-        },
-        &mut out,
-    );
-    if let Err(e) = encoded {
-        tracing::error!(error = %e, "cannot encode the response");
-        return Err(RespFail::Upstream(UpFail::Protocol));
-    }
+    let mut out = match encode_response_head(&head, rbuf, cx, dechunk, keep_down) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the response");
+            return Err(RespFail::Upstream(UpFail::Protocol));
+        }
+    };
     let mut upstream_reusable = head.keep_alive() && head.framing() != Framing::CloseDelimited;
     let mut decoder = head.body_decoder(&limits);
+    drop(head);
     rbuf.drain(..consumed);
     // Body bytes that came with the head go out in the same write.
     let used = if dechunk {
@@ -1181,6 +1178,29 @@ async fn relay_response(
         keep_down,
         upstream_reusable,
     })
+}
+
+/// The client's response head (not awaited across: the edit lists live on the stack here).
+fn encode_response_head(
+    head: &ResponseHead,
+    buf: &[u8],
+    cx: &RespCtx<'_>,
+    dechunk: bool,
+    keep_down: bool,
+) -> Result<Vec<u8>, H1Error> {
+    let mut out = Vec::with_capacity(head.head_len() + 128);
+    let edits = EditSet::new(cx.edits);
+    encode_response(
+        head,
+        buf,
+        &ResponseEdits {
+            headers: edits.headers(),
+            framing: dechunk.then_some(Framing::CloseDelimited),
+            connection: Some(ConnectionHeader::for_peer(cx.version, keep_down)),
+        },
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// The next bytes from the upstream within the route timeout (which starts once the request
