@@ -940,6 +940,23 @@ fn client_that_vanishes_mid_upload_frees_everything() {
     drop(s);
     let rec = gw.record("/put/partial.bin");
     assert_eq!(rec["response_flags"], "DC", "{rec}");
+    // A client that stops sending its body is cut off after request_timeout (2 s here).
+    let mut s = TcpStream::connect(gw.web).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(
+        b"PUT /put/stalled.bin HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 1000\r\n\r\n12345",
+    )
+    .expect("head and a little body");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(gw.record("/put/stalled.bin")["response_flags"], "DC");
     assert!(wait_until(Duration::from_secs(5), || {
         let m = gw.mg.metrics();
         metric_sum(

@@ -771,7 +771,9 @@ async fn forward(
             conn,
             &mut up,
             &mut req.decoder,
-            routes.idle_timeout,
+            // A client that stops sending its body holds an upstream connection: the gaps in a
+            // body get what a head gets.
+            routes.request_timeout,
             &rctx,
             &shared,
             &meters,
