@@ -7,7 +7,8 @@
 
 use super::error::{H1Error, Violation};
 use super::fields::{
-    FieldList, Known, Span, classify, is_token, is_value_byte, list_contains, valid_authority,
+    FieldList, Known, MAX_CONNECTION_OPTIONS, Span, classify, is_token, is_value_byte, list_items,
+    valid_authority,
 };
 use super::{Framing, RequestHead, ResponseHead, TargetForm, Version};
 
@@ -135,26 +136,26 @@ pub fn encode_request(
         return Err(H1Error::Edit(Violation::NoUpgrade));
     }
 
-    out.extend_from_slice(head.method_str(buf).as_bytes());
+    out.extend_from_slice(head.method_bytes(buf));
     out.push(b' ');
     match (edits.path, head.target_form()) {
         (Some(path), _) => out.extend_from_slice(path),
         (None, TargetForm::Absolute) => {
-            let path = head.path(buf).as_bytes();
+            let path = head.path_bytes(buf);
             if !path.starts_with(b"/") {
                 out.push(b'/');
             }
             out.extend_from_slice(path);
         }
         (None, TargetForm::Origin | TargetForm::Asterisk) => {
-            out.extend_from_slice(head.path(buf).as_bytes());
+            out.extend_from_slice(head.path_bytes(buf));
         }
-        (None, TargetForm::Authority) => out.extend_from_slice(head.target(buf).as_bytes()),
+        (None, TargetForm::Authority) => out.extend_from_slice(head.target_bytes(buf)),
     }
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     let host = match edits.host {
         Some(h) => h,
-        None => head.host(buf).unwrap_or_default().as_bytes(),
+        None => head.host_bytes(buf),
     };
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
@@ -252,6 +253,7 @@ fn write_fields(
             .iter()
             .any(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name))
     };
+    let nominated = conn_nominates.then(|| Nominated::collect(fields, buf));
     for f in fields.iter() {
         let name = f.name.get(buf);
         let keep = match classify(name) {
@@ -270,7 +272,7 @@ fn write_fields(
         if !keep
             || (!edits.remove.is_empty() && named(edits.remove, name))
             || (!edits.set.is_empty() && set(name))
-            || (conn_nominates && nominated(fields, buf, name))
+            || nominated.as_ref().is_some_and(|n| n.contains(name))
         {
             continue;
         }
@@ -287,11 +289,40 @@ fn write_fields(
     }
 }
 
-/// `name` is listed in one of the Connection fields.
-fn nominated(fields: &FieldList, buf: &[u8], name: &[u8]) -> bool {
-    fields.iter().any(|f| {
-        classify(f.name.get(buf)) == Known::Connection && list_contains(f.value.get(buf), name)
-    })
+/// The field names listed in the Connection fields (at most [`MAX_CONNECTION_OPTIONS`], which
+/// the parser enforces), collected once so that filtering costs O(fields x options).
+struct Nominated<'b> {
+    names: [&'b [u8]; MAX_CONNECTION_OPTIONS],
+    len: usize,
+}
+
+impl<'b> Nominated<'b> {
+    fn collect(fields: &FieldList, buf: &'b [u8]) -> Self {
+        let mut set = Nominated {
+            names: [&[]; MAX_CONNECTION_OPTIONS],
+            len: 0,
+        };
+        for f in fields.iter() {
+            if classify(f.name.get(buf)) != Known::Connection {
+                continue;
+            }
+            for item in list_items(f.value.get(buf)) {
+                if let Some(slot) = set.names.get_mut(set.len)
+                    && !item.is_empty()
+                {
+                    *slot = item;
+                    set.len += 1;
+                }
+            }
+        }
+        set
+    }
+
+    fn contains(&self, name: &[u8]) -> bool {
+        self.names[..self.len]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+    }
 }
 
 fn write_framing(framing: Framing, out: &mut Vec<u8>) {

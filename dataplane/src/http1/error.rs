@@ -32,6 +32,8 @@ pub enum Violation {
     ObsFold,
     #[error("line not ended by CRLF (bare LF or bare CR)")]
     InvalidLineEnding,
+    #[error("more Connection options than the limit")]
+    TooManyConnectionOptions,
     #[error("HTTP/1.1 request without Host")]
     MissingHost,
     #[error("more than one Host field")]

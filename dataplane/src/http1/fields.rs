@@ -17,12 +17,14 @@ impl Span {
 
     /// The span of `part`, which must be a sub-slice of `buf`; [`Span::EMPTY`] otherwise.
     pub(crate) fn of(buf: &[u8], part: &[u8]) -> Span {
-        let base = buf.as_ptr().addr();
-        let at = part.as_ptr().addr();
-        match at.checked_sub(base) {
-            Some(start) if part.is_empty() => Span::at(start, 0, buf.len()),
-            Some(start) => Span::at(start, part.len(), buf.len()),
-            None => Span::EMPTY,
+        let start = part.as_ptr().addr().wrapping_sub(buf.as_ptr().addr());
+        if start <= buf.len() && part.len() <= buf.len() - start && buf.len() <= u32::MAX as usize {
+            Span {
+                start: start as u32,
+                len: part.len() as u32,
+            }
+        } else {
+            Span::EMPTY
         }
     }
 
@@ -165,21 +167,35 @@ pub(crate) enum Known {
     Other,
 }
 
+/// Special names by length: (lower-case first byte, kind, name). Lengths 7 and 10 have two.
+const BY_LEN: [[(u8, Known, &[u8]); 2]; 18] = {
+    const NONE: (u8, Known, &[u8]) = (0, Known::Other, b"");
+    let mut t = [[NONE; 2]; 18];
+    t[2][0] = (b't', Known::Te, b"te");
+    t[4][0] = (b'h', Known::Host, b"host");
+    t[6][0] = (b'e', Known::Expect, b"expect");
+    t[7][0] = (b'u', Known::Upgrade, b"upgrade");
+    t[7][1] = (b't', Known::Trailer, b"trailer");
+    t[10][0] = (b'c', Known::Connection, b"connection");
+    t[10][1] = (b'k', Known::KeepAlive, b"keep-alive");
+    t[14][0] = (b'c', Known::ContentLength, b"content-length");
+    t[16][0] = (b'p', Known::ProxyConnection, b"proxy-connection");
+    t[17][0] = (b't', Known::TransferEncoding, b"transfer-encoding");
+    t
+};
+
 pub(crate) fn classify(name: &[u8]) -> Known {
-    let is = |lit: &[u8]| name.eq_ignore_ascii_case(lit);
-    match name.len() {
-        2 if is(b"te") => Known::Te,
-        4 if is(b"host") => Known::Host,
-        6 if is(b"expect") => Known::Expect,
-        7 if is(b"upgrade") => Known::Upgrade,
-        7 if is(b"trailer") => Known::Trailer,
-        10 if is(b"connection") => Known::Connection,
-        10 if is(b"keep-alive") => Known::KeepAlive,
-        14 if is(b"content-length") => Known::ContentLength,
-        16 if is(b"proxy-connection") => Known::ProxyConnection,
-        17 if is(b"transfer-encoding") => Known::TransferEncoding,
-        _ => Known::Other,
+    // Table lookups and predictable compares: no jump table to mispredict per field.
+    let (Some(candidates), Some(&first)) = (BY_LEN.get(name.len()), name.first()) else {
+        return Known::Other;
+    };
+    let first = first | 0x20;
+    for &(f, known, lit) in candidates {
+        if f == first && name.eq_ignore_ascii_case(lit) {
+            return known;
+        }
     }
+    Known::Other
 }
 
 /// RFC 9110 `tchar`.
@@ -283,6 +299,10 @@ impl TransferCodings {
     }
 }
 
+/// Most options the Connection fields of one message may list. Real clients send one to
+/// three; the cap bounds the work of removing the fields they name.
+pub(crate) const MAX_CONNECTION_OPTIONS: usize = 32;
+
 /// Effects of the Connection field lines.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ConnectionOptions {
@@ -291,23 +311,62 @@ pub(crate) struct ConnectionOptions {
     pub(crate) upgrade: bool,
     /// Names a field other than the standard hop-by-hop ones (to be removed when forwarding).
     pub(crate) nominates: bool,
+    count: usize,
 }
 
 impl ConnectionOptions {
-    pub(crate) fn add(&mut self, value: &[u8]) {
+    pub(crate) fn add(&mut self, value: &[u8]) -> Result<(), Violation> {
         for item in list_items(value) {
+            if item.is_empty() {
+                continue;
+            }
+            self.count += 1;
+            if self.count > MAX_CONNECTION_OPTIONS {
+                return Err(Violation::TooManyConnectionOptions);
+            }
             if item.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if item.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
             } else if item.eq_ignore_ascii_case(b"upgrade") {
                 self.upgrade = true;
-            } else if !item.is_empty() {
+            } else {
                 self.nominates = true;
             }
         }
+        Ok(())
     }
 }
+
+/// RFC 3986 `reg-name` bytes: unreserved, sub-delims and `%` (of pct-encoded).
+static REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    t
+};
 
 /// `uri-host [ ":" port ]` as in Host and in absolute/authority-form targets: reg-name,
 /// IPv4 or bracketed IP literal; no userinfo, path, whitespace or backslash.
@@ -335,28 +394,7 @@ pub(crate) fn valid_authority(a: &[u8], require_port: bool) -> bool {
             None => (a, None),
         }
     };
-    let reg_name_ok = a.starts_with(b"[")
-        || host.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        });
+    let reg_name_ok = a.starts_with(b"[") || host.iter().all(|&b| REG_NAME[usize::from(b)]);
     let port_ok = match port {
         Some(p) => {
             p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && !(require_port && p.is_empty())

@@ -24,6 +24,72 @@
 //! Everything a caller sees as an error is an [`H1Error`] that names the guilty party
 //! ([`H1Error::blame`]) and the status to answer with ([`H1Error::status`]). No input panics
 //! (fuzzed: `fuzz/fuzz_targets/http1.rs`, corpus replayed by the unit tests).
+//!
+//! One exchange as the proxy loop drives it (in memory here; on a connection, `Partial` or
+//! `consumed == 0` mean "read more into the same buffer and call again"):
+//!
+//! ```
+//! use meshgate_dataplane::http1::*;
+//! # fn main() -> Result<(), H1Error> {
+//! let limits = Limits::default();
+//! // 1. Downstream head (the buffer may also hold body bytes and pipelined requests).
+//! let client = b"POST /api/../v1/items HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n\r\nhello";
+//! let mut progress = HeadProgress::default(); // one per connection
+//! let Parsed::Complete { head, consumed } = parse_request_resumable(client, &limits, &mut progress)?
+//! else {
+//!     panic!("read more and call again");
+//! };
+//! // 2. Route on the effective host and the normalised path (400 on %2F, %00, ...).
+//! let path = normalize_path(head.path(client).as_bytes())?;
+//! assert_eq!((head.host(client), &*path), (Some("shop.example"), "/v1/items"));
+//! // 3. Upstream head, route actions as edits; hop-by-hop fields are dropped.
+//! let mut upstream = Vec::new();
+//! let edits = RequestEdits {
+//!     path: Some(path.as_bytes()),
+//!     headers: HeaderEdits { add: &[("X-Forwarded-Proto", b"https")], ..HeaderEdits::default() },
+//!     ..RequestEdits::default()
+//! };
+//! encode_request(&head, client, &edits, &mut upstream)?;
+//! // 4. Stream the body: payload slices point into the input, nothing is copied.
+//! let mut body = head.body_decoder(&limits);
+//! let mut rest = &client[consumed..];
+//! while !body.is_done() {
+//!     let d = body.decode(rest)?;
+//!     upstream.extend_from_slice(d.payload); // writev on a real connection
+//!     rest = &rest[d.consumed..];
+//!     assert!(d.consumed > 0, "read more");
+//! }
+//! assert!(upstream.ends_with(b"X-Forwarded-Proto: https\r\nContent-Length: 5\r\n\r\nhello"));
+//! // 5. Response head: body rules depend on the request method.
+//! let origin = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+//! let Parsed::Complete { head: resp, consumed } = parse_response(origin, &limits, head.method())?
+//! else {
+//!     panic!("read more and call again");
+//! };
+//! // 6. Downstream head: persistence is the client's choice, said in its HTTP version.
+//! let mut downstream = Vec::new();
+//! let edits = ResponseEdits {
+//!     connection: Some(ConnectionHeader::for_peer(head.version(), head.keep_alive())),
+//!     ..ResponseEdits::default()
+//! };
+//! encode_response(&resp, origin, &edits, &mut downstream)?;
+//! // 7. Stream the response body back, re-chunked (here: same framing both sides).
+//! let mut body = resp.body_decoder(&limits);
+//! let mut rest = &origin[consumed..];
+//! while !body.is_done() {
+//!     let d = body.decode(rest)?;
+//!     write_chunk(&mut downstream, d.payload);
+//!     if body.is_done() {
+//!         write_last_chunk(&mut downstream, d.trailers);
+//!     }
+//!     rest = &rest[d.consumed..];
+//! }
+//! assert_eq!(downstream, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n");
+//! // 8. Keep-alive: both sides may carry the next exchange.
+//! assert!(head.keep_alive() && resp.keep_alive());
+//! # Ok(())
+//! # }
+//! ```
 
 mod body;
 mod encode;

@@ -157,6 +157,22 @@ impl RequestHead {
         &self.fields
     }
 
+    pub(crate) fn method_bytes<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        self.method_span.get(buf)
+    }
+
+    pub(crate) fn target_bytes<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        self.target.get(buf)
+    }
+
+    pub(crate) fn path_bytes<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        self.path.get(buf)
+    }
+
+    pub(crate) fn host_bytes<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        self.host.get(buf)
+    }
+
     pub(crate) fn conn_nominates(&self) -> bool {
         self.conn_nominates
     }
@@ -329,7 +345,10 @@ fn build(
         return Err(Violation::TargetTooLong);
     }
     // httparse admits UTF-8 in targets; RFC 9112 does not (percent-encode it).
-    if !target_bytes.iter().all(|&b| (b'!'..=b'~').contains(&b)) || target_bytes.contains(&b'#') {
+    if !target_bytes
+        .iter()
+        .all(|&b| (b'!'..=b'~').contains(&b) && b != b'#')
+    {
         return Err(Violation::InvalidTarget);
     }
     let (form, path, mut host) = classify_target(buf, target_bytes, method)?;
@@ -369,7 +388,7 @@ fn build(
                 }
             }
             Known::TransferEncoding => codings.add(h.value)?,
-            Known::Connection => conn.add(h.value),
+            Known::Connection => conn.add(h.value)?,
             Known::Expect => {
                 expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
             }

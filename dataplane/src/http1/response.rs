@@ -222,7 +222,7 @@ fn build(
                 }
             }
             Known::TransferEncoding => codings.add(h.value)?,
-            Known::Connection => conn.add(h.value),
+            Known::Connection => conn.add(h.value)?,
             Known::Upgrade if upgrade_value.is_none() => upgrade_value = Some(value),
             _ => {}
         }

@@ -119,6 +119,9 @@ CASES = {
     "req-400-connect-origin-form.http": req(b"CONNECT / HTTP/1.1"),
     "req-400-connect-no-port.http": req(b"CONNECT example.com HTTP/1.1"),
 
+    "req-400-connection-33-options.http": req(b"GET / HTTP/1.1", (H, b"Connection: " + b", ".join(b"x-%d" % i for i in range(33)) + b"\r\n")),
+    "req-ok-connection-nominates.http": req(b"GET / HTTP/1.1", (H, b"Connection: keep-alive, X-Hop\r\n", b"X-Hop: 1\r\n", b"X-End: 2\r\n")),
+
     # ---- limits -----------------------------------------------------------------------
     "req-431-70k-header.http": req(b"GET / HTTP/1.1", (H, b"X-Big: " + b"a" * (70 * 1024) + b"\r\n")),
     "req-431-101-headers.http": req(b"GET / HTTP/1.1", (H,) + tuple(b"X-H%d: v\r\n" % i for i in range(100))),
