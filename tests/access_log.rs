@@ -152,4 +152,11 @@ fn access_log_from_the_config_file() {
         mg.log()
     );
     assert_eq!(lines(&log)[0]["bytes_received"], 2);
+    // Regression: with an access log, SIGTERM still ends the process (the writer thread must
+    // not wait for every handle of the log to be dropped).
+    let mut mg = mg;
+    let status = mg
+        .terminate(Duration::from_secs(10))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
 }

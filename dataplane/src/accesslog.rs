@@ -76,12 +76,15 @@ pub struct AccessLog {
 #[derive(Debug)]
 enum Msg {
     Record(Box<Record>),
+    /// Write everything queued before this, flush, and stop (shutdown).
+    Finish,
 }
 
 /// The writer thread's handle, kept by the control thread.
 #[derive(Debug)]
 pub struct Writer {
     reopen: Arc<AtomicBool>,
+    tx: Sender<Msg>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -102,12 +105,13 @@ impl AccessLog {
             .spawn(move || write_loop(rx, out, target, format, r, w))?;
         Ok((
             AccessLog {
-                tx,
+                tx: tx.clone(),
                 dropped: Arc::new(AtomicU64::new(0)),
                 written,
             },
             Writer {
                 reopen,
+                tx: tx.clone(),
                 thread: Some(thread),
             },
         ))
@@ -140,8 +144,12 @@ impl Writer {
         self.reopen.store(true, Ordering::Release);
     }
 
-    /// Write what is queued and stop. Every [`AccessLog`] clone must be dropped first.
+    /// Write what is queued, flush and stop the writer thread. Clones of the [`AccessLog`]
+    /// may still exist (the admin API keeps one); records they send later are counted as
+    /// dropped.
     pub fn finish(mut self) {
+        // Queued behind every record already sent; blocks only while the writer drains.
+        let _ = self.tx.send(Msg::Finish);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -205,9 +213,16 @@ fn write_loop(
                 }
             }
         }
-        let Some(Msg::Record(r)) = msg else {
-            let _ = out.w().flush();
-            continue;
+        let r = match msg {
+            Some(Msg::Record(r)) => r,
+            Some(Msg::Finish) => {
+                let _ = out.w().flush();
+                return;
+            }
+            None => {
+                let _ = out.w().flush();
+                continue;
+            }
         };
         line.clear();
         match format {
