@@ -161,7 +161,14 @@ fn sigkill_during_1000_issuances_leaves_state_intact_and_no_serial_reused() {
         );
         let run = dir.path().join(format!("run{}", runs.len()));
         std::fs::create_dir(&run).expect("mkdir");
-        let remaining = (TARGET - recorded).to_string();
+        // Short batches while kills are still due, so that a kill lands inside a batch even
+        // on a fast, idle machine (a long batch could finish before the kill).
+        let batch = if kills < 40 {
+            (TARGET - recorded).min(200)
+        } else {
+            TARGET - recorded
+        };
+        let remaining = batch.to_string();
         let mut child = Command::new(bin())
             .args([
                 "cert",
@@ -185,7 +192,7 @@ fn sigkill_during_1000_issuances_leaves_state_intact_and_no_serial_reused() {
         // The first 40 runs are killed at a random instant (so kills land at every step of an
         // issuance); the last one runs to completion.
         let wait = if kills < 40 {
-            rng.between_ms(5, 700)
+            rng.between_ms(5, 150)
         } else {
             Duration::from_secs(3600)
         };
