@@ -1065,7 +1065,13 @@ direct_response = {{ status = 200, body = "ok" }}
         .map(|_| TcpStream::connect(web).expect("connect"))
         .collect();
     drop(warm);
-    thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric_sum(
+            &mg.metrics(),
+            "meshgate_listener_connections_active",
+            &[("listener", "web")],
+        ) == 0.0
+    }));
     let before = rss(mg.pid());
     let held: Vec<TcpStream> = (0..CONNS)
         .map(|_| TcpStream::connect(web).expect("connect"))
