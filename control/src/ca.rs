@@ -20,8 +20,8 @@ use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
@@ -329,6 +329,9 @@ pub struct CaSummary {
     pub signing_certificate: CertInfo,
     /// Trust anchors, as exported by `bundle export`.
     pub roots: Vec<CertInfo>,
+    /// The CA rotation in progress (`ca rotate`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationState>,
     pub default_ttl: String,
     pub max_ttl: String,
     pub crl_validity: String,
@@ -346,16 +349,79 @@ struct SigningCert {
     key_id: KeyIdMethod,
 }
 
-/// An opened CA. Cheap to share behind an `Arc`; all methods take `&self`.
-pub struct Ca {
-    dir: StateDir,
-    config: CaConfig,
+/// Phase of a CA rotation (`ca/rotation.json`; root mode only). Which files sign and which are
+/// published follows from the phase alone, so each step is one atomic write:
+///
+/// | phase | signs with | bundle |
+/// |---|---|---|
+/// | (no rotation) | `root.pem` | `root.pem` |
+/// | `prepared` | `root.pem` | `root.pem` + `next-root.pem` |
+/// | `active` | `next-root.pem` | `root.pem` + `next-root.pem` |
+/// | `retiring` | `next-root.pem` | `next-root.pem` (being copied over `root.pem`) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationPhase {
+    Prepared,
+    Active,
+    Retiring,
+}
+
+impl fmt::Display for RotationPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RotationPhase::Prepared => "prepared",
+            RotationPhase::Active => "active",
+            RotationPhase::Retiring => "retiring",
+        })
+    }
+}
+
+/// `ca/rotation.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationState {
+    pub version: u32,
+    pub phase: RotationPhase,
+    /// SHA-256 fingerprint of the root being replaced.
+    pub previous_sha256: String,
+    /// SHA-256 fingerprint of the new root.
+    pub next_sha256: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub prepared_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub activated_at: Option<OffsetDateTime>,
+}
+
+/// What `ca rotate retire` found, or refused for.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetireOutcome {
+    /// Unexpired SVIDs in the ledger signed by the old root (retired anyway with `--force`).
+    pub dependent_svids: usize,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub latest_expiry: Option<OffsetDateTime>,
+    pub forced: bool,
+    pub root_sha256: String,
+}
+
+/// The signing key and the published anchors, as of one rotation phase.
+struct Signer {
     issuer: Issuer<'static, KeyPair>,
     signing: SigningCert,
     /// Certificates to send after the leaf (intermediate mode: the intermediate).
     intermediates: Vec<Vec<u8>>,
     /// Trust anchors (DER).
     anchors: Vec<Vec<u8>>,
+    /// The rotation state this was loaded for.
+    rotation: Option<RotationState>,
+}
+
+/// An opened CA. Cheap to share behind an `Arc`; all methods take `&self`. A long-running
+/// holder (the enrollment server) follows CA rotations: each issuance and bundle export first
+/// checks `ca/rotation.json` and reloads the signing key if another process rotated it.
+pub struct Ca {
+    dir: StateDir,
+    config: CaConfig,
+    signer: RwLock<Arc<Signer>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -637,7 +703,7 @@ impl Ca {
         TokenStore::new(sd.clone(), ca.clock.clone()).init()?;
         BundleState {
             sequence: 1,
-            authorities: BundleState::fingerprints(&ca.anchors),
+            authorities: BundleState::fingerprints(&ca.signer()?.anchors),
         }
         .save(&sd)?;
         let mut json =
@@ -659,9 +725,65 @@ impl Ca {
     }
 
     fn load(sd: StateDir, config: CaConfig, clock: Arc<dyn Clock>) -> Result<Ca, CaError> {
-        let (cert_path, key_path) = match config.mode {
-            CaMode::Root => (sd.root_cert(), sd.root_key()),
-            CaMode::Intermediate => (sd.intermediate_cert(), sd.intermediate_key()),
+        let signer = load_signer(&sd, &config)?;
+        Ok(Ca {
+            dir: sd,
+            config,
+            signer: RwLock::new(Arc::new(signer)),
+            clock,
+        })
+    }
+
+    /// The signer for the rotation phase on disk now (reloaded if another process rotated).
+    fn signer(&self) -> Result<Arc<Signer>, CaError> {
+        let on_disk = read_rotation(&self.dir)?;
+        let cur = self
+            .signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if cur.rotation == on_disk {
+            return Ok(cur);
+        }
+        let fresh = Arc::new(load_signer(&self.dir, &self.config)?);
+        tracing::info!(
+            phase = ?fresh.rotation.as_ref().map(|r| r.phase),
+            "the CA was rotated: signing key and bundle reloaded"
+        );
+        *self.signer.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
+    }
+}
+
+fn read_rotation(sd: &StateDir) -> Result<Option<RotationState>, CaError> {
+    let path = sd.rotation();
+    match fs::read(&path) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).map_err(|e| StoreError::corrupt(&path, e))?,
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::read(&path, e).into()),
+    }
+}
+
+fn write_rotation(sd: &StateDir, r: &RotationState) -> Result<(), CaError> {
+    let path = sd.rotation();
+    let mut json = serde_json::to_vec_pretty(r).map_err(|e| StoreError::corrupt(&path, e))?;
+    json.push(b'\n');
+    state::write_atomic(&path, &json, mode::PUBLIC)?;
+    Ok(())
+}
+
+fn load_signer(sd: &StateDir, config: &CaConfig) -> Result<Signer, CaError> {
+    {
+        let rotation = read_rotation(sd)?;
+        let phase = rotation.as_ref().map(|r| r.phase);
+        let (cert_path, key_path) = match (config.mode, phase) {
+            (CaMode::Intermediate, _) => (sd.intermediate_cert(), sd.intermediate_key()),
+            (CaMode::Root, None | Some(RotationPhase::Prepared)) => (sd.root_cert(), sd.root_key()),
+            (CaMode::Root, Some(RotationPhase::Active | RotationPhase::Retiring)) => {
+                (sd.next_root_cert(), sd.next_root_key())
+            }
         };
         let meta = fs::metadata(&key_path).map_err(|e| StoreError::read(&key_path, e))?;
         let key_mode = meta.permissions().mode() & 0o777;
@@ -704,27 +826,34 @@ impl Ca {
         };
         let issuer = Issuer::from_ca_cert_pem(&der_to_pem("CERTIFICATE", &signing_der), key)
             .map_err(|e| StoreError::corrupt(&cert_path, e))?;
-        let root_path = sd.root_cert();
-        let anchors = match config.mode {
-            CaMode::Root => certs.clone(),
-            CaMode::Intermediate => pem_certificates(&read_file(&root_path)?)
-                .map_err(|e| StoreError::corrupt(&root_path, e))?,
+        let read_certs = |path: PathBuf| -> Result<Vec<Vec<u8>>, CaError> {
+            Ok(pem_certificates(&read_file(&path)?).map_err(|e| StoreError::corrupt(&path, e))?)
+        };
+        let anchors = match (config.mode, phase) {
+            (CaMode::Intermediate, _) => read_certs(sd.root_cert())?,
+            (CaMode::Root, None) => certs.clone(),
+            (CaMode::Root, Some(RotationPhase::Prepared | RotationPhase::Active)) => {
+                let mut a = read_certs(sd.root_cert())?;
+                a.extend(read_certs(sd.next_root_cert())?);
+                a
+            }
+            (CaMode::Root, Some(RotationPhase::Retiring)) => read_certs(sd.next_root_cert())?,
         };
         let intermediates = match config.mode {
             CaMode::Root => Vec::new(),
             CaMode::Intermediate => certs,
         };
-        Ok(Ca {
-            dir: sd,
-            config,
+        Ok(Signer {
             issuer,
             signing,
             intermediates,
             anchors,
-            clock,
+            rotation,
         })
     }
+}
 
+impl Ca {
     pub fn config(&self) -> &CaConfig {
         &self.config
     }
@@ -751,12 +880,21 @@ impl Ca {
 
     /// Expiry of the certificate that signs SVIDs.
     pub fn not_after(&self) -> OffsetDateTime {
-        self.signing.not_after
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .signing
+            .not_after
     }
 
     /// The signing certificate (root or intermediate), DER.
-    pub fn signing_cert_der(&self) -> &[u8] {
-        &self.signing.der
+    pub fn signing_cert_der(&self) -> Vec<u8> {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .signing
+            .der
+            .clone()
     }
 
     /// The identity must be in our trust domain.
@@ -785,21 +923,25 @@ impl Ca {
     }
 
     /// (not_before, not_after, shortened) for a leaf issued now.
-    fn validity(&self, ttl: Duration) -> Result<(OffsetDateTime, OffsetDateTime, bool), CaError> {
+    fn validity(
+        &self,
+        signing: &SigningCert,
+        ttl: Duration,
+    ) -> Result<(OffsetDateTime, OffsetDateTime, bool), CaError> {
         let now = self.clock.now();
-        if now >= self.signing.not_after {
+        if now >= signing.not_after {
             return Err(CaError::CaExpired {
-                not_after: rfc3339(self.signing.not_after),
+                not_after: rfc3339(signing.not_after),
             });
         }
-        if now < self.signing.not_before {
+        if now < signing.not_before {
             return Err(CaError::CaNotYetValid {
-                not_before: rfc3339(self.signing.not_before),
+                not_before: rfc3339(signing.not_before),
             });
         }
-        let not_before = (now - BACKDATE).max(self.signing.not_before);
+        let not_before = (now - BACKDATE).max(signing.not_before);
         let wanted = now + to_time(ttl);
-        let not_after = wanted.min(self.signing.not_after);
+        let not_after = wanted.min(signing.not_after);
         Ok((not_before, not_after, not_after < wanted))
     }
 
@@ -917,10 +1059,21 @@ impl Ca {
     ) -> Result<Renewed, CaError> {
         let refuse = CaError::RenewalRefused;
         let (_, cur) = X509Certificate::from_der(current_der).map_err(|e| refuse(e.to_string()))?;
-        let (_, signer) = X509Certificate::from_der(&self.signing.der)
-            .map_err(|e| StoreError::corrupt(self.dir.root(), e))?;
-        cur.verify_signature(Some(signer.public_key()))
-            .map_err(|_| refuse("the presented certificate was not issued by this CA".into()))?;
+        // During a rotation an SVID signed by the old root renews (with the new key).
+        let current = self.signer()?;
+        let mut issuers = vec![current.signing.der.clone()];
+        if self.config.mode == CaMode::Root {
+            issuers.extend(current.anchors.iter().cloned());
+        }
+        let issued_here = issuers.iter().any(|der| {
+            X509Certificate::from_der(der)
+                .is_ok_and(|(_, ca)| cur.verify_signature(Some(ca.public_key())).is_ok())
+        });
+        if !issued_here {
+            return Err(refuse(
+                "the presented certificate was not issued by this CA".into(),
+            ));
+        }
         let now = self.clock.now();
         let not_before = cur.validity().not_before.to_datetime();
         let not_after = cur.validity().not_after.to_datetime();
@@ -1007,8 +1160,6 @@ impl Ca {
                 dns.push(d.clone());
             }
         }
-        let (not_before, not_after, ttl_shortened) = self.validity(ttl)?;
-
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -1036,14 +1187,17 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = not_before;
-        params.not_after = not_after;
 
         let _lock = StateLock::exclusive(&self.dir)?;
+        // Under the lock, so a concurrent `ca rotate activate` is seen before signing.
+        let signer = self.signer()?;
+        let (not_before, not_after, ttl_shortened) = self.validity(&signer.signing, ttl)?;
+        params.not_before = not_before;
+        params.not_after = not_after;
         let serial = new_serial()?;
         params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
         let cert = params
-            .signed_by(public_key, &self.issuer)
+            .signed_by(public_key, &signer.issuer)
             .map_err(CaError::crypto("sign the certificate"))?;
         let der = cert.der().to_vec();
         let entry = LedgerEntry {
@@ -1056,11 +1210,12 @@ impl Ca {
             issued_at: self.clock.now(),
             authorised_by: by.to_string(),
             sha256_fingerprint: sha256_fingerprint(&der),
+            issuer_sha256: Some(sha256_fingerprint(&signer.signing.der)),
         };
         ledger::append(&self.dir, &entry)?;
         let cert_pem = der_to_pem("CERTIFICATE", &der);
         let mut chain_pem = cert_pem.clone();
-        for i in &self.intermediates {
+        for i in &signer.intermediates {
             chain_pem.push_str(&der_to_pem("CERTIFICATE", i));
         }
         Ok(SignedSvid {
@@ -1167,6 +1322,7 @@ impl Ca {
 
     /// Bump the CRL number, persist the revocations, then write `crl.pem`. Caller holds the lock.
     fn publish_crl_locked(&self, mut revs: RevocationsFile) -> Result<u64, CaError> {
+        let signer = self.signer()?;
         let now = self.clock.now();
         revs.version = 1;
         revs.crl_number += 1;
@@ -1186,10 +1342,10 @@ impl Ca {
                     invalidity_date: None,
                 })
                 .collect(),
-            key_identifier_method: self.signing.key_id.clone(),
+            key_identifier_method: signer.signing.key_id.clone(),
         };
         let crl = params
-            .signed_by(&self.issuer)
+            .signed_by(&signer.issuer)
             .map_err(CaError::crypto("sign the CRL"))?;
         let pem = crl.pem().map_err(CaError::crypto("encode the CRL"))?;
         let path = self.dir.revocations();
@@ -1211,7 +1367,8 @@ impl Ca {
     /// This trust domain's bundle. The sequence is bumped (under the lock) if the trust anchors
     /// differ from the ones it was last bumped for.
     pub fn bundle(&self) -> Result<TrustBundle, CaError> {
-        let fps = BundleState::fingerprints(&self.anchors);
+        let signer = self.signer()?;
+        let fps = BundleState::fingerprints(&signer.anchors);
         let current = BundleState::load(&self.dir)?;
         let sequence = match current {
             Some(s) if s.authorities == fps => s.sequence,
@@ -1232,7 +1389,7 @@ impl Ca {
         };
         Ok(TrustBundle {
             trust_domain: self.config.trust_domain.clone(),
-            x509_authorities: self.anchors.clone(),
+            x509_authorities: signer.anchors.clone(),
             sequence,
             refresh_hint_secs: self.config.bundle_refresh_hint_secs,
         })
@@ -1267,10 +1424,209 @@ impl Ca {
         Ok(self.tokens().create(spiffe_id, to_time(ttl))?)
     }
 
+    /// The rotation in progress, if any.
+    pub fn rotation(&self) -> Result<Option<RotationState>, CaError> {
+        read_rotation(&self.dir)
+    }
+
+    /// `ca rotate prepare`: create a new root and publish it in the bundle next to the current
+    /// one; issuance stays on the current key. Root mode only. Writes the key, then the
+    /// certificate, then `rotation.json` (its presence marks the step done; a crash before it
+    /// leaves files the next `prepare` overwrites).
+    pub fn rotate_prepare(&self, ca_ttl: Option<Duration>) -> Result<RotationState, CaError> {
+        if self.config.mode != CaMode::Root {
+            return Err(CaError::Rotation(
+                "this CA is an intermediate under an operator's root: rotate it by issuing a new intermediate from your root and running `meshgate ca init` in a new state directory".into(),
+            ));
+        }
+        let state = {
+            let _lock = StateLock::exclusive(&self.dir)?;
+            if let Some(r) = read_rotation(&self.dir)? {
+                return Err(CaError::Rotation(format!(
+                    "a rotation is already in progress (phase {}, prepared at {}); continue with `meshgate ca rotate {}`",
+                    r.phase,
+                    rfc3339(r.prepared_at),
+                    if r.phase == RotationPhase::Prepared {
+                        "activate"
+                    } else {
+                        "retire"
+                    }
+                )));
+            }
+            let now = self.clock.now();
+            let ttl = ca_ttl.unwrap_or(DEFAULT_ROOT_TTL);
+            if ttl <= self.max_ttl() {
+                return Err(CaError::InvalidTtl(format!(
+                    "the new root's TTL {} must be longer than the maximum SVID TTL {}",
+                    secs(ttl),
+                    secs(self.max_ttl())
+                )));
+            }
+            let old = pem_certificates(&read_file(&self.dir.root_cert())?)
+                .map_err(|e| StoreError::corrupt(self.dir.root_cert(), e))?;
+            let td = &self.config.trust_domain;
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(CaError::crypto("generate the new root key"))?;
+            let mut params = CertificateParams::default();
+            // A distinct subject, so chain building never confuses the two roots.
+            params.distinguished_name =
+                ca_distinguished_name(td, &format!("root {}", now.unix_timestamp()));
+            params.subject_alt_names = vec![uri_san(&td.id_string())?];
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.serial_number = Some(SerialNumber::from_slice(new_serial()?.as_bytes()));
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.not_before = now - CA_BACKDATE;
+            params.not_after = now + to_time(ttl);
+            let cert = params
+                .self_signed(&key)
+                .map_err(CaError::crypto("self-sign the new root"))?;
+            state::write_atomic(
+                &self.dir.next_root_key(),
+                key.serialize_pem().as_bytes(),
+                mode::SECRET,
+            )?;
+            state::write_atomic(
+                &self.dir.next_root_cert(),
+                cert.pem().as_bytes(),
+                mode::PUBLIC,
+            )?;
+            let r = RotationState {
+                version: 1,
+                phase: RotationPhase::Prepared,
+                previous_sha256: old
+                    .first()
+                    .map(|d| sha256_fingerprint(d))
+                    .unwrap_or_default(),
+                next_sha256: sha256_fingerprint(cert.der()),
+                prepared_at: now,
+                activated_at: None,
+            };
+            write_rotation(&self.dir, &r)?;
+            r
+        };
+        self.bundle()?;
+        Ok(state)
+    }
+
+    /// `ca rotate activate`: issue with the new key from now on (both roots stay published).
+    /// Refused before one bundle refresh hint has passed since `prepare` (peers may not have
+    /// the new root yet) unless `force`.
+    pub fn rotate_activate(&self, force: bool) -> Result<RotationState, CaError> {
+        let _lock = StateLock::exclusive(&self.dir)?;
+        let mut r = read_rotation(&self.dir)?.ok_or_else(|| {
+            CaError::Rotation(
+                "no rotation in progress; start one with `meshgate ca rotate prepare`".into(),
+            )
+        })?;
+        if r.phase != RotationPhase::Prepared {
+            return Err(CaError::Rotation(format!(
+                "the new root is already active (phase {}); next: `meshgate ca rotate retire`",
+                r.phase
+            )));
+        }
+        let now = self.clock.now();
+        let hint = time::Duration::seconds(
+            i64::try_from(self.config.bundle_refresh_hint_secs).unwrap_or(i64::MAX),
+        );
+        if !force && now - r.prepared_at < hint {
+            return Err(CaError::Rotation(format!(
+                "the new root was published at {}; federated peers poll every {}s, so wait until {} before activating (or pass --force)",
+                rfc3339(r.prepared_at),
+                self.config.bundle_refresh_hint_secs,
+                rfc3339(r.prepared_at + hint)
+            )));
+        }
+        r.phase = RotationPhase::Active;
+        r.activated_at = Some(now);
+        write_rotation(&self.dir, &r)?;
+        Ok(r)
+    }
+
+    /// Unexpired, unrevoked SVIDs signed by the root being replaced (entries without an
+    /// issuer were written before rotation existed and count as the old root's).
+    fn dependents(&self, r: &RotationState) -> Result<(usize, Option<OffsetDateTime>), CaError> {
+        let now = self.clock.now();
+        let revoked = self.revocations()?;
+        let mut count = 0;
+        let mut latest: Option<OffsetDateTime> = None;
+        for e in self.ledger()? {
+            let old = match &e.issuer_sha256 {
+                Some(i) => *i == r.previous_sha256,
+                None => true,
+            };
+            if old && e.not_after > now && !revoked.iter().any(|x| x.serial == e.serial) {
+                count += 1;
+                latest = Some(latest.map_or(e.not_after, |l| l.max(e.not_after)));
+            }
+        }
+        Ok((count, latest))
+    }
+
+    /// `ca rotate retire`: drop the old root from the bundle and make the new one `root.pem`.
+    /// Refused while an unexpired SVID signed by the old root exists, unless `force`.
+    /// Crash-safe: `rotation.json` says `retiring` before the new root is copied over
+    /// `root.pem`/`root-key.pem`, and is removed last; running `retire` again finishes.
+    pub fn rotate_retire(&self, force: bool) -> Result<RetireOutcome, CaError> {
+        let outcome = {
+            let _lock = StateLock::exclusive(&self.dir)?;
+            let mut r = read_rotation(&self.dir)?.ok_or_else(|| {
+                CaError::Rotation(
+                    "no rotation in progress; start one with `meshgate ca rotate prepare`".into(),
+                )
+            })?;
+            let (count, latest) = match r.phase {
+                RotationPhase::Prepared => {
+                    return Err(CaError::Rotation(
+                        "the new root is not active yet; run `meshgate ca rotate activate` first"
+                            .into(),
+                    ));
+                }
+                RotationPhase::Active => {
+                    let (count, latest) = self.dependents(&r)?;
+                    if count > 0 && !force {
+                        return Err(CaError::RetireRefused {
+                            count,
+                            latest_expiry: latest.map(rfc3339).unwrap_or_default(),
+                        });
+                    }
+                    r.phase = RotationPhase::Retiring;
+                    write_rotation(&self.dir, &r)?;
+                    (count, latest)
+                }
+                RotationPhase::Retiring => (0, None),
+            };
+            let key = read_file(&self.dir.next_root_key())?;
+            let cert = read_file(&self.dir.next_root_cert())?;
+            state::write_atomic(&self.dir.root_key(), &key, mode::SECRET)?;
+            state::write_atomic(&self.dir.root_cert(), &cert, mode::PUBLIC)?;
+            let remove = |p: PathBuf| match fs::remove_file(&p) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StoreError::read(&p, e)),
+            };
+            remove(self.dir.rotation())?;
+            fs::File::open(self.dir.ca_dir())
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::read(self.dir.ca_dir(), e))?;
+            // Left over, these are ignored (no rotation.json) and overwritten by `prepare`.
+            let _ = remove(self.dir.next_root_key());
+            let _ = remove(self.dir.next_root_cert());
+            RetireOutcome {
+                dependent_svids: count,
+                latest_expiry: latest,
+                forced: count > 0,
+                root_sha256: r.next_sha256.clone(),
+            }
+        };
+        self.bundle()?;
+        Ok(outcome)
+    }
+
     pub fn summary(&self) -> Result<CaSummary, CaError> {
         let corrupt = |e| StoreError::corrupt(self.dir.ca_dir(), e);
-        let signing_certificate = inspect_der(&self.signing.der, 0).map_err(corrupt)?;
-        let roots = self
+        let signer = self.signer()?;
+        let signing_certificate = inspect_der(&signer.signing.der, 0).map_err(corrupt)?;
+        let roots = signer
             .anchors
             .iter()
             .enumerate()
@@ -1287,6 +1643,7 @@ impl Ca {
             default_ttl: secs(self.default_ttl()),
             max_ttl: secs(self.max_ttl()),
             crl_validity: secs(Duration::from_secs(self.config.crl_validity_secs)),
+            rotation: signer.rotation.clone(),
             bundle_sequence: BundleState::load(&self.dir)?
                 .map(|s| s.sequence)
                 .unwrap_or(0),
@@ -1440,7 +1797,8 @@ mod tests {
         // Signed by the CA.
         let ders = pem_certificates(svid.cert_pem.as_bytes()).expect("pem");
         let (_, leaf) = X509Certificate::from_der(&ders[0]).expect("leaf");
-        let (_, ca) = X509Certificate::from_der(f.ca.signing_cert_der()).expect("ca");
+        let signing_der = f.ca.signing_cert_der();
+        let (_, ca) = X509Certificate::from_der(&signing_der).expect("ca");
         leaf.verify_signature(Some(ca.public_key()))
             .expect("signature");
         // Recorded.
@@ -1741,7 +2099,8 @@ mod tests {
             .map(|r| Serial::from_bytes(r.raw_serial()))
             .collect();
         assert_eq!(listed, vec![svid.entry.serial.clone()]);
-        let (_, ca) = X509Certificate::from_der(f.ca.signing_cert_der()).expect("ca");
+        let signing_der = f.ca.signing_cert_der();
+        let (_, ca) = X509Certificate::from_der(&signing_der).expect("ca");
         crl.verify_signature(ca.public_key())
             .expect("CRL signed by the CA");
         assert!(crl.next_update().is_some());
@@ -1790,6 +2149,102 @@ mod tests {
         .expect("copy");
         let reopened = Ca::open(f.ca.state_dir()).expect("open");
         assert_eq!(reopened.bundle().expect("bundle").sequence, 2);
+    }
+
+    fn signed_by(cert_pem: &str, root_der: &[u8]) -> bool {
+        let der = pem_certificates(cert_pem.as_bytes()).expect("pem")[0].clone();
+        let (_, leaf) = X509Certificate::from_der(&der).expect("leaf");
+        let (_, root) = X509Certificate::from_der(root_der).expect("root");
+        leaf.verify_signature(Some(root.public_key())).is_ok()
+    }
+
+    #[test]
+    fn rotation_prepare_activate_retire() {
+        let f = fixture();
+        let old_root = f.ca.bundle().expect("bundle").x509_authorities[0].clone();
+        // Opened before the rotation: must follow it (as a running enrollment server does).
+        let stale = Ca::open_with_clock(f.ca.state_dir(), f.clock.clone()).expect("open");
+        let a = f.ca.issue(&req("spiffe://example.org/a")).expect("a");
+
+        let r = f.ca.rotate_prepare(None).expect("prepare");
+        assert_eq!(r.phase, RotationPhase::Prepared);
+        let b = f.ca.bundle().expect("bundle");
+        assert_eq!(b.x509_authorities.len(), 2);
+        assert_eq!(b.x509_authorities[0], old_root);
+        assert_eq!(b.sequence, 2);
+        let new_root = b.x509_authorities[1].clone();
+        assert!(matches!(
+            f.ca.rotate_prepare(None),
+            Err(CaError::Rotation(_))
+        ));
+        // Still issuing with the old key.
+        let still_old = f.ca.issue(&req("spiffe://example.org/b")).expect("b");
+        assert!(signed_by(&still_old.cert_pem, &old_root));
+        assert!(matches!(
+            f.ca.rotate_retire(false),
+            Err(CaError::Rotation(_))
+        ));
+        let e = f.ca.rotate_activate(false).expect_err("too early");
+        assert!(e.to_string().contains("--force"), "{e}");
+        f.clock.advance(DEFAULT_REFRESH_HINT);
+        f.ca.rotate_activate(false).expect("activate");
+        assert_eq!(f.ca.bundle().expect("bundle").sequence, 2, "same anchors");
+
+        let c = stale.issue(&req("spiffe://example.org/c")).expect("c");
+        assert!(signed_by(&c.cert_pem, &new_root), "stale handle follows");
+        assert_eq!(
+            c.entry.issuer_sha256.as_deref(),
+            Some(sha256_fingerprint(&new_root).as_str())
+        );
+        // An SVID of the old root renews onto the new key.
+        let a_der = pem_certificates(a.cert_pem.as_bytes()).expect("pem")[0].clone();
+        let (_, csr) = csr_for(None, &[]);
+        let renewed = f.ca.renew(&a_der, &csr, None).expect("renew old-root SVID");
+        assert!(signed_by(&renewed.cert_pem, &new_root));
+
+        let e = f.ca.rotate_retire(false).expect_err("dependents");
+        match e {
+            CaError::RetireRefused { count, .. } => assert_eq!(count, 2),
+            other => panic!("{other}"),
+        }
+        f.clock.advance(DEFAULT_SVID_TTL);
+        let out = f.ca.rotate_retire(false).expect("retire");
+        assert_eq!(out.dependent_svids, 0);
+        let b = f.ca.bundle().expect("bundle");
+        assert_eq!(b.x509_authorities, vec![new_root.clone()]);
+        assert_eq!(b.sequence, 3);
+        assert!(f.ca.rotation().expect("rotation").is_none());
+        let sd = StateDir::new(f.ca.state_dir());
+        assert!(!sd.next_root_cert().exists() && !sd.next_root_key().exists());
+        let reopened = Ca::open_with_clock(f.ca.state_dir(), f.clock.clone()).expect("open");
+        assert_eq!(reopened.signing_cert_der(), new_root);
+        let d = reopened.issue(&req("spiffe://example.org/d")).expect("d");
+        assert!(signed_by(&d.cert_pem, &new_root));
+    }
+
+    #[test]
+    fn interrupted_retire_finishes_on_rerun() {
+        let f = fixture();
+        f.ca.rotate_prepare(None).expect("prepare");
+        f.ca.rotate_activate(true).expect("activate");
+        let sd = StateDir::new(f.ca.state_dir());
+        let new_root = fs::read(sd.next_root_cert()).expect("next");
+        // As if killed after writing `retiring` and the key, before the certificate.
+        let mut r = f.ca.rotation().expect("r").expect("some");
+        r.phase = RotationPhase::Retiring;
+        write_rotation(&sd, &r).expect("write");
+        fs::copy(sd.next_root_key(), sd.root_key()).expect("copy key");
+        let mid = Ca::open_with_clock(f.ca.state_dir(), f.clock.clone()).expect("open mid-retire");
+        let svid = mid
+            .issue(&req("spiffe://example.org/m"))
+            .expect("issue mid-retire");
+        assert!(signed_by(
+            &svid.cert_pem,
+            &pem_certificates(&new_root).expect("pem")[0]
+        ));
+        f.ca.rotate_retire(false).expect("finish");
+        assert_eq!(fs::read(sd.root_cert()).expect("root"), new_root);
+        Ca::open(f.ca.state_dir()).expect("open after");
     }
 
     #[test]

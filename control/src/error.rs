@@ -165,6 +165,12 @@ pub enum CaError {
     RenewalRefused(String),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("CA rotation: {0}")]
+    Rotation(String),
+    #[error(
+        "refusing to retire the old root: {count} unexpired SVID(s) signed by it are in the ledger (the last expires at {latest_expiry}); wait until then, revoke them, or pass --force to cut them off"
+    )]
+    RetireRefused { count: usize, latest_expiry: String },
 }
 
 impl CaError {

@@ -51,6 +51,22 @@ impl StateDir {
     pub fn intermediate_key(&self) -> PathBuf {
         self.ca_dir().join("intermediate-key.pem")
     }
+    /// CA rotation in progress (root mode): the new root, from `ca rotate prepare` until
+    /// `ca rotate retire` makes it `root.pem`.
+    pub fn next_root_cert(&self) -> PathBuf {
+        self.ca_dir().join("next-root.pem")
+    }
+    pub fn next_root_key(&self) -> PathBuf {
+        self.ca_dir().join("next-root-key.pem")
+    }
+    /// The rotation's phase; absent when no rotation is in progress.
+    pub fn rotation(&self) -> PathBuf {
+        self.ca_dir().join("rotation.json")
+    }
+    /// Federated trust domains (`meshgate trust add`): `trust/<td>/...`.
+    pub fn trust_dir(&self) -> PathBuf {
+        self.root.join("trust")
+    }
     pub fn ledger_dir(&self) -> PathBuf {
         self.root.join("ledger")
     }
@@ -80,7 +96,7 @@ impl StateDir {
 
     /// Other meshgate state that may share the directory (the gateway's config history, the
     /// enrollment server's audit trail).
-    const OTHER_NAMES: &'static [&'static str] = &["config-history", "audit"];
+    const OTHER_NAMES: &'static [&'static str] = &["config-history", "audit", "trust"];
 
     /// Whether `ca init` may use a directory holding an entry of this name: meshgate's own
     /// state, or a temp file left by a killed writer. Anything else means the operator pointed

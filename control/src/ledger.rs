@@ -151,6 +151,10 @@ pub struct LedgerEntry {
     /// SHA-256 of the certificate's DER, colon-separated uppercase hex (as `openssl x509
     /// -fingerprint -sha256` prints it).
     pub sha256_fingerprint: String,
+    /// SHA-256 fingerprint of the CA certificate that signed it (absent in entries written
+    /// before CA rotation existed: `ca rotate retire` counts those as signed by the old root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_sha256: Option<String>,
 }
 
 fn segment_name(n: u32) -> String {
@@ -251,6 +255,7 @@ mod tests {
             issued_at: OffsetDateTime::UNIX_EPOCH,
             authorised_by: AuthorisedBy::Operator("cli".into()).to_string(),
             sha256_fingerprint: "00".into(),
+            issuer_sha256: None,
         }
     }
 

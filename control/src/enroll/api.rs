@@ -250,6 +250,8 @@ impl Reason {
             | CaError::InsecureKey { .. }
             | CaError::BadReason(_)
             | CaError::OperatorRoot(_)
+            | CaError::Rotation(_)
+            | CaError::RetireRefused { .. }
             | CaError::Crypto { .. } => Internal,
         }
     }
