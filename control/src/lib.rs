@@ -17,6 +17,7 @@ pub mod clock;
 pub mod duration;
 pub mod enroll;
 pub mod error;
+pub mod federation;
 pub mod history;
 pub mod inspect;
 pub mod layout;
