@@ -37,6 +37,45 @@ pub enum CaCmd {
     /// Run the enrollment server in the foreground (HTTPS: join-token enrollment, mTLS
     /// renewal, trust bundle). SIGTERM or SIGINT stops it. See docs/enrollment.md.
     Serve(ServeArgs),
+    /// Rotate the root without a failed handshake: prepare (publish the new root next to the
+    /// old), activate (issue with the new key), retire (drop the old root once nothing
+    /// unexpired depends on it). See docs/federation.md.
+    #[command(subcommand)]
+    Rotate(RotateCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCmd {
+    /// Create the new root and publish it in the bundle next to the current one.
+    Prepare(RotatePrepareArgs),
+    /// Issue with the new root's key from now on (both roots stay in the bundle).
+    Activate(RotateStepArgs),
+    /// Remove the old root from the bundle; refused while an unexpired SVID signed by it
+    /// exists (shows how many and when the last expires) unless --force.
+    Retire(RotateStepArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotatePrepareArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// Lifetime of the new root.
+    #[arg(long, value_name = "DUR", default_value = "10y")]
+    pub root_ttl: String,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateStepArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// activate: before one bundle refresh hint has passed since prepare; retire: cutting
+    /// off unexpired SVIDs of the old root (they fail verification at once).
+    #[arg(long)]
+    pub force: bool,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +97,9 @@ pub struct InitArgs {
     /// How long each published CRL stays valid (its nextUpdate).
     #[arg(long, value_name = "DUR", default_value = "7d")]
     pub crl_validity: String,
+    /// `spiffe_refresh_hint` of the published bundle: how often federated peers poll it.
+    #[arg(long, value_name = "DUR", default_value = "5m")]
+    pub bundle_refresh_hint: String,
     /// Your root CA certificate (PEM): meshgate creates an intermediate signed by it.
     #[arg(long, value_name = "FILE", requires = "root_key")]
     pub root_cert: Option<PathBuf>,
@@ -125,6 +167,9 @@ pub struct ServeArgs {
     /// Audit only to the log (target `meshgate::audit`), not to a file.
     #[arg(long)]
     pub no_audit_file: bool,
+    /// Also serve the SPIFFE bundle endpoint (https_spiffe profile) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub bundle_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub logging: super::agent::LogArgs,
 }
@@ -135,6 +180,71 @@ pub fn run(cmd: CaCmd) -> u8 {
         CaCmd::Show(a) => show(a),
         CaCmd::Crl(a) => crl(a),
         CaCmd::Serve(a) => serve(a),
+        CaCmd::Rotate(c) => rotate(c),
+    }
+}
+
+fn rotate(cmd: RotateCmd) -> u8 {
+    let (state, output) = match &cmd {
+        RotateCmd::Prepare(a) => (&a.state, a.output),
+        RotateCmd::Activate(a) | RotateCmd::Retire(a) => (&a.state, a.output),
+    };
+    let ca = match open(&state.state_dir) {
+        Ok(ca) => ca,
+        Err(code) => return code,
+    };
+    let result = match &cmd {
+        RotateCmd::Prepare(a) => {
+            let ttl = match parse_duration("root-ttl", &a.root_ttl) {
+                Ok(t) => t,
+                Err(c) => return c,
+            };
+            ca.rotate_prepare(Some(ttl))
+                .map(|r| serde_json::to_value(&r).unwrap_or_default())
+        }
+        RotateCmd::Activate(a) => ca
+            .rotate_activate(a.force)
+            .map(|r| serde_json::to_value(&r).unwrap_or_default()),
+        RotateCmd::Retire(a) => ca
+            .rotate_retire(a.force)
+            .map(|r| serde_json::to_value(&r).unwrap_or_default()),
+    };
+    let value = match result {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    let seq = ca.bundle().map(|b| b.sequence).unwrap_or(0);
+    match output {
+        Output::Json => {
+            let mut v = value;
+            v["bundle_sequence"] = serde_json::json!(seq);
+            print_json(&v)
+        }
+        Output::Table => {
+            match &cmd {
+                RotateCmd::Prepare(_) => println!(
+                    "prepared: the new root {} is published next to the old one (bundle sequence {seq}); issuance stays on the old key.\nnext: wait one refresh hint ({}s) so federated peers fetch it, then `meshgate ca rotate activate`",
+                    value["next_sha256"].as_str().unwrap_or(""),
+                    ca.config().bundle_refresh_hint_secs
+                ),
+                RotateCmd::Activate(_) => println!(
+                    "activated: new SVIDs are signed by the new root. Re-issue or renew the SVIDs in use; next, once the old root's SVIDs have expired: `meshgate ca rotate retire`"
+                ),
+                RotateCmd::Retire(_) => println!(
+                    "retired: the bundle holds only the new root {} (sequence {seq}){}",
+                    value["root_sha256"].as_str().unwrap_or(""),
+                    if value["forced"].as_bool() == Some(true) {
+                        format!(
+                            "; {} unexpired SVID(s) of the old root were cut off",
+                            value["dependent_svids"]
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            }
+            exit::OK
+        }
     }
 }
 
@@ -188,6 +298,7 @@ fn init(a: InitArgs) -> u8 {
         opts.max_ttl = parse_duration("max-ttl", &a.max_ttl)?;
         opts.default_ttl = parse_duration("default-ttl", &a.default_ttl)?;
         opts.crl_validity = parse_duration("crl-validity", &a.crl_validity)?;
+        opts.refresh_hint = parse_duration("bundle-refresh-hint", &a.bundle_refresh_hint)?;
         if let (Some(c), Some(k)) = (&a.root_cert, &a.root_key) {
             opts.operator_root = Some(OperatorRoot {
                 cert_pem: read_text("root-cert", c)?,
@@ -333,11 +444,44 @@ fn serve(a: ServeArgs) -> u8 {
         handle.local_addr(),
         handle.server_id()
     );
+    let bundle_endpoint = match a.bundle_listen {
+        None => None,
+        Some(addr) => {
+            use meshgate_control::federation::endpoint as ep;
+            let ca = match open(&a.state.state_dir) {
+                Ok(ca) => Arc::new(ca),
+                Err(code) => return code,
+            };
+            let mut ecfg = ep::EndpointConfig::new(addr, ep::EndpointProfile::HttpsSpiffe);
+            ecfg.dns_names = a
+                .dns
+                .iter()
+                .filter(|d| d.parse::<std::net::IpAddr>().is_err())
+                .cloned()
+                .collect();
+            match ep::BundleEndpoint::start(ca, ecfg) {
+                Ok(h) => {
+                    if let Some(id) = h.spiffe_id() {
+                        println!("bundle endpoint on https://{} as {id}", h.local_addr());
+                    }
+                    Some(h)
+                }
+                Err(e) => {
+                    eprintln!("error: bundle endpoint: {e}");
+                    handle.stop();
+                    return exit::FAILURE;
+                }
+            }
+        }
+    };
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     let sig = signals.wait();
     tracing::info!(signal = sig, "stopping the enrollment server");
     handle.stop();
+    if let Some(h) = bundle_endpoint {
+        h.stop();
+    }
     exit::OK
 }
 
@@ -391,6 +535,17 @@ fn print_summary(s: &CaSummary) {
     ]);
     t.add_row(["CRL validity".to_owned(), s.crl_validity.clone()]);
     t.add_row(["bundle sequence".to_owned(), s.bundle_sequence.to_string()]);
+    if let Some(r) = &s.rotation {
+        t.add_row([
+            "rotation".to_owned(),
+            format!(
+                "{} (new root {}, prepared {})",
+                r.phase,
+                r.next_sha256,
+                rfc3339(r.prepared_at)
+            ),
+        ]);
+    }
     t.add_row([
         "issued / revoked".to_owned(),
         format!("{} / {}", s.issued_total, s.revoked_total),

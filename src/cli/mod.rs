@@ -14,6 +14,7 @@ mod reload;
 mod run;
 mod status;
 mod token;
+mod trust;
 
 use std::process::ExitCode;
 
@@ -84,7 +85,7 @@ enum Command {
     Reload(reload::ReloadArgs),
     /// Check that this host can run the dataplane (io_uring, setup flags, memlock, CPUs).
     Check(check::CheckArgs),
-    /// Offline CA in a state directory: init, show, publish the CRL.
+    /// Offline CA in a state directory: init, show, publish the CRL, rotate the root.
     #[command(subcommand)]
     Ca(ca::CaCmd),
     /// Issue, inspect, list and revoke X509-SVIDs; check whether one needs renewal.
@@ -93,9 +94,12 @@ enum Command {
     /// Create, list and revoke single-use join tokens for enrolling workloads.
     #[command(subcommand)]
     Token(token::TokenCmd),
-    /// Export the trust bundle (PEM or SPIFFE format).
+    /// Export or import trust bundles (PEM or SPIFFE format); serve the SPIFFE bundle endpoint.
     #[command(subcommand)]
     Bundle(bundle::BundleCmd),
+    /// Federated trust domains: add, list, show, remove, refresh (SPIFFE federation).
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
     /// Enroll this host with a join token and keep its SVID fresh (writes svid.pem,
     /// svid_key.pem, bundle.pem; renews at half-life; exits 77 when the CA refuses for good).
     Agent(agent::AgentArgs),
@@ -126,6 +130,7 @@ pub fn main() -> ExitCode {
         Command::Cert(cmd) => cert::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Trust(cmd) => trust::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::Version { output } => version(output),
         Command::Completions { shell } => {
