@@ -98,6 +98,7 @@ pub(crate) struct TrustBundle {
     pub trust_domain: Option<String>,
     pub bundle: Option<String>,
     pub crl: Option<String>,
+    pub federated: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,6 +473,7 @@ impl Section {
             (Section::TrustBundles, "trust_domain") => "trust_domain = \"example.test\"",
             (Section::TrustBundles, "bundle") => "bundle = \"/etc/meshgate/example.test.pem\"",
             (Section::TrustBundles, "crl") => "crl = \"/etc/meshgate/example.test.crl.pem\"",
+            (Section::TrustBundles, "federated") => "federated = true",
             (Section::Routes, "match") => {
                 "match = { sni = [\"api.example.test\"], peer = { trust_domains = [\"example.test\"] } }"
             }

@@ -518,3 +518,26 @@ fn upstream_dns_verification_defaults_the_sni() {
         UpstreamVerify::DnsNames(vec!["backend.example.test".to_owned()])
     );
 }
+
+#[test]
+fn federated_trust_bundles_take_no_file() {
+    let setup = Setup::new();
+    let text = TLS_LISTENER.replace(
+        "{ trust_domain = \"other.test\", bundle = \"other.pem\" }",
+        "{ trust_domain = \"other.test\", federated = true }",
+    );
+    let config = setup.valid(&text);
+    let tls = config.listeners[0]
+        .tls
+        .as_ref()
+        .unwrap_or_else(|| panic!("no tls"));
+    assert!(tls.trust_bundles[1].federated && !tls.trust_bundles[0].federated);
+    assert_eq!(tls.trust_bundles[1].bundle, PathBuf::new());
+    let both = TLS_LISTENER.replace(
+        "{ trust_domain = \"other.test\", bundle = \"other.pem\" }",
+        "{ trust_domain = \"other.test\", bundle = \"other.pem\", federated = true }",
+    );
+    let errors = setup.errors(&both);
+    let e = error_at(&errors, "listeners[0].tls.trust_bundles[1].bundle");
+    assert!(e.to_string().contains("federated"), "{}", dump(&errors));
+}

@@ -216,8 +216,12 @@ pub struct ServerCertificate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TrustBundle {
     pub trust_domain: TrustDomain,
-    /// PEM file of the domain's CA certificates.
+    /// PEM file of the domain's CA certificates. For a federated domain, empty after parsing;
+    /// `meshgate run` sets it to the trust store's `<state-dir>/trust/<td>/bundle.pem`.
     pub bundle: PathBuf,
+    /// The bundle comes from the state directory's trust store (SPIFFE federation: `meshgate
+    /// trust add`), kept fresh by the federation poller.
+    pub federated: bool,
     /// Optional PEM CRL file of the CA that signs the domain's leaves.
     pub crl: Option<PathBuf>,
 }

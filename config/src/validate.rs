@@ -1397,13 +1397,30 @@ impl Validator {
                 ok = false;
             }
             let bundle_field = format!("{entry_path}.bundle");
-            let bundle = self.file_path(&bundle_field, "bundle", entry.bundle);
-            if let Some(file) = &bundle
-                && let Err(err) = pem::read_bundle(file, now)
-            {
-                self.file_error(&[(&bundle_field, file)], err);
-                ok = false;
-            }
+            let federated = entry.federated.unwrap_or(false);
+            let bundle = if federated {
+                if entry.bundle.is_some() {
+                    self.error(
+                        bundle_field,
+                        "`bundle` is set on a federated trust domain",
+                        "drop `bundle`: with federated = true the bundle is the trust store's \
+                         (<state-dir>/trust/<trust_domain>/bundle.pem, kept by `meshgate trust \
+                         add`), or drop `federated` to use a file",
+                    );
+                    None
+                } else {
+                    Some(PathBuf::new())
+                }
+            } else {
+                let bundle = self.file_path(&bundle_field, "bundle", entry.bundle);
+                if let Some(file) = &bundle
+                    && let Err(err) = pem::read_bundle(file, now)
+                {
+                    self.file_error(&[(&bundle_field, file)], err);
+                    ok = false;
+                }
+                bundle
+            };
             let crl = match entry.crl {
                 None => Some(None),
                 Some(text) => {
@@ -1423,6 +1440,7 @@ impl Validator {
                     trust_domain,
                     bundle,
                     crl,
+                    federated,
                 }),
                 _ => ok = false,
             }

@@ -31,6 +31,30 @@ pub struct AdminState {
     pub reload: Option<crossbeam_channel::Sender<ReloadRequest>>,
     /// Applied configs kept in the state directory; None = history disabled.
     pub history: Option<meshgate_control::history::History>,
+    /// More metric families appended to `/metrics` (the federation poller's); None = none.
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+/// A source of OpenMetrics text families rendered after the dataplane's (before `# EOF`).
+#[derive(Clone)]
+pub struct ExtraMetrics(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
+}
+
+fn render_metrics(state: &AdminState) -> String {
+    let mut body = state.stats.render(&state.build);
+    if let Some(extra) = &state.extra_metrics {
+        let more = (extra.0)();
+        match body.rfind("# EOF") {
+            Some(i) => body.insert_str(i, &more),
+            None => body.push_str(&more),
+        }
+    }
+    body
 }
 
 /// Reply to a reload request.
@@ -274,7 +298,7 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         ("GET" | "HEAD", "/metrics") => Response {
             status: 200,
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body: state.stats.render(&state.build),
+            body: render_metrics(state),
         },
         ("GET" | "HEAD", "/config_dump") => Response::json(&*state.shared.current().config),
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),

@@ -73,6 +73,7 @@ impl ConfigSource {
             }
         };
         let renew_at = fill_local_identity(&mut config, state_dir).map_err(LoadFailure::Other)?;
+        fill_federated(&mut config, state_dir, &source).map_err(LoadFailure::Other)?;
         Ok(Loaded {
             text,
             source,
@@ -80,6 +81,42 @@ impl ConfigSource {
             renew_at,
         })
     }
+}
+
+/// Point every `federated = true` trust bundle at the state directory's trust store.
+fn fill_federated(config: &mut Config, state_dir: &Path, source: &str) -> anyhow::Result<()> {
+    let store = meshgate_control::federation::store::TrustStore::new(state_dir);
+    for (i, l) in config.listeners.iter_mut().enumerate() {
+        let Some(tls) = l.tls.as_mut() else { continue };
+        for (j, b) in tls.trust_bundles.iter_mut().enumerate() {
+            if !b.federated {
+                continue;
+            }
+            let td =
+                meshgate_control::TrustDomain::parse(b.trust_domain.as_str()).map_err(|e| {
+                    anyhow::anyhow!("{source}: listeners[{i}].tls.trust_bundles[{j}]: {e}")
+                })?;
+            let path = store.bundle_pem_path(&td);
+            if !path.is_file() {
+                anyhow::bail!(
+                    "{source}: listeners[{i}].tls.trust_bundles[{j}]: trust domain {td} is federated, but the trust store has no bundle for it ({} is missing); run `meshgate trust add --state-dir {} --trust-domain {td} --endpoint URL --profile ...` (or `meshgate bundle import`) first",
+                    path.display(),
+                    state_dir.display()
+                );
+            }
+            b.bundle = path;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the config names a federated trust bundle (the poller then runs).
+pub fn uses_federation(config: &Config) -> bool {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .any(|t| t.trust_bundles.iter().any(|b| b.federated))
 }
 
 /// Serve the local CA's identity on every `tls` listener that names no certificate.

@@ -180,6 +180,10 @@ pub fn run(args: RunArgs) -> u8 {
         shards: gateway.stats().shards.len(),
         reload: Some(reload_tx),
         history: history.clone(),
+        extra_metrics: Some(admin::ExtraMetrics(Arc::new({
+            let store = meshgate_control::federation::store::TrustStore::new(&args.state_dir);
+            move || store.render_metrics()
+        }))),
     });
     let admin = match admin::serve(
         state,
@@ -213,6 +217,9 @@ pub fn run(args: RunArgs) -> u8 {
         &loaded,
     );
     let sig_rx = signals.forward();
+    // Federation: refresh peers' bundles; a changed bundle reloads (every shard's verifier).
+    let (fed_tx, fed_rx) = crossbeam_channel::bounded::<()>(1);
+    let _poller = start_federation(&args.state_dir, &config, fed_tx);
     let drain_timeout = loop {
         crossbeam_channel::select! {
             recv(sig_rx) -> sig => match sig {
@@ -232,6 +239,10 @@ pub fn run(args: RunArgs) -> u8 {
                 if let Ok(req) = req {
                     let _ = req.reply.send(daemon.handle(req.action));
                 }
+            }
+            recv(fed_rx) -> _ => {
+                tracing::info!("a federated trust bundle changed: reloading");
+                let _ = daemon.handle(ControlAction::Reload);
             }
             recv(daemon.renewal_timer()) -> _ => {
                 tracing::info!("the gateway's serving certificate is at half its lifetime: renewing");
@@ -253,6 +264,40 @@ pub fn run(args: RunArgs) -> u8 {
     }
     tracing::info!(closed_at_deadline = left, "stopped");
     exit::OK
+}
+
+/// Start the federation poller when the config uses a federated trust bundle or the trust
+/// store has peers with an endpoint (a cluster's `trust_bundle` may name a store file).
+fn start_federation(
+    state_dir: &std::path::Path,
+    config: &meshgate_config::Config,
+    changed: crossbeam_channel::Sender<()>,
+) -> Option<meshgate_control::federation::poller::Poller> {
+    use meshgate_control::federation::{Profile, poller, store::TrustStore};
+    let store = TrustStore::new(state_dir);
+    let has_peers = store
+        .domains()
+        .unwrap_or_default()
+        .iter()
+        .any(|td| store.peer(td).is_ok_and(|p| p.profile != Profile::Static));
+    if !super::daemon::uses_federation(config) && !has_peers {
+        return None;
+    }
+    let cfg = poller::PollerConfig::default();
+    match poller::Poller::start(state_dir, cfg, move |domains| {
+        tracing::info!(trust_domains = ?domains.iter().map(ToString::to_string).collect::<Vec<_>>(), "federated bundles changed");
+        // A full channel means a reload is already pending: it reads the newest files.
+        let _ = changed.try_send(());
+    }) {
+        Ok(p) => {
+            tracing::info!(trust_store = %store.dir().display(), "federation poller running");
+            Some(p)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the federation poller");
+            None
+        }
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, received synchronously with sigwait(2).

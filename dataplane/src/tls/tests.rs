@@ -872,6 +872,7 @@ mod over_a_transport {
                             "other.pem"
                         }),
                         crl: None,
+                        federated: false,
                     })
                     .collect(),
             }
