@@ -5,6 +5,7 @@
 //! - [`Meshgate`]: the real `meshgate run` binary as a child process with its own config and
 //!   admin API, killed on drop; [`Meshgate::terminate`] for graceful-shutdown tests.
 //! - [`http_get`]: a tiny blocking HTTP client for admin endpoints.
+//! - [`http_origin`]: a tiny HTTP/1.1 origin that answers every request with a fixed body.
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
@@ -134,6 +135,33 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// A tiny HTTP/1.1 origin on 127.0.0.1: every connection gets a 200 with `body` and is closed.
+pub fn http_origin(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    a
+}
+
 /// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose
 /// labels contain every `label=value` in `labels`.
 pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -185,12 +213,13 @@ impl Meshgate {
         let config_path = dir.path().join("meshgate.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("meshgate.log"))?;
-        let child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").arg("--config").arg(&config_path);
+        // A test may bring its own state directory (a CA, a trust store) in `extra`.
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let child = cmd
             .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
             .stdin(Stdio::null())
