@@ -774,83 +774,92 @@ fn write_rotation(sd: &StateDir, r: &RotationState) -> Result<(), CaError> {
     Ok(())
 }
 
-fn load_signer(sd: &StateDir, config: &CaConfig) -> Result<Signer, CaError> {
-    {
-        let rotation = read_rotation(sd)?;
-        let phase = rotation.as_ref().map(|r| r.phase);
-        let (cert_path, key_path) = match (config.mode, phase) {
-            (CaMode::Intermediate, _) => (sd.intermediate_cert(), sd.intermediate_key()),
-            (CaMode::Root, None | Some(RotationPhase::Prepared)) => (sd.root_cert(), sd.root_key()),
-            (CaMode::Root, Some(RotationPhase::Active | RotationPhase::Retiring)) => {
-                (sd.next_root_cert(), sd.next_root_key())
-            }
-        };
-        let meta = fs::metadata(&key_path).map_err(|e| StoreError::read(&key_path, e))?;
-        let key_mode = meta.permissions().mode() & 0o777;
-        if key_mode & 0o077 != 0 {
-            return Err(CaError::InsecureKey {
-                path: key_path,
-                mode: key_mode,
-            });
-        }
-        let key_text = String::from_utf8(read_file(&key_path)?)
-            .map_err(|e| StoreError::corrupt(&key_path, e))?;
-        let key = KeyPair::from_pem(&key_text).map_err(|e| StoreError::corrupt(&key_path, e))?;
-        let certs = pem_certificates(&read_file(&cert_path)?)
-            .map_err(|e| StoreError::corrupt(&cert_path, e))?;
-        let signing_der = certs[0].clone();
-        let (_, cert) = X509Certificate::from_der(&signing_der)
-            .map_err(|e| StoreError::corrupt(&cert_path, e))?;
-        if !key_matches_cert(&key, &cert) {
-            return Err(StoreError::corrupt(
-                &key_path,
-                format!("the key does not match {}", cert_path.display()),
-            )
-            .into());
-        }
-        let key_id = match cert
-            .extensions()
-            .iter()
-            .find_map(|e| match e.parsed_extension() {
-                ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
-                _ => None,
-            }) {
-            Some(ski) => KeyIdMethod::PreSpecified(ski),
-            None => KeyIdMethod::Sha256,
-        };
-        let signing = SigningCert {
-            not_before: cert.validity().not_before.to_datetime(),
-            not_after: cert.validity().not_after.to_datetime(),
-            der: signing_der.clone(),
-            key_id,
-        };
-        let issuer = Issuer::from_ca_cert_pem(&der_to_pem("CERTIFICATE", &signing_der), key)
-            .map_err(|e| StoreError::corrupt(&cert_path, e))?;
-        let read_certs = |path: PathBuf| -> Result<Vec<Vec<u8>>, CaError> {
-            Ok(pem_certificates(&read_file(&path)?).map_err(|e| StoreError::corrupt(&path, e))?)
-        };
-        let anchors = match (config.mode, phase) {
-            (CaMode::Intermediate, _) => read_certs(sd.root_cert())?,
-            (CaMode::Root, None) => certs.clone(),
-            (CaMode::Root, Some(RotationPhase::Prepared | RotationPhase::Active)) => {
-                let mut a = read_certs(sd.root_cert())?;
-                a.extend(read_certs(sd.next_root_cert())?);
-                a
-            }
-            (CaMode::Root, Some(RotationPhase::Retiring)) => read_certs(sd.next_root_cert())?,
-        };
-        let intermediates = match config.mode {
-            CaMode::Root => Vec::new(),
-            CaMode::Intermediate => certs,
-        };
-        Ok(Signer {
-            issuer,
-            signing,
-            intermediates,
-            anchors,
-            rotation,
-        })
+/// A CA certificate with its key, ready to sign: the key must be private (0600) and match.
+/// Returns the issuer, the parsed certificate and every certificate of the file (the first is
+/// the signing one).
+fn load_issuer(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Issuer<'static, KeyPair>, SigningCert, Vec<Vec<u8>>), CaError> {
+    let meta = fs::metadata(key_path).map_err(|e| StoreError::read(key_path, e))?;
+    let key_mode = meta.permissions().mode() & 0o777;
+    if key_mode & 0o077 != 0 {
+        return Err(CaError::InsecureKey {
+            path: key_path.to_path_buf(),
+            mode: key_mode,
+        });
     }
+    let key_text =
+        String::from_utf8(read_file(key_path)?).map_err(|e| StoreError::corrupt(key_path, e))?;
+    let key = KeyPair::from_pem(&key_text).map_err(|e| StoreError::corrupt(key_path, e))?;
+    let certs =
+        pem_certificates(&read_file(cert_path)?).map_err(|e| StoreError::corrupt(cert_path, e))?;
+    let signing_der = certs[0].clone();
+    let (_, cert) =
+        X509Certificate::from_der(&signing_der).map_err(|e| StoreError::corrupt(cert_path, e))?;
+    if !key_matches_cert(&key, &cert) {
+        return Err(StoreError::corrupt(
+            key_path,
+            format!("the key does not match {}", cert_path.display()),
+        )
+        .into());
+    }
+    let key_id = match cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+            _ => None,
+        }) {
+        Some(ski) => KeyIdMethod::PreSpecified(ski),
+        None => KeyIdMethod::Sha256,
+    };
+    let signing = SigningCert {
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+        der: signing_der.clone(),
+        key_id,
+    };
+    let issuer = Issuer::from_ca_cert_pem(&der_to_pem("CERTIFICATE", &signing_der), key)
+        .map_err(|e| StoreError::corrupt(cert_path, e))?;
+    Ok((issuer, signing, certs))
+}
+
+fn load_signer(sd: &StateDir, config: &CaConfig) -> Result<Signer, CaError> {
+    let rotation = read_rotation(sd)?;
+    let phase = rotation.as_ref().map(|r| r.phase);
+    let (cert_path, key_path) = match (config.mode, phase) {
+        (CaMode::Intermediate, _) => (sd.intermediate_cert(), sd.intermediate_key()),
+        (CaMode::Root, None | Some(RotationPhase::Prepared)) => (sd.root_cert(), sd.root_key()),
+        (CaMode::Root, Some(RotationPhase::Active | RotationPhase::Retiring)) => {
+            (sd.next_root_cert(), sd.next_root_key())
+        }
+    };
+    let (issuer, signing, certs) = load_issuer(&cert_path, &key_path)?;
+    let read_certs = |path: PathBuf| -> Result<Vec<Vec<u8>>, CaError> {
+        Ok(pem_certificates(&read_file(&path)?).map_err(|e| StoreError::corrupt(&path, e))?)
+    };
+    let anchors = match (config.mode, phase) {
+        (CaMode::Intermediate, _) => read_certs(sd.root_cert())?,
+        (CaMode::Root, None) => certs.clone(),
+        (CaMode::Root, Some(RotationPhase::Prepared | RotationPhase::Active)) => {
+            let mut a = read_certs(sd.root_cert())?;
+            a.extend(read_certs(sd.next_root_cert())?);
+            a
+        }
+        (CaMode::Root, Some(RotationPhase::Retiring)) => read_certs(sd.next_root_cert())?,
+    };
+    let intermediates = match config.mode {
+        CaMode::Root => Vec::new(),
+        CaMode::Intermediate => certs,
+    };
+    Ok(Signer {
+        issuer,
+        signing,
+        intermediates,
+        anchors,
+        rotation,
+    })
 }
 
 impl Ca {
@@ -1347,7 +1356,20 @@ impl Ca {
         let crl = params
             .signed_by(&signer.issuer)
             .map_err(CaError::crypto("sign the CRL"))?;
-        let pem = crl.pem().map_err(CaError::crypto("encode the CRL"))?;
+        let mut pem = crl.pem().map_err(CaError::crypto("encode the CRL"))?;
+        // While a rotation is active, SVIDs of the old root are still in use: a verifier that
+        // requires a CRL for every leaf's issuer needs one signed by the old root as well.
+        if self.config.mode == CaMode::Root
+            && signer.rotation.as_ref().map(|r| r.phase) == Some(RotationPhase::Active)
+        {
+            let (old, old_signing, _) = load_issuer(&self.dir.root_cert(), &self.dir.root_key())?;
+            let mut old_params = params;
+            old_params.key_identifier_method = old_signing.key_id.clone();
+            let old_crl = old_params
+                .signed_by(&old)
+                .map_err(CaError::crypto("sign the CRL with the old root"))?;
+            pem.push_str(&old_crl.pem().map_err(CaError::crypto("encode the CRL"))?);
+        }
         let path = self.dir.revocations();
         let mut json =
             serde_json::to_vec_pretty(&revs).map_err(|e| StoreError::corrupt(&path, e))?;
@@ -1539,6 +1561,9 @@ impl Ca {
         r.phase = RotationPhase::Active;
         r.activated_at = Some(now);
         write_rotation(&self.dir, &r)?;
+        // The new key's SVIDs need a CRL from it (and the old root's keep theirs).
+        let revs = self.load_revocations()?;
+        self.publish_crl_locked(revs)?;
         Ok(r)
     }
 
@@ -1611,6 +1636,9 @@ impl Ca {
             // Left over, these are ignored (no rotation.json) and overwritten by `prepare`.
             let _ = remove(self.dir.next_root_key());
             let _ = remove(self.dir.next_root_cert());
+            // The CRL from the new root only.
+            let revs = self.load_revocations()?;
+            self.publish_crl_locked(revs)?;
             RetireOutcome {
                 dependent_svids: count,
                 latest_expiry: latest,
@@ -2189,6 +2217,26 @@ mod tests {
         f.clock.advance(DEFAULT_REFRESH_HINT);
         f.ca.rotate_activate(false).expect("activate");
         assert_eq!(f.ca.bundle().expect("bundle").sequence, 2, "same anchors");
+        // Both roots sign a CRL while the rotation is active, so a verifier that wants a CRL
+        // for every leaf's issuer accepts SVIDs of either root.
+        let crls = |ca: &Ca| -> Vec<Vec<u8>> {
+            let pem = ca.crl_pem().expect("crl");
+            x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+                .map(|p| p.expect("pem").contents)
+                .collect()
+        };
+        let verify_crls = |ders: &[Vec<u8>], roots: &[&Vec<u8>]| {
+            assert_eq!(ders.len(), roots.len());
+            for (der, root) in ders.iter().zip(roots) {
+                let (_, crl) =
+                    x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+                        .expect("crl");
+                let (_, r) = X509Certificate::from_der(root).expect("root");
+                crl.verify_signature(r.public_key())
+                    .expect("signed by the root");
+            }
+        };
+        verify_crls(&crls(&f.ca), &[&new_root, &old_root]);
 
         let c = stale.issue(&req("spiffe://example.org/c")).expect("c");
         assert!(signed_by(&c.cert_pem, &new_root), "stale handle follows");
@@ -2210,6 +2258,7 @@ mod tests {
         f.clock.advance(DEFAULT_SVID_TTL);
         let out = f.ca.rotate_retire(false).expect("retire");
         assert_eq!(out.dependent_svids, 0);
+        verify_crls(&crls(&f.ca), &[&new_root]);
         let b = f.ca.bundle().expect("bundle");
         assert_eq!(b.x509_authorities, vec![new_root.clone()]);
         assert_eq!(b.sequence, 3);
