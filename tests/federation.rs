@@ -971,3 +971,107 @@ fn bundle_import_never_merges_domains() {
     ok(&["trust", "remove", "--state-dir", s(&b), "a.test"]);
     assert!(trust_list(&b).as_array().expect("array").is_empty());
 }
+
+#[test]
+fn ca_serve_mounts_the_bundle_endpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let t = tmp.path();
+    let (a, b) = (t.join("a"), t.join("b"));
+    ca_init(&a, "a.test", &[]);
+    let mut child = Command::new(bin())
+        .args([
+            "ca",
+            "serve",
+            "--state-dir",
+            s(&a),
+            "--listen",
+            "127.0.0.1:0",
+            "--bundle-listen",
+            "127.0.0.1:0",
+            "--no-audit-file",
+        ])
+        .env_remove("MESHGATE_STATE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ca serve");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let _server = Proc(child);
+    let mut line = String::new();
+    out.read_line(&mut line).expect("line 1");
+    assert!(line.starts_with("listening on https://"), "{line}");
+    line.clear();
+    out.read_line(&mut line).expect("line 2");
+    // "bundle endpoint on https://127.0.0.1:PORT as spiffe://a.test/meshgate/bundle-endpoint"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        words.get(5),
+        Some(&"spiffe://a.test/meshgate/bundle-endpoint"),
+        "{line}"
+    );
+    let url = words[3].to_owned();
+    let boot = t.join("a.json");
+    ok(&[
+        "bundle",
+        "export",
+        "--state-dir",
+        s(&a),
+        "--format",
+        "spiffe",
+        "--out",
+        s(&boot),
+    ]);
+    ca_init(&b, "b.test", &[]);
+    ok(&[
+        "trust",
+        "add",
+        "--state-dir",
+        s(&b),
+        "--trust-domain",
+        "a.test",
+        "--endpoint",
+        &url,
+        "--profile",
+        "https_spiffe",
+        "--bootstrap-bundle",
+        s(&boot),
+    ]);
+    let p = peer(&b, "a.test");
+    assert_eq!(p["sequence"], 1, "{p}");
+    assert!(p["last_error"].is_null(), "{p}");
+    // A bootstrap bundle of the wrong domain cannot authenticate the endpoint: refused at add.
+    let c = t.join("c");
+    ca_init(&c, "c.test", &[]);
+    let c_pem = t.join("c.pem");
+    ok(&[
+        "bundle",
+        "export",
+        "--state-dir",
+        s(&c),
+        "--format",
+        "pem",
+        "--out",
+        s(&c_pem),
+    ]);
+    let bad = run(&[
+        "trust",
+        "add",
+        "--state-dir",
+        s(&c),
+        "--trust-domain",
+        "a.test",
+        "--endpoint",
+        &url,
+        "--profile",
+        "https_spiffe",
+        "--bootstrap-bundle",
+        s(&c_pem),
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
