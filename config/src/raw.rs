@@ -42,6 +42,7 @@ pub(crate) struct Runtime {
     pub pin: Option<bool>,
     pub drain_timeout: Option<Duration>,
     pub ring_entries: Option<i64>,
+    pub watch_files: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -309,6 +309,9 @@ pub struct Stats {
     pub generation: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Reloads triggered by changed TLS files (`runtime.watch_files`), applied / refused.
+    pub watch_reloads_ok: AtomicU64,
+    pub watch_reloads_failed: AtomicU64,
     /// The access log, when one is configured (its dropped/written counts are exported).
     pub access_log: Option<crate::accesslog::AccessLog>,
     /// Peer-certificate verification outcomes, keyed `listener:NAME` / `cluster:NAME`; kept
@@ -363,6 +366,8 @@ impl Stats {
             generation: AtomicU64::new(1),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            watch_reloads_ok: AtomicU64::new(0),
+            watch_reloads_failed: AtomicU64::new(0),
         }
     }
 
@@ -501,6 +506,22 @@ impl Collector for Exporter {
                 (
                     vec![("result", "error".to_string())],
                     ConstCounter::new(s.reloads_failed.load(Relaxed)),
+                ),
+            ],
+        )?;
+        family(
+            &mut enc,
+            "meshgate_tls_file_reloads",
+            "Reloads triggered by a changed certificate, key, bundle or CRL file (runtime.watch_files) by result (error: the new files were refused and the old material stays in force)",
+            MetricType::Counter,
+            [
+                (
+                    vec![("result", "ok".to_string())],
+                    ConstCounter::new(s.watch_reloads_ok.load(Relaxed)),
+                ),
+                (
+                    vec![("result", "error".to_string())],
+                    ConstCounter::new(s.watch_reloads_failed.load(Relaxed)),
                 ),
             ],
         )?;

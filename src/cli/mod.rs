@@ -14,6 +14,7 @@ mod reload;
 mod run;
 mod status;
 mod token;
+mod watch;
 
 use std::process::ExitCode;
 
