@@ -183,26 +183,79 @@ fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum();
     assert!(rejected >= 2.0, "both refusals counted by reason:\n{m}");
-    // The served certificate is listed, with its expiry exported as a gauge.
+    // Handshakes by version, peer trust domain and reason: the good client is counted under
+    // its (configured) trust domain; the two refusals under their reasons.
+    assert!(
+        metric_sum(
+            &m,
+            "meshgate_tls_handshakes_total",
+            &[
+                ("listener", "mtls"),
+                ("result", "full"),
+                ("version", "TLSv1.3"),
+                ("peer_trust_domain", "example.test"),
+                ("reason", "none"),
+            ],
+        ) >= 1.0,
+        "{m}"
+    );
+    for reason in ["no_certificate", "unknown_issuer"] {
+        assert_eq!(
+            metric_sum(
+                &m,
+                "meshgate_tls_handshakes_total",
+                &[
+                    ("listener", "mtls"),
+                    ("result", "failed"),
+                    ("reason", reason)
+                ],
+            ),
+            1.0,
+            "{reason}:\n{m}"
+        );
+    }
+    // The served certificate and the bundle root are listed, each with its expiry exported as
+    // a gauge.
     let (code, body) = mg.get("/certs").expect("certs");
     assert_eq!(code, 200);
     let certs: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(certs[0]["listener"], "mtls");
+    let list = certs.as_array().expect("array");
+    assert_eq!(list.len(), 2, "{body}");
+    let served = &list[0];
+    assert_eq!(served["kind"], "cert");
+    assert_eq!(served["listener"], "mtls");
     assert!(
-        certs[0]["dns_names"]
+        served["dns_names"]
             .to_string()
             .contains("gateway.example.test"),
         "{body}"
     );
-    let not_after = certs[0]["not_after"].as_i64().expect("not_after");
-    assert_eq!(
-        metric_sum(
-            &m,
-            "meshgate_cert_expiry_timestamp_seconds",
-            &[("listener", "mtls")]
-        ),
-        not_after as f64
+    let root_entry = &list[1];
+    assert_eq!(root_entry["kind"], "bundle_root", "{body}");
+    assert_eq!(root_entry["trust_domain"], "example.test", "{body}");
+    assert!(
+        root_entry["subject"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+            && root_entry["serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{body}"
     );
+    for (entry, kind) in [(served, "cert"), (root_entry, "bundle_root")] {
+        let not_after = entry["not_after"].as_i64().expect("not_after");
+        assert_eq!(
+            metric_sum(
+                &m,
+                "meshgate_cert_expiry_timestamp_seconds",
+                &[
+                    ("listener", "mtls"),
+                    ("kind", kind),
+                    ("serial", entry["serial"].as_str().expect("serial")),
+                ]
+            ),
+            not_after as f64,
+            "{kind}:\n{m}"
+        );
+    }
 }
 
 #[test]
@@ -451,6 +504,34 @@ identity = {{ cert = "{}", key = "{}" }}
     let (mg, code, out, err) = run("spiffe://example.test/ns/prod/web");
     assert_eq!(code, 0, "{err}\n{}", mg.log());
     assert_eq!(out, "secured upstream");
+    // The gateway's client certificate and the cluster's bundle root are listed and gauged.
+    let (_, body) = mg.get("/certs").expect("certs");
+    let certs: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let kinds: Vec<(String, String, String)> = certs
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap_or("").to_owned(),
+                c["cluster"].as_str().unwrap_or("").to_owned(),
+                c["trust_domain"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want = |k: &str| (k.to_owned(), "web".to_owned(), "example.test".to_owned());
+    assert_eq!(kinds, vec![want("cert"), want("bundle_root")], "{body}");
+    let m = mg.metrics();
+    for kind in ["cert", "bundle_root"] {
+        assert!(
+            metric_sum(
+                &m,
+                "meshgate_cert_expiry_timestamp_seconds",
+                &[("cluster", "web"), ("kind", kind)]
+            ) > 0.0,
+            "{kind}:\n{m}"
+        );
+    }
     // Expecting another identity: the upstream is refused, the client gets a closed connection.
     let (mg2, code, _, _) = run("spiffe://example.test/ns/prod/db");
     assert_ne!(code, 0);

@@ -277,6 +277,7 @@ endpoints = ["127.0.0.1:15002"]
                 pin: true,
                 drain_timeout: Duration::from_secs(30),
                 ring_entries: 1024,
+                watch_files: true,
             }
         );
         assert_eq!(config.access_log, None);
@@ -337,6 +338,7 @@ cores = 4
 pin = false
 drain_timeout = "1m30s"
 ring_entries = 2
+watch_files = false
 [[listeners]]
 name = "a"
 address = "0.0.0.0:0"
@@ -378,6 +380,7 @@ endpoints = ["10.0.0.3:80"]
         assert!(!config.runtime.pin);
         assert_eq!(config.runtime.drain_timeout, Duration::from_secs(90));
         assert_eq!(config.runtime.ring_entries, 2);
+        assert!(!config.runtime.watch_files);
         assert_eq!(config.listeners[0].routes, [1]);
         assert_eq!(config.listeners[1].routes, [0]);
         assert_eq!(config.listeners[0].idle_timeout, Duration::from_millis(250));

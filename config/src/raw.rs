@@ -42,6 +42,7 @@ pub(crate) struct Runtime {
     pub pin: Option<bool>,
     pub drain_timeout: Option<Duration>,
     pub ring_entries: Option<i64>,
+    pub watch_files: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -430,6 +431,7 @@ impl Section {
             (Section::Runtime, "pin") => "pin = true",
             (Section::Runtime, "drain_timeout") => "drain_timeout = \"30s\"",
             (Section::Runtime, "ring_entries") => "ring_entries = 1024",
+            (Section::Runtime, "watch_files") => "watch_files = true",
             (Section::AccessLog, "path") => "path = \"/var/log/meshgate/access.log\"",
             (Section::AccessLog, "format") => "format = \"json\"",
             (Section::AccessLog, "queue") => "queue = 65536",

@@ -79,6 +79,8 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     /// io_uring submission queue size per shard: a power of two in `2..=32768`.
     pub ring_entries: u32,
+    /// Reload when a certificate, key, trust bundle or CRL file named by the config changes.
+    pub watch_files: bool,
 }
 
 /// The access log (`[access_log]`).

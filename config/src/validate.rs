@@ -506,6 +506,7 @@ impl Validator {
             pin: raw.pin.unwrap_or(true),
             drain_timeout: drain_timeout?,
             ring_entries: ring_entries?,
+            watch_files: raw.watch_files.unwrap_or(true),
         })
     }
 

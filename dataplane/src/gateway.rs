@@ -376,28 +376,7 @@ impl Gateway {
                 }
             }
         }
-        let certs = config
-            .listeners
-            .iter()
-            .zip(&listener_tls)
-            .filter_map(|(l, t)| t.as_ref().map(|t| (l, t)))
-            .flat_map(|(l, t)| {
-                t.certs
-                    .certificates()
-                    .iter()
-                    .map(move |c| crate::metrics::CertInfo {
-                        listener: l.name.clone(),
-                        subject: c.summary.subject.clone(),
-                        serial: c.summary.serial.clone(),
-                        not_before: c.summary.not_before,
-                        not_after: c.summary.not_after,
-                        dns_names: c.summary.dns_names.clone(),
-                        uris: c.summary.uris.clone(),
-                        sni: c.sni.clone(),
-                        source: c.source.display().to_string(),
-                    })
-            })
-            .collect::<Vec<_>>();
+        let certs = cert_infos(&config, &listener_tls, &cluster_tls);
         let plan = Arc::new(Plan {
             generation,
             config: config.clone(),
@@ -518,6 +497,90 @@ impl Gateway {
         }
         self.shared.drain_left.load(Ordering::Acquire)
     }
+}
+
+/// Every certificate and bundle root a generation loaded, for `GET /certs` and the expiry
+/// gauge.
+fn cert_infos(
+    config: &Config,
+    listener_tls: &[Option<Arc<ListenerTlsState>>],
+    cluster_tls: &[Option<Arc<ClusterTlsState>>],
+) -> Vec<crate::metrics::CertInfo> {
+    use crate::metrics::CertInfo;
+    use crate::tls::setup::BundleRoot;
+    use meshgate_config::pem::CertSummary;
+    fn spiffe_domain(s: &CertSummary) -> Option<String> {
+        s.uris.iter().find_map(|u| {
+            crate::tls::spiffe::SpiffeId::parse(u)
+                .ok()
+                .map(|id| id.trust_domain_name().to_owned())
+        })
+    }
+    fn info(
+        kind: &'static str,
+        owner: (Option<String>, Option<String>),
+        trust_domain: Option<String>,
+        s: &CertSummary,
+        sni: Vec<String>,
+        source: &std::path::Path,
+    ) -> CertInfo {
+        CertInfo {
+            kind,
+            listener: owner.0,
+            cluster: owner.1,
+            trust_domain,
+            subject: s.subject.clone(),
+            serial: s.serial.clone(),
+            not_before: s.not_before,
+            not_after: s.not_after,
+            dns_names: s.dns_names.clone(),
+            uris: s.uris.clone(),
+            sni,
+            source: source.display().to_string(),
+        }
+    }
+    let root = |owner: (Option<String>, Option<String>), r: &BundleRoot| {
+        info(
+            "bundle_root",
+            owner,
+            r.trust_domain.as_ref().map(|d| d.as_str().to_owned()),
+            &r.summary,
+            Vec::new(),
+            &r.source,
+        )
+    };
+    let mut out = Vec::new();
+    for (l, t) in config.listeners.iter().zip(listener_tls) {
+        let Some(t) = t else { continue };
+        let owner = || (Some(l.name.clone()), None);
+        for c in t.certs.certificates() {
+            out.push(info(
+                "cert",
+                owner(),
+                spiffe_domain(&c.summary),
+                &c.summary,
+                c.sni.clone(),
+                &c.source,
+            ));
+        }
+        out.extend(t.bundle_roots.iter().map(|r| root(owner(), r)));
+    }
+    for (c, t) in config.clusters.iter().zip(cluster_tls) {
+        let Some(t) = t else { continue };
+        let owner = || (None, Some(c.name.clone()));
+        if let Some((summary, source)) = &t.identity {
+            out.push(info(
+                "cert",
+                owner(),
+                spiffe_domain(summary),
+                summary,
+                Vec::new(),
+                source,
+            ));
+        }
+        out.extend(t.bundle_roots.iter().map(|r| root(owner(), r)));
+    }
+    out
 }
 
 fn reserve_port(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr)> {

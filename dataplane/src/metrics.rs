@@ -72,12 +72,115 @@ pub struct ListenerStats {
     pub idle_timeouts: Counter,
     /// accept(2) errors (EMFILE, ENFILE, ...).
     pub accept_errors: Counter,
-    /// TLS handshakes completed in full / resumed / failed (tls listeners).
-    pub tls_full: Counter,
-    pub tls_resumed: Counter,
-    pub tls_failed: Counter,
+    /// TLS handshakes by result, version, peer trust domain and failure reason.
+    pub tls: TlsHandshakeStats,
     /// Connections closed because no route took them (tls/passthrough listeners).
     pub no_route: Counter,
+}
+
+/// TLS handshakes of one listener on one shard. Touched once per handshake (a read lock that
+/// only a scrape or a new label contends with, then a single-writer add), never per byte.
+/// Labels are bounded: versions and reasons are fixed sets, peer trust domains are the
+/// listener's configured ones plus `other` and `none` (see [`crate::tls::peer_domain_label`]).
+#[derive(Debug, Default)]
+pub struct TlsHandshakeStats {
+    /// Completed handshakes per peer trust domain label; index [`Self::slot`].
+    done: RwLock<BTreeMap<String, Arc<[Counter; 4]>>>,
+    /// Failed handshakes per (reason, version label).
+    failed: RwLock<BTreeMap<(&'static str, &'static str), Arc<Counter>>>,
+}
+
+impl TlsHandshakeStats {
+    const VERSIONS: [&'static str; 2] = ["TLSv1.3", "TLSv1.2"];
+
+    fn slot(version: &str, resumed: bool) -> usize {
+        usize::from(version != "TLSv1.3") * 2 + usize::from(resumed)
+    }
+
+    /// Count a completed handshake. `version`: [`crate::tls::version_label`];
+    /// `peer_domain`: [`crate::tls::peer_domain_label`].
+    pub fn completed(&self, version: &'static str, resumed: bool, peer_domain: &str) {
+        let slot = Self::slot(version, resumed);
+        if let Some(c) = self
+            .done
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer_domain)
+        {
+            c[slot].inc();
+            return;
+        }
+        self.done
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer_domain.to_owned())
+            .or_default()[slot]
+            .inc();
+    }
+
+    /// Count a failed handshake: `reason` one of [`crate::tls::FAILURE_REASONS`].
+    pub fn failed(&self, reason: &'static str, version: &'static str) {
+        let key = (reason, version);
+        if let Some(c) = self
+            .failed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            c.inc();
+            return;
+        }
+        self.failed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .inc();
+    }
+
+    /// Completed handshakes, resumed or not, over all versions and domains.
+    pub fn completed_total(&self, resumed: bool) -> u64 {
+        self.done
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| {
+                Self::VERSIONS
+                    .iter()
+                    .map(|v| c[Self::slot(v, resumed)].get())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Failed handshakes, every reason.
+    pub fn failed_total(&self) -> u64 {
+        self.failed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c.get())
+            .sum()
+    }
+
+    /// `(result, version, peer_trust_domain, reason, count)` of every non-zero series.
+    fn series(&self) -> Vec<(&'static str, &'static str, String, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (domain, c) in self.done.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            for version in Self::VERSIONS {
+                for (resumed, result) in [(false, "full"), (true, "resumed")] {
+                    let n = c[Self::slot(version, resumed)].get();
+                    if n > 0 {
+                        out.push((result, version, domain.clone(), "none", n));
+                    }
+                }
+            }
+        }
+        for ((reason, version), c) in self.failed.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            out.push(("failed", *version, "none".to_owned(), *reason, c.get()));
+        }
+        out
+    }
 }
 
 /// Per cluster, per shard.
@@ -206,27 +309,43 @@ pub struct Stats {
     pub generation: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Reloads triggered by changed TLS files (`runtime.watch_files`), applied / refused.
+    pub watch_reloads_ok: AtomicU64,
+    pub watch_reloads_failed: AtomicU64,
     /// The access log, when one is configured (its dropped/written counts are exported).
     pub access_log: Option<crate::accesslog::AccessLog>,
     /// Peer-certificate verification outcomes, keyed `listener:NAME` / `cluster:NAME`; kept
     /// across reloads.
     verify: Mutex<BTreeMap<String, Arc<VerifyCounts>>>,
-    /// Certificates served by the current generation's tls listeners.
+    /// Certificates and bundle roots loaded by the current generation.
     certs: Mutex<Vec<CertInfo>>,
 }
 
-/// A certificate a listener serves, as `GET /certs` and the expiry gauge report it.
+/// A loaded certificate, as `GET /certs` and the expiry gauge report it: one a listener serves
+/// or a cluster presents (`kind = "cert"`), or a root of a trust bundle (`"bundle_root"`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CertInfo {
-    pub listener: String,
+    /// `cert` or `bundle_root`.
+    pub kind: &'static str,
+    /// The listener that serves it or trusts it (set when `cluster` is not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    /// The cluster that presents it (`identity`) or trusts it (`trust_bundle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Bundle roots: the trust domain of the bundle; certificates: the trust domain of their
+    /// SPIFFE ID. `None`: no SPIFFE trust domain (a DNS certificate, web PKI roots).
+    pub trust_domain: Option<String>,
     pub subject: String,
     pub serial: String,
     pub not_before: i64,
     pub not_after: i64,
     pub dns_names: Vec<String>,
     pub uris: Vec<String>,
-    /// SNI names it is chosen for; empty for the default certificate.
+    /// SNI names it is chosen for; empty for the default certificate and for everything
+    /// but served certificates.
     pub sni: Vec<String>,
+    /// The file it was loaded from.
     pub source: String,
 }
 
@@ -247,15 +366,17 @@ impl Stats {
             generation: AtomicU64::new(1),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            watch_reloads_ok: AtomicU64::new(0),
+            watch_reloads_failed: AtomicU64::new(0),
         }
     }
 
-    /// Replace the list of served certificates (on every applied generation).
+    /// Replace the list of loaded certificates (on every applied generation).
     pub fn set_certs(&self, certs: Vec<CertInfo>) {
         *self.certs.lock().unwrap_or_else(|p| p.into_inner()) = certs;
     }
 
-    /// The certificates served now.
+    /// The certificates and bundle roots loaded now.
     pub fn certs(&self) -> Vec<CertInfo> {
         self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -390,6 +511,22 @@ impl Collector for Exporter {
         )?;
         family(
             &mut enc,
+            "meshgate_tls_file_reloads",
+            "Reloads triggered by a changed certificate, key, bundle or CRL file (runtime.watch_files) by result (error: the new files were refused and the old material stays in force)",
+            MetricType::Counter,
+            [
+                (
+                    vec![("result", "ok".to_string())],
+                    ConstCounter::new(s.watch_reloads_ok.load(Relaxed)),
+                ),
+                (
+                    vec![("result", "error".to_string())],
+                    ConstCounter::new(s.watch_reloads_failed.load(Relaxed)),
+                ),
+            ],
+        )?;
+        family(
+            &mut enc,
             "meshgate_build_info",
             "Build and runtime information",
             MetricType::Gauge,
@@ -480,46 +617,57 @@ impl Collector for Exporter {
 
         let tls_series = lsnap.iter().enumerate().flat_map(|(shard, ss)| {
             ss.iter().flat_map(move |(name, l)| {
-                [
-                    ("full", l.tls_full.get()),
-                    ("resumed", l.tls_resumed.get()),
-                    ("failed", l.tls_failed.get()),
-                ]
-                .into_iter()
-                .filter(|(_, v)| *v > 0)
-                .map(move |(result, v)| {
-                    (
-                        vec![
-                            ("listener", name.clone()),
-                            ("shard", shard.to_string()),
-                            ("result", result.to_string()),
-                        ],
-                        ConstCounter::new(v),
-                    )
-                })
+                l.tls
+                    .series()
+                    .into_iter()
+                    .map(move |(result, version, domain, reason, n)| {
+                        (
+                            vec![
+                                ("listener", name.clone()),
+                                ("shard", shard.to_string()),
+                                ("result", result.to_string()),
+                                ("version", version.to_string()),
+                                ("peer_trust_domain", domain),
+                                ("reason", reason.to_string()),
+                            ],
+                            ConstCounter::new(n),
+                        )
+                    })
             })
         });
         family(
             &mut enc,
             "meshgate_tls_handshakes",
-            "TLS handshakes on tls listeners by result (full, resumed, failed)",
+            "TLS handshakes on tls listeners by result (full, resumed, failed), version, verified peer trust domain (configured domains, other, none) and failure reason (none when completed)",
             MetricType::Counter,
             tls_series,
         )?;
-        let series = s.certs().into_iter().map(|c| {
-            (
-                vec![
-                    ("listener", c.listener),
-                    ("serial", c.serial),
-                    ("subject", c.subject),
-                ],
-                ConstGauge::new(c.not_after),
-            )
-        });
+        let mut seen = std::collections::HashSet::new();
+        let series = s
+            .certs()
+            .into_iter()
+            .map(|c| {
+                let mut labels = vec![("kind", c.kind.to_string())];
+                if let Some(l) = c.listener {
+                    labels.push(("listener", l));
+                }
+                if let Some(cl) = c.cluster {
+                    labels.push(("cluster", cl));
+                }
+                labels.push((
+                    "trust_domain",
+                    c.trust_domain.unwrap_or_else(|| "none".to_owned()),
+                ));
+                labels.push(("serial", c.serial));
+                labels.push(("subject", c.subject));
+                (labels, ConstGauge::new(c.not_after))
+            })
+            // The same root in two bundles of one listener would repeat a series.
+            .filter(|(labels, _)| seen.insert(labels.clone()));
         family(
             &mut enc,
             "meshgate_cert_expiry_timestamp_seconds",
-            "Unix time at which each served certificate expires",
+            "Unix time at which each loaded certificate (kind=cert: served by a listener or presented to a cluster) and trust-bundle root (kind=bundle_root) expires",
             MetricType::Gauge,
             series,
         )?;

@@ -1,6 +1,6 @@
 //! The control thread's work after start-up: apply config changes (reload, rollback) and keep
 //! the config history. Called from `run`'s event loop for SIGHUP and for the admin API's
-//! `POST /reload` and `POST /config/rollback`.
+//! `POST /reload` and `POST /config/rollback`, and for changed TLS files (see [`super::watch`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use meshgate_control::state::write_atomic;
 use meshgate_dataplane::Gateway;
 use meshgate_dataplane::admin::{ControlAction, ReloadFailure, ReloadReply};
 
+use super::watch::{FileWatch, Snapshot, tls_files};
+
 pub struct Daemon {
     pub gateway: Gateway,
     pub source: ConfigSource,
@@ -20,6 +22,11 @@ pub struct Daemon {
     pub history: Option<History>,
     /// The config in force (to summarise what a change does).
     current: Arc<Config>,
+    /// The text it was loaded from (a reload for changed files with the same text is not a
+    /// new history entry).
+    current_text: String,
+    /// The TLS files of the config in force, when `runtime.watch_files` is on.
+    watch: Option<FileWatch>,
     /// When the embedded default's serving certificate is due for renewal.
     renew_at: Option<std::time::SystemTime>,
 }
@@ -168,16 +175,69 @@ impl Daemon {
         history: Option<History>,
         first: &Loaded,
     ) -> Daemon {
-        let d = Daemon {
+        let mut d = Daemon {
             gateway,
             source: source_kind,
             state_dir,
             history,
             current: Arc::new(first.config.clone()),
+            current_text: first.text.clone(),
+            watch: None,
             renew_at: first.renew_at,
         };
+        d.sync_watch(Snapshot::default());
         d.record(&first.text, &first.source, 1, "started");
         d
+    }
+
+    /// After a load (or a refused one): watch the files of the config in force, taking
+    /// `before` (their state just before the load) as what is loaded.
+    fn sync_watch(&mut self, before: Snapshot) {
+        if !self.current.runtime.watch_files {
+            self.watch = None;
+            return;
+        }
+        let paths = tls_files(&self.current);
+        match &mut self.watch {
+            Some(w) => w.rebase(&before, paths),
+            None => {
+                let base = Snapshot::take(&paths);
+                tracing::debug!(files = paths.len(), "watching TLS files for changes");
+                self.watch = Some(FileWatch::new(paths, base));
+            }
+        }
+    }
+
+    /// Fires when the watched files are due for a check (never without `watch_files`).
+    pub fn watch_timer(&self) -> crossbeam_channel::Receiver<std::time::Instant> {
+        match &self.watch {
+            Some(w) => w.timer(),
+            None => crossbeam_channel::never(),
+        }
+    }
+
+    /// Check the watched files; reload when some changed (the same path as SIGHUP). A refused
+    /// reload is logged with the file at fault and the old material stays in force.
+    pub fn poll_files(&mut self) {
+        let Some(changed) = self.watch.as_mut().and_then(FileWatch::poll) else {
+            return;
+        };
+        let names: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+        tracing::info!(files = ?names, "TLS files changed: reloading");
+        let stats = self.gateway.stats().clone();
+        match self.handle_for(ControlAction::Reload, Some(&names)) {
+            Ok(_) => {
+                stats
+                    .watch_reloads_ok
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(f) => {
+                stats
+                    .watch_reloads_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(files = ?names, reason = %f.reason, "changed TLS files refused; the certificates, keys and bundles in force stay");
+            }
+        }
     }
 
     fn record(&self, text: &str, source: &str, generation: u64, summary: &str) -> Option<u64> {
@@ -192,10 +252,21 @@ impl Daemon {
     }
 
     pub fn handle(&mut self, action: ControlAction) -> ReloadReply {
+        self.handle_for(action, None)
+    }
+
+    /// `files`: the changed files that triggered it (a file-watch reload).
+    fn handle_for(&mut self, action: ControlAction, files: Option<&[String]>) -> ReloadReply {
+        let before = self
+            .watch
+            .as_ref()
+            .map(FileWatch::snapshot)
+            .unwrap_or_default();
         let reply = match action {
-            ControlAction::Reload => self.reload_file(),
+            ControlAction::Reload => self.reload_file(files),
             ControlAction::Rollback { to } => self.rollback(to),
         };
+        self.sync_watch(before);
         if let Err(f) = &reply {
             tracing::error!(reason = %f.reason, "config change refused; the running config stays in force");
             for err in &f.errors {
@@ -228,7 +299,7 @@ impl Daemon {
 
     /// Re-read the config (file, or the embedded default with a renewed identity) and apply
     /// it. The same loader as start-up and `config validate`.
-    fn reload_file(&mut self) -> ReloadReply {
+    fn reload_file(&mut self, files: Option<&[String]>) -> ReloadReply {
         let loaded = match self.source.load(&self.state_dir) {
             Ok(l) => l,
             Err(LoadFailure::Invalid(e)) => {
@@ -241,7 +312,7 @@ impl Daemon {
             Err(LoadFailure::Other(e)) => return Err(ReloadFailure::other(format!("{e:#}"))),
         };
         self.renew_at = loaded.renew_at;
-        self.apply(&loaded.text, loaded.config, &loaded.source)
+        self.apply(&loaded.text, loaded.config, &loaded.source, files)
     }
 
     /// Put history entry `to` (default: the one before the newest) back in the config file and
@@ -295,10 +366,19 @@ impl Daemon {
         write_atomic(&path, text.as_bytes(), mode)
             .map_err(|e| ReloadFailure::other(e.to_string()))?;
         tracing::info!(to = id, file = %path.display(), "rolled the config file back");
-        self.apply(&text, config, &format!("rollback to #{id}"))
+        self.apply(&text, config, &format!("rollback to #{id}"), None)
     }
 
-    fn apply(&mut self, text: &str, config: Config, source: &str) -> ReloadReply {
+    /// `files`: set for a reload the file watch triggered; if the config text itself did not
+    /// change, the outcome names the files and no history entry is added (rotations would
+    /// otherwise push every real config change out of the history).
+    fn apply(
+        &mut self,
+        text: &str,
+        config: Config,
+        source: &str,
+        files: Option<&[String]>,
+    ) -> ReloadReply {
         let config = Arc::new(config);
         sd_notify_reloading();
         let result = self.gateway.reload(config.clone(), source);
@@ -306,8 +386,17 @@ impl Daemon {
         let mut outcome = result
             .map_err(|e| ReloadFailure::other(format!("{e}; the running config stays in force")))?;
         outcome.summary = summarize(&self.current, &config);
-        outcome.history_id = self.record(text, source, outcome.generation, &outcome.summary);
+        match files {
+            Some(files) if text == self.current_text => {
+                outcome.summary = format!("files changed: {}", files.join(", "));
+            }
+            _ => {
+                outcome.history_id =
+                    self.record(text, source, outcome.generation, &outcome.summary);
+            }
+        }
         self.current = config;
+        self.current_text = text.to_owned();
         tracing::info!(
             generation = outcome.generation,
             history = ?outcome.history_id,

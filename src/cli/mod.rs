@@ -15,6 +15,7 @@ mod run;
 mod status;
 mod token;
 mod trust;
+mod watch;
 
 use std::process::ExitCode;
 

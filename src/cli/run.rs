@@ -3,7 +3,8 @@
 //! Start-up order: load + validate config (exit 64 on errors) -> check the host (exit 71) ->
 //! start the shards (they bind every listener or start-up fails) -> bind the admin API -> wait
 //! for signals. SIGTERM/SIGINT: stop accepting, drain open connections until
-//! `runtime.drain_timeout`, exit 0.
+//! `runtime.drain_timeout`, exit 0. SIGHUP, `POST /reload` and changed TLS files
+//! (`runtime.watch_files`) reload the config.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -244,6 +245,7 @@ pub fn run(args: RunArgs) -> u8 {
                 tracing::info!("a federated trust bundle changed: reloading");
                 let _ = daemon.handle(ControlAction::Reload);
             }
+            recv(daemon.watch_timer()) -> _ => daemon.poll_files(),
             recv(daemon.renewal_timer()) -> _ => {
                 tracing::info!("the gateway's serving certificate is at half its lifetime: renewing");
                 let _ = daemon.handle(ControlAction::Reload);

@@ -85,26 +85,22 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
             };
             match rt::timeout(listener.handshake_timeout, tls::secure(stream, &state)).await {
                 Ok(Ok(secured)) => {
-                    if secured.resumed {
-                        lstats.tls_resumed.inc()
-                    } else {
-                        lstats.tls_full.inc()
-                    }
+                    secured.count(&lstats.tls, &state);
                     let seen = Seen {
                         sni: secured.sni,
                         peer: secured.peer,
-                        tls_version: secured.version.map(version_str),
+                        tls_version: secured.version.map(|v| tls::version_label(Some(v))),
                         prefix: Vec::new(),
                     };
                     (Down::Tls(Box::new(secured.stream)), seen)
                 }
                 Ok(Err(e)) => {
-                    lstats.tls_failed.inc();
+                    e.count(&lstats.tls);
                     tracing::debug!(listener = %listener.name, %peer, error = %e, reason = e.reason(), "TLS handshake failed");
                     return;
                 }
                 Err(rt::Elapsed) => {
-                    lstats.tls_failed.inc();
+                    lstats.tls.failed(tls::TIMEOUT_REASON, "unknown");
                     tracing::debug!(listener = %listener.name, %peer, "TLS handshake timed out");
                     return;
                 }
@@ -224,14 +220,6 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         received.get(),
         sent.get(),
     );
-}
-
-fn version_str(v: rustls::ProtocolVersion) -> &'static str {
-    match v {
-        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
-        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
-        _ => "TLS",
-    }
 }
 
 /// Close a downstream we will not serve (TLS: with close_notify), without waiting long.

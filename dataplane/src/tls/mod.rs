@@ -25,8 +25,9 @@ use futures_io::{AsyncRead, AsyncWrite};
 use rustls::ProtocolVersion;
 
 use self::setup::ListenerTlsState;
-use self::spiffe::{Rejection, SpiffeId};
+use self::spiffe::{Rejection, SpiffeId, TrustBundles};
 use self::stream::{HandshakeError, PeekError, ServerTlsStream};
+use crate::metrics::TlsHandshakeStats;
 
 /// A terminated downstream connection, ready for `route::resolve`.
 #[derive(Debug)]
@@ -44,6 +45,17 @@ pub struct Secured<IO> {
     pub resumed: bool,
 }
 
+impl<IO> Secured<IO> {
+    /// Count this completed handshake (version, resumed, peer trust domain).
+    pub fn count(&self, stats: &TlsHandshakeStats, state: &ListenerTlsState) {
+        stats.completed(
+            version_label(self.version),
+            self.resumed,
+            peer_domain_label(self.peer.as_ref(), &state.bundles),
+        );
+    }
+}
+
 /// Why [`secure`] failed. Always the downstream's doing (a bad hello, a refused certificate,
 /// a closed connection): not retryable, nothing to report upstream.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +66,49 @@ pub enum SecureError {
     Handshake {
         sni: Option<String>,
         error: HandshakeError,
+        /// The version negotiated before the failure (`None`: failed before ServerHello).
+        version: Option<ProtocolVersion>,
     },
+}
+
+/// Every label [`SecureError::reason`] can return, plus [`TIMEOUT_REASON`] (the metric's
+/// bounded `reason` set).
+pub const FAILURE_REASONS: [&str; Rejection::ALL.len() + 6] = {
+    let mut all = [""; Rejection::ALL.len() + 6];
+    let mut i = 0;
+    while i < Rejection::ALL.len() {
+        all[i] = Rejection::ALL[i].as_str();
+        i += 1;
+    }
+    all[i] = "not_tls";
+    all[i + 1] = "closed";
+    all[i + 2] = "io";
+    all[i + 3] = "peer_alert";
+    all[i + 4] = "protocol";
+    all[i + 5] = TIMEOUT_REASON;
+    all
+};
+
+/// The failure label of a handshake that did not finish within `handshake_timeout`.
+pub const TIMEOUT_REASON: &str = "timeout";
+
+/// Metric label of a TLS version: `TLSv1.3`, `TLSv1.2`, or `unknown` (not negotiated).
+pub fn version_label(version: Option<ProtocolVersion>) -> &'static str {
+    match version {
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    }
+}
+
+/// Metric label of a verified peer's trust domain, bounded by the config: the domain when the
+/// listener has a bundle for it, `other` otherwise, `none` without a client certificate.
+pub fn peer_domain_label<'a>(peer: Option<&'a SpiffeId>, bundles: &TrustBundles) -> &'a str {
+    match peer {
+        None => "none",
+        Some(id) if bundles.contains(id.trust_domain_name()) => id.trust_domain_name(),
+        Some(_) => "other",
+    }
 }
 
 impl SecureError {
@@ -66,7 +120,20 @@ impl SecureError {
         }
     }
 
-    /// A short label for the handshake-result metric.
+    /// Count this failed handshake (reason, version).
+    pub fn count(&self, stats: &TlsHandshakeStats) {
+        stats.failed(self.reason(), version_label(self.version()));
+    }
+
+    /// The TLS version negotiated before the failure, if any.
+    pub fn version(&self) -> Option<ProtocolVersion> {
+        match self {
+            SecureError::Handshake { version, .. } => *version,
+            SecureError::Peek(_) => None,
+        }
+    }
+
+    /// A short label for the handshake-result metric (one of [`FAILURE_REASONS`]).
     pub fn reason(&self) -> &'static str {
         match self {
             SecureError::Peek(PeekError::Invalid(_)) => "not_tls",
@@ -97,9 +164,9 @@ pub async fn secure<IO: AsyncRead + AsyncWrite + Unpin>(
         .server_name
         .as_deref()
         .map(|name| name.to_ascii_lowercase());
-    let stream = match stream::accept(io, state.server_config.clone(), &buf).await {
+    let stream = match stream::accept_versioned(io, state.server_config.clone(), &buf).await {
         Ok(stream) => stream,
-        Err(error) => {
+        Err((error, version)) => {
             if error
                 .tls()
                 .and_then(Rejection::from_error)
@@ -107,7 +174,11 @@ pub async fn secure<IO: AsyncRead + AsyncWrite + Unpin>(
             {
                 state.counts.count(Rejection::NoCertificate);
             }
-            return Err(SecureError::Handshake { sni, error });
+            return Err(SecureError::Handshake {
+                sni,
+                error,
+                version,
+            });
         }
     };
     let conn = stream.get_ref().1;
@@ -123,3 +194,29 @@ pub async fn secure<IO: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn failure_reasons_are_unique_and_peer_domains_bounded() {
+        let set: std::collections::HashSet<_> = FAILURE_REASONS.iter().collect();
+        assert_eq!(set.len(), FAILURE_REASONS.len());
+        assert!(!FAILURE_REASONS.contains(&""));
+        let mut bundles = TrustBundles::new();
+        let ca = meshgate_testkit::pki::TrustDomainCa::new("example.test", false).expect("ca");
+        bundles
+            .add(
+                spiffe::TrustDomain::new("example.test").expect("td"),
+                &[ca.root_der()],
+                &[],
+            )
+            .expect("bundle");
+        let inside = SpiffeId::parse("spiffe://example.test/a").expect("id");
+        let outside = SpiffeId::parse("spiffe://attacker.test/a").expect("id");
+        assert_eq!(peer_domain_label(Some(&inside), &bundles), "example.test");
+        assert_eq!(peer_domain_label(Some(&outside), &bundles), "other");
+        assert_eq!(peer_domain_label(None, &bundles), "none");
+    }
+}

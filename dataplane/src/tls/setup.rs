@@ -5,10 +5,11 @@
 //! file may have changed since. Errors carry the file and a hint; on reload the caller keeps
 //! the old state when building the new one fails.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use meshgate_config::pem;
+use meshgate_config::pem::{self, CertSummary};
 use meshgate_config::{
     ClientAuth, ClusterTls, ListenerTls, Route, TlsVersion, UpstreamVerify, sni_matches,
 };
@@ -42,9 +43,37 @@ pub struct ListenerTlsState {
     /// For `GET /certs` and expiry gauges.
     pub certs: Arc<CertStore>,
     pub bundles: Arc<TrustBundles>,
+    /// The roots of every trust bundle, for `GET /certs` and expiry gauges.
+    pub bundle_roots: Vec<BundleRoot>,
     /// Client-certificate outcomes by reason (pass the same `Arc` across reloads to keep
     /// counting).
     pub counts: Arc<VerifyCounts>,
+}
+
+/// One root certificate of a loaded trust bundle, as `GET /certs` lists it.
+#[derive(Debug, Clone)]
+pub struct BundleRoot {
+    /// The trust domain the bundle is configured for; `None`: web PKI roots (DNS names).
+    pub trust_domain: Option<TrustDomain>,
+    pub summary: CertSummary,
+    /// The bundle file.
+    pub source: PathBuf,
+}
+
+fn bundle_roots(
+    domain: Option<&TrustDomain>,
+    roots: &[rustls::pki_types::CertificateDer<'_>],
+    source: &std::path::Path,
+) -> Vec<BundleRoot> {
+    roots
+        .iter()
+        .filter_map(pem::summarize)
+        .map(|summary| BundleRoot {
+            trust_domain: domain.cloned(),
+            summary,
+            source: source.to_owned(),
+        })
+        .collect()
 }
 
 impl ListenerTlsState {
@@ -62,8 +91,14 @@ impl ListenerTlsState {
             now,
         )?);
         let mut bundles = TrustBundles::new();
+        let mut summaries = Vec::new();
         for entry in &tls.trust_bundles {
             let roots = pem::read_bundle(&entry.bundle, now)?;
+            summaries.extend(bundle_roots(
+                Some(&entry.trust_domain),
+                &roots,
+                &entry.bundle,
+            ));
             let crls = match &entry.crl {
                 Some(path) => pem::read_crls(path)?,
                 None => Vec::new(),
@@ -95,6 +130,7 @@ impl ListenerTlsState {
             server_config,
             certs,
             bundles,
+            bundle_roots: summaries,
             counts,
         })
     }
@@ -107,6 +143,10 @@ pub struct ClusterTlsState {
     /// SNI to send (`ClientConnection::new(config, server_name)`); an IP sends no SNI.
     pub server_name: ServerName<'static>,
     pub counts: Arc<VerifyCounts>,
+    /// The gateway's client certificate (`identity`), for `GET /certs` and expiry gauges.
+    pub identity: Option<(CertSummary, PathBuf)>,
+    /// The roots of `trust_bundle`.
+    pub bundle_roots: Vec<BundleRoot>,
 }
 
 impl ClusterTlsState {
@@ -130,6 +170,7 @@ impl ClusterTlsState {
             ),
             UpstreamVerify::DnsNames(names) => (ExpectedPeer::DnsNames(names.clone()), None),
         };
+        let summaries = bundle_roots(domain.as_ref(), &roots, &tls.trust_bundle);
         // Web PKI roots have no trust domain; they are filed under a name no SPIFFE ID can
         // reach from this verifier (DNS expectations never look a domain up).
         let domain = match domain {
@@ -150,9 +191,12 @@ impl ClusterTlsState {
             &certs::provider(),
             Some(counts.clone() as Arc<dyn VerifyObserver>),
         );
-        let identity = match &tls.identity {
-            Some(identity) => Some(certs::load_identity(&identity.cert, &identity.key, now)?.0),
-            None => None,
+        let (identity, identity_summary) = match &tls.identity {
+            Some(identity) => {
+                let (key, summary) = certs::load_identity(&identity.cert, &identity.key, now)?;
+                (Some(key), Some((summary, identity.cert.clone())))
+            }
+            None => (None, None),
         };
         let settings = UpstreamSettings {
             min_version: min_version(tls.min_version),
@@ -168,6 +212,8 @@ impl ClusterTlsState {
             client_config: certs::client_config(&settings)?,
             server_name,
             counts,
+            identity: identity_summary,
+            bundle_roots: summaries,
         })
     }
 }

@@ -87,7 +87,7 @@ impl Rejection {
     ];
 
     /// Metric label (`reason="..."`).
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Rejection::NoCertificate => "no_certificate",
             Rejection::BadEncoding => "bad_encoding",

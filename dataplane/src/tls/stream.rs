@@ -122,7 +122,19 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     prefix: &[u8],
 ) -> Result<ServerTlsStream<IO>, HandshakeError> {
-    let conn = ServerConnection::new(config)?;
+    accept_versioned(io, config, prefix)
+        .await
+        .map_err(|(error, _)| error)
+}
+
+/// [`accept`], reporting on failure the TLS version negotiated before it (`None`: the
+/// handshake failed before the server chose one), for the handshake metrics.
+pub async fn accept_versioned<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    config: Arc<ServerConfig>,
+    prefix: &[u8],
+) -> Result<ServerTlsStream<IO>, (HandshakeError, Option<rustls::ProtocolVersion>)> {
+    let conn = ServerConnection::new(config).map_err(|e| (e.into(), None))?;
     let mut stream = TlsStream {
         io,
         conn,
@@ -130,16 +142,21 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut rest = prefix;
     while !rest.is_empty() {
-        let n = stream.conn.read_tls(&mut rest)?;
+        let n = stream
+            .conn
+            .read_tls(&mut rest)
+            .map_err(|e| (e.into(), None))?;
         if let Err(err) = stream.conn.process_new_packets() {
             stream.send_alert().await;
-            return Err(err.into());
+            return Err((err.into(), stream.conn.protocol_version()));
         }
         if n == 0 {
             break;
         }
     }
-    stream.handshake().await?;
+    if let Err(err) = stream.handshake().await {
+        return Err((err, stream.conn.protocol_version()));
+    }
     Ok(stream)
 }
 

@@ -922,6 +922,8 @@ mod over_a_transport {
             let mut secured = secure(server_end, &gateway)
                 .await
                 .map_err(|e| e.to_string())?;
+            let stats = crate::metrics::TlsHandshakeStats::default();
+            secured.count(&stats, &gateway);
             let got = read_some(&mut secured.stream)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -931,7 +933,7 @@ mod over_a_transport {
             let eof = read_some(&mut secured.stream)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((secured.sni, secured.alpn, secured.peer, got, eof))
+            Ok::<_, String>((secured.sni, secured.alpn, secured.peer, got, eof, stats))
         };
         let client = async {
             let mut tls = stream::connect(
@@ -949,7 +951,10 @@ mod over_a_transport {
             Ok::<_, String>(echo)
         };
         let (server, client) = join(server, client);
-        let (sni, alpn, peer, got, eof) = ok(server);
+        let (sni, alpn, peer, got, eof, stats) = ok(server);
+        assert_eq!(stats.completed_total(false), 1);
+        let text = format!("{stats:?}");
+        assert!(text.contains("example.test"), "{text}");
         assert_eq!(ok(client), b"ping");
         assert_eq!(got, b"ping");
         assert!(eof.is_empty(), "close_notify reads as end of stream");
@@ -1001,6 +1006,12 @@ mod over_a_transport {
         let gateway = listener_state(&files, ClientAuth::Required, &[EXAMPLE]);
         let err = refused(&files, &gateway, "wrong-client");
         assert_eq!(err.reason(), "unknown_issuer");
+        assert!(crate::tls::FAILURE_REASONS.contains(&err.reason()));
+        // Refused after ServerHello: the version is known and labelled.
+        assert_eq!(crate::tls::version_label(err.version()), "TLSv1.3");
+        let stats = crate::metrics::TlsHandshakeStats::default();
+        err.count(&stats);
+        assert_eq!(stats.failed_total(), 1);
         assert_eq!(
             gateway.counts.rejected_total(Rejection::UnknownTrustDomain),
             1
