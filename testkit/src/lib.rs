@@ -174,7 +174,8 @@ impl Meshgate {
         Self::start_with_args(bin, config, admin, &[])
     }
 
-    /// Like [`Meshgate::start`], with extra `meshgate run` arguments.
+    /// Like [`Meshgate::start`], with extra `meshgate run` arguments (`--state-dir DIR` replaces
+    /// the default `<temp dir>/state`).
     pub fn start_with_args(
         bin: &Path,
         config: &str,
@@ -185,12 +186,13 @@ impl Meshgate {
         let config_path = dir.path().join("meshgate.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("meshgate.log"))?;
-        let child = Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
+        let mut cmd = Command::new(bin);
+        cmd.arg("run").arg("--config").arg(&config_path);
+        // A test may bring its own state directory (e.g. a CA made beforehand).
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let child = cmd
             .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
             .stdin(Stdio::null())

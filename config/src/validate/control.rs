@@ -41,12 +41,13 @@ impl Validator {
         let mut dns_ok = true;
         let dns_names = raw.dns_names.unwrap_or_default();
         for (index, name) in dns_names.iter().enumerate() {
-            if !is_dns_name(name) {
+            if !is_dns_name(name) && name.parse::<IpAddr>().is_err() {
                 self.error(
                     format!("control.enrollment.dns_names[{index}]"),
-                    format!("{name:?} is not a DNS name"),
-                    "list the names clients use in the server's URL, e.g. dns_names = \
-                     [\"ca.example.org\"]; the listen IP is added to the certificate by itself",
+                    format!("{name:?} is neither a DNS name nor an IP address"),
+                    "list the names (or IP addresses) clients use in the server's URL, e.g. \
+                     dns_names = [\"ca.example.org\"]; the listen IP is added to the \
+                     certificate by itself",
                 );
                 dns_ok = false;
             }
