@@ -119,6 +119,17 @@ pub(crate) fn serialize<S: serde::Serializer>(
     serializer.serialize_str(&format_duration(*duration))
 }
 
+/// `serialize_with` helper: an optional duration as its human string, or null.
+pub(crate) fn serialize_option<S: serde::Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(d) => serializer.serialize_str(&format_duration(*d)),
+        None => serializer.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -299,6 +299,13 @@ impl Loader<'_> {
                 *table = self.clean(std::mem::take(table), section, &root.key(key));
             }
         }
+        self.clean_subtable(
+            &mut top,
+            ("control", Section::Control),
+            &root,
+            &[("enrollment", Section::ControlEnrollment)],
+            &[],
+        );
         for (key, section) in [
             ("listeners", Section::Listeners),
             ("routes", Section::Routes),
@@ -618,6 +625,8 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::Redirect => value.try_into::<raw::Redirect>().map(drop),
         Section::HeaderOps => value.try_into::<raw::HeaderOps>().map(drop),
         Section::AccessLog => value.try_into::<raw::AccessLog>().map(drop),
+        Section::Control => value.try_into::<raw::Control>().map(drop),
+        Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
     }
 }
 

@@ -19,6 +19,7 @@ pub(crate) struct Config {
     pub admin: Option<Admin>,
     pub runtime: Option<Runtime>,
     pub access_log: Option<AccessLog>,
+    pub control: Option<Control>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -51,6 +52,24 @@ pub(crate) struct AccessLog {
     pub path: Option<String>,
     pub format: Option<String>,
     pub queue: Option<i64>,
+}
+
+/// `[control]`: the control plane inside `meshgate run`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Control {
+    pub trust_domain: Option<String>,
+    pub enrollment: Option<ControlEnrollment>,
+}
+
+/// `[control.enrollment]`: the enrollment server.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ControlEnrollment {
+    pub address: Option<String>,
+    pub dns_names: Option<Vec<String>>,
+    pub svid_ttl: Option<Duration>,
+    pub renewal_grace: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,14 +337,18 @@ pub(crate) enum Section {
     Redirect,
     HeaderOps,
     AccessLog,
+    Control,
+    ControlEnrollment,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 22] = [
+    pub(crate) const ALL: [Section; 24] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
         Section::AccessLog,
+        Section::Control,
+        Section::ControlEnrollment,
         Section::Listeners,
         Section::ListenerTls,
         Section::Certificates,
@@ -371,6 +394,8 @@ impl Section {
             Section::Redirect => fields::<Redirect>(),
             Section::HeaderOps => fields::<HeaderOps>(),
             Section::AccessLog => fields::<AccessLog>(),
+            Section::Control => fields::<Control>(),
+            Section::ControlEnrollment => fields::<ControlEnrollment>(),
         }
     }
 
@@ -399,6 +424,8 @@ impl Section {
             Section::Redirect => "[routes.redirect]",
             Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
             Section::AccessLog => "[access_log]",
+            Section::Control => "[control]",
+            Section::ControlEnrollment => "[control.enrollment]",
         }
     }
 
@@ -424,6 +451,17 @@ impl Section {
             (Section::Top, "clusters") => {
                 "declare each cluster under its own [[clusters]] header (double brackets), with its fields on the lines below"
             }
+            (Section::Top, "control") => {
+                "put the control-plane settings under a [control] header, e.g. [control.enrollment] then address = \"127.0.0.1:15012\" on the next line"
+            }
+            (Section::Control, "trust_domain") => "trust_domain = \"example.org\"",
+            (Section::Control, "enrollment") => {
+                "put the enrollment server under a [control.enrollment] header, e.g. address = \"127.0.0.1:15012\" on the next line"
+            }
+            (Section::ControlEnrollment, "address") => "address = \"127.0.0.1:15012\"",
+            (Section::ControlEnrollment, "dns_names") => "dns_names = [\"ca.example.org\"]",
+            (Section::ControlEnrollment, "svid_ttl") => "svid_ttl = \"1h\"",
+            (Section::ControlEnrollment, "renewal_grace") => "renewal_grace = \"24h\"",
             (Section::Admin, "address") => "address = \"127.0.0.1:15000\"",
             (Section::Admin, "unix_socket") => "unix_socket = \"/run/meshgate/admin.sock\"",
             (Section::Admin, "danger_allow_non_loopback") => "danger_allow_non_loopback = false",
@@ -567,6 +605,7 @@ mod tests {
                 "admin",
                 "runtime",
                 "access_log",
+                "control",
                 "listeners",
                 "routes",
                 "clusters"
@@ -651,6 +690,8 @@ mod tests {
             Section::Redirect => "### `redirect`",
             Section::HeaderOps => "### `request_headers` and `response_headers`",
             Section::AccessLog => "## `[access_log]`",
+            Section::Control => "## `[control]`",
+            Section::ControlEnrollment => "### `[control.enrollment]`",
         }
     }
 
@@ -805,6 +846,13 @@ mod tests {
         let logged =
             crate::parse(&logged, "minimal access log").unwrap_or_else(|err| panic!("{err}"));
         let logged_json = serde_json::to_value(&logged).unwrap_or_default();
+        let control_json = |extra: &str| {
+            let text = format!("{MINIMAL}\n[control]\n{extra}");
+            let control =
+                crate::parse(&text, "minimal control").unwrap_or_else(|err| panic!("{err}"));
+            serde_json::to_value(&control).unwrap_or_default()
+        };
+        let (control, enrollment) = (control_json(""), control_json("[control.enrollment]\n"));
         let doc = reference();
         let mut checked = 0;
         for section in Section::ALL {
@@ -816,6 +864,8 @@ mod tests {
                 Section::Clusters => &json["clusters"][0],
                 Section::ListenerHttp => &http_json["listeners"][0]["http"],
                 Section::AccessLog => &logged_json["access_log"],
+                Section::Control => &control["control"],
+                Section::ControlEnrollment => &enrollment["control"]["enrollment"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

@@ -22,6 +22,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// `None`: no `[access_log]` table, no access log.
     pub access_log: Option<AccessLogConfig>,
+    /// `None`: no `[control]` table; the daemon runs no control-plane services.
+    pub control: Option<ControlConfig>,
     /// In file order.
     pub listeners: Vec<Listener>,
     /// In file order; [`Listener::routes`] and [`Route::listener_index`] index into these.
@@ -81,6 +83,32 @@ pub struct RuntimeConfig {
     pub ring_entries: u32,
     /// Reload when a certificate, key, trust bundle or CRL file named by the config changes.
     pub watch_files: bool,
+}
+
+/// The control plane inside the daemon (`[control]`): the local CA in the state directory
+/// (`--state-dir`) and the services built on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ControlConfig {
+    /// The trust domain to initialise the CA with when the state directory has none yet
+    /// (`None`: `meshgate.local`). An existing CA of another trust domain is an error.
+    pub trust_domain: Option<TrustDomain>,
+    /// `None`: no enrollment server.
+    pub enrollment: Option<ControlEnrollmentConfig>,
+}
+
+/// The enrollment server (`[control.enrollment]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ControlEnrollmentConfig {
+    /// HTTPS listener of the enrollment server (its own socket, not a `[[listeners]]` entry).
+    pub address: SocketAddr,
+    /// DNS names clients use in the server URL (SANs of its certificate).
+    pub dns_names: Vec<String>,
+    /// TTL of the SVIDs it issues; `None`: the CA's default TTL.
+    #[serde(serialize_with = "crate::duration::serialize_option")]
+    pub svid_ttl: Option<Duration>,
+    /// How long after expiry an SVID may still renew itself; zero: never.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub renewal_grace: Duration,
 }
 
 /// The access log (`[access_log]`).

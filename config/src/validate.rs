@@ -21,6 +21,7 @@ use crate::types::{
     WeightedCluster,
 };
 
+mod control;
 mod http;
 
 /// The only file format version this release reads.
@@ -178,6 +179,10 @@ impl Validator {
             None => Some(None),
             Some(raw) => self.access_log(raw).map(Some),
         };
+        let control = match raw.control {
+            None => Some(None),
+            Some(raw) => self.control(raw).map(Some),
+        };
 
         let listener_names = self.names(
             "listeners",
@@ -262,6 +267,7 @@ impl Validator {
             admin: admin?,
             runtime: runtime?,
             access_log: access_log?,
+            control: control?,
             listeners: listeners.into_iter().collect::<Option<_>>()?,
             routes: routes.into_iter().collect::<Option<_>>()?,
             clusters: clusters.into_iter().collect::<Option<_>>()?,

@@ -1329,6 +1329,28 @@ impl Ca {
         self.publish_crl_locked(revs)
     }
 
+    /// Publish a fresh CRL if the current one is past half of its validity (thisUpdate to
+    /// nextUpdate), or missing or unreadable. Verifiers enforce nextUpdate (an expired CRL
+    /// fails closed), so a running control plane calls this periodically: the new CRL is out
+    /// half a validity period before the old one would expire. Returns the new CRL number.
+    pub fn republish_crl_if_due(&self) -> Result<Option<u64>, CaError> {
+        let now = self.clock.now();
+        let due = |pem: Option<Vec<u8>>| match pem.as_deref().and_then(crl_window) {
+            Some((this, next)) => now >= this + (next - this) / 2,
+            None => true,
+        };
+        if !due(fs::read(self.dir.crl()).ok()) {
+            return Ok(None);
+        }
+        let _lock = StateLock::exclusive(&self.dir)?;
+        // Another process may have published while we waited for the lock.
+        if !due(fs::read(self.dir.crl()).ok()) {
+            return Ok(None);
+        }
+        let revs = self.load_revocations()?;
+        self.publish_crl_locked(revs).map(Some)
+    }
+
     /// Bump the CRL number, persist the revocations, then write `crl.pem`. Caller holds the lock.
     fn publish_crl_locked(&self, mut revs: RevocationsFile) -> Result<u64, CaError> {
         let signer = self.signer()?;
@@ -1679,6 +1701,18 @@ impl Ca {
             revoked_total: self.revocations()?.len(),
         })
     }
+}
+
+/// thisUpdate and nextUpdate of a PEM CRL; `None` if it is not one or has no nextUpdate.
+fn crl_window(pem: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateRevocationListDer::from_pem_slice(pem).ok()?;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok()?;
+    Some((
+        crl.last_update().to_datetime(),
+        crl.next_update()?.to_datetime(),
+    ))
 }
 
 fn read_config(sd: &StateDir) -> Result<CaConfig, CaError> {
@@ -2148,6 +2182,32 @@ mod tests {
         ));
         let st = f.ca.certificates().expect("list");
         assert_eq!(st[0].status, "revoked");
+    }
+
+    #[test]
+    fn crl_is_republished_past_half_its_validity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(FixedClock::at_system_now());
+        let opts = InitOptions::new(TrustDomain::parse("example.org").expect("td"));
+        let ca = Ca::init(&dir.path().join("state"), &opts, clock.clone()).expect("init");
+        let first = ca.crl_pem().expect("crl");
+        assert_eq!(ca.republish_crl_if_due().expect("check"), None);
+        // 7 days of validity: not due after 3 days, due after 4.
+        clock.advance(Duration::from_secs(3 * 86_400));
+        assert_eq!(ca.republish_crl_if_due().expect("check"), None);
+        clock.advance(Duration::from_secs(86_400));
+        assert_eq!(ca.republish_crl_if_due().expect("republish"), Some(2));
+        let second = ca.crl_pem().expect("crl");
+        assert_ne!(first, second);
+        let (this, next) = crl_window(second.as_bytes()).expect("window");
+        assert!(
+            next - clock.now() > time::Duration::days(6),
+            "{this} {next}"
+        );
+        assert_eq!(ca.republish_crl_if_due().expect("check"), None);
+        // A damaged crl.pem is replaced at once.
+        std::fs::write(dir.path().join("state/crl.pem"), "junk").expect("write");
+        assert_eq!(ca.republish_crl_if_due().expect("republish"), Some(3));
     }
 
     #[test]

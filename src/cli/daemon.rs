@@ -138,7 +138,12 @@ fn fill_local_identity(
     if !wants {
         return Ok(None);
     }
-    let id = super::local_ca::ensure(state_dir)?;
+    let trust_domain = config
+        .control
+        .as_ref()
+        .and_then(|c| c.trust_domain.as_ref())
+        .map(|t| t.as_str().to_owned());
+    let id = super::local_ca::ensure(state_dir, trust_domain.as_deref())?;
     tracing::info!(
         ca = %id.root.display(),
         "tls listeners without certificates serve the gateway's identity from the local CA; clients trust it with e.g. `curl --cacert {}`",
@@ -369,6 +374,26 @@ impl Daemon {
         self.apply(&text, config, &format!("rollback to #{id}"), None)
     }
 
+    /// The config in force.
+    pub fn current(&self) -> &Config {
+        &self.current
+    }
+
+    /// Re-read the certificates, keys, bundles and CRLs of the config in force (a new
+    /// generation of the same config; not a history entry).
+    pub fn refresh_files(&mut self, why: &str) {
+        match self.gateway.reload(self.current.clone(), why) {
+            Ok(o) => tracing::info!(
+                generation = o.generation,
+                "{why}: re-read the certificates, bundles and CRLs"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "{why}: cannot re-read the TLS files; the running generation stays in force"
+            ),
+        }
+    }
+
     /// `files`: set for a reload the file watch triggered; if the config text itself did not
     /// change, the outcome names the files and no history entry is added (rotations would
     /// otherwise push every real config change out of the history).
@@ -379,6 +404,13 @@ impl Daemon {
         source: &str,
         files: Option<&[String]>,
     ) -> ReloadReply {
+        if self.current.control != config.control {
+            return Err(ReloadFailure::other(
+                "[control] changed: the control plane's settings take effect only at start; \
+                 restart meshgate to apply them (or undo the change to [control] to reload the \
+                 rest); nothing was applied",
+            ));
+        }
         let config = Arc::new(config);
         sd_notify_reloading();
         let result = self.gateway.reload(config.clone(), source);

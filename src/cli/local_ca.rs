@@ -33,17 +33,20 @@ pub struct LocalIdentity {
     pub renew_at: std::time::SystemTime,
 }
 
-/// Make sure the local CA and a fresh-enough serving SVID exist in `state_dir`.
-pub fn ensure(state_dir: &Path) -> Result<LocalIdentity> {
+/// Open the CA in `state_dir`, or initialise one for `trust_domain` (default
+/// [`TRUST_DOMAIN`]) if there is none. An existing CA of another trust domain than the one
+/// asked for is an error.
+pub fn open_or_init(state_dir: &Path, trust_domain: Option<&str>) -> Result<Ca> {
     ensure_state_dir(state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
     let ca = match Ca::open(state_dir) {
         Ok(ca) => ca,
         Err(_) if !state_dir.join("ca").join("config.json").exists() => {
-            let td = TrustDomain::parse(TRUST_DOMAIN).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let name = trust_domain.unwrap_or(TRUST_DOMAIN);
+            let td = TrustDomain::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
             match Ca::init(state_dir, &InitOptions::new(td), Arc::new(SystemClock)) {
                 Ok(ca) => {
-                    tracing::info!(state_dir = %state_dir.display(), trust_domain = TRUST_DOMAIN, "initialised the local CA");
+                    tracing::info!(state_dir = %state_dir.display(), trust_domain = name, "initialised the local CA");
                     ca
                 }
                 // Another process initialised it meanwhile: use theirs.
@@ -57,6 +60,24 @@ pub fn ensure(state_dir: &Path) -> Result<LocalIdentity> {
         }
         Err(e) => return Err(anyhow::anyhow!("{e}")).context("open the local CA"),
     };
+    if let Some(want) = trust_domain
+        && ca.trust_domain().as_str() != want
+    {
+        anyhow::bail!(
+            "the CA in {} is for trust domain {}, not {want} (control.trust_domain): set \
+             control.trust_domain = \"{}\", or use another --state-dir",
+            state_dir.display(),
+            ca.trust_domain().as_str(),
+            ca.trust_domain().as_str()
+        );
+    }
+    Ok(ca)
+}
+
+/// Make sure the local CA and a fresh-enough serving SVID exist in `state_dir` (a new CA is
+/// for `trust_domain`, default [`TRUST_DOMAIN`]).
+pub fn ensure(state_dir: &Path, trust_domain: Option<&str>) -> Result<LocalIdentity> {
+    let ca = open_or_init(state_dir, trust_domain)?;
     let dir = state_dir.join("gateway");
     ensure_state_dir(&dir)?;
     let cert = dir.join("svid.pem");
@@ -79,7 +100,8 @@ pub fn ensure(state_dir: &Path) -> Result<LocalIdentity> {
                 .issue(&IssueRequest {
                     spiffe_id: id,
                     dns_names: vec!["localhost".into()],
-                    ttl: Some(SVID_TTL),
+                    // A CA made with a shorter --max-ttl caps it.
+                    ttl: Some(SVID_TTL.min(ca.max_ttl())),
                     authorised_by: AuthorisedBy::Operator("meshgate:local-identity".into()),
                 })
                 .context("issue the gateway's serving certificate")?;

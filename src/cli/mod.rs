@@ -8,6 +8,7 @@ mod ca;
 mod cert;
 mod check;
 mod config_cmd;
+mod control;
 mod daemon;
 mod local_ca;
 mod reload;

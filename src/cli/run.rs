@@ -163,6 +163,28 @@ pub fn run(args: RunArgs) -> u8 {
         }
     };
 
+    // The control plane (`[control]`): its own threads, started after the shards so a
+    // listener that cannot bind fails start-up first.
+    let control = match &config.control {
+        None => None,
+        Some(c) => match super::control::ControlPlane::start(c, &args.state_dir) {
+            Ok(cp) => {
+                if let Some(addr) = cp.enrollment_addr() {
+                    tracing::info!(address = %addr, "control: enrollment server running (https)");
+                }
+                Some(cp)
+            }
+            Err(e) => {
+                eprintln!("error: cannot start the control plane ([control]): {e:#}");
+                gateway.stop();
+                return exit::FAILURE;
+            }
+        },
+    };
+    let crl_changed = control
+        .as_ref()
+        .map_or_else(crossbeam_channel::never, |c| c.crl_changed().clone());
+
     let history = match meshgate_control::state::ensure_state_dir(&args.state_dir) {
         Ok(()) => Some(History::new(&args.state_dir)),
         Err(e) => {
@@ -194,6 +216,9 @@ pub fn run(args: RunArgs) -> u8 {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: cannot start the admin API: {e}");
+            if let Some(c) = control {
+                c.stop();
+            }
             gateway.stop();
             return exit::FAILURE;
         }
@@ -246,6 +271,11 @@ pub fn run(args: RunArgs) -> u8 {
                 let _ = daemon.handle(ControlAction::Reload);
             }
             recv(daemon.watch_timer()) -> _ => daemon.poll_files(),
+            recv(crl_changed) -> _ => {
+                if control.as_ref().is_some_and(|c| c.used_by(daemon.current())) {
+                    daemon.refresh_files("the CA's CRL changed");
+                }
+            }
             recv(daemon.renewal_timer()) -> _ => {
                 tracing::info!("the gateway's serving certificate is at half its lifetime: renewing");
                 let _ = daemon.handle(ControlAction::Reload);
@@ -257,6 +287,9 @@ pub fn run(args: RunArgs) -> u8 {
         "draining: listeners closed, waiting for open connections"
     );
     sd_notify("STOPPING=1");
+    if let Some(c) = control {
+        c.stop();
+    }
     let left = daemon.gateway.drain(drain_timeout);
     if let Some(p) = &admin.unix {
         let _ = std::fs::remove_file(p);

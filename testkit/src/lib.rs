@@ -202,7 +202,8 @@ impl Meshgate {
         Self::start_with_args(bin, config, admin, &[])
     }
 
-    /// Like [`Meshgate::start`], with extra `meshgate run` arguments.
+    /// Like [`Meshgate::start`], with extra `meshgate run` arguments (`--state-dir DIR` replaces
+    /// the default `<temp dir>/state`).
     pub fn start_with_args(
         bin: &Path,
         config: &str,

@@ -3,7 +3,8 @@
 //!
 //! Where it sits: beside the dataplane, never on its shards. Plain blocking std threads: one
 //! acceptor, a small pool of connection workers fed through a bounded queue, and one maintenance
-//! thread (rotates the server's own certificate at half-life, reloads `crl.pem` when it changes).
+//! thread (rotates the server's own certificate at half-life, republishes the CRL at half its
+//! validity, reloads `crl.pem` when it changes).
 //! Enrollment is rare and each request does a CA signature and an fsync'd ledger append, so
 //! there is nothing to gain from async here, and nothing it does can stall the proxy.
 //!
@@ -465,6 +466,7 @@ fn maintenance(sh: &Shared, stop: &Receiver<()>, mut serving: Serving, ips: Vec<
     let crl_path = crate::layout::StateDir::new(sh.ca.state_dir()).crl();
     let mut crl_seen = std::fs::read(&crl_path).ok();
     let mut failures: u64 = 0;
+    let mut crl_failures: u64 = 0;
     loop {
         match stop.recv_timeout(Duration::from_secs(1)) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -493,6 +495,18 @@ fn maintenance(sh: &Shared, stop: &Receiver<()>, mut serving: Serving, ips: Vec<
                             "cannot rotate the enrollment server's certificate; still serving the current one"
                         );
                     }
+                }
+            }
+        }
+        match sh.ca.republish_crl_if_due() {
+            Ok(Some(n)) => {
+                tracing::info!(crl_number = n, "republished the CRL before its nextUpdate")
+            }
+            Ok(None) => crl_failures = 0,
+            Err(e) => {
+                crl_failures += 1;
+                if crl_failures == 1 || crl_failures.is_multiple_of(60) {
+                    tracing::error!(error = %e, "cannot republish the CRL");
                 }
             }
         }
