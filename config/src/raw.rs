@@ -19,6 +19,7 @@ pub(crate) struct Config {
     pub admin: Option<Admin>,
     pub runtime: Option<Runtime>,
     pub access_log: Option<AccessLog>,
+    pub telemetry: Option<Telemetry>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -50,6 +51,12 @@ pub(crate) struct AccessLog {
     pub path: Option<String>,
     pub format: Option<String>,
     pub queue: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Telemetry {
+    pub istio_compat: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,14 +323,16 @@ pub(crate) enum Section {
     Redirect,
     HeaderOps,
     AccessLog,
+    Telemetry,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 22] = [
+    pub(crate) const ALL: [Section; 23] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
         Section::AccessLog,
+        Section::Telemetry,
         Section::Listeners,
         Section::ListenerTls,
         Section::Certificates,
@@ -369,6 +378,7 @@ impl Section {
             Section::Redirect => fields::<Redirect>(),
             Section::HeaderOps => fields::<HeaderOps>(),
             Section::AccessLog => fields::<AccessLog>(),
+            Section::Telemetry => fields::<Telemetry>(),
         }
     }
 
@@ -397,6 +407,7 @@ impl Section {
             Section::Redirect => "[routes.redirect]",
             Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
             Section::AccessLog => "[access_log]",
+            Section::Telemetry => "[telemetry]",
         }
     }
 
@@ -412,6 +423,9 @@ impl Section {
             }
             (Section::Top, "access_log") => {
                 "put the access log settings under an [access_log] header, e.g. [access_log] then path = \"/var/log/meshgate/access.log\" on the next line"
+            }
+            (Section::Top, "telemetry") => {
+                "put the telemetry settings under a [telemetry] header, e.g. [telemetry] then istio_compat = true on the next line"
             }
             (Section::Top, "listeners") => {
                 "declare each listener under its own [[listeners]] header (double brackets), with its fields on the lines below"
@@ -432,6 +446,7 @@ impl Section {
             (Section::AccessLog, "path") => "path = \"/var/log/meshgate/access.log\"",
             (Section::AccessLog, "format") => "format = \"json\"",
             (Section::AccessLog, "queue") => "queue = 65536",
+            (Section::Telemetry, "istio_compat") => "istio_compat = true",
             (Section::Listeners, "name") => "name = \"tcp-in\"",
             (Section::Listeners, "address") => "address = \"127.0.0.1:15001\"",
             (Section::Listeners, "protocol") => "protocol = \"tcp\"",
@@ -563,6 +578,7 @@ mod tests {
                 "admin",
                 "runtime",
                 "access_log",
+                "telemetry",
                 "listeners",
                 "routes",
                 "clusters"
@@ -589,6 +605,7 @@ mod tests {
         check::<Admin>(Section::Admin);
         check::<Runtime>(Section::Runtime);
         check::<AccessLog>(Section::AccessLog);
+        check::<Telemetry>(Section::Telemetry);
         check::<Listener>(Section::Listeners);
         check::<Route>(Section::Routes);
         check::<WeightedCluster>(Section::WeightedClusters);
@@ -647,6 +664,7 @@ mod tests {
             Section::Redirect => "### `redirect`",
             Section::HeaderOps => "### `request_headers` and `response_headers`",
             Section::AccessLog => "## `[access_log]`",
+            Section::Telemetry => "## `[telemetry]`",
         }
     }
 
@@ -812,6 +830,7 @@ mod tests {
                 Section::Clusters => &json["clusters"][0],
                 Section::ListenerHttp => &http_json["listeners"][0]["http"],
                 Section::AccessLog => &logged_json["access_log"],
+                Section::Telemetry => &json["telemetry"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

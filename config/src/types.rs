@@ -22,6 +22,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// `None`: no `[access_log]` table, no access log.
     pub access_log: Option<AccessLogConfig>,
+    /// Metric options (`[telemetry]`).
+    pub telemetry: TelemetryConfig,
     /// In file order.
     pub listeners: Vec<Listener>,
     /// In file order; [`Listener::routes`] and [`Route::listener_index`] index into these.
@@ -79,6 +81,14 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     /// io_uring submission queue size per shard: a power of two in `2..=32768`.
     pub ring_entries: u32,
+}
+
+/// Metric options (`[telemetry]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TelemetryConfig {
+    /// Also export Istio's standard metrics (`istio_requests_total`, ...) with Istio's label
+    /// names, so existing Istio dashboards work.
+    pub istio_compat: bool,
 }
 
 /// The access log (`[access_log]`).
