@@ -35,8 +35,8 @@ pub use types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
     ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, HeaderMatch, HeaderOps,
     HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch, PeerMatch, Protocol, Route,
-    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion,
-    TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).

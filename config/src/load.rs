@@ -294,6 +294,7 @@ impl Loader<'_> {
             ("admin", Section::Admin),
             ("runtime", Section::Runtime),
             ("access_log", Section::AccessLog),
+            ("telemetry", Section::Telemetry),
         ] {
             if let Some(Value::Table(table)) = top.get_mut(key) {
                 *table = self.clean(std::mem::take(table), section, &root.key(key));
@@ -627,6 +628,7 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::AccessLog => value.try_into::<raw::AccessLog>().map(drop),
         Section::Control => value.try_into::<raw::Control>().map(drop),
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
+        Section::Telemetry => value.try_into::<raw::Telemetry>().map(drop),
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) struct Config {
     pub runtime: Option<Runtime>,
     pub access_log: Option<AccessLog>,
     pub control: Option<Control>,
+    pub telemetry: Option<Telemetry>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -70,6 +71,12 @@ pub(crate) struct ControlEnrollment {
     pub dns_names: Option<Vec<String>>,
     pub svid_ttl: Option<Duration>,
     pub renewal_grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Telemetry {
+    pub istio_compat: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -339,16 +346,18 @@ pub(crate) enum Section {
     AccessLog,
     Control,
     ControlEnrollment,
+    Telemetry,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 24] = [
+    pub(crate) const ALL: [Section; 25] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
         Section::AccessLog,
         Section::Control,
         Section::ControlEnrollment,
+        Section::Telemetry,
         Section::Listeners,
         Section::ListenerTls,
         Section::Certificates,
@@ -396,6 +405,7 @@ impl Section {
             Section::AccessLog => fields::<AccessLog>(),
             Section::Control => fields::<Control>(),
             Section::ControlEnrollment => fields::<ControlEnrollment>(),
+            Section::Telemetry => fields::<Telemetry>(),
         }
     }
 
@@ -426,6 +436,7 @@ impl Section {
             Section::AccessLog => "[access_log]",
             Section::Control => "[control]",
             Section::ControlEnrollment => "[control.enrollment]",
+            Section::Telemetry => "[telemetry]",
         }
     }
 
@@ -441,6 +452,9 @@ impl Section {
             }
             (Section::Top, "access_log") => {
                 "put the access log settings under an [access_log] header, e.g. [access_log] then path = \"/var/log/meshgate/access.log\" on the next line"
+            }
+            (Section::Top, "telemetry") => {
+                "put the telemetry settings under a [telemetry] header, e.g. [telemetry] then istio_compat = true on the next line"
             }
             (Section::Top, "listeners") => {
                 "declare each listener under its own [[listeners]] header (double brackets), with its fields on the lines below"
@@ -473,6 +487,7 @@ impl Section {
             (Section::AccessLog, "path") => "path = \"/var/log/meshgate/access.log\"",
             (Section::AccessLog, "format") => "format = \"json\"",
             (Section::AccessLog, "queue") => "queue = 65536",
+            (Section::Telemetry, "istio_compat") => "istio_compat = true",
             (Section::Listeners, "name") => "name = \"tcp-in\"",
             (Section::Listeners, "address") => "address = \"127.0.0.1:15001\"",
             (Section::Listeners, "protocol") => "protocol = \"tcp\"",
@@ -606,6 +621,7 @@ mod tests {
                 "runtime",
                 "access_log",
                 "control",
+                "telemetry",
                 "listeners",
                 "routes",
                 "clusters"
@@ -632,6 +648,7 @@ mod tests {
         check::<Admin>(Section::Admin);
         check::<Runtime>(Section::Runtime);
         check::<AccessLog>(Section::AccessLog);
+        check::<Telemetry>(Section::Telemetry);
         check::<Listener>(Section::Listeners);
         check::<Route>(Section::Routes);
         check::<WeightedCluster>(Section::WeightedClusters);
@@ -692,6 +709,7 @@ mod tests {
             Section::AccessLog => "## `[access_log]`",
             Section::Control => "## `[control]`",
             Section::ControlEnrollment => "### `[control.enrollment]`",
+            Section::Telemetry => "## `[telemetry]`",
         }
     }
 
@@ -866,6 +884,7 @@ mod tests {
                 Section::AccessLog => &logged_json["access_log"],
                 Section::Control => &control["control"],
                 Section::ControlEnrollment => &enrollment["control"]["enrollment"],
+                Section::Telemetry => &json["telemetry"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

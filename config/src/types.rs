@@ -24,6 +24,8 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     /// `None`: no `[control]` table; the daemon runs no control-plane services.
     pub control: Option<ControlConfig>,
+    /// Metric options (`[telemetry]`).
+    pub telemetry: TelemetryConfig,
     /// In file order.
     pub listeners: Vec<Listener>,
     /// In file order; [`Listener::routes`] and [`Route::listener_index`] index into these.
@@ -109,6 +111,14 @@ pub struct ControlEnrollmentConfig {
     /// How long after expiry an SVID may still renew itself; zero: never.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub renewal_grace: Duration,
+}
+
+/// Metric options (`[telemetry]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TelemetryConfig {
+    /// Also export Istio's standard metrics (`istio_requests_total`, ...) with Istio's label
+    /// names, so existing Istio dashboards work.
+    pub istio_compat: bool,
 }
 
 /// The access log (`[access_log]`).

@@ -17,8 +17,8 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
     ClusterTls, Config, Listener, ListenerTls, PeerMatch, Protocol, Route, RouteAction, RouteMatch,
-    RuntimeConfig, ServerCertificate, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
-    WeightedCluster,
+    RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle,
+    UpstreamVerify, WeightedCluster,
 };
 
 mod control;
@@ -268,6 +268,9 @@ impl Validator {
             runtime: runtime?,
             access_log: access_log?,
             control: control?,
+            telemetry: TelemetryConfig {
+                istio_compat: raw.telemetry.and_then(|t| t.istio_compat).unwrap_or(false),
+            },
             listeners: listeners.into_iter().collect::<Option<_>>()?,
             routes: routes.into_iter().collect::<Option<_>>()?,
             clusters: clusters.into_iter().collect::<Option<_>>()?,

@@ -171,7 +171,11 @@ impl Gateway {
             what: "session resumption".into(),
             error: crate::tls::certs::TlsSetupError::from(e),
         })?;
-        let stats = Arc::new(Stats::new(count, access_log.clone()));
+        let stats = Arc::new(Stats::with_options(
+            count,
+            access_log.clone(),
+            config.telemetry.istio_compat,
+        ));
         let shared = Arc::new(Shared {
             shards_ready: AtomicUsize::new(0),
             shard_count: count,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_config::{
-    Config, HeaderOps, HeaderValueMatch, PathMatch, Protocol, RouteMatch, sni_matches,
+    Config, HeaderOps, HeaderValueMatch, PathMatch, Protocol, RouteAction, RouteMatch, sni_matches,
 };
 
 use crate::http1::{Limits, RequestHead};
@@ -87,7 +87,7 @@ impl ListenerRoutes {
             limits,
             request_timeout: http.map_or(Duration::from_secs(30), |h| h.request_timeout),
             idle_timeout: listener.idle_timeout,
-            unrouted: stats.http_route(&listener.name, HttpRouteStats::NO_ROUTE),
+            unrouted: stats.http_route(&listener.name, HttpRouteStats::NO_ROUTE, &[]),
         }
     }
 
@@ -275,7 +275,14 @@ impl CompiledRoute {
                 .and_then(|h| h.host_rewrite.as_ref())
                 .map(|h| h.as_bytes().into()),
             timeout: http.map_or(Duration::from_secs(15), |h| h.timeout),
-            stats: stats.http_route(listener, &route.name),
+            stats: stats.http_route(
+                listener,
+                &route.name,
+                match &route.action {
+                    RouteAction::Forward { clusters } => clusters,
+                    _ => &[],
+                },
+            ),
             overrides,
         }
     }

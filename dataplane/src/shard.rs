@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use meshgate_config::{Config, RouteAction};
+use meshgate_config::{Config, Protocol, RouteAction};
 
 use crate::accesslog::AccessLog;
 use crate::balance::{RoundRobin, WeightedPicker};
 use crate::gateway::{Shared, StartError, bind_hint};
 use crate::listen;
-use crate::metrics::{ClusterStats, ListenerStats, ShardStats};
+use crate::metrics::{ClusterStats, ListenerStats, ShardStats, TcpRouteStats};
 use crate::rt;
 use crate::tls::setup::{ClusterTlsState, ListenerTlsState};
 
@@ -101,6 +101,9 @@ pub struct ShardGen {
     pub cluster_names: Vec<Arc<str>>,
     /// Compiled routes of the `http` listeners.
     pub http: crate::http_route::HttpRoutes,
+    /// Per route (same index as `config.routes`, empty for `http` listeners' routes): the TCP
+    /// connection hooks of each cluster it forwards to.
+    pub route_tcp: Vec<Box<[TcpRouteStats]>>,
     by_name: HashMap<String, usize>,
 }
 
@@ -158,6 +161,20 @@ impl ShardGen {
                 .map(|c| Arc::from(c.name.as_str()))
                 .collect(),
             http: crate::http_route::HttpRoutes::new(config, stats),
+            route_tcp: config
+                .routes
+                .iter()
+                .map(
+                    |r| match (&r.action, config.listeners.get(r.listener_index)) {
+                        (RouteAction::Forward { clusters }, Some(l))
+                            if l.protocol != Protocol::Http =>
+                        {
+                            clusters.iter().map(|c| stats.tcp(&l.name, c)).collect()
+                        }
+                        _ => Box::default(),
+                    },
+                )
+                .collect(),
             by_name: config
                 .listeners
                 .iter()

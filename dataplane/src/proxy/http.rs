@@ -50,7 +50,7 @@ use crate::http1::{
     parse_response_resumable, split_query,
 };
 use crate::listen::ConnGuard;
-use crate::metrics::{ClusterStats, ListenerStats};
+use crate::metrics::{ClusterStats, ListenerStats, RequestRecord};
 use crate::pool::{self, PoolKey, UpConn};
 use crate::rt;
 use crate::shard::ShardGen;
@@ -1446,8 +1446,20 @@ fn finish(
     peer: SocketAddr,
 ) {
     let status = ex.status.get();
+    let elapsed = ex.started.elapsed();
     if status != 0 {
-        route.map_or(&routes.unrouted, |r| &r.stats).count(status);
+        route
+            .map_or(&routes.unrouted, |r| &r.stats)
+            .record_request(&RequestRecord {
+                cluster: ex.cluster.get(),
+                status,
+                elapsed,
+                flags: ex.flags.get(),
+                protocol: "http",
+                peer: None,
+                request_bytes: ex.received.get(),
+                response_bytes: ex.sent.get(),
+            });
     }
     let Some(log) = &guard.shard.access_log else {
         return;
@@ -1455,7 +1467,7 @@ fn finish(
     let fields = ex.log.as_ref();
     log.log(Record {
         start_time: ex.start_time,
-        duration: ex.started.elapsed(),
+        duration: elapsed,
         protocol: "HTTP/1.1",
         method: fields.map(|f| f.method.clone()),
         path: fields.map(|f| f.path.clone()),

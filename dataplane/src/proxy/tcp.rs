@@ -18,6 +18,7 @@ use meshgate_config::{Protocol, RouteAction};
 use crate::accesslog::Record;
 use crate::error::ProxyError;
 use crate::listen::ConnGuard;
+use crate::metrics::ConnectionRecord;
 use crate::proxy::relay::{self, Down, Idle, Meters, Up};
 use crate::rt;
 use crate::tls;
@@ -136,6 +137,13 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         return;
     };
     let cluster = target.cluster_index;
+    let peer_id = seen.peer.as_ref().map(|p| p.as_str());
+    let tcp_stats = snap.route_tcp[route_idx]
+        .iter()
+        .find(|t| t.cluster == cluster);
+    if let Some(t) = tcp_stats {
+        t.opened(peer_id);
+    }
     let received = Cell::new(0);
     let sent = Cell::new(0);
     let mut upstream_host = None;
@@ -210,6 +218,15 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
             e.response_flag()
         }
     };
+    if let Some(t) = tcp_stats {
+        t.closed(&ConnectionRecord {
+            elapsed: guard.accepted_at.elapsed(),
+            received: received.get(),
+            sent: sent.get(),
+            flags,
+            peer: peer_id,
+        });
+    }
     log(
         &guard,
         peer,
