@@ -850,20 +850,12 @@ endpoints = [\"127.0.0.1:15004\"]
     #[test]
     fn unsupported_protocols() {
         let error = only_error(
-            &VALID.replace("\"tcp\"", "\"https\""),
-            "listeners[0].protocol",
-        );
-        assert_eq!(
-            error.message,
-            "protocol `https` is not supported yet in this release"
-        );
-        let error = only_error(
             &VALID.replace("\"tcp\"", "\"udp\""),
             "listeners[0].protocol",
         );
         assert_eq!(
             error.message,
-            "unknown protocol `udp`; allowed values: \"tcp\", \"tls\", \"tls-passthrough\", \"http\""
+            "unknown protocol `udp`; allowed values: \"tcp\", \"tls\", \"tls-passthrough\", \"http\", \"https\""
         );
         let error = only_error(
             &VALID.replace("\"tcp\"", "\"tls-passthru\""),
@@ -1040,7 +1032,7 @@ drain_timeout = "soon"
 [[listeners]]
 name = "tcp-in"
 address = "127.0.0.1"
-protocol = "https"
+protocol = "htps"
 backlogg = 10
 
 [[listeners]]

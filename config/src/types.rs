@@ -322,6 +322,10 @@ pub enum Protocol {
     /// Cleartext HTTP/1.1: each request is routed on host, path, method and headers (see
     /// [`RouteMatch`]) and proxied, or answered by the route ([`RouteAction`]).
     Http,
+    /// HTTP over TLS terminated here (the listener's [`ListenerTls`]): HTTP/1.1 (and HTTP/2 by
+    /// ALPN), routed per request like `http`, with the verified client identity available to
+    /// routes (`peer`) and forwarded in `x-forwarded-client-cert`.
+    Https,
 }
 
 impl Protocol {
@@ -332,6 +336,7 @@ impl Protocol {
             Protocol::Tls => "tls",
             Protocol::TlsPassthrough => "tls-passthrough",
             Protocol::Http => "http",
+            Protocol::Https => "https",
         }
     }
 }

@@ -59,9 +59,8 @@ pub(crate) const MAX_ACCESS_LOG_QUEUE: u32 = 1 << 20;
 const ACCESS_LOG_FORMATS: [&str; 2] = ["json", "text"];
 
 /// Protocol names this release accepts.
-const PROTOCOLS: [&str; 4] = ["tcp", "tls", "tls-passthrough", "http"];
+const PROTOCOLS: [&str; 5] = ["tcp", "tls", "tls-passthrough", "http", "https"];
 /// Protocol names this release recognises but does not implement yet.
-const PLANNED_PROTOCOLS: [&str; 1] = ["https"];
 
 /// What validation needs besides the file: where relative paths start, and the time that
 /// certificate validity is checked at.
@@ -628,7 +627,7 @@ impl Validator {
                     "a {} listener has no TLS handshake to time",
                     protocol.map_or("", Protocol::as_str)
                 ),
-                "remove handshake_timeout, or use protocol = \"tls\" or \"tls-passthrough\"",
+                "remove handshake_timeout, or use protocol = \"tls\", \"https\" or \"tls-passthrough\"",
             );
             None
         } else {
@@ -642,12 +641,24 @@ impl Validator {
         };
         let tls_path = format!("{path}.tls");
         let tls = match (protocol, raw.tls) {
-            (Some(Protocol::Tls), Some(tls)) => self.listener_tls(&tls_path, tls).map(Some),
+            (Some(p @ (Protocol::Tls | Protocol::Https)), Some(tls)) => {
+                let alpn_given = tls.alpn.is_some();
+                self.listener_tls(&tls_path, tls).map(|mut tls| {
+                    if p == Protocol::Https && !alpn_given {
+                        tls.alpn = default_https_alpn();
+                    }
+                    Some(tls)
+                })
+            }
             // No [listeners.tls]: defaults, and the identity from the gateway's local CA.
-            (Some(Protocol::Tls), None) => Some(Some(ListenerTls {
+            (Some(p @ (Protocol::Tls | Protocol::Https)), None) => Some(Some(ListenerTls {
                 certificates: Vec::new(),
                 min_version: TlsVersion::Tls12,
-                alpn: Vec::new(),
+                alpn: if p == Protocol::Https {
+                    default_https_alpn()
+                } else {
+                    Vec::new()
+                },
                 client_auth: ClientAuth::None,
                 trust_bundles: Vec::new(),
             })),
@@ -659,7 +670,8 @@ impl Validator {
                         "remove [listeners.tls]: tls-passthrough forwards the client's TLS bytes \
                          untouched; use protocol = \"tls\" to terminate TLS here"
                     } else {
-                        "remove [listeners.tls], or set protocol = \"tls\" to terminate TLS"
+                        "remove [listeners.tls], or set protocol = \"tls\" or \"https\" to \
+                         terminate TLS"
                     },
                 );
                 None
@@ -668,14 +680,15 @@ impl Validator {
         };
         let http_path = format!("{path}.http");
         let http = match (protocol, raw.http) {
-            (Some(Protocol::Http), http) => self
+            (Some(Protocol::Http | Protocol::Https), http) => self
                 .listener_http(&http_path, http.unwrap_or_default())
                 .map(Some),
             (Some(other), Some(_)) => {
                 self.error(
                     http_path,
                     format!("a {other} listener does not speak HTTP, so it takes no http table"),
-                    "remove [listeners.http], or set protocol = \"http\" to route HTTP requests",
+                    "remove [listeners.http], or set protocol = \"http\" or \"https\" to route \
+                     HTTP requests",
                 );
                 None
             }
@@ -703,29 +716,20 @@ impl Validator {
             Some("tls") => return Some(Protocol::Tls),
             Some("tls-passthrough") => return Some(Protocol::TlsPassthrough),
             Some("http") => return Some(Protocol::Http),
+            Some("https") => return Some(Protocol::Https),
             None => self.error(
                 path,
                 "missing `protocol`",
-                "add protocol = \"tcp\", \"tls\", \"tls-passthrough\" or \"http\"",
-            ),
-            Some(other) if PLANNED_PROTOCOLS.contains(&other) => self.error(
-                path,
-                format!("protocol `{other}` is not supported yet in this release"),
-                format!(
-                    "use protocol = \"http\" behind a TLS terminator, or protocol = \"tls\" to \
-                     terminate TLS here and handle {other} in the upstream"
-                ),
+                "add protocol = \"tcp\", \"tls\", \"tls-passthrough\", \"http\" or \"https\"",
             ),
             Some(other) => {
                 let mut hint = match nearest(other, &PROTOCOLS) {
                     Some(near) => format!("did you mean \"{near}\"? "),
                     None => String::new(),
                 };
-                hint.push_str(&format!(
-                    "write protocol = \"tcp\", \"tls\", \"tls-passthrough\" or \"http\"; {} is \
-                     planned for a later release",
-                    quoted_list(&PLANNED_PROTOCOLS)
-                ));
+                hint.push_str(
+                    "write protocol = \"tcp\", \"tls\", \"tls-passthrough\", \"http\" or \"https\"",
+                );
                 self.error(
                     path,
                     format!(
@@ -922,7 +926,7 @@ impl Validator {
         .collect();
         match given.as_slice() {
             [] => {
-                let (message, also) = if protocol == Some("http") {
+                let (message, also) = if matches!(protocol, Some("http" | "https")) {
                     (
                         "route has no destination: none of `cluster`, `weighted_clusters`, \
                          `direct_response` and `redirect` is set",
@@ -1545,7 +1549,7 @@ impl Validator {
                          identity, or remove `peer`",
                     );
                     None
-                } else if protocol == Some("tls")
+                } else if matches!(protocol, Some("tls" | "https"))
                     && listener.is_some_and(|l| l.client_auth == "none")
                 {
                     self.error(
@@ -1564,8 +1568,8 @@ impl Validator {
                         peer_path,
                         "an http listener does not see client certificates, so it cannot match \
                          on the peer",
-                        "remove `peer`; routing by client identity needs a tls listener with \
-                         client_auth (https listeners are planned)",
+                        "remove `peer`; routing by client identity needs a tls or https listener \
+                         with client_auth = \"required\" or \"optional\"",
                     );
                     None
                 } else {
@@ -2241,4 +2245,9 @@ mod tests {
             assert_eq!(parse_socket_addr(text), Err(want), "{text:?}");
         }
     }
+}
+
+/// ALPN of an `https` listener whose `[listeners.tls]` gives none.
+pub(crate) fn default_https_alpn() -> Vec<String> {
+    vec!["http/1.1".to_owned()]
 }

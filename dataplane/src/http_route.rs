@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_config::{
-    Config, HeaderOps, HeaderValueMatch, PathMatch, Protocol, RouteAction, RouteMatch, sni_matches,
+    Config, HeaderOps, HeaderValueMatch, PathMatch, PeerMatch, Protocol, RouteAction, RouteMatch,
+    sni_matches,
 };
 
 use crate::http1::{Limits, RequestHead};
 use crate::metrics::{HttpRouteStats, ShardStats};
+use crate::tls::spiffe::SpiffeId;
 
 /// Size limit of a compiled route regex; the config crate validates with the same limit.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -34,7 +36,8 @@ impl HttpRoutes {
                 .listeners
                 .iter()
                 .map(|l| {
-                    (l.protocol == Protocol::Http).then(|| ListenerRoutes::new(config, l, stats))
+                    matches!(l.protocol, Protocol::Http | Protocol::Https)
+                        .then(|| ListenerRoutes::new(config, l, stats))
                 })
                 .collect(),
         }
@@ -111,6 +114,10 @@ pub struct RequestView<'a> {
     pub head: &'a RequestHead,
     /// The buffer `head` was parsed from.
     pub buf: &'a [u8],
+    /// `https`: the TLS server name the client sent.
+    pub sni: Option<&'a str>,
+    /// `https` with client auth: the verified client identity.
+    pub peer: Option<&'a SpiffeId>,
 }
 
 /// One route of an `http` listener, ready to use.
@@ -122,6 +129,10 @@ pub struct CompiledRoute {
     path: Option<PathMatcher>,
     methods: Box<[String]>,
     headers: Box<[HeaderMatcher]>,
+    /// `https`: TLS server names (empty: any).
+    sni: Box<[String]>,
+    /// `https` with client auth: the identities allowed.
+    peer: Option<PeerMatch>,
     /// No `match`: takes everything.
     catch_all: bool,
     pub request_edits: Edits,
@@ -141,6 +152,7 @@ pub struct Overrides {
     pub forwarded_for: bool,
     pub forwarded_proto: bool,
     pub request_id: bool,
+    pub client_cert: bool,
 }
 
 #[derive(Debug)]
@@ -260,6 +272,7 @@ impl CompiledRoute {
             forwarded_for: request_edits.takes_over("x-forwarded-for"),
             forwarded_proto: request_edits.takes_over("x-forwarded-proto"),
             request_id: request_edits.takes_over("x-request-id"),
+            client_cert: request_edits.takes_over("x-forwarded-client-cert"),
         };
         CompiledRoute {
             index,
@@ -267,6 +280,8 @@ impl CompiledRoute {
             path,
             methods: m.methods.clone().into_boxed_slice(),
             headers,
+            sni: m.sni.clone().into_boxed_slice(),
+            peer: m.peer.clone(),
             catch_all: route.matcher.is_none(),
             request_edits,
             response_edits,
@@ -296,6 +311,14 @@ impl CompiledRoute {
             return false;
         }
         if !self.hosts.is_empty() && !req.host.is_some_and(|h| sni_matches(&self.hosts, h)) {
+            return false;
+        }
+        if !self.sni.is_empty() && !req.sni.is_some_and(|s| sni_matches(&self.sni, s)) {
+            return false;
+        }
+        if let Some(want) = &self.peer
+            && !req.peer.is_some_and(|id| want.matches(id))
+        {
             return false;
         }
         let path_ok = match &self.path {
@@ -418,6 +441,8 @@ endpoints = ["127.0.0.1:1"]
             method: head.method_str(buf),
             head: &head,
             buf,
+            sni: None,
+            peer: None,
         };
         let l = routes.listener(0).expect("http listener");
         l.select(&req).map(|r| config.routes[r.index].name.clone())

@@ -53,6 +53,9 @@ pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) 
             Protocol::Http => {
                 rt::spawn(proxy::http::serve(guard, stream, peer));
             }
+            Protocol::Https => {
+                rt::spawn(proxy::http::serve_tls(guard, stream, peer));
+            }
         }
     }
 }

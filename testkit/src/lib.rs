@@ -9,6 +9,7 @@
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
+pub mod http;
 pub mod pki;
 
 use std::io::{Read, Write};

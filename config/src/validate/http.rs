@@ -79,15 +79,15 @@ impl Validator {
     /// them (reported).
     fn answers_requests(&mut self, path: &str, field: &str, protocol: Option<&str>) -> bool {
         match protocol {
-            Some(p) if p != "http" => {
+            Some(p) if p != "http" && p != "https" => {
                 self.error(
                     path,
                     format!(
                         "`{field}` answers HTTP requests, but a {p} listener forwards whole \
                          connections without reading requests"
                     ),
-                    "bind the route to a listener with protocol = \"http\", or forward with \
-                     cluster = \"NAME\"",
+                    "bind the route to a listener with protocol = \"http\" or \"https\", or \
+                     forward with cluster = \"NAME\"",
                 );
                 false
             }
@@ -217,7 +217,7 @@ impl Validator {
         let host_rewrite = raw.host_rewrite.take();
         let timeout = raw.timeout.take();
         match protocol {
-            Some("http") => {}
+            Some("http" | "https") => {}
             Some(p) => {
                 let given = [
                     ("request_headers", request_headers.is_some()),
@@ -451,7 +451,7 @@ impl Validator {
         let methods = raw.methods.take();
         let headers = raw.headers.take();
         match protocol {
-            Some("http") => {}
+            Some("http" | "https") => {}
             Some(p) => {
                 let given = [
                     ("hosts", hosts.is_some()),
@@ -476,7 +476,8 @@ impl Validator {
             None => return Some(HttpMatch::default()),
         }
         let mut ok = true;
-        if raw.sni.take().is_some() {
+        // An https listener keeps `sni` (the TLS server name, matched like on tls listeners).
+        if protocol == Some("http") && raw.sni.take().is_some() {
             self.error(
                 format!("{path}.sni"),
                 "an http listener has no TLS, so its requests carry no SNI",

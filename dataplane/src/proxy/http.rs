@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use meshgate_config::RouteAction;
+use meshgate_config::{ClientAuth, RouteAction};
 
 use crate::accesslog::Record;
 use crate::error::ProxyErrorKind;
@@ -52,11 +52,14 @@ use crate::http1::{
 use crate::listen::ConnGuard;
 use crate::metrics::{ClusterStats, ListenerStats, RequestRecord};
 use crate::pool::{self, PoolKey, UpConn};
+use crate::proxy::http_io::{HttpRead, HttpWrite, tls_split};
 use crate::rt;
 use crate::shard::ShardGen;
+use crate::tls;
+use crate::tls::spiffe::{SpiffeId, svid_identity};
 
 /// Header edits per list: the config's 32 plus the gateway's own fields.
-const MAX_EDITS: usize = 36;
+const MAX_EDITS: usize = 37;
 /// Longest `x-request-id` kept from a client.
 const MAX_REQUEST_ID: usize = 128;
 /// After a response with `connection: close`, how long (and how many bytes) the client's
@@ -72,12 +75,112 @@ const IDLE_WAIT_SLICE: Duration = Duration::from_secs(1);
 
 /// Serve one downstream connection of an `http` listener.
 pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
+    let (rd, wr) = stream.into_split();
+    serve_conn(guard, rd, wr, peer, None).await;
+}
+
+/// Serve one downstream connection of an `https` listener: `tls::secure` (the same handshake
+/// as `tls` listeners: certificate by SNI, client auth, local-CA identity), then the same
+/// request loop as `http` over the TLS session.
+pub async fn serve_tls(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
+    let snap = guard.snap.clone();
+    let idx = guard.listener;
+    let listener = &snap.config.listeners[idx];
+    let lstats = &snap.listeners[idx].stats;
+    let Some(state) = snap.listener_tls.get(idx).and_then(|s| s.clone()) else {
+        tracing::error!(listener = %listener.name, "https listener without TLS state; closing");
+        return;
+    };
+    let secured = match rt::timeout(listener.handshake_timeout, tls::secure(stream, &state)).await {
+        Ok(Ok(secured)) => secured,
+        Ok(Err(e)) => {
+            e.count(&lstats.tls);
+            tracing::debug!(listener = %listener.name, %peer, error = %e, reason = e.reason(), "TLS handshake failed");
+            return;
+        }
+        Err(rt::Elapsed) => {
+            lstats.tls.failed(tls::TIMEOUT_REASON, "unknown");
+            tracing::debug!(listener = %listener.name, %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    secured.count(&lstats.tls, &state);
+    let mtls = listener
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_auth != ClientAuth::None);
+    let xfcc = secured.peer.as_ref().map(|id| {
+        let conn = secured.stream.get_ref().1;
+        let by = state
+            .certs
+            .select(secured.sni.as_deref())
+            .and_then(|c| c.certified.cert.first())
+            .and_then(|leaf| svid_identity(leaf).ok());
+        let hash = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| ring::digest::digest(&ring::digest::SHA256, leaf.as_ref()));
+        let mut out = String::with_capacity(200);
+        if let Some(by) = by {
+            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("By={};", by.as_str()));
+        }
+        if let Some(hash) = hash {
+            out.push_str("Hash=");
+            for b in hash.as_ref() {
+                let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
+            }
+            out.push(';');
+        }
+        out.push_str("URI=");
+        out.push_str(id.as_str());
+        out
+    });
+    let info = TlsInfo {
+        sni: secured.sni,
+        version: secured.version.map(version_str),
+        peer: secured.peer,
+        xfcc,
+        mtls,
+    };
+    let (rd, wr) = tls_split(secured.stream);
+    serve_conn(guard, rd, wr, peer, Some(Box::new(info))).await;
+}
+
+fn version_str(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "TLS",
+    }
+}
+
+/// What the TLS handshake of an `https` connection learnt, for routing, headers and the log.
+#[derive(Debug)]
+struct TlsInfo {
+    /// Lowercase, as the client sent it.
+    sni: Option<String>,
+    version: Option<&'static str>,
+    /// The verified client identity.
+    peer: Option<SpiffeId>,
+    /// `x-forwarded-client-cert` for requests of this connection (with a verified peer).
+    xfcc: Option<String>,
+    /// The listener verifies clients: a request must name the host it connected for (SNI).
+    mtls: bool,
+}
+
+/// The request loop of one downstream connection (plain or TLS).
+async fn serve_conn<R: HttpRead, W: HttpWrite>(
+    guard: ConnGuard,
+    rd: R,
+    wr: W,
+    peer: SocketAddr,
+    tls: Option<Box<TlsInfo>>,
+) {
     let snap = guard.snap.clone();
     let Some(routes) = snap.http.listener(guard.listener) else {
         tracing::error!(listener = %snap.listener_names[guard.listener], "http listener without compiled routes; closing");
         return;
     };
-    let (rd, wr) = stream.into_split();
     let mut conn = Conn {
         rd,
         wr,
@@ -85,6 +188,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         progress: HeadProgress::default(),
         peer,
         served: 0,
+        tls,
     };
     let lstats = &*snap.listeners[guard.listener].stats;
     let draining = &guard.shard.shared.draining;
@@ -106,9 +210,9 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
 }
 
 /// The client side of a connection.
-struct Conn {
-    rd: rt::ReadHalf,
-    wr: rt::WriteHalf,
+struct Conn<R, W> {
+    rd: R,
+    wr: W,
     /// Bytes received and not yet used: a head being read, or the start of a body or of the
     /// next (pipelined) request. Empty, and without capacity, while the connection is idle.
     buf: Vec<u8>,
@@ -116,6 +220,8 @@ struct Conn {
     peer: SocketAddr,
     /// Requests read so far.
     served: u64,
+    /// `https`: the session's facts; `None` on plain `http`.
+    tls: Option<Box<TlsInfo>>,
 }
 
 /// What the connection does after a request.
@@ -206,11 +312,11 @@ impl Meters<'_> {
 }
 
 /// Route and answer one request whose head was read.
-async fn request(
+async fn request<R: HttpRead, W: HttpWrite>(
     guard: &ConnGuard,
     snap: &Rc<ShardGen>,
     routes: &ListenerRoutes,
-    conn: &mut Conn,
+    conn: &mut Conn<R, W>,
     read: HeadRead,
 ) -> Next {
     let lstats = &*snap.listeners[guard.listener].stats;
@@ -228,14 +334,30 @@ async fn request(
         Err(HeadError::Timeout) => {
             ex.answer(408, "-");
             local(conn, &meters, Version::Http11, false, None).await;
-            finish(guard, snap, routes, None, &ex, conn.peer);
+            finish(
+                guard,
+                snap,
+                routes,
+                None,
+                &ex,
+                conn.peer,
+                conn.tls.as_deref(),
+            );
             return Next::Close { linger: true };
         }
         Err(HeadError::Invalid(e)) => {
             tracing::debug!(listener = %snap.listener_names[guard.listener], peer = %conn.peer, error = %e, "request refused");
             ex.answer(e.status(), e.response_flag().unwrap_or("-"));
             local(conn, &meters, Version::Http11, false, None).await;
-            finish(guard, snap, routes, None, &ex, conn.peer);
+            finish(
+                guard,
+                snap,
+                routes,
+                None,
+                &ex,
+                conn.peer,
+                conn.tls.as_deref(),
+            );
             return Next::Close { linger: true };
         }
     };
@@ -294,7 +416,15 @@ async fn request(
             (next, Some(route))
         }
     };
-    finish(guard, snap, routes, route, &ex, conn.peer);
+    finish(
+        guard,
+        snap,
+        routes,
+        route,
+        &ex,
+        conn.peer,
+        conn.tls.as_deref(),
+    );
     if next == Next::KeepAlive && conn.buf.is_empty() {
         // Idle from here: hold no buffer.
         conn.buf = Vec::new();
@@ -322,8 +452,8 @@ struct HeadRead {
 /// Read until a complete head is in `conn.buf`. `deadline`: on a new connection, the time the
 /// whole first head must have arrived by; otherwise the wait for the first byte is the
 /// keep-alive idle wait, and the head must be complete `request_timeout` after that byte.
-async fn read_head(
-    conn: &mut Conn,
+async fn read_head<R: HttpRead, W: HttpWrite>(
+    conn: &mut Conn<R, W>,
     routes: &ListenerRoutes,
     deadline: Option<Instant>,
     draining: &AtomicBool,
@@ -417,11 +547,11 @@ enum Plan<'r> {
 /// Route the request in `conn.buf` and prepare its answer or its upstream head. Synchronous:
 /// nothing here waits, so the head's borrows of the buffer end before any I/O.
 #[allow(clippy::too_many_arguments)] // one request's context; a struct would only rename it
-fn plan<'r>(
+fn plan<'r, R, W>(
     snap: &ShardGen,
     listener: usize,
     routes: &'r ListenerRoutes,
-    conn: &Conn,
+    conn: &Conn<R, W>,
     head: &RequestHead,
     log_on: bool,
     draining: &AtomicBool,
@@ -460,14 +590,32 @@ fn plan<'r>(
             Err(e) => return refuse(e.status(), e.response_flag().unwrap_or("-")),
         }
     };
+    let tls = conn.tls.as_deref();
     let view = RequestView {
         host: head.host(buf).map(host_without_port),
         path: &normalized,
         method: head.method_str(buf),
         head,
         buf,
+        sni: tls.and_then(|t| t.sni.as_deref()),
+        peer: tls.and_then(|t| t.peer.as_ref()),
     };
     let head_only = head.method() == Method::Head;
+    // A client verified for one name must not reuse its connection for another host (the
+    // certificate chosen by SNI, and the client's authorisation, were for that name).
+    if let Some(t) = tls
+        && t.mtls
+        && let (Some(sni), Some(host)) = (t.sni.as_deref(), view.host)
+        && !host.eq_ignore_ascii_case(sni)
+    {
+        return Plan::Local {
+            route: None,
+            status: 421,
+            flags: "-",
+            response: local_response(421, version, keep_alive, head_only, b"", None, None),
+            keep_alive,
+        };
+    }
     let Some(route) = routes.select(&view) else {
         return Plan::Local {
             route: None,
@@ -550,7 +698,17 @@ fn plan<'r>(
         edits.set("x-forwarded-for", &xff);
     }
     if !route.overrides.forwarded_proto {
-        edits.set("x-forwarded-proto", b"http");
+        edits.set(
+            "x-forwarded-proto",
+            if tls.is_some() { b"https" } else { b"http" },
+        );
+    }
+    // Never the client's own: only the gateway states what it verified.
+    if !route.overrides.client_cert {
+        match tls.and_then(|t| t.xfcc.as_deref()) {
+            Some(xfcc) => edits.set("x-forwarded-client-cert", xfcc.as_bytes()),
+            None => edits.remove("x-forwarded-client-cert"),
+        }
     }
     if !route.overrides.request_id
         && let Some(id) = &new_id
@@ -649,12 +807,12 @@ impl UpFail {
 
 /// `balance::pick` -> `upstream::connect` -> exchange, with at most one retry.
 #[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
-async fn forward(
+async fn forward<R: HttpRead, W: HttpWrite>(
     guard: &ConnGuard,
     snap: &Rc<ShardGen>,
     routes: &ListenerRoutes,
     route: &CompiledRoute,
-    conn: &mut Conn,
+    conn: &mut Conn<R, W>,
     mut req: ReqInfo,
     upstream_head: Vec<u8>,
     ex: &Exchange,
@@ -875,8 +1033,8 @@ enum Joined {
 /// Run the request-body pump and the response relay at once (an upstream may answer before
 /// the body is in, e.g. with 413, and `100-continue` needs the response side running while the
 /// client waits). Ends when the response ends or either side fails.
-async fn exchange(
-    conn: &mut Conn,
+async fn exchange<R: HttpRead, W: HttpWrite>(
+    conn: &mut Conn<R, W>,
     up: &mut UpConn,
     decoder: &mut BodyDecoder,
     client_idle: Duration,
@@ -926,8 +1084,8 @@ enum PumpError {
 }
 
 /// Forward the request body (with the framing it arrived in) from the client to the upstream.
-async fn pump_request(
-    rd: &mut rt::ReadHalf,
+async fn pump_request<R: HttpRead>(
+    rd: &mut R,
     wr: &mut rt::WriteHalf,
     buf: &mut Vec<u8>,
     decoder: &mut BodyDecoder,
@@ -1035,9 +1193,9 @@ enum RespFail {
 }
 
 /// Read the response from the upstream (forwarding `100 Continue`) and relay it to the client.
-async fn relay_response(
+async fn relay_response<W: HttpWrite>(
     up: &mut rt::ReadHalf,
-    down: &mut rt::WriteHalf,
+    down: &mut W,
     rbuf: &mut Vec<u8>,
     cx: &RespCtx<'_>,
     shared: &ExShared,
@@ -1230,8 +1388,8 @@ async fn read_upstream(
 
 /// Answer the client with the exchange's status (an error or a refusal; no body but the
 /// status line). Returns whether the write worked.
-async fn local(
-    conn: &mut Conn,
+async fn local<R: HttpRead, W: HttpWrite>(
+    conn: &mut Conn<R, W>,
     meters: &Meters<'_>,
     version: Version,
     keep_alive: bool,
@@ -1242,7 +1400,11 @@ async fn local(
     write_client(conn, meters, response).await
 }
 
-async fn write_client(conn: &mut Conn, meters: &Meters<'_>, response: Vec<u8>) -> bool {
+async fn write_client<R: HttpRead, W: HttpWrite>(
+    conn: &mut Conn<R, W>,
+    meters: &Meters<'_>,
+    response: Vec<u8>,
+) -> bool {
     let n = response.len();
     let (res, _) = conn.wr.write_all_owned(response).await;
     if res.is_ok() {
@@ -1383,6 +1545,13 @@ impl<'a> EditSet<'a> {
         out
     }
 
+    fn remove(&mut self, name: &'a str) {
+        if let Some(slot) = self.remove.get_mut(self.removes) {
+            *slot = name;
+            self.removes += 1;
+        }
+    }
+
     fn set(&mut self, name: &'a str, value: &'a [u8]) {
         if let Some(slot) = self.set.get_mut(self.sets) {
             *slot = (name, value);
@@ -1444,6 +1613,7 @@ fn finish(
     route: Option<&CompiledRoute>,
     ex: &Exchange,
     peer: SocketAddr,
+    tls: Option<&TlsInfo>,
 ) {
     let status = ex.status.get();
     let elapsed = ex.started.elapsed();
@@ -1480,11 +1650,11 @@ fn finish(
         upstream_cluster: ex.cluster.get().map(|c| snap.cluster_names[c].clone()),
         downstream_remote_address: peer,
         downstream_local_address: None,
-        requested_server_name: None,
+        requested_server_name: tls.and_then(|t| t.sni.clone()),
         route_name: ex.route.get().map(|r| snap.route_names[r].clone()),
         listener: snap.listener_names[guard.listener].clone(),
-        downstream_peer_spiffe_id: None,
-        tls_version: None,
+        downstream_peer_spiffe_id: tls.and_then(|t| t.peer.as_ref().map(|p| p.as_str().to_owned())),
+        tls_version: tls.and_then(|t| t.version),
         x_forwarded_for: fields.and_then(|f| f.x_forwarded_for.clone()),
         user_agent: fields.and_then(|f| f.user_agent.clone()),
         request_id: fields.and_then(|f| f.request_id.clone()),
@@ -1495,7 +1665,7 @@ fn finish(
 /// After `connection: close`: stop sending, then read and drop what the client still sends
 /// for a moment, so that closing a socket with unread input does not reset the connection
 /// before the client read the response.
-async fn lingering_close(conn: &mut Conn) {
+async fn lingering_close<R: HttpRead, W: HttpWrite>(conn: &mut Conn<R, W>) {
     let _ = conn.wr.shutdown_write().await;
     let until = Instant::now() + LINGER_TIME;
     let mut drained = 0u64;

@@ -44,7 +44,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
     let lstats = &snap.listeners[idx].stats;
     let (down, seen) = match listener.protocol {
         Protocol::Tcp => (Down::Plain(stream), Seen::default()),
-        Protocol::Http => {
+        Protocol::Http | Protocol::Https => {
             tracing::error!(listener = %listener.name, "http listener handed to the L4 path; closing");
             return;
         }

@@ -1,0 +1,226 @@
+//! HTTP test peers shared by the integration tests: nginx as an origin (two servers,
+//! `stable` and `canary`, echoing what the gateway sent), curl with `-i` parsed into a
+//! [`Resp`], and the echo line's fields.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{Fnv, fill_pseudo_random, free_port, wait_until};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `name` on the PATH (or in /usr/sbin, where Debian puts nginx).
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// nginx, or a note that the test is skipped.
+pub fn nginx_or_skip(test: &str) -> Option<PathBuf> {
+    let found = tool("nginx");
+    if found.is_none() {
+        eprintln!(
+            "SKIPPED {test}: nginx is not installed (apt-get install nginx; .ci/run installs it)"
+        );
+    }
+    found
+}
+
+pub const BIG: usize = 8 * 1024 * 1024;
+
+/// nginx as the origin: two servers, `stable` and `canary`, each answering `/` with a line
+/// that echoes what the gateway sent, serving an 8 MiB file, a chunked copy of it, PUT
+/// uploads and a 204.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub stable: SocketAddr,
+    pub canary: SocketAddr,
+    pub big_sum: u64,
+}
+
+impl Nginx {
+    pub fn start(nginx: &Path) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for sub in ["files", "put", "tmp"] {
+            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+        }
+        let mut big = vec![0u8; BIG];
+        fill_pseudo_random(&mut 7u64, &mut big);
+        let mut sum = Fnv::default();
+        sum.update(&big);
+        std::fs::write(d.join("files/big.bin"), &big).expect("write big.bin");
+        let (stable, canary) = (addr(free_port()), addr(free_port()));
+        let locations = format!(
+            r#"
+    location / {{
+      add_header x-origin $origin;
+      add_header x-secret s3cr3t;
+      return 200 "origin=$origin method=$request_method uri=$request_uri host=$http_host xff=$http_x_forwarded_for xfp=$http_x_forwarded_proto rid=$http_x_request_id conn=$connection env=$http_x_env team=$http_x_team debug=$http_x_debug xfcc=$http_x_forwarded_client_cert\n";
+    }}
+    location /files/ {{ root {d}; }}
+    location /chunked/ {{
+      alias {d}/files/;
+      sub_filter_types *;
+      sub_filter 'no-such-text-in-the-file' 'x';
+    }}
+    location /put/ {{
+      root {d};
+      dav_methods PUT;
+      create_full_put_path on;
+      client_max_body_size 64m;
+      client_body_buffer_size 1m;
+    }}
+    location = /nocontent {{ return 204; }}
+"#,
+            d = d.display()
+        );
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 4096; }}
+http {{
+  log_format mg '$server_port $connection "$request" $status';
+  access_log {d}/access.log mg;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  keepalive_requests 100000;
+  keepalive_timeout 75s;
+  server {{
+    listen {stable};
+    set $origin stable;
+    {locations}
+  }}
+  server {{
+    listen {canary};
+    set $origin canary;
+    {locations}
+  }}
+}}
+"#,
+            d = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut n = Nginx {
+            child,
+            dir,
+            stable,
+            canary,
+            big_sum: sum.0,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(n.stable).is_ok() && TcpStream::connect(n.canary).is_ok()
+        });
+        if !up {
+            let _ = n.child.kill();
+            panic!(
+                "nginx did not start:\n{}",
+                std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        n
+    }
+
+    /// nginx's access log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as curl showed it with `-i`.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// `curl -sS -i ARGS`; the last response (curl prints one per URL and interim ones).
+pub fn curl(args: &[&str]) -> Resp {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_last(&String::from_utf8_lossy(&out.stdout))
+}
+
+pub fn parse_last(text: &str) -> Resp {
+    let start = text.rfind("HTTP/1.").unwrap_or(0);
+    let (head, body) = text[start..].split_once("\r\n\r\n").unwrap_or((text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// The keys of the origin's echo line, in order.
+pub const KEYS: [&str; 12] = [
+    "origin", "method", "uri", "host", "xff", "xfp", "rid", "conn", "env", "team", "debug", "xfcc",
+];
+
+/// The value of `key=` in an origin echo line (values may contain spaces: each runs to the
+/// next key).
+pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
+    let Some(at) = body.find(&format!("{key}=")) else {
+        return "";
+    };
+    let rest = &body[at + key.len() + 1..];
+    let next = KEYS
+        .iter()
+        .position(|k| *k == key)
+        .and_then(|i| KEYS.get(i + 1));
+    let end = next
+        .and_then(|n| rest.find(&format!(" {n}=")))
+        .unwrap_or_else(|| rest.find('\n').unwrap_or(rest.len()));
+    &rest[..end]
+}
