@@ -614,3 +614,96 @@ fn tls_listener_without_certificates_serves_the_local_ca_identity() {
     let text = v.to_string();
     assert!(text.contains("spiffe://meshgate.local/gateway"), "{text}");
 }
+
+/// Resumed handshakes per shard for one TLS version, from the gateway's metrics.
+fn resumed_by_shard(mg: &Meshgate, version: &str) -> [f64; 2] {
+    let m = mg.metrics();
+    ["0", "1"].map(|shard| {
+        metric_sum(
+            &m,
+            "meshgate_tls_handshakes_total",
+            &[
+                ("listener", "mtls"),
+                ("result", "resumed"),
+                ("version", version),
+                ("shard", shard),
+            ],
+        )
+    })
+}
+
+#[test]
+fn sessions_resume_on_either_shard_with_tls13_tickets_tls12_tickets_and_session_ids() {
+    use meshgate_testkit::tlsload::{self, Versions};
+    use rustls::client::{Resumption, Tls12Resumption};
+
+    let pki = Pki::new();
+    let echo = EchoServer::start();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mg =
+        Meshgate::start(bin(), &mtls_config(&pki, admin, listen, echo.addr), admin).expect("start");
+    let roots = [pki.example.root_der()];
+    let client = pki.example.svid("/client").expect("svid");
+    const CONNECTIONS: usize = 60;
+    let modes = [
+        (
+            "TLS 1.3 tickets",
+            Versions::Both,
+            "TLSv1.3",
+            Resumption::in_memory_sessions(256),
+        ),
+        (
+            "TLS 1.2 tickets",
+            Versions::Tls12Only,
+            "TLSv1.2",
+            Resumption::in_memory_sessions(256)
+                .tls12_resumption(Tls12Resumption::SessionIdOrTickets),
+        ),
+        (
+            "TLS 1.2 session IDs",
+            Versions::Tls12Only,
+            "TLSv1.2",
+            Resumption::in_memory_sessions(256).tls12_resumption(Tls12Resumption::SessionIdOnly),
+        ),
+    ];
+    for (mode, versions, label, resumption) in modes {
+        // One client config = one session store, reused by every connection of this mode; the
+        // kernel spreads the connections over both shards (SO_REUSEPORT).
+        let config = tlsload::client_config(&roots, Some(&client), versions, resumption)
+            .expect("client config");
+        let before = resumed_by_shard(&mg, label);
+        let mut resumed = 0;
+        for n in 0..CONNECTIONS {
+            let mut tls = tlsload::connect(listen, config.clone(), "gateway.example.test")
+                .unwrap_or_else(|e| panic!("{mode}: connection {n}: {e:#}\n{}", mg.log()));
+            tlsload::echo(&mut tls, format!("{mode} {n}\n").as_bytes())
+                .unwrap_or_else(|e| panic!("{mode}: connection {n}: {e:#}"));
+            if tlsload::resumed(&tls) {
+                resumed += 1;
+            }
+            tlsload::close(tls);
+        }
+        // Every connection after the first offers a session; all of them must be taken.
+        assert_eq!(
+            resumed,
+            CONNECTIONS - 1,
+            "{mode}: client saw {resumed} resumed handshakes"
+        );
+        let mut after = [0.0; 2];
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                after = resumed_by_shard(&mg, label);
+                after[0] + after[1] - before[0] - before[1] >= (CONNECTIONS - 1) as f64
+            }),
+            "{mode}: gateway counted {after:?} (before {before:?})\n{}",
+            mg.metrics()
+        );
+        for shard in 0..2 {
+            assert!(
+                after[shard] > before[shard],
+                "{mode}: no resumed handshake on shard {shard}: {before:?} -> {after:?}"
+            );
+        }
+    }
+}

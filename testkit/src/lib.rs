@@ -9,6 +9,7 @@
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
 pub mod pki;
+pub mod tlsload;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
