@@ -241,6 +241,25 @@ fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
             "{reason}:\n{m}"
         );
     }
+    // `meshgate status` shows the handshakes by result and version.
+    let out = Command::new(bin())
+        .args(["status", "--admin", &admin.to_string()])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("tls listener") && text.contains("TLS 1.3"),
+        "{text}"
+    );
+    let out = Command::new(bin())
+        .args(["status", "--admin", &admin.to_string(), "-o", "json"])
+        .output()
+        .expect("status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let tls = &st["listeners"][0]["tls"];
+    assert!(tls["full"].as_u64() >= Some(1), "{st}");
+    assert!(tls["failed"].as_u64() >= Some(2), "{st}");
+    assert!(tls["tls13"].as_u64() >= Some(1), "{st}");
     // The served certificate and the bundle root are listed, each with its expiry exported as
     // a gauge.
     let (code, body) = mg.get("/certs").expect("certs");
@@ -362,35 +381,43 @@ struct SServer {
     _dir: tempfile::TempDir,
 }
 
-impl SServer {
-    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("name.txt"), name).expect("write");
-        let (cert, key) = pki.server(name, &[dns]);
+/// `openssl s_server -quiet -WWW` serving `dir`, on a free port, with `args` added; up when
+/// it accepts connections. On a busy machine a port that was free a moment ago may be taken
+/// by then (s_server binds the wildcard address, which clashes with any socket on that port,
+/// even a client's): then try another port.
+fn s_server(dir: &Path, args: impl Fn(&mut Command)) -> (Child, SocketAddr) {
+    for _ in 0..10 {
         let port = free_port();
-        let child = Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-WWW",
-                "-accept",
-                &port.to_string(),
-                "-cert",
-            ])
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .current_dir(dir.path())
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_server", "-quiet", "-WWW", "-accept", &port.to_string()]);
+        args(&mut cmd);
+        let mut child = cmd
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("openssl s_server");
-        let addr = addr(port);
-        assert!(
-            wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
-            "s_server up"
-        );
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(addr(port)).is_ok() || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if up && matches!(child.try_wait(), Ok(None)) {
+            return (child, addr(port));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("openssl s_server did not start on any of 10 ports");
+}
+
+impl SServer {
+    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("name.txt"), name).expect("write");
+        let (cert, key) = pki.server(name, &[dns]);
+        let (child, addr) = s_server(dir.path(), |cmd| {
+            cmd.arg("-cert").arg(&cert).arg("-key").arg(&key);
+        });
         SServer {
             child,
             addr,
@@ -469,34 +496,16 @@ fn tcp_listener_originates_mtls_verified_by_spiffe_id() {
     let (ucert, ukey) = pki.svid(&pki.example, "upstream", "/ns/prod/web");
     let bundle = pki.bundle(&pki.example, "bundle");
     let (gcert, gkey) = pki.svid(&pki.example, "gateway", "/gateway");
-    let uport = free_port();
-    let mut child = Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-WWW",
-            "-accept",
-            &uport.to_string(),
-            "-Verify",
-            "1",
-            "-verify_return_error",
-        ])
-        .arg("-cert")
-        .arg(&ucert)
-        .arg("-key")
-        .arg(&ukey)
-        .arg("-CAfile")
-        .arg(&bundle)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s_server");
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr(uport)
-    )
-    .is_ok()));
+    let (mut child, upstream) = s_server(dir.path(), |cmd| {
+        cmd.args(["-Verify", "1", "-verify_return_error"])
+            .arg("-cert")
+            .arg(&ucert)
+            .arg("-key")
+            .arg(&ukey)
+            .arg("-CAfile")
+            .arg(&bundle);
+    });
+    let uport = upstream.port();
     let run = |expect_id: &str| {
         let admin = addr(free_port());
         let listen = addr(free_port());
