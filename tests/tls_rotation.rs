@@ -251,7 +251,18 @@ fn rotating_cert_and_bundle_twenty_times_under_load_drops_nothing() {
         counts.errors(),
         mg.log()
     );
-    assert!(rate >= 200.0, "only {rate:.0} handshakes/s");
+    // The bar. On a machine known to be oversubscribed (other builds and tests
+    // competing for the cores), MESHGATE_TEST_MIN_HANDSHAKE_RATE lowers it explicitly; the
+    // figures above say what the gateway and the clients cost per handshake.
+    let min_rate: f64 = std::env::var("MESHGATE_TEST_MIN_HANDSHAKE_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200.0);
+    assert!(
+        rate >= min_rate,
+        "only {rate:.0} full handshakes/s (need {min_rate}); load average: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
+    );
     for (n, c) in long_lived.iter_mut().enumerate() {
         tlsload::echo(c, format!("long {n} at the end\n").as_bytes()).expect("long-lived echo");
     }
