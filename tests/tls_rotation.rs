@@ -15,6 +15,14 @@ use rustls::pki_types::CertificateDer;
 
 const NAME: &str = "gateway.example.test";
 
+/// The tests of this file run one at a time: the rate one measures handshakes per second, and
+/// must not share the cores with the other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial_guard() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
@@ -151,6 +159,7 @@ fn serial(ca: &TrustDomainCa) -> String {
 
 #[test]
 fn rotating_cert_and_bundle_twenty_times_under_load_drops_nothing() {
+    let _serial = serial_guard();
     const ROTATIONS: usize = 20;
     // One CA per bundle generation; the bundle always holds the previous and the current
     // root, so clients can move to the new CA one rotation after the gateway trusts it.
@@ -304,6 +313,7 @@ fn rotating_cert_and_bundle_twenty_times_under_load_drops_nothing() {
 
 #[test]
 fn a_bad_new_file_is_refused_logged_and_counted_and_the_old_material_stays() {
+    let _serial = serial_guard();
     let ca = TrustDomainCa::new("example.test", false).expect("ca");
     let roots = vec![ca.root_der()];
     let client = ca.svid("/client").expect("svid");
