@@ -214,6 +214,25 @@ fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
             "{reason}:\n{m}"
         );
     }
+    // `meshgate status` shows the handshakes by result and version.
+    let out = Command::new(bin())
+        .args(["status", "--admin", &admin.to_string()])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("tls listener") && text.contains("TLS 1.3"),
+        "{text}"
+    );
+    let out = Command::new(bin())
+        .args(["status", "--admin", &admin.to_string(), "-o", "json"])
+        .output()
+        .expect("status");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let tls = &st["listeners"][0]["tls"];
+    assert!(tls["full"].as_u64() >= Some(1), "{st}");
+    assert!(tls["failed"].as_u64() >= Some(2), "{st}");
+    assert!(tls["tls13"].as_u64() >= Some(1), "{st}");
     // The served certificate and the bundle root are listed, each with its expiry exported as
     // a gauge.
     let (code, body) = mg.get("/certs").expect("certs");
@@ -335,35 +354,43 @@ struct SServer {
     _dir: tempfile::TempDir,
 }
 
-impl SServer {
-    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("name.txt"), name).expect("write");
-        let (cert, key) = pki.server(name, &[dns]);
+/// `openssl s_server -quiet -WWW` serving `dir`, on a free port, with `args` added; up when
+/// it accepts connections. On a busy machine a port that was free a moment ago may be taken
+/// by then (s_server binds the wildcard address, which clashes with any socket on that port,
+/// even a client's): then try another port.
+fn s_server(dir: &Path, args: impl Fn(&mut Command)) -> (Child, SocketAddr) {
+    for _ in 0..10 {
         let port = free_port();
-        let child = Command::new("openssl")
-            .args([
-                "s_server",
-                "-quiet",
-                "-WWW",
-                "-accept",
-                &port.to_string(),
-                "-cert",
-            ])
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .current_dir(dir.path())
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_server", "-quiet", "-WWW", "-accept", &port.to_string()]);
+        args(&mut cmd);
+        let mut child = cmd
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("openssl s_server");
-        let addr = addr(port);
-        assert!(
-            wait_until(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
-            "s_server up"
-        );
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(addr(port)).is_ok() || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if up && matches!(child.try_wait(), Ok(None)) {
+            return (child, addr(port));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("openssl s_server did not start on any of 10 ports");
+}
+
+impl SServer {
+    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("name.txt"), name).expect("write");
+        let (cert, key) = pki.server(name, &[dns]);
+        let (child, addr) = s_server(dir.path(), |cmd| {
+            cmd.arg("-cert").arg(&cert).arg("-key").arg(&key);
+        });
         SServer {
             child,
             addr,
@@ -442,34 +469,16 @@ fn tcp_listener_originates_mtls_verified_by_spiffe_id() {
     let (ucert, ukey) = pki.svid(&pki.example, "upstream", "/ns/prod/web");
     let bundle = pki.bundle(&pki.example, "bundle");
     let (gcert, gkey) = pki.svid(&pki.example, "gateway", "/gateway");
-    let uport = free_port();
-    let mut child = Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-WWW",
-            "-accept",
-            &uport.to_string(),
-            "-Verify",
-            "1",
-            "-verify_return_error",
-        ])
-        .arg("-cert")
-        .arg(&ucert)
-        .arg("-key")
-        .arg(&ukey)
-        .arg("-CAfile")
-        .arg(&bundle)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s_server");
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr(uport)
-    )
-    .is_ok()));
+    let (mut child, upstream) = s_server(dir.path(), |cmd| {
+        cmd.args(["-Verify", "1", "-verify_return_error"])
+            .arg("-cert")
+            .arg(&ucert)
+            .arg("-key")
+            .arg(&ukey)
+            .arg("-CAfile")
+            .arg(&bundle);
+    });
+    let uport = upstream.port();
     let run = |expect_id: &str| {
         let admin = addr(free_port());
         let listen = addr(free_port());
@@ -586,4 +595,97 @@ fn tls_listener_without_certificates_serves_the_local_ca_identity() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let text = v.to_string();
     assert!(text.contains("spiffe://meshgate.local/gateway"), "{text}");
+}
+
+/// Resumed handshakes per shard for one TLS version, from the gateway's metrics.
+fn resumed_by_shard(mg: &Meshgate, version: &str) -> [f64; 2] {
+    let m = mg.metrics();
+    ["0", "1"].map(|shard| {
+        metric_sum(
+            &m,
+            "meshgate_tls_handshakes_total",
+            &[
+                ("listener", "mtls"),
+                ("result", "resumed"),
+                ("version", version),
+                ("shard", shard),
+            ],
+        )
+    })
+}
+
+#[test]
+fn sessions_resume_on_either_shard_with_tls13_tickets_tls12_tickets_and_session_ids() {
+    use meshgate_testkit::tlsload::{self, Versions};
+    use rustls::client::{Resumption, Tls12Resumption};
+
+    let pki = Pki::new();
+    let echo = EchoServer::start();
+    let admin = addr(free_port());
+    let listen = addr(free_port());
+    let mg =
+        Meshgate::start(bin(), &mtls_config(&pki, admin, listen, echo.addr), admin).expect("start");
+    let roots = [pki.example.root_der()];
+    let client = pki.example.svid("/client").expect("svid");
+    const CONNECTIONS: usize = 60;
+    let modes = [
+        (
+            "TLS 1.3 tickets",
+            Versions::Both,
+            "TLSv1.3",
+            Resumption::in_memory_sessions(256),
+        ),
+        (
+            "TLS 1.2 tickets",
+            Versions::Tls12Only,
+            "TLSv1.2",
+            Resumption::in_memory_sessions(256)
+                .tls12_resumption(Tls12Resumption::SessionIdOrTickets),
+        ),
+        (
+            "TLS 1.2 session IDs",
+            Versions::Tls12Only,
+            "TLSv1.2",
+            Resumption::in_memory_sessions(256).tls12_resumption(Tls12Resumption::SessionIdOnly),
+        ),
+    ];
+    for (mode, versions, label, resumption) in modes {
+        // One client config = one session store, reused by every connection of this mode; the
+        // kernel spreads the connections over both shards (SO_REUSEPORT).
+        let config = tlsload::client_config(&roots, Some(&client), versions, resumption)
+            .expect("client config");
+        let before = resumed_by_shard(&mg, label);
+        let mut resumed = 0;
+        for n in 0..CONNECTIONS {
+            let mut tls = tlsload::connect(listen, config.clone(), "gateway.example.test")
+                .unwrap_or_else(|e| panic!("{mode}: connection {n}: {e:#}\n{}", mg.log()));
+            tlsload::echo(&mut tls, format!("{mode} {n}\n").as_bytes())
+                .unwrap_or_else(|e| panic!("{mode}: connection {n}: {e:#}"));
+            if tlsload::resumed(&tls) {
+                resumed += 1;
+            }
+            tlsload::close(tls);
+        }
+        // Every connection after the first offers a session; all of them must be taken.
+        assert_eq!(
+            resumed,
+            CONNECTIONS - 1,
+            "{mode}: client saw {resumed} resumed handshakes"
+        );
+        let mut after = [0.0; 2];
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                after = resumed_by_shard(&mg, label);
+                after[0] + after[1] - before[0] - before[1] >= (CONNECTIONS - 1) as f64
+            }),
+            "{mode}: gateway counted {after:?} (before {before:?})\n{}",
+            mg.metrics()
+        );
+        for shard in 0..2 {
+            assert!(
+                after[shard] > before[shard],
+                "{mode}: no resumed handshake on shard {shard}: {before:?} -> {after:?}"
+            );
+        }
+    }
 }

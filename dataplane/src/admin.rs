@@ -428,6 +428,20 @@ pub struct ListenerStatus {
     pub limit_rejected: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// TLS handshakes since start (listeners that terminate TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
+}
+
+/// TLS handshakes of one listener since start, summed over shards.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct TlsStatus {
+    pub full: u64,
+    pub resumed: u64,
+    pub failed: u64,
+    /// Completed handshakes by version.
+    pub tls13: u64,
+    pub tls12: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -469,6 +483,13 @@ fn status(state: &AdminState) -> Status {
                 limit_rejected: s.listener_total(&l.name, |x| x.limit_rejected.get()),
                 bytes_in: s.listener_total(&l.name, |x| x.bytes_in.get()),
                 bytes_out: s.listener_total(&l.name, |x| x.bytes_out.get()),
+                tls: l.tls.as_ref().map(|_| TlsStatus {
+                    full: s.listener_total(&l.name, |x| x.tls.completed_total(false)),
+                    resumed: s.listener_total(&l.name, |x| x.tls.completed_total(true)),
+                    failed: s.listener_total(&l.name, |x| x.tls.failed_total()),
+                    tls13: s.listener_total(&l.name, |x| x.tls.version_total("TLSv1.3")),
+                    tls12: s.listener_total(&l.name, |x| x.tls.version_total("TLSv1.2")),
+                }),
             })
             .collect(),
         clusters: config

@@ -153,6 +153,16 @@ impl TlsHandshakeStats {
             .sum()
     }
 
+    /// Completed handshakes (full and resumed) of `version` (`TLSv1.3` or `TLSv1.2`).
+    pub fn version_total(&self, version: &str) -> u64 {
+        self.done
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c[Self::slot(version, false)].get() + c[Self::slot(version, true)].get())
+            .sum()
+    }
+
     /// Failed handshakes, every reason.
     pub fn failed_total(&self) -> u64 {
         self.failed

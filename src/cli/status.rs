@@ -117,7 +117,46 @@ pub fn run(args: StatusArgs) -> u8 {
         ]);
     }
     println!("{t}");
+    let tls: Vec<_> = st
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.map(|t| (l, t)))
+        .collect();
+    if !tls.is_empty() {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header([
+            "tls listener",
+            "handshakes/s (avg since start)",
+            "full",
+            "resumed",
+            "failed",
+            "TLS 1.3",
+            "TLS 1.2",
+        ]);
+        let secs = st.uptime_seconds.max(1) as f64;
+        for (l, h) in tls {
+            t.add_row([
+                l.name.clone(),
+                format!("{:.1}", (h.full + h.resumed + h.failed) as f64 / secs),
+                h.full.to_string(),
+                h.resumed.to_string(),
+                h.failed.to_string(),
+                percent(h.tls13, h.tls13 + h.tls12),
+                percent(h.tls12, h.tls13 + h.tls12),
+            ]);
+        }
+        println!("{t}");
+    }
     exit::OK
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".to_owned()
+    } else {
+        format!("{part} ({:.0}%)", part as f64 * 100.0 / whole as f64)
+    }
 }
 
 fn human_duration(s: u64) -> String {

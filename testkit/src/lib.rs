@@ -11,6 +11,7 @@
 
 pub mod http;
 pub mod pki;
+pub mod tlsload;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
