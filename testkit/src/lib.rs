@@ -1,6 +1,6 @@
 //! meshgate-testkit: what the integration tests and benchmarks share.
 //!
-//! - [`free_port`]: a loopback port nobody listens on right now.
+//! - [`free_port`]: a loopback port nobody uses right now (outside the ephemeral range).
 //! - [`EchoServer`]: a threaded TCP echo upstream that honours half-close.
 //! - [`Meshgate`]: the real `meshgate run` binary as a child process with its own config and
 //!   admin API, killed on drop; [`Meshgate::terminate`] for graceful-shutdown tests.
@@ -24,12 +24,40 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A loopback port that was free a moment ago (bind :0, read it, release it).
+/// A loopback port nobody uses right now, for a server a test starts next (meshgate, openssl
+/// s_server, nginx). It is taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so no outgoing connection of this or any other process can
+/// grab it between this check and the server's `bind`; ports are handed out in turn from a
+/// per-process random start, so parallel tests (and test binaries) do not collide.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 always works on a test machine")
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = (10_000u32, ephemeral_low().saturating_sub(1).max(10_001));
+    let span = hi - lo;
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id().wrapping_mul(2_654_435_761) % span + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (lo + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        // Free on 127.0.0.1 and on the wildcard (servers like openssl bind `*:port`).
+        let v4 = TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let any = v4 && TcpListener::bind(("::", port)).is_ok();
+        if any {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi}")
+}
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A listener on 127.0.0.1:0 with a deep accept queue (std's default is shallow, and a test
