@@ -219,7 +219,13 @@ pub fn run(args: RunArgs) -> u8 {
     let sig_rx = signals.forward();
     // Federation: refresh peers' bundles; a changed bundle reloads (every shard's verifier).
     let (fed_tx, fed_rx) = crossbeam_channel::bounded::<()>(1);
-    let _poller = start_federation(&args.state_dir, &config, fed_tx);
+    let poller = start_federation(&args.state_dir, &config, fed_tx);
+    // Without a poller the sender is gone; a disconnected channel would be ready forever.
+    let fed_rx = if poller.is_some() {
+        fed_rx
+    } else {
+        crossbeam_channel::never()
+    };
     let drain_timeout = loop {
         crossbeam_channel::select! {
             recv(sig_rx) -> sig => match sig {
@@ -240,9 +246,11 @@ pub fn run(args: RunArgs) -> u8 {
                     let _ = req.reply.send(daemon.handle(req.action));
                 }
             }
-            recv(fed_rx) -> _ => {
-                tracing::info!("a federated trust bundle changed: reloading");
-                let _ = daemon.handle(ControlAction::Reload);
+            recv(fed_rx) -> msg => {
+                if msg.is_ok() {
+                    tracing::info!("a federated trust bundle changed: reloading");
+                    let _ = daemon.handle(ControlAction::Reload);
+                }
             }
             recv(daemon.renewal_timer()) -> _ => {
                 tracing::info!("the gateway's serving certificate is at half its lifetime: renewing");
