@@ -734,8 +734,9 @@ identity = {{ cert = "{id_cert}", key = "{id_key}" }}
     assert_ne!(code, 0, "an SVID of the retired root must be refused");
 }
 
-/// `openssl s_server -WWW` serving `<dir>/bundle.json` with `cert`/`key`.
-fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Proc {
+/// `openssl s_server -WWW` serving `<dir>/bundle.json` with `cert`/`key`; None if it exits
+/// (port taken meanwhile) or does not listen within 20 s.
+fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Option<Proc> {
     let child = Command::new("openssl")
         .args(["s_server", "-quiet", "-WWW", "-accept", &port.to_string()])
         .arg("-cert")
@@ -748,11 +749,11 @@ fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl s_server");
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr(port)
-    )
-    .is_ok()));
-    Proc(child)
+    let mut p = Proc(child);
+    let up = wait_until(Duration::from_secs(20), || {
+        matches!(p.0.try_wait(), Ok(Some(_))) || TcpStream::connect(addr(port)).is_ok()
+    });
+    (up && matches!(p.0.try_wait(), Ok(None))).then_some(p)
 }
 
 #[test]
@@ -783,8 +784,13 @@ fn a_bad_peer_endpoint_keeps_the_last_good_bundle() {
     let good = t.join("good.json");
     std::fs::write(&good, bundle_doc(&a, 5)).expect("write");
     let (ep_cert, ep_key) = issue(&a, "spiffe://a.test/meshgate/bundle-endpoint", t, "ep", &[]);
-    let port = free_port();
-    let server = s_server(&www, port, &ep_cert, &ep_key);
+    // free_port can race with other tests' ephemeral ports: retry with another one.
+    let (port, server) = (0..5)
+        .find_map(|_| {
+            let port = free_port();
+            s_server(&www, port, &ep_cert, &ep_key).map(|p| (port, p))
+        })
+        .expect("openssl s_server listening");
     let endpoint = format!("https://127.0.0.1:{port}/bundle.json");
     ok(&[
         "trust",
@@ -936,7 +942,9 @@ endpoints = ["{origin}"]
     }
     // The endpoint comes back with a higher sequence: accepted, the error clears.
     serve(&bundle_doc(&a, 6));
-    let _server = s_server(&www, port, &ep_cert, &ep_key);
+    let _server = eventually(Duration::from_secs(30), "s_server back on its port", || {
+        s_server(&www, port, &ep_cert, &ep_key)
+    });
     eventually(Duration::from_secs(20), "recovery", || {
         let p = peer(&g, "a.test");
         (p["sequence"] == 6 && p["last_error"].is_null()).then_some(())
