@@ -3,10 +3,11 @@
 //! Two trust domains on loopback, each with its own CA state directory and bundle endpoint:
 //! `a.test` serves its bundle with the `https_spiffe` profile (`meshgate bundle serve`), `b.test`
 //! with `https_web` (an operator certificate for `localhost`). Each federates with the other
-//! (`meshgate trust add`). A workload calls `http://<A egress>/`; A's egress gateway originates
-//! mTLS with its a.test SVID and SNI `web.default.cluster-b` to B's ingress gateway, which trusts
-//! a.test through the federated bundle (`trust_bundles = [{ federated = true }]`), routes by that
-//! SNI and peer trust domain to the service. A c.test client is refused. Then cluster A rotates
+//! (`meshgate trust add`). A workload holding an a.test SVID calls A's egress gateway over mTLS;
+//! A originates mTLS with its own a.test SVID and SNI `web.default.cluster-b` to B's ingress
+//! gateway (requiring B's ingress SPIFFE ID), which trusts a.test through the federated bundle
+//! (`trust_bundles = [{ federated = true }]`) and routes by that SNI and peer trust domain to
+//! the service. A c.test client is refused at both gateways. Then cluster A rotates
 //! its CA (prepare, wait for B to fetch, activate, re-issue, wait out the old SVIDs, retire) while
 //! the cross-cluster call repeats: zero failures.
 //!
@@ -366,23 +367,50 @@ fn east_west_federation_and_ca_rotation_with_zero_failures() {
         "b-ingress",
         &["--dns", "web.default.cluster-b", "--ttl", "1h"],
     );
+    // A's egress gateway: one SVID both serves the workloads' listener and authenticates to B.
     let egress = |n: u32| {
         issue(
             &a,
             "spiffe://a.test/egress",
             t,
             &format!("a-egress-{n}"),
-            &[],
+            &["--dns", "egress.a.local"],
         )
     };
-    // The first SVID (old root) lives 30 s: retire must wait that long after it.
+    // The first SVIDs (old root) live 30 s: retire must wait that long after them.
     let (e_cert, e_key) = issue(
         &a,
         "spiffe://a.test/egress",
         t,
         "a-egress-0",
-        &["--ttl", "30s"],
+        &["--ttl", "30s", "--dns", "egress.a.local"],
     );
+    let workload = |n: u32, ttl: &str| {
+        issue(
+            &a,
+            "spiffe://a.test/workload",
+            t,
+            &format!("wl-{n}"),
+            &["--ttl", ttl],
+        )
+    };
+    let current_wl = Arc::new(std::sync::Mutex::new(workload(0, "30s")));
+    // A's own trust domain bundle for its workload-facing listener (re-exported at each
+    // rotation step that changes it, then A reloads).
+    let a_local = t.join("a-local.pem");
+    let export_a_local = || {
+        ok(&[
+            "bundle",
+            "export",
+            "--state-dir",
+            s(&a),
+            "--format",
+            "pem",
+            "--out",
+            s(&a_local),
+        ]);
+    };
+    export_a_local();
     // Stable paths the A gateway reads; re-issued (and A reloaded) like an agent would.
     let a_id_cert = t.join("a-egress.pem");
     let a_id_key = t.join("a-egress-key.pem");
@@ -426,7 +454,8 @@ endpoints = ["{origin}"]
     let gw_b = Meshgate::start_with_args(bin(), &b_cfg, b_admin, &["--state-dir", s(&b)])
         .expect("gateway B");
 
-    // A egress: plain TCP from the workload, mTLS to B with SNI naming the target service.
+    // A egress: mTLS from the workload (an a.test SVID required), mTLS to B with SNI naming the
+    // target service and B's ingress identity required.
     let (a_admin, a_out) = (addr(free_port()), addr(free_port()));
     let a_cfg = format!(
         r#"version = 1
@@ -436,12 +465,17 @@ address = "{a_admin}"
 [[listeners]]
 name = "egress"
 address = "{a_out}"
-protocol = "tcp"
+protocol = "tls"
+[listeners.tls]
+certificates = [{{ cert = "{id_cert}", key = "{id_key}" }}]
+client_auth = "required"
+trust_bundles = [{{ trust_domain = "a.test", bundle = "{a_local}" }}]
 
 [[routes]]
 name = "to-cluster-b"
 listener = "egress"
 cluster = "cluster-b-web"
+match = {{ peer = {{ trust_domains = ["a.test"] }} }}
 
 [[clusters]]
 name = "cluster-b-web"
@@ -449,18 +483,34 @@ endpoints = ["{b_in}"]
 [clusters.tls]
 sni = "web.default.cluster-b"
 verify = {{ spiffe_ids = ["spiffe://b.test/ingress"] }}
-trust_bundle = "{}"
-identity = {{ cert = "{}", key = "{}" }}
+trust_bundle = "{b_bundle}"
+identity = {{ cert = "{id_cert}", key = "{id_key}" }}
 "#,
-        s(&a.join("trust/b.test/bundle.pem")),
-        s(&a_id_cert),
-        s(&a_id_key)
+        b_bundle = s(&a.join("trust/b.test/bundle.pem")),
+        id_cert = s(&a_id_cert),
+        id_key = s(&a_id_key),
+        a_local = s(&a_local),
     );
     let gw_a = Meshgate::start_with_args(bin(), &a_cfg, a_admin, &["--state-dir", s(&a)])
         .expect("gateway A");
 
-    let url = format!("http://{a_out}/");
-    let (code, body) = curl(&[&url]);
+    let url = format!("https://egress.a.local:{}/", a_out.port());
+    let a_resolve = format!("egress.a.local:{}:127.0.0.1", a_out.port());
+    let call_as = |cert: &Path, key: &Path| {
+        curl(&[
+            "--resolve",
+            &a_resolve,
+            "--cacert",
+            s(&a_local),
+            "--cert",
+            s(cert),
+            "--key",
+            s(key),
+            &url,
+        ])
+    };
+    let (wl_cert, wl_key) = current_wl.lock().expect("lock").clone();
+    let (code, body) = call_as(&wl_cert, &wl_key);
     assert_eq!(
         (code, body.as_str()),
         (0, "hello from b.test"),
@@ -506,6 +556,9 @@ identity = {{ cert = "{}", key = "{}" }}
         &direct,
     ]);
     assert_ne!(code, 0, "a c.test client must be refused");
+    // ... and so is a c.test workload at A's egress.
+    let (code, _) = call_as(&c_cert, &c_key);
+    assert_ne!(code, 0, "a c.test workload must be refused at A's egress");
     assert!(
         metric_sum(
             &gw_b.metrics(),
@@ -520,12 +573,31 @@ identity = {{ cert = "{}", key = "{}" }}
     let stop = Arc::new(AtomicBool::new(false));
     let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let caller = {
-        let (stop, calls, failures, url) =
-            (stop.clone(), calls.clone(), failures.clone(), url.clone());
+        let (stop, calls, failures, url, wl, resolve, a_local) = (
+            stop.clone(),
+            calls.clone(),
+            failures.clone(),
+            url.clone(),
+            current_wl.clone(),
+            a_resolve.clone(),
+            a_local.clone(),
+        );
         std::thread::spawn(move || {
             let mut errors = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                let (code, body) = curl(&[&url]);
+                // The workload's current SVID (its agent swaps cert and key together).
+                let (cert, key) = wl.lock().expect("lock").clone();
+                let (code, body) = curl(&[
+                    "--resolve",
+                    &resolve,
+                    "--cacert",
+                    s(&a_local),
+                    "--cert",
+                    s(&cert),
+                    "--key",
+                    s(&key),
+                    &url,
+                ]);
                 calls.fetch_add(1, Ordering::SeqCst);
                 if code != 0 || body != "hello from b.test" {
                     failures.fetch_add(1, Ordering::SeqCst);
@@ -554,6 +626,7 @@ identity = {{ cert = "{}", key = "{}" }}
         std::fs::copy(&k, &a_id_key).expect("copy");
         std::fs::copy(&c, &a_id_cert).expect("copy");
         reload_a();
+        *current_wl.lock().expect("lock") = workload(*n, "12s");
     };
     let wait_b_sequence = |seq: u64| {
         let before = generation(&gw_b);
@@ -577,6 +650,9 @@ identity = {{ cert = "{}", key = "{}" }}
     ok(&["ca", "rotate", "prepare", "--state-dir", s(&a)]);
     wait_b_sequence(2);
     assert_eq!(peer(&b, "a.test")["authorities"], 2);
+    // A's own listener trusts both roots too.
+    export_a_local();
+    reload_a();
     // 2. activate (one refresh hint has passed), then re-issue the egress SVID with the new key.
     ok(&["ca", "rotate", "activate", "--state-dir", s(&a)]);
     renew(&mut n);
@@ -602,12 +678,11 @@ identity = {{ cert = "{}", key = "{}" }}
             start.elapsed() < Duration::from_secs(60),
             "retire never allowed"
         );
-        if n < 4 {
-            renew(&mut n);
-        }
+        renew(&mut n);
     }
     wait_b_sequence(3);
     assert_eq!(peer(&b, "a.test")["authorities"], 1);
+    export_a_local();
     renew(&mut n);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
@@ -659,8 +734,9 @@ identity = {{ cert = "{}", key = "{}" }}
     assert_ne!(code, 0, "an SVID of the retired root must be refused");
 }
 
-/// `openssl s_server -WWW` serving `<dir>/bundle.json` with `cert`/`key`.
-fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Proc {
+/// `openssl s_server -WWW` serving `<dir>/bundle.json` with `cert`/`key`; None if it exits
+/// (port taken meanwhile) or does not listen within 20 s.
+fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Option<Proc> {
     let child = Command::new("openssl")
         .args(["s_server", "-quiet", "-WWW", "-accept", &port.to_string()])
         .arg("-cert")
@@ -673,11 +749,11 @@ fn s_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl s_server");
-    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
-        addr(port)
-    )
-    .is_ok()));
-    Proc(child)
+    let mut p = Proc(child);
+    let up = wait_until(Duration::from_secs(20), || {
+        matches!(p.0.try_wait(), Ok(Some(_))) || TcpStream::connect(addr(port)).is_ok()
+    });
+    (up && matches!(p.0.try_wait(), Ok(None))).then_some(p)
 }
 
 #[test]
@@ -708,8 +784,13 @@ fn a_bad_peer_endpoint_keeps_the_last_good_bundle() {
     let good = t.join("good.json");
     std::fs::write(&good, bundle_doc(&a, 5)).expect("write");
     let (ep_cert, ep_key) = issue(&a, "spiffe://a.test/meshgate/bundle-endpoint", t, "ep", &[]);
-    let port = free_port();
-    let server = s_server(&www, port, &ep_cert, &ep_key);
+    // free_port can race with other tests' ephemeral ports: retry with another one.
+    let (port, server) = (0..5)
+        .find_map(|_| {
+            let port = free_port();
+            s_server(&www, port, &ep_cert, &ep_key).map(|p| (port, p))
+        })
+        .expect("openssl s_server listening");
     let endpoint = format!("https://127.0.0.1:{port}/bundle.json");
     ok(&[
         "trust",
@@ -861,7 +942,9 @@ endpoints = ["{origin}"]
     }
     // The endpoint comes back with a higher sequence: accepted, the error clears.
     serve(&bundle_doc(&a, 6));
-    let _server = s_server(&www, port, &ep_cert, &ep_key);
+    let _server = eventually(Duration::from_secs(30), "s_server back on its port", || {
+        s_server(&www, port, &ep_cert, &ep_key)
+    });
     eventually(Duration::from_secs(20), "recovery", || {
         let p = peer(&g, "a.test");
         (p["sequence"] == 6 && p["last_error"].is_null()).then_some(())

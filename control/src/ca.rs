@@ -774,13 +774,12 @@ fn write_rotation(sd: &StateDir, r: &RotationState) -> Result<(), CaError> {
     Ok(())
 }
 
+/// What [`load_issuer`] returns: the issuer, the parsed signing certificate, and every
+/// certificate of the file (the first is the signing one).
+type LoadedIssuer = (Issuer<'static, KeyPair>, SigningCert, Vec<Vec<u8>>);
+
 /// A CA certificate with its key, ready to sign: the key must be private (0600) and match.
-/// Returns the issuer, the parsed certificate and every certificate of the file (the first is
-/// the signing one).
-fn load_issuer(
-    cert_path: &Path,
-    key_path: &Path,
-) -> Result<(Issuer<'static, KeyPair>, SigningCert, Vec<Vec<u8>>), CaError> {
+fn load_issuer(cert_path: &Path, key_path: &Path) -> Result<LoadedIssuer, CaError> {
     let meta = fs::metadata(key_path).map_err(|e| StoreError::read(key_path, e))?;
     let key_mode = meta.permissions().mode() & 0o777;
     if key_mode & 0o077 != 0 {

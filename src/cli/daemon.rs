@@ -117,13 +117,23 @@ fn fill_federated(config: &mut Config, state_dir: &Path, source: &str) -> anyhow
     Ok(())
 }
 
-/// Whether the config names a federated trust bundle (the poller then runs).
-pub fn uses_federation(config: &Config) -> bool {
+/// Whether the config reads the trust store: a `federated = true` trust bundle, or a
+/// cluster's `trust_bundle` inside `<state-dir>/trust/`. A changed federated bundle reloads
+/// only such a config.
+pub fn uses_trust_store(config: &Config, state_dir: &Path) -> bool {
+    let trust_dir = meshgate_control::federation::store::TrustStore::new(state_dir)
+        .dir()
+        .to_path_buf();
     config
         .listeners
         .iter()
         .filter_map(|l| l.tls.as_ref())
         .any(|t| t.trust_bundles.iter().any(|b| b.federated))
+        || config
+            .clusters
+            .iter()
+            .filter_map(|c| c.tls.as_ref())
+            .any(|t| t.trust_bundle.starts_with(&trust_dir))
 }
 
 /// Serve the local CA's identity on every `tls` listener that names no certificate.

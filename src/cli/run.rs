@@ -245,8 +245,8 @@ pub fn run(args: RunArgs) -> u8 {
     let sig_rx = signals.forward();
     // Federation: refresh peers' bundles; a changed bundle reloads (every shard's verifier).
     let (fed_tx, fed_rx) = crossbeam_channel::bounded::<()>(1);
-    let poller = start_federation(&args.state_dir, &config, fed_tx);
-    // Without a poller the sender is gone: a disconnected channel would be ready forever.
+    let poller = start_federation(&args.state_dir, fed_tx);
+    // Without a poller the sender is gone; a disconnected channel would be ready forever.
     let fed_rx = if poller.is_some() {
         fed_rx
     } else {
@@ -272,9 +272,11 @@ pub fn run(args: RunArgs) -> u8 {
                     let _ = req.reply.send(daemon.handle(req.action));
                 }
             }
-            recv(fed_rx) -> _ => {
-                tracing::info!("a federated trust bundle changed: reloading");
-                let _ = daemon.handle(ControlAction::Reload);
+            recv(fed_rx) -> msg => {
+                let current = daemon.gateway.shared().current().config.clone();
+                if msg.is_ok() && super::daemon::uses_trust_store(&current, &args.state_dir) {
+                    daemon.refresh_files("a federated trust bundle changed");
+                }
             }
             recv(daemon.watch_timer()) -> _ => daemon.poll_files(),
             recv(crl_changed) -> _ => {
@@ -307,23 +309,16 @@ pub fn run(args: RunArgs) -> u8 {
     exit::OK
 }
 
-/// Start the federation poller when the config uses a federated trust bundle or the trust
-/// store has peers with an endpoint (a cluster's `trust_bundle` may name a store file).
+/// Start the federation poller: it keeps the trust store's peers fresh (from the first `meshgate
+/// trust add` on, even while running) and reports changed bundles; the control loop reloads
+/// when the config in force reads the trust store. Without peers it only lists an empty
+/// directory once a second.
 fn start_federation(
     state_dir: &std::path::Path,
-    config: &meshgate_config::Config,
     changed: crossbeam_channel::Sender<()>,
 ) -> Option<meshgate_control::federation::poller::Poller> {
-    use meshgate_control::federation::{Profile, poller, store::TrustStore};
+    use meshgate_control::federation::{poller, store::TrustStore};
     let store = TrustStore::new(state_dir);
-    let has_peers = store
-        .domains()
-        .unwrap_or_default()
-        .iter()
-        .any(|td| store.peer(td).is_ok_and(|p| p.profile != Profile::Static));
-    if !super::daemon::uses_federation(config) && !has_peers {
-        return None;
-    }
     let cfg = poller::PollerConfig::default();
     match poller::Poller::start(state_dir, cfg, move |domains| {
         tracing::info!(trust_domains = ?domains.iter().map(ToString::to_string).collect::<Vec<_>>(), "federated bundles changed");
@@ -331,7 +326,8 @@ fn start_federation(
         let _ = changed.try_send(());
     }) {
         Ok(p) => {
-            tracing::info!(trust_store = %store.dir().display(), "federation poller running");
+            let peers = store.domains().map(|d| d.len()).unwrap_or(0);
+            tracing::info!(trust_store = %store.dir().display(), federated_domains = peers, "federation poller running");
             Some(p)
         }
         Err(e) => {

@@ -239,3 +239,65 @@ fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_follow_the_hint_within_bounds() {
+        let cfg = PollerConfig::default();
+        assert_eq!(cfg.interval(0), Duration::from_secs(300), "no hint");
+        assert_eq!(cfg.interval(30), Duration::from_secs(30));
+        assert_eq!(cfg.interval(86_400), Duration::from_secs(3600), "capped");
+        let fast = PollerConfig {
+            min_interval: Duration::from_secs(5),
+            ..cfg
+        };
+        assert_eq!(fast.interval(1), Duration::from_secs(5), "floored");
+    }
+
+    #[test]
+    fn reports_bundles_stored_by_another_process() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let poller = Poller::start(d.path(), PollerConfig::default(), move |tds| {
+            let _ = tx.send(tds);
+        })
+        .expect("start");
+        // A static (imported) domain appears: the poller never fetches it, but reports it.
+        let store = TrustStore::new(d.path());
+        let ca = crate::ca::Ca::init(
+            &d.path().join("a"),
+            &crate::ca::InitOptions::new(TrustDomain::parse("a.test").expect("td")),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .expect("ca");
+        let now = OffsetDateTime::now_utc();
+        store
+            .add(
+                &super::super::store::PeerConfig {
+                    version: 1,
+                    trust_domain: TrustDomain::parse("a.test").expect("td"),
+                    endpoint: None,
+                    profile: Profile::Static,
+                    endpoint_spiffe_id: None,
+                    web_ca_file: None,
+                    added_at: now,
+                },
+                Some(&ca.bundle().expect("bundle")),
+                now,
+            )
+            .expect("add");
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("reported");
+        assert_eq!(got, vec![TrustDomain::parse("a.test").expect("td")]);
+        store
+            .remove(&TrustDomain::parse("a.test").expect("td"))
+            .expect("remove");
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("removal reported");
+        assert_eq!(got.len(), 1);
+        poller.stop();
+    }
+}

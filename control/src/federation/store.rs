@@ -152,7 +152,13 @@ impl TrustStore {
         &self.dir
     }
 
+    /// `trust/<td>`. A name starting with '.' (".", "..", valid trust domain characters) would
+    /// leave the trust directory or collide with `.lock`: such names map to a path that never
+    /// exists (`!` is never in a trust domain), and [`TrustStore::add`] refuses them.
     fn domain_dir(&self, td: &TrustDomain) -> PathBuf {
+        if td.as_str().starts_with('.') {
+            return self.dir.join("!invalid");
+        }
         self.dir.join(td.as_str())
     }
 
@@ -264,6 +270,12 @@ impl TrustStore {
         bootstrap: Option<&TrustBundle>,
         now: OffsetDateTime,
     ) -> Result<(), TrustStoreError> {
+        if peer.trust_domain.as_str().starts_with('.') {
+            return Err(TrustStoreError::Io(format!(
+                "trust domain {:?} cannot be stored (it starts with '.')",
+                peer.trust_domain.as_str()
+            )));
+        }
         let _lock = self.lock()?;
         let dir = self.domain_dir(&peer.trust_domain);
         if dir.join("peer.json").exists() {
@@ -530,6 +542,17 @@ mod tests {
         assert!(m.contains("meshgate_federation_refresh_ok{trust_domain=\"a.test\"} 0"));
         store.remove(&td).expect("remove");
         assert!(store.domains().expect("list").is_empty());
+        // Names that would leave the trust directory are refused, never resolved.
+        for bad in ["..", "."] {
+            let mut p = peer.clone();
+            p.trust_domain = TrustDomain::parse(bad).expect("valid characters");
+            assert!(store.add(&p, None, now).is_err(), "{bad}");
+            assert!(matches!(
+                store.remove(&p.trust_domain),
+                Err(TrustStoreError::Unknown(_))
+            ));
+        }
+        assert!(d.path().join("b").exists());
     }
 
     #[test]
