@@ -303,7 +303,10 @@ impl Loader<'_> {
             &mut top,
             ("control", Section::Control),
             &root,
-            &[("enrollment", Section::ControlEnrollment)],
+            &[
+                ("enrollment", Section::ControlEnrollment),
+                ("workload_api", Section::ControlWorkloadApi),
+            ],
             &[],
         );
         for (key, section) in [
@@ -627,6 +630,7 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::AccessLog => value.try_into::<raw::AccessLog>().map(drop),
         Section::Control => value.try_into::<raw::Control>().map(drop),
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
+        Section::ControlWorkloadApi => value.try_into::<raw::ControlWorkloadApi>().map(drop),
     }
 }
 

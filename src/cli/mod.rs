@@ -15,6 +15,7 @@ mod reload;
 mod run;
 mod status;
 mod token;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -94,6 +95,9 @@ enum Command {
     /// Create, list and revoke single-use join tokens for enrolling workloads.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Register local workloads (by Unix uid or executable) for the SPIFFE Workload API.
+    #[command(subcommand)]
+    Workload(workload::WorkloadCmd),
     /// Export the trust bundle (PEM or SPIFFE format).
     #[command(subcommand)]
     Bundle(bundle::BundleCmd),
@@ -126,6 +130,7 @@ pub fn main() -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Workload(cmd) => workload::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Agent(args) => agent::run(args),
         Command::Version { output } => version(output),
