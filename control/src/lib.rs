@@ -24,6 +24,7 @@ pub mod ledger;
 pub mod spiffe;
 pub mod state;
 pub mod tokens;
+#[cfg(feature = "workload-api")]
 pub mod workload;
 
 pub use ca::{
