@@ -556,10 +556,14 @@ fn enrollment_attempts_are_rate_limited_with_429_and_retry_after() {
         );
     }
     assert_eq!(codes, vec![400, 400, 400, 429, 429], "{last}");
-    assert!(
-        last.to_ascii_lowercase().contains("retry-after: 10"),
-        "{last}"
-    );
+    // 6 per minute: a token every 10 s, less the time the requests took (a loaded machine).
+    let retry_after: u64 = last
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {last}"));
+    assert!((5..=10).contains(&retry_after), "{last}");
     assert!(last.contains("\"error\":\"rate_limited\""), "{last}");
     assert!(
         env.audit()

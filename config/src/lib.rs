@@ -33,10 +33,11 @@ pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
-    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, HeaderMatch, HeaderOps,
-    HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch, PeerMatch, Protocol, Route,
-    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
-    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
+    HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
+    PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
+    ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
+    WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).

@@ -304,7 +304,10 @@ impl Loader<'_> {
             &mut top,
             ("control", Section::Control),
             &root,
-            &[("enrollment", Section::ControlEnrollment)],
+            &[
+                ("enrollment", Section::ControlEnrollment),
+                ("workload_api", Section::ControlWorkloadApi),
+            ],
             &[],
         );
         for (key, section) in [
@@ -629,6 +632,7 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::Control => value.try_into::<raw::Control>().map(drop),
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
         Section::Telemetry => value.try_into::<raw::Telemetry>().map(drop),
+        Section::ControlWorkloadApi => value.try_into::<raw::ControlWorkloadApi>().map(drop),
     }
 }
 

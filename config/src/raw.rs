@@ -61,6 +61,15 @@ pub(crate) struct AccessLog {
 pub(crate) struct Control {
     pub trust_domain: Option<String>,
     pub enrollment: Option<ControlEnrollment>,
+    pub workload_api: Option<ControlWorkloadApi>,
+}
+
+/// `[control.workload_api]`: the SPIFFE Workload API socket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ControlWorkloadApi {
+    pub socket: Option<String>,
+    pub svid_ttl: Option<Duration>,
 }
 
 /// `[control.enrollment]`: the enrollment server.
@@ -347,10 +356,11 @@ pub(crate) enum Section {
     Control,
     ControlEnrollment,
     Telemetry,
+    ControlWorkloadApi,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 25] = [
+    pub(crate) const ALL: [Section; 26] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -358,6 +368,7 @@ impl Section {
         Section::Control,
         Section::ControlEnrollment,
         Section::Telemetry,
+        Section::ControlWorkloadApi,
         Section::Listeners,
         Section::ListenerTls,
         Section::Certificates,
@@ -406,6 +417,7 @@ impl Section {
             Section::Control => fields::<Control>(),
             Section::ControlEnrollment => fields::<ControlEnrollment>(),
             Section::Telemetry => fields::<Telemetry>(),
+            Section::ControlWorkloadApi => fields::<ControlWorkloadApi>(),
         }
     }
 
@@ -437,6 +449,7 @@ impl Section {
             Section::Control => "[control]",
             Section::ControlEnrollment => "[control.enrollment]",
             Section::Telemetry => "[telemetry]",
+            Section::ControlWorkloadApi => "[control.workload_api]",
         }
     }
 
@@ -472,6 +485,11 @@ impl Section {
             (Section::Control, "enrollment") => {
                 "put the enrollment server under a [control.enrollment] header, e.g. address = \"127.0.0.1:15012\" on the next line"
             }
+            (Section::Control, "workload_api") => {
+                "put the Workload API under a [control.workload_api] header, e.g. socket = \"/run/meshgate/workload.sock\" on the next line"
+            }
+            (Section::ControlWorkloadApi, "socket") => "socket = \"/run/meshgate/workload.sock\"",
+            (Section::ControlWorkloadApi, "svid_ttl") => "svid_ttl = \"1h\"",
             (Section::ControlEnrollment, "address") => "address = \"127.0.0.1:15012\"",
             (Section::ControlEnrollment, "dns_names") => "dns_names = [\"ca.example.org\"]",
             (Section::ControlEnrollment, "svid_ttl") => "svid_ttl = \"1h\"",
@@ -710,6 +728,7 @@ mod tests {
             Section::Control => "## `[control]`",
             Section::ControlEnrollment => "### `[control.enrollment]`",
             Section::Telemetry => "## `[telemetry]`",
+            Section::ControlWorkloadApi => "### `[control.workload_api]`",
         }
     }
 
@@ -870,7 +889,11 @@ mod tests {
                 crate::parse(&text, "minimal control").unwrap_or_else(|err| panic!("{err}"));
             serde_json::to_value(&control).unwrap_or_default()
         };
-        let (control, enrollment) = (control_json(""), control_json("[control.enrollment]\n"));
+        let (control, enrollment, workload) = (
+            control_json(""),
+            control_json("[control.enrollment]\n"),
+            control_json("[control.workload_api]\n"),
+        );
         let doc = reference();
         let mut checked = 0;
         for section in Section::ALL {
@@ -885,6 +908,7 @@ mod tests {
                 Section::Control => &control["control"],
                 Section::ControlEnrollment => &enrollment["control"]["enrollment"],
                 Section::Telemetry => &json["telemetry"],
+                Section::ControlWorkloadApi => &workload["control"]["workload_api"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

@@ -96,6 +96,18 @@ pub struct ControlConfig {
     pub trust_domain: Option<TrustDomain>,
     /// `None`: no enrollment server.
     pub enrollment: Option<ControlEnrollmentConfig>,
+    /// `None`: no Workload API socket.
+    pub workload_api: Option<ControlWorkloadApiConfig>,
+}
+
+/// The SPIFFE Workload API (`[control.workload_api]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ControlWorkloadApiConfig {
+    /// Absolute path of the Unix socket.
+    pub socket: PathBuf,
+    /// TTL of the SVIDs it issues; `None`: the CA's default TTL.
+    #[serde(serialize_with = "crate::duration::serialize_option")]
+    pub svid_ttl: Option<Duration>,
 }
 
 /// The enrollment server (`[control.enrollment]`).

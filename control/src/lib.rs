@@ -6,7 +6,7 @@
 //! bundles, and manages single-use join tokens ([`tokens::TokenStore::redeem`]). The enrollment
 //! server ([`enroll`]: join-token enrollment and mTLS renewal over HTTPS) and the agent
 //! ([`agent`]: enroll once, rotate at half-life, survive CA outages and restarts) build on
-//! these calls; the Workload API will too. State layout: docs/state-dir.md.
+//! these calls, and so does the SPIFFE Workload API ([`workload`]). State layout: docs/state-dir.md.
 //! Every state write goes through [`state::write_atomic`]; writers serialise on
 //! [`layout::StateLock`].
 
@@ -25,6 +25,8 @@ pub mod ledger;
 pub mod spiffe;
 pub mod state;
 pub mod tokens;
+#[cfg(feature = "workload-api")]
+pub mod workload;
 
 pub use ca::{
     Ca, CsrRequest, InitOptions, IssueRequest, IssuedSvid, RenewOptions, Renewed, SignedSvid,

@@ -1,5 +1,5 @@
 //! The control plane inside `meshgate run` (`[control]`): the CA in the state directory, its
-//! enrollment server, and a watcher that keeps the CRL fresh and tells the daemon when it
+//! enrollment server, the SPIFFE Workload API socket, and a watcher that keeps the CRL fresh and tells the daemon when it
 //! changed.
 //!
 //! Threads, never the shards: the enrollment server's own (see
@@ -20,10 +20,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use meshgate_config::{Config, ControlConfig};
 use meshgate_control::Ca;
 use meshgate_control::enroll::{EnrollmentConfig, EnrollmentHandle, EnrollmentServer};
+use meshgate_control::workload::{self, WorkloadApiConfig, WorkloadApiHandle};
 
 /// The running control plane.
 pub struct ControlPlane {
     enrollment: Option<EnrollmentHandle>,
+    workload_api: Option<WorkloadApiHandle>,
     watcher: Option<JoinHandle<()>>,
     /// Dropping it stops the watcher.
     stop: Option<Sender<()>>,
@@ -60,6 +62,20 @@ impl ControlPlane {
                 Some(handle)
             }
         };
+        let workload_api = match &config.workload_api {
+            None => None,
+            Some(w) => Some(
+                workload::start(
+                    ca.clone(),
+                    WorkloadApiConfig {
+                        socket: w.socket.clone(),
+                        svid_ttl: w.svid_ttl,
+                    },
+                )
+                .map_err(|err| anyhow::anyhow!("{err}"))
+                .context("start the Workload API (control.workload_api)")?,
+            ),
+        };
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let (changed_tx, changed_rx) = crossbeam_channel::bounded::<()>(1);
         let path = crl_path.clone();
@@ -69,6 +85,7 @@ impl ControlPlane {
             .context("start the control thread")?;
         Ok(ControlPlane {
             enrollment,
+            workload_api,
             watcher: Some(watcher),
             stop: Some(stop_tx),
             crl_changed: changed_rx,
@@ -101,6 +118,9 @@ impl ControlPlane {
     pub fn stop(mut self) {
         if let Some(e) = self.enrollment.take() {
             e.stop();
+        }
+        if let Some(w) = self.workload_api.take() {
+            w.stop();
         }
         self.stop.take();
         if let Some(w) = self.watcher.take() {

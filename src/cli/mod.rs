@@ -17,6 +17,7 @@ mod status;
 mod token;
 mod trust;
 mod watch;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -96,6 +97,9 @@ enum Command {
     /// Create, list and revoke single-use join tokens for enrolling workloads.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Register local workloads (by Unix uid or executable) for the SPIFFE Workload API.
+    #[command(subcommand)]
+    Workload(workload::WorkloadCmd),
     /// Export or import trust bundles (PEM or SPIFFE format); serve the SPIFFE bundle endpoint.
     #[command(subcommand)]
     Bundle(bundle::BundleCmd),
@@ -131,6 +135,7 @@ pub fn main() -> ExitCode {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Workload(cmd) => workload::run(cmd),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Trust(cmd) => trust::run(cmd),
         Command::Agent(args) => agent::run(args),

@@ -4,12 +4,15 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use super::{AddressUse, Validator, is_dns_name};
+use std::path::PathBuf;
+
+use super::{AddressUse, MAX_UNIX_SOCKET_PATH, Validator, is_dns_name};
 use crate::raw;
-use crate::types::{ControlConfig, ControlEnrollmentConfig};
+use crate::types::{ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig};
 
 pub(crate) const DEFAULT_ENROLLMENT_ADDRESS: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15012);
+pub(crate) const DEFAULT_WORKLOAD_SOCKET: &str = "/run/meshgate/workload.sock";
 pub(crate) const DEFAULT_RENEWAL_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 impl Validator {
@@ -24,9 +27,65 @@ impl Validator {
             None => Some(None),
             Some(e) => self.control_enrollment(e).map(Some),
         };
+        let workload_api = match raw.workload_api {
+            None => Some(None),
+            Some(w) => self.control_workload_api(w).map(Some),
+        };
         Some(ControlConfig {
             trust_domain: trust_domain?,
             enrollment: enrollment?,
+            workload_api: workload_api?,
+        })
+    }
+
+    fn control_workload_api(
+        &mut self,
+        raw: raw::ControlWorkloadApi,
+    ) -> Option<ControlWorkloadApiConfig> {
+        const PATH: &str = "control.workload_api.socket";
+        let socket = match raw.socket {
+            None => Some(PathBuf::from(DEFAULT_WORKLOAD_SOCKET)),
+            Some(text) => {
+                let path = PathBuf::from(&text);
+                if !path.is_absolute() || text.ends_with('/') {
+                    self.error(
+                        PATH,
+                        format!("socket {text:?} is not an absolute file path"),
+                        "e.g. socket = \"/run/meshgate/workload.sock\" (workloads find it through \
+                         SPIFFE_ENDPOINT_SOCKET=unix:///run/meshgate/workload.sock)",
+                    );
+                    None
+                } else if text.len() > MAX_UNIX_SOCKET_PATH {
+                    self.error(
+                        PATH,
+                        format!(
+                            "socket path is {} bytes; Unix socket paths are limited to \
+                             {MAX_UNIX_SOCKET_PATH} bytes",
+                            text.len()
+                        ),
+                        "use a shorter path, e.g. socket = \"/run/meshgate/workload.sock\"",
+                    );
+                    None
+                } else {
+                    Some(path)
+                }
+            }
+        };
+        let svid_ttl = match raw.svid_ttl {
+            None => Some(None),
+            Some(value) => self
+                .duration(
+                    "control.workload_api.svid_ttl",
+                    "svid_ttl",
+                    Some(value),
+                    Duration::from_secs(3600),
+                    true,
+                )
+                .map(Some),
+        };
+        Some(ControlWorkloadApiConfig {
+            socket: socket?,
+            svid_ttl: svid_ttl?,
         })
     }
 
@@ -120,7 +179,7 @@ endpoints = ["127.0.0.1:1"]
         assert_eq!(e.svid_ttl, None);
 
         let bad = format!(
-            "{BASE}\n[control]\ntrust_domain = \"Bad Domain\"\n[control.enrollment]\naddress = \"nope\"\ndns_names = [\"a b\"]\nsvid_ttl = 60\nrenewal_gracee = \"1h\"\n"
+            "{BASE}\n[control]\ntrust_domain = \"Bad Domain\"\n[control.enrollment]\naddress = \"nope\"\ndns_names = [\"a b\"]\nsvid_ttl = 60\nrenewal_gracee = \"1h\"\n[control.workload_api]\nsocket = \"rel.sock\"\n"
         );
         let err = crate::parse(&bad, "t")
             .err()
@@ -132,6 +191,7 @@ endpoints = ["127.0.0.1:1"]
             "control.enrollment.dns_names[0]",
             "control.enrollment.svid_ttl",
             "control.enrollment.renewal_gracee",
+            "control.workload_api.socket",
         ] {
             assert!(paths.contains(&p), "{p} not in {paths:?}");
         }

@@ -15,7 +15,8 @@
 //! ([`EnrollmentConfig::io_timeout`]) for all of it.
 //!
 //! Start it with [`EnrollmentServer::start`]; the returned [`EnrollmentHandle`] stops it.
-//! `meshgate ca serve` runs it in the foreground; `meshgate run` can embed it the same way.
+//! `meshgate ca serve` runs it in the foreground; `meshgate run` runs it in its control plane
+//! with `[control.enrollment]` (`src/cli/control.rs`).
 
 pub mod api;
 pub mod audit;

@@ -323,8 +323,12 @@ pub struct ServerSettings {
     pub observer: Option<Arc<dyn VerifyObserver>>,
 }
 
+/// Sessions cached per generation of a client-auth listener (TLS 1.2 session IDs).
+const CLIENT_AUTH_SESSION_CACHE: usize = 16_384;
+
 /// A listener's `ServerConfig`. Cheap to share: one `Arc` per listener per snapshot, used by
-/// every connection of every shard.
+/// every connection of every shard. With client authentication, sessions resume only within the
+/// generation (trust bundles and CRLs) they were verified in.
 pub fn server_config(
     certs: Arc<CertStore>,
     settings: &ServerSettings,
@@ -350,8 +354,18 @@ pub fn server_config(
     };
     let mut config = builder.with_cert_resolver(certs);
     config.alpn_protocols = settings.alpn.clone();
-    config.ticketer = resumption.ticketer.clone();
-    config.session_storage = resumption.cache.clone();
+    if matches!(settings.client_auth, ClientAuthConfig::None) {
+        config.ticketer = resumption.ticketer.clone();
+        config.session_storage = resumption.cache.clone();
+    } else {
+        // A resumed session skips the client-certificate check, so a session must not outlive
+        // the trust material it was verified against: with client auth, each generation gets
+        // its own ticket keys and session cache, and a reload (a new CRL, a new bundle) makes
+        // every client verify again.
+        config.ticketer = ring_provider::Ticketer::new()?;
+        config.session_storage =
+            rustls::server::ServerSessionMemoryCache::new(CLIENT_AUTH_SESSION_CACHE);
+    }
     Ok(Arc::new(config))
 }
 

@@ -338,6 +338,54 @@ fn revoked_client_certificate_is_refused_by_the_domain_crl() {
     );
 }
 
+/// A resumed session skips the client-certificate check: with client auth, a new generation
+/// (here: a CRL revoking the client) must not resume sessions of the previous one.
+#[test]
+fn client_auth_sessions_do_not_resume_across_generations() {
+    let pki = pki();
+    let server = ok(pki.example.server(&["gateway.example.test"]));
+    let client_leaf = ok(pki.example.svid("/client"));
+    let shared = ok(Resumption::new(256));
+    let generation = |crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>| {
+        let mut bundles = TrustBundles::new();
+        ok(bundles.add(
+            ok(TrustDomain::new(EXAMPLE)),
+            &[pki.example.root_der()],
+            &crls,
+        ));
+        let settings = ServerSettings {
+            min_version: MinVersion::Tls12,
+            alpn: Vec::new(),
+            client_auth: ClientAuthConfig::Required(Arc::new(bundles)),
+            observer: None,
+        };
+        let mut store = CertStore::new();
+        ok(store.add(stored(&server, &[])));
+        ok(server_config(Arc::new(store), &settings, &shared))
+    };
+    let before = generation(Vec::new());
+    let after = generation(vec![ok(pki.example.crl(&[&client_leaf]))]);
+    for version in [TLS13, TLS12] {
+        let client = downstream_client(&pki.example.root_der(), Some(&client_leaf), version);
+        let (c, s, outcome) = connect(&client, &before, "gateway.example.test");
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full));
+        drop(c);
+        let (_, s, outcome) = connect(&client, &before, "gateway.example.test");
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!(
+            s.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{version:?}: resumes within its generation"
+        );
+        let (_, _, outcome) = connect(&client, &after, "gateway.example.test");
+        assert!(
+            !outcome.ok(),
+            "{version:?}: the revoked client must not resume into the new generation: {outcome:?}"
+        );
+    }
+}
+
 #[test]
 fn certificates_are_chosen_by_sni() {
     let pki = pki();
