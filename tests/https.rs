@@ -263,6 +263,50 @@ fn https_mtls_routes_by_peer_and_forwards_the_client_identity() {
     let want = String::from_utf8_lossy(&digest.stdout);
     assert_eq!(want.split_whitespace().next(), Some(hash));
 
+    // HTTP/2 by ALPN over the same listener: the same routing, identity and headers.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--http2",
+            "-w",
+            "\n%{http_version}",
+        ])
+        .args(&base)
+        .args([
+            "-H",
+            "x-forwarded-client-cert: URI=spiffe://evil/y",
+            &url(&gw, "/h2?x=2"),
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, version) = text.rsplit_once('\n').expect("version line");
+    assert_eq!(version, "2", "{text}");
+    assert_eq!(field(body, "xfp"), "https", "{body}");
+    assert_eq!(field(body, "xfcc"), xfcc, "{body}");
+    let admin_h2 = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--http2"])
+        .args(&mtls_args(&gw, &root, Some(&admin)))
+        .arg(url(&gw, "/admin/h2"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        field(&String::from_utf8_lossy(&admin_h2.stdout), "origin"),
+        "canary"
+    );
+    let r = run(
+        &base,
+        &[
+            "--http2",
+            "-H",
+            "host: other.example.test",
+            &url(&gw, "/misdirected-h2"),
+        ],
+    );
+    assert_eq!(r.status, 421, "{r:?}");
+
     // Direct response on the TLS listener.
     let r = run(&base, &[&url(&gw, "/healthz")]);
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
@@ -321,6 +365,12 @@ fn https_mtls_routes_by_peer_and_forwards_the_client_identity() {
     assert_eq!(rec["response_code"], 200);
     let rec = gw.record("/misdirected");
     assert_eq!(rec["response_code"], 421, "{rec}");
+    let rec = gw.record("/h2?x=2");
+    assert_eq!(rec["protocol"], "HTTP/2", "{rec}");
+    assert_eq!(
+        rec["downstream_peer_spiffe_id"],
+        "spiffe://example.test/client"
+    );
 }
 
 fn curl_code(args: &[String], url: &str) -> (i32, String) {
@@ -351,10 +401,19 @@ fn https_bodies_stream_both_ways_and_local_identity_serves() {
     let tmp = tempfile::tempdir().expect("tempdir");
 
     // 8 MiB down (content-length and chunked), 8 MiB up, through TLS.
-    for path in ["/files/big.bin", "/chunked/big.bin"] {
+    for (path, proto) in [
+        ("/files/big.bin", "--http1.1"),
+        ("/chunked/big.bin", "--http1.1"),
+        ("/files/big.bin", "--http2"),
+        ("/chunked/big.bin", "--http2"),
+    ] {
         let out = tmp.path().join("down.bin");
         let (code, err) = curl_code(
-            &[base.clone(), vec!["-o".to_owned(), s(&out).to_owned()]].concat(),
+            &[
+                base.clone(),
+                vec![proto.to_owned(), "-o".to_owned(), s(&out).to_owned()],
+            ]
+            .concat(),
             &url(&gw, path),
         );
         assert_eq!(code, 0, "{err}");
@@ -368,12 +427,15 @@ fn https_bodies_stream_both_ways_and_local_identity_serves() {
         );
     }
     let up = ng.dir.path().join("files/big.bin");
-    let r = run(&base, &["-T", s(&up), &url(&gw, "/put/up.bin")]);
-    assert!(matches!(r.status, 201 | 204), "{r:?}");
-    let stored = std::fs::read(ng.dir.path().join("put/up.bin")).expect("uploaded");
-    let mut sum = meshgate_testkit::Fnv::default();
-    sum.update(&stored);
-    assert_eq!(sum.0, ng.big_sum);
+    for proto in ["--http1.1", "--http2"] {
+        let name = format!("/put/up{proto}.bin");
+        let r = run(&base, &[proto, "-T", s(&up), &url(&gw, &name)]);
+        assert!(matches!(r.status, 201 | 204), "{proto}: {r:?}");
+        let stored = std::fs::read(ng.dir.path().join(&name[1..])).expect("uploaded");
+        let mut sum = meshgate_testkit::Fnv::default();
+        sum.update(&stored);
+        assert_eq!(sum.0, ng.big_sum, "{proto}");
+    }
 
     // The listener without certificates serves the local CA's identity (verified against the
     // root in the state directory is the operator's step; here: the TLS and HTTP work).

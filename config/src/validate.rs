@@ -2221,5 +2221,5 @@ mod tests {
 
 /// ALPN of an `https` listener whose `[listeners.tls]` gives none.
 pub(crate) fn default_https_alpn() -> Vec<String> {
-    vec!["http/1.1".to_owned()]
+    vec!["h2".to_owned(), "http/1.1".to_owned()]
 }
