@@ -454,3 +454,216 @@ fn https_bodies_stream_both_ways_and_local_identity_serves() {
     assert_eq!(field(&r.body, "xfcc"), "", "{}", r.body);
     assert_eq!(field(&r.body, "xfp"), "http");
 }
+
+/// nginx serving HTTPS at a fresh port with `cert`/`key`, requiring a client certificate
+/// from `client_ca`, answering with what it verified.
+struct TlsOrigin {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsOrigin {
+    fn start(nginx: &Path, cert: &Path, key: &Path, client_ca: &Path) -> TlsOrigin {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        let addr = addr(free_port());
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  server {{
+    listen {addr} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {ca};
+    ssl_verify_client on;
+    location / {{
+      return 200 "tls-origin verify=$ssl_client_verify sni=$ssl_server_name conn=$connection uri=$request_uri\n";
+    }}
+  }}
+}}
+"#,
+            d = d.display(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = client_ca.display(),
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut o = TlsOrigin {
+            child,
+            addr,
+            _dir: dir,
+        };
+        if !wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(o.addr).is_ok()
+        }) {
+            let _ = o.child.kill();
+            panic!("TLS nginx did not start");
+        }
+        o
+    }
+}
+
+impl Drop for TlsOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn http_routes_to_tls_clusters_originate_mtls_and_pool_per_identity() {
+    let Some(nginx) =
+        nginx_or_skip("http_routes_to_tls_clusters_originate_mtls_and_pool_per_identity")
+    else {
+        return;
+    };
+    let pki = Pki::new();
+    let mut spec = LeafSpec::svid("spiffe://example.test/origin");
+    spec.dns = vec!["origin.example.test".to_owned()];
+    let (ocert, okey) = pki
+        .example
+        .leaf(&spec)
+        .expect("origin cert")
+        .write_pem(pki.dir.path(), "origin")
+        .expect("write");
+    let ca = pki.bundle(&pki.example, "ca");
+    let origin = TlsOrigin::start(&nginx, &ocert, &okey, &ca);
+    let (gcert, gkey) = pki.svid(&pki.example, "gateway-id", "/gateway");
+    let admin = addr(free_port());
+    let web = addr(free_port());
+    let config = format!(
+        r#"version = 1
+[admin]
+address = "{admin}"
+[runtime]
+cores = 1
+[[listeners]]
+name = "web"
+address = "{web}"
+protocol = "http"
+[[routes]]
+name = "by-spiffe"
+listener = "web"
+match = {{ path = {{ prefix = "/spiffe/" }} }}
+cluster = "by-spiffe"
+[[routes]]
+name = "by-dns"
+listener = "web"
+match = {{ path = {{ prefix = "/dns/" }} }}
+cluster = "by-dns"
+[[routes]]
+name = "wrong-id"
+listener = "web"
+match = {{ path = {{ prefix = "/wrong/" }} }}
+cluster = "wrong-id"
+[[routes]]
+name = "no-identity"
+listener = "web"
+match = {{ path = {{ prefix = "/anon/" }} }}
+cluster = "no-identity"
+[[clusters]]
+name = "by-spiffe"
+endpoints = ["{o}"]
+[clusters.tls]
+sni = "origin.example.test"
+alpn = ["http/1.1"]
+verify = {{ spiffe_ids = ["spiffe://example.test/origin"] }}
+trust_bundle = "{ca}"
+identity = {{ cert = "{gcert}", key = "{gkey}" }}
+[[clusters]]
+name = "by-dns"
+endpoints = ["{o}"]
+[clusters.tls]
+verify = {{ dns_names = ["origin.example.test"] }}
+trust_bundle = "{ca}"
+identity = {{ cert = "{gcert}", key = "{gkey}" }}
+[[clusters]]
+name = "wrong-id"
+endpoints = ["{o}"]
+[clusters.tls]
+verify = {{ spiffe_ids = ["spiffe://example.test/someone-else"] }}
+trust_bundle = "{ca}"
+identity = {{ cert = "{gcert}", key = "{gkey}" }}
+[[clusters]]
+name = "no-identity"
+endpoints = ["{o}"]
+[clusters.tls]
+verify = {{ spiffe_ids = ["spiffe://example.test/origin"] }}
+trust_bundle = "{ca}"
+"#,
+        o = origin.addr,
+        ca = s(&ca),
+        gcert = s(&gcert),
+        gkey = s(&gkey),
+    );
+    let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
+    let get = |path: &str| curl(&["--http1.1", &format!("http://{web}{path}")]);
+
+    // Verified by SPIFFE ID, with the gateway's identity; SNI as configured.
+    for i in 0..3 {
+        let r = get(&format!("/spiffe/{i}"));
+        assert_eq!(r.status, 200, "{r:?}\n{}", mg.log());
+        assert!(r.body.contains("verify=SUCCESS"), "{}", r.body);
+        assert!(r.body.contains("sni=origin.example.test"), "{}", r.body);
+    }
+    // Verified by DNS name (SNI from it).
+    let r = get("/dns/x");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("verify=SUCCESS"), "{}", r.body);
+    // Upstream with another identity than expected: 502 UF, nothing sent in clear.
+    let r = get("/wrong/x");
+    assert_eq!(r.status, 502, "{r:?}");
+    // Without the gateway's certificate the origin refuses the handshake (nginx answers 400
+    // "No required SSL certificate"): the request never reaches its location.
+    let r = get("/anon/x");
+    assert!(!r.body.contains("tls-origin"), "{r:?}");
+
+    // Keep-alive reuse within one identity: three requests on the by-spiffe cluster reuse
+    // pooled connections (connection numbers repeat), and a cluster with another identity
+    // to the same endpoint never gets them.
+    let conns: Vec<String> = (0..3)
+        .map(|i| {
+            let r = get(&format!("/spiffe/again{i}"));
+            field_after(&r.body, "conn=")
+        })
+        .collect();
+    assert!(
+        conns.windows(2).any(|w| w[0] == w[1]),
+        "pooled connection not reused: {conns:?}"
+    );
+    let dns_conn = field_after(&get("/dns/again").body, "conn=");
+    assert!(
+        !conns.contains(&dns_conn),
+        "connection shared across identities"
+    );
+}
+
+fn field_after(body: &str, key: &str) -> String {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_default()
+        .to_owned()
+}

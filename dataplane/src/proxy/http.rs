@@ -906,13 +906,9 @@ async fn forward<R: HttpRead, W: ClientOut>(
     let ccfg = &snap.config.clusters[cluster];
     let cstats: &Arc<ClusterStats> = &snap.clusters[cluster];
     meters.cluster = Some(cstats);
-    if snap.cluster_tls.get(cluster).is_some_and(Option::is_some) {
-        // Fail closed: never send a request in clear text to a cluster that expects TLS.
-        tracing::warn!(cluster = %ccfg.name, "http routes to clusters with [clusters.tls] are not supported yet; answering 502");
-        ex.answer(502, "-");
-        let ok = local(conn, &meters, req.version, false, None).await;
-        return after_local(ok, false);
-    }
+    // TLS origination (verified, with the gateway's identity) for clusters with
+    // [clusters.tls]; pooled apart from every other identity.
+    let cluster_tls = snap.cluster_tls.get(cluster).and_then(Option::as_deref);
     // The part of the body that already arrived (all of a small request) is checked before
     // anything goes upstream: a malformed chunked body reaches no origin.
     let mut probe = req.decoder.clone();
@@ -939,25 +935,27 @@ async fn forward<R: HttpRead, W: ClientOut>(
             break UpFail::ConnectRefused;
         };
         ex.upstream_host.set(Some(endpoint));
-        let key = PoolKey::plain(endpoint);
+        let key = PoolKey::new(endpoint, cluster_tls);
         let mut up = match guard.shard.http_pool.take(&key, cstats) {
             Some(up) => up,
-            None => match pool::connect(endpoint, ccfg.connect_timeout, cstats).await {
-                Ok(up) => up,
-                Err(e) => {
-                    let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
-                    // Nothing was sent: any request may go to the next endpoint.
-                    if attempt < 2 {
-                        retried = true;
-                        continue;
+            None => {
+                match pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await {
+                    Ok(up) => up,
+                    Err(e) => {
+                        let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
+                        // Nothing was sent: any request may go to the next endpoint.
+                        if attempt < 2 {
+                            retried = true;
+                            continue;
+                        }
+                        break if timed_out {
+                            UpFail::ConnectTimeout
+                        } else {
+                            UpFail::ConnectRefused
+                        };
                     }
-                    break if timed_out {
-                        UpFail::ConnectTimeout
-                    } else {
-                        UpFail::ConnectRefused
-                    };
                 }
-            },
+            }
         };
         let (sent, back) = up.wr.write_all_owned(head_bytes).await;
         head_bytes = back;
@@ -1141,9 +1139,9 @@ enum PumpError {
 }
 
 /// Forward the request body (with the framing it arrived in) from the client to the upstream.
-async fn pump_request<R: HttpRead>(
+async fn pump_request<R: HttpRead, U: HttpWrite>(
     rd: &mut R,
-    wr: &mut rt::WriteHalf,
+    wr: &mut U,
     buf: &mut Vec<u8>,
     decoder: &mut BodyDecoder,
     idle: Duration,
@@ -1250,8 +1248,8 @@ enum RespFail {
 }
 
 /// Read the response from the upstream (forwarding `100 Continue`) and relay it to the client.
-async fn relay_response<W: ClientOut>(
-    up: &mut rt::ReadHalf,
+async fn relay_response<U: HttpRead, W: ClientOut>(
+    up: &mut U,
     down: &mut W,
     rbuf: &mut Vec<u8>,
     cx: &RespCtx<'_>,
@@ -1578,11 +1576,11 @@ fn encode_response_head(
 
 /// The next bytes from the upstream within the route timeout (which starts once the request
 /// was sent in full); `None` at EOF.
-async fn read_upstream(
-    up: &mut rt::ReadHalf,
+async fn read_upstream<U: HttpRead>(
+    up: &mut U,
     cx: &RespCtx<'_>,
     shared: &ExShared,
-) -> Result<Option<rt::RecvBuf>, RespFail> {
+) -> Result<Option<U::Buf>, RespFail> {
     loop {
         let wait = match shared.req_done_at.get() {
             Some(at) => (at + cx.timeout).saturating_duration_since(Instant::now()),
