@@ -121,6 +121,10 @@ fn h2c_prior_knowledge_through_the_http_path() {
     assert_eq!(field(&body, "host"), gw.web.to_string());
     assert_eq!(field(&body, "xfp"), "http");
     assert!(!field(&body, "rid").is_empty(), "{body}");
+    // `Upgrade: h2c` (curl --http2 on http://) is not honoured, nor forwarded: HTTP/1.1.
+    let (code, version, body) = curl_version(&["--http2", &gw.url("/upgrade")]);
+    assert_eq!((code, version.as_str()), (0, "1.1"), "{body}");
+    assert_eq!(field(&body, "uri"), "/upgrade");
     let r = curl(&[h2, "-H", "x-canary: 1", &gw.url("/c")]);
     assert_eq!(field(&r.body, "origin"), "canary", "{r:?}");
     assert!(!r.headers.contains_key("x-secret"), "{r:?}");

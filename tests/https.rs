@@ -288,7 +288,7 @@ fn https_mtls_routes_by_peer_and_forwards_the_client_identity() {
     assert_eq!(field(body, "xfcc"), xfcc, "{body}");
     let admin_h2 = Command::new("curl")
         .args(["-sS", "--max-time", "10", "--http2"])
-        .args(&mtls_args(&gw, &root, Some(&admin)))
+        .args(mtls_args(&gw, &root, Some(&admin)))
         .arg(url(&gw, "/admin/h2"))
         .output()
         .expect("curl");

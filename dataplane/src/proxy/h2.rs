@@ -637,3 +637,77 @@ impl<R: Unpin, W: futures_io::AsyncWrite + Unpin> futures_io::AsyncWrite for Pai
         Pin::new(&mut self.get_mut().wr).poll_close(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(req: http::Request<()>, has_body: bool) -> (String, bool) {
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        let chunked = write_head(&parts, has_body, &mut out);
+        (String::from_utf8(out).expect("utf-8 head"), chunked)
+    }
+
+    #[test]
+    fn stream_heads_become_http1_heads_without_connection_fields() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("https://api.example.test:8443/v1/items?x=1")
+            .header("host", "ignored.example.test")
+            .header("te", "trailers")
+            .header("expect", "100-continue")
+            .header("x-a", "1")
+            .header("x-a", "2")
+            .body(())
+            .expect("request");
+        let (head, chunked) = head_of(req, true);
+        assert!(chunked);
+        assert_eq!(
+            head,
+            "POST /v1/items?x=1 HTTP/1.1\r\nhost: api.example.test:8443\r\nx-a: 1\r\nx-a: 2\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+        let req = http::Request::builder()
+            .method("PUT")
+            .uri("/up")
+            .header("host", "h.example.test")
+            .header("content-length", "3")
+            .body(())
+            .expect("request");
+        let (head, chunked) = head_of(req, true);
+        assert!(!chunked, "a length frames the body");
+        assert_eq!(
+            head,
+            "PUT /up HTTP/1.1\r\nhost: h.example.test\r\ncontent-length: 3\r\n\r\n"
+        );
+        let (head, chunked) = head_of(
+            http::Request::builder()
+                .uri("http://a.example.test/")
+                .body(())
+                .expect("request"),
+            false,
+        );
+        assert!(!chunked);
+        assert_eq!(head, "GET / HTTP/1.1\r\nhost: a.example.test\r\n\r\n");
+    }
+
+    #[test]
+    fn the_written_head_parses_with_the_http1_codec() {
+        let req = http::Request::builder()
+            .method("GET")
+            .uri("https://api.example.test/a/../b")
+            .header("x-forwarded-client-cert", "URI=spiffe://evil/x")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        write_head(&parts, false, &mut out);
+        let parsed = crate::http1::parse_request(&out, &crate::http1::Limits::default());
+        let Ok(Parsed::Complete { head, consumed }) = parsed else {
+            panic!("not parsed: {parsed:?}");
+        };
+        assert_eq!(consumed, out.len());
+        assert_eq!(head.host(&out), Some("api.example.test"));
+    }
+}

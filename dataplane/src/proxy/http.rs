@@ -32,7 +32,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,21 +76,39 @@ const RESPONSE_WAIT_SLICE: Duration = Duration::from_secs(1);
 const IDLE_WAIT_SLICE: Duration = Duration::from_secs(1);
 
 /// Serve one downstream connection of an `http` listener.
-pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
+///
+/// Not an `async fn`: the task's future is the request loop itself, with nothing around it
+/// (an idle connection's memory is that future).
+pub fn serve(
+    guard: ConnGuard,
+    stream: rt::TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + 'static {
     let (rd, wr) = stream.into_split();
-    // h2c with prior knowledge: the connection starts with the HTTP/2 preface.
-    if let Some((guard, rd, wr, buf)) = serve_conn(guard, rd, wr, peer, None).await {
-        // Boxed: an HTTP/1 connection's future stays as small as without HTTP/2.
-        Box::pin(super::h2::serve(
-            guard,
-            super::h2::Pair { rd, wr },
-            buf,
-            peer,
-            None,
-        ))
-        .await;
-    }
+    serve_conn(guard, rd, wr, peer, None, Some(h2c))
 }
+
+/// h2c with prior knowledge: the connection started with the HTTP/2 preface. Boxed, so an
+/// HTTP/1 connection's future stays as small as without HTTP/2.
+fn h2c(
+    guard: ConnGuard,
+    rd: rt::ReadHalf,
+    wr: rt::WriteHalf,
+    buf: Vec<u8>,
+    peer: SocketAddr,
+) -> Pin<Box<dyn Future<Output = ()>>> {
+    Box::pin(super::h2::serve(
+        guard,
+        super::h2::Pair { rd, wr },
+        buf,
+        peer,
+        None,
+    ))
+}
+
+/// Takes over a plain connection that starts with the HTTP/2 preface.
+type H2cHandoff<R, W> =
+    fn(ConnGuard, R, W, Vec<u8>, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>>;
 
 /// Serve one downstream connection of an `https` listener: `tls::secure` (the same handshake
 /// as `tls` listeners: certificate by SNI, client auth, local-CA identity), then the same
@@ -173,7 +191,7 @@ pub async fn serve_tls(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr
         return;
     }
     let (rd, wr) = tls_split(secured.stream);
-    serve_conn(guard, rd, wr, peer, Some(info)).await;
+    serve_conn(guard, rd, wr, peer, Some(info), None).await;
 }
 
 fn version_str(v: rustls::ProtocolVersion) -> &'static str {
@@ -199,19 +217,19 @@ pub(crate) struct TlsInfo {
 }
 
 /// The request loop of one downstream connection (plain or TLS).
-/// Returns the connection when it turned out to be HTTP/2 with prior knowledge (plain `http`
-/// only), with the bytes read so far.
+/// `h2c`: where a connection that starts with the HTTP/2 preface goes (plain `http` only).
 async fn serve_conn<R: HttpRead, W: ClientOut>(
     guard: ConnGuard,
     rd: R,
     wr: W,
     peer: SocketAddr,
     tls: Option<Rc<TlsInfo>>,
-) -> Option<(ConnGuard, R, W, Vec<u8>)> {
+    h2c: Option<H2cHandoff<R, W>>,
+) {
     let snap = guard.snap.clone();
     let Some(routes) = snap.http.listener(guard.listener) else {
         tracing::error!(listener = %snap.listener_names[guard.listener], "http listener without compiled routes; closing");
-        return None;
+        return;
     };
     let mut conn = Conn {
         rd,
@@ -230,8 +248,15 @@ async fn serve_conn<R: HttpRead, W: ClientOut>(
         // work on a request (and its state across awaits) is boxed, for that request only.
         let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
         let read = read_head(&mut conn, routes, head_deadline, draining, lstats).await;
-        if matches!(read.result, Err(HeadError::H2Preface)) {
-            return Some((guard, conn.rd, conn.wr, conn.buf));
+        if matches!(read.result, Err(HeadError::H2Preface))
+            && let Some(h2c) = h2c
+        {
+            // Nothing of the HTTP/1 loop stays alive in its state while HTTP/2 runs.
+            drop(read);
+            let next = h2c(guard, conn.rd, conn.wr, conn.buf, peer);
+            drop(snap);
+            next.await;
+            return;
         }
         match Box::pin(request(&guard, &snap, routes, &mut conn, read)).await {
             Next::KeepAlive => {}
@@ -243,7 +268,6 @@ async fn serve_conn<R: HttpRead, W: ClientOut>(
     }
     drop(conn);
     drop(guard);
-    None
 }
 
 /// The client side of a connection (HTTP/1), or of one HTTP/2 stream.
@@ -1821,6 +1845,7 @@ fn request_id() -> [u8; 36] {
 }
 
 /// Counters and the access-log record of one request.
+#[allow(clippy::too_many_arguments)] // one access-log record's worth of context
 fn finish(
     guard: &ConnGuard,
     snap: &ShardGen,
