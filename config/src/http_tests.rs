@@ -216,11 +216,28 @@ fn http_listener_defaults() {
 
 #[test]
 fn the_http_gateway_example() {
-    let path = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/http-gateway.toml"
-    ));
-    let config = load(path).unwrap_or_else(|err| panic!("{err}"));
+    let examples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"));
+    // The HTTPS listener reads the certificates of certs/make.sh.
+    let tmp = tempfile::tempdir().unwrap_or_else(|err| panic!("tempdir: {err}"));
+    let status = std::process::Command::new("sh")
+        .arg(examples.join("certs/make.sh"))
+        .arg(tmp.path().join("certs"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|err| panic!("run make.sh: {err}"));
+    assert!(status.success(), "make.sh failed (is openssl installed?)");
+    let path = tmp.path().join("http-gateway.toml");
+    std::fs::copy(examples.join("http-gateway.toml"), &path)
+        .unwrap_or_else(|err| panic!("copy: {err}"));
+    let config = load(&path).unwrap_or_else(|err| panic!("{err}"));
+    let https = config
+        .listener("https-in")
+        .unwrap_or_else(|| panic!("https-in"));
+    assert_eq!(https.address.to_string(), "127.0.0.1:15443");
+    assert_eq!(https.protocol, Protocol::Https);
+    let tls = https.tls.as_ref().unwrap_or_else(|| panic!("tls"));
+    assert_eq!(tls.client_auth, crate::ClientAuth::Required);
+    assert_eq!(tls.alpn, ["h2", "http/1.1"]);
     let listener = config
         .listener("http-in")
         .unwrap_or_else(|| panic!("http-in"));

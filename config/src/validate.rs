@@ -60,8 +60,6 @@ const ACCESS_LOG_FORMATS: [&str; 2] = ["json", "text"];
 
 /// Protocol names this release accepts.
 const PROTOCOLS: [&str; 5] = ["tcp", "tls", "tls-passthrough", "http", "https"];
-/// Protocol names this release recognises but does not implement yet.
-
 /// What validation needs besides the file: where relative paths start, and the time that
 /// certificate validity is checked at.
 #[derive(Debug, Clone)]
@@ -2217,6 +2215,11 @@ fn parse_socket_addr(text: &str) -> Result<SocketAddr, AddressProblem> {
     }
 }
 
+/// ALPN of an `https` listener whose `[listeners.tls]` gives none.
+pub(crate) fn default_https_alpn() -> Vec<String> {
+    vec!["h2".to_owned(), "http/1.1".to_owned()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2245,9 +2248,4 @@ mod tests {
             assert_eq!(parse_socket_addr(text), Err(want), "{text:?}");
         }
     }
-}
-
-/// ALPN of an `https` listener whose `[listeners.tls]` gives none.
-pub(crate) fn default_https_alpn() -> Vec<String> {
-    vec!["http/1.1".to_owned()]
 }

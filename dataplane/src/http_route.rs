@@ -507,6 +507,55 @@ endpoints = ["127.0.0.1:1"]
     }
 
     #[test]
+    fn https_routes_match_the_sni() {
+        let config = meshgate_config::parse(
+            r#"version = 1
+[[listeners]]
+name = "tls-web"
+address = "127.0.0.1:0"
+protocol = "https"
+[[routes]]
+name = "a"
+listener = "tls-web"
+match = { sni = ["a.example.test"], path = { prefix = "/" } }
+cluster = "c"
+[[routes]]
+name = "rest"
+listener = "tls-web"
+cluster = "c"
+[[clusters]]
+name = "c"
+endpoints = ["127.0.0.1:1"]
+"#,
+            "test",
+        )
+        .expect("valid https config");
+        let stats = ShardStats::default();
+        let routes = HttpRoutes::new(&config, &stats);
+        let l = routes.listener(0).expect("https listeners are compiled");
+        let buf = b"GET / HTTP/1.1\r\nhost: b.example.test\r\n\r\n";
+        let Ok(Parsed::Complete { head, .. }) = parse_request(buf, &Limits::default()) else {
+            panic!("bad request");
+        };
+        let view = |sni| RequestView {
+            host: Some("b.example.test"),
+            path: "/",
+            method: "GET",
+            head: &head,
+            buf,
+            sni,
+            peer: None,
+        };
+        let name = |sni| {
+            l.select(&view(sni))
+                .map(|r| config.routes[r.index].name.clone())
+        };
+        assert_eq!(name(Some("a.example.test")).as_deref(), Some("a"));
+        assert_eq!(name(Some("b.example.test")).as_deref(), Some("rest"));
+        assert_eq!(name(None).as_deref(), Some("rest"));
+    }
+
+    #[test]
     fn rewrite_and_overrides() {
         let (config, routes) = routes();
         let l = routes.listener(0).expect("http listener");

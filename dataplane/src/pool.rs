@@ -13,20 +13,29 @@
 //! timeout is usually 60 s or more). An idle connection holds its socket and nothing else: no
 //! receive is armed, so no buffer is pinned.
 //!
-//! The key is the endpoint today; [`PoolKey`] is where the upstream SNI and the gateway's own
-//! identity go once HTTP routes originate TLS, so a connection is never shared across
-//! identities.
+//! The key is the endpoint plus, for clusters with `[clusters.tls]`, the TLS client settings
+//! (the gateway identity presented, the upstream identities accepted, ALPN) and the SNI: a
+//! connection is never shared across identities. TLS connections ([`connect`] with a
+//! [`ClusterTlsState`]) are verified before the pool ever sees them.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+
 use crate::error::ProxyError;
 use crate::metrics::ClusterStats;
-use crate::rt;
+use crate::proxy::http_io::{HttpRead, HttpWrite, TlsRead, TlsWrite, tls_split};
+use crate::rt::{self, IoBuf};
+use crate::tls::setup::ClusterTlsState;
+use crate::tls::stream::ClientTlsStream;
 
 /// Idle connections kept per key.
 pub const MAX_IDLE_PER_KEY: usize = 32;
@@ -37,12 +46,120 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub endpoint: SocketAddr,
-    // Later: `sni: Option<Arc<str>>` and the client identity used for mTLS origination.
+    /// TLS origination: the settings (identity presented, peers accepted) and the SNI.
+    pub tls: Option<TlsKey>,
+}
+
+/// The TLS part of a [`PoolKey`]: the client configuration by identity (the key holds it, so
+/// its address cannot be reused by another configuration while a connection is pooled) and
+/// the server name sent.
+#[derive(Debug, Clone)]
+pub struct TlsKey {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl PartialEq for TlsKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl Eq for TlsKey {}
+
+impl Hash for TlsKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (Arc::as_ptr(&self.config) as usize).hash(state);
+        self.server_name.hash(state);
+    }
 }
 
 impl PoolKey {
+    #[cfg(test)]
     pub fn plain(endpoint: SocketAddr) -> Self {
-        PoolKey { endpoint }
+        PoolKey {
+            endpoint,
+            tls: None,
+        }
+    }
+
+    /// The key for `endpoint` of a cluster with (or without) TLS origination.
+    pub fn new(endpoint: SocketAddr, tls: Option<&ClusterTlsState>) -> Self {
+        PoolKey {
+            endpoint,
+            tls: tls.map(|t| TlsKey {
+                config: t.client_config.clone(),
+                server_name: t.server_name.clone(),
+            }),
+        }
+    }
+}
+
+/// Receiving side of an upstream connection.
+#[derive(Debug)]
+pub enum UpRead {
+    Plain(rt::ReadHalf),
+    Tls(TlsRead<ClientTlsStream<rt::TcpStream>>),
+}
+
+/// Sending side of an upstream connection.
+#[derive(Debug)]
+pub enum UpWrite {
+    Plain(rt::WriteHalf),
+    Tls(TlsWrite<ClientTlsStream<rt::TcpStream>>),
+}
+
+/// Bytes received from an upstream.
+#[derive(Debug)]
+pub enum UpBuf {
+    Ring(rt::RecvBuf),
+    Owned(Vec<u8>),
+}
+
+impl Deref for UpBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            UpBuf::Ring(b) => b,
+            UpBuf::Owned(b) => b,
+        }
+    }
+}
+
+impl IoBuf for UpBuf {
+    fn as_slice(&self) -> &[u8] {
+        self
+    }
+}
+
+impl HttpRead for UpRead {
+    type Buf = UpBuf;
+    async fn recv_buf(&mut self) -> io::Result<Option<UpBuf>> {
+        match self {
+            UpRead::Plain(r) => Ok(r.recv_buf().await?.map(UpBuf::Ring)),
+            UpRead::Tls(r) => Ok(r.recv_buf().await?.map(UpBuf::Owned)),
+        }
+    }
+}
+
+impl HttpWrite for UpWrite {
+    async fn write_all_owned<B: IoBuf>(&mut self, buf: B) -> (io::Result<()>, B) {
+        match self {
+            UpWrite::Plain(w) => w.write_all_owned(buf).await,
+            UpWrite::Tls(w) => HttpWrite::write_all_owned(w, buf).await,
+        }
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            UpWrite::Plain(w) => w.write_all(buf).await,
+            UpWrite::Tls(w) => HttpWrite::write_all(w, buf).await,
+        }
+    }
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            UpWrite::Plain(w) => w.shutdown_write().await,
+            UpWrite::Tls(w) => HttpWrite::shutdown_write(w).await,
+        }
     }
 }
 
@@ -50,8 +167,8 @@ impl PoolKey {
 /// gauge for as long as it lives (in use or idle in the pool).
 #[derive(Debug)]
 pub struct UpConn {
-    pub rd: rt::ReadHalf,
-    pub wr: rt::WriteHalf,
+    pub rd: UpRead,
+    pub wr: UpWrite,
     /// Came from the pool (served a request before).
     pub reused: bool,
     stats: Arc<ClusterStats>,
@@ -140,17 +257,66 @@ impl Pool {
     }
 }
 
-/// Open a new connection to `endpoint` within `timeout`, counted under `stats`.
+/// Open a new connection to `endpoint` within `timeout` (TCP connect and, with `tls`, the
+/// verified TLS handshake), counted under `stats`. A TLS upstream that picks an ALPN
+/// protocol other than `http/1.1` is refused: this pool speaks HTTP/1.1.
 pub async fn connect(
     endpoint: SocketAddr,
     timeout: Duration,
     stats: &Arc<ClusterStats>,
+    tls: Option<&ClusterTlsState>,
 ) -> Result<UpConn, ProxyError> {
+    let deadline = Instant::now() + timeout;
     match rt::timeout(timeout, rt::TcpStream::connect(endpoint)).await {
         Ok(Ok(stream)) => {
+            let (rd, wr) = match tls {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    (UpRead::Plain(rd), UpWrite::Plain(wr))
+                }
+                Some(tls) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let handshake = crate::tls::stream::connect(
+                        stream,
+                        tls.client_config.clone(),
+                        tls.server_name.clone(),
+                    );
+                    let failed = |what: String, timed_out: bool| {
+                        stats.connect_failures.inc();
+                        if timed_out {
+                            stats.connect_timeouts.inc();
+                        }
+                        tracing::debug!(%endpoint, problem = %what, "upstream TLS failed");
+                        let kind = if timed_out {
+                            io::ErrorKind::TimedOut
+                        } else {
+                            io::ErrorKind::ConnectionRefused
+                        };
+                        ProxyError::upstream_connect(endpoint, io::Error::new(kind, what))
+                    };
+                    let stream = match rt::timeout(left, handshake).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return Err(failed(format!("TLS: {e}"), false)),
+                        Err(rt::Elapsed) => {
+                            return Err(failed("TLS handshake timed out".to_owned(), true));
+                        }
+                    };
+                    let alpn = stream.get_ref().1.alpn_protocol();
+                    if alpn.is_some_and(|p| p != b"http/1.1") {
+                        return Err(failed(
+                            format!(
+                                "upstream chose ALPN {:?}; HTTP routes speak http/1.1 upstream",
+                                String::from_utf8_lossy(alpn.unwrap_or_default())
+                            ),
+                            false,
+                        ));
+                    }
+                    let (rd, wr) = tls_split(stream);
+                    (UpRead::Tls(rd), UpWrite::Tls(wr))
+                }
+            };
             stats.connects.inc();
             stats.active.inc();
-            let (rd, wr) = stream.into_split();
             Ok(UpConn {
                 rd,
                 wr,
@@ -203,10 +369,10 @@ mod tests {
             let pool = Pool::new();
             let key = PoolKey::plain(addr);
             assert!(pool.take(&key, &stats).is_none());
-            let a = connect(addr, Duration::from_secs(2), &stats)
+            let a = connect(addr, Duration::from_secs(2), &stats, None)
                 .await
                 .expect("connect a");
-            let b = connect(addr, Duration::from_secs(2), &stats)
+            let b = connect(addr, Duration::from_secs(2), &stats, None)
                 .await
                 .expect("connect b");
             assert_eq!(stats.active.get(), 2);

@@ -184,7 +184,13 @@ pub fn curl(args: &[&str]) -> Resp {
 }
 
 pub fn parse_last(text: &str) -> Resp {
-    let start = text.rfind("HTTP/1.").unwrap_or(0);
+    // The last status line (HTTP/1.x or HTTP/2), at the start of a line.
+    let start = text
+        .match_indices("HTTP/")
+        .map(|(i, _)| i)
+        .filter(|&i| i == 0 || text.as_bytes()[i - 1] == b'\n')
+        .last()
+        .unwrap_or(0);
     let (head, body) = text[start..].split_once("\r\n\r\n").unwrap_or((text, ""));
     let mut lines = head.lines();
     let status = lines

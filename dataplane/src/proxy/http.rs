@@ -29,9 +29,10 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write as _;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::ops::Deref;
+use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +55,7 @@ use crate::metrics::{ClusterStats, ListenerStats, RequestRecord};
 use crate::pool::{self, PoolKey, UpConn};
 use crate::proxy::http_io::{HttpRead, HttpWrite, tls_split};
 use crate::rt;
+use crate::rt::IoBuf;
 use crate::shard::ShardGen;
 use crate::tls;
 use crate::tls::spiffe::{SpiffeId, svid_identity};
@@ -74,10 +76,39 @@ const RESPONSE_WAIT_SLICE: Duration = Duration::from_secs(1);
 const IDLE_WAIT_SLICE: Duration = Duration::from_secs(1);
 
 /// Serve one downstream connection of an `http` listener.
-pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
+///
+/// Not an `async fn`: the task's future is the request loop itself, with nothing around it
+/// (an idle connection's memory is that future).
+pub fn serve(
+    guard: ConnGuard,
+    stream: rt::TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + 'static {
     let (rd, wr) = stream.into_split();
-    serve_conn(guard, rd, wr, peer, None).await;
+    serve_conn(guard, rd, wr, peer, None, Some(h2c))
 }
+
+/// h2c with prior knowledge: the connection started with the HTTP/2 preface. Boxed, so an
+/// HTTP/1 connection's future stays as small as without HTTP/2.
+fn h2c(
+    guard: ConnGuard,
+    rd: rt::ReadHalf,
+    wr: rt::WriteHalf,
+    buf: Vec<u8>,
+    peer: SocketAddr,
+) -> Pin<Box<dyn Future<Output = ()>>> {
+    Box::pin(super::h2::serve(
+        guard,
+        super::h2::Pair { rd, wr },
+        buf,
+        peer,
+        None,
+    ))
+}
+
+/// Takes over a plain connection that starts with the HTTP/2 preface.
+type H2cHandoff<R, W> =
+    fn(ConnGuard, R, W, Vec<u8>, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>>;
 
 /// Serve one downstream connection of an `https` listener: `tls::secure` (the same handshake
 /// as `tls` listeners: certificate by SNI, client auth, local-CA identity), then the same
@@ -135,6 +166,7 @@ pub async fn serve_tls(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr
         out.push_str(id.as_str());
         out
     });
+    let alpn_h2 = secured.alpn.as_deref() == Some(b"h2");
     let info = TlsInfo {
         sni: secured.sni,
         version: secured.version.map(version_str),
@@ -142,8 +174,20 @@ pub async fn serve_tls(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr
         xfcc,
         mtls,
     };
+    let info = Rc::new(info);
+    if alpn_h2 {
+        Box::pin(super::h2::serve(
+            guard,
+            secured.stream,
+            Vec::new(),
+            peer,
+            Some(info),
+        ))
+        .await;
+        return;
+    }
     let (rd, wr) = tls_split(secured.stream);
-    serve_conn(guard, rd, wr, peer, Some(Box::new(info))).await;
+    serve_conn(guard, rd, wr, peer, Some(info), None).await;
 }
 
 fn version_str(v: rustls::ProtocolVersion) -> &'static str {
@@ -156,7 +200,7 @@ fn version_str(v: rustls::ProtocolVersion) -> &'static str {
 
 /// What the TLS handshake of an `https` connection learnt, for routing, headers and the log.
 #[derive(Debug)]
-struct TlsInfo {
+pub(crate) struct TlsInfo {
     /// Lowercase, as the client sent it.
     sni: Option<String>,
     version: Option<&'static str>,
@@ -169,12 +213,14 @@ struct TlsInfo {
 }
 
 /// The request loop of one downstream connection (plain or TLS).
-async fn serve_conn<R: HttpRead, W: HttpWrite>(
+/// `h2c`: where a connection that starts with the HTTP/2 preface goes (plain `http` only).
+async fn serve_conn<R: HttpRead, W: ClientOut>(
     guard: ConnGuard,
     rd: R,
     wr: W,
     peer: SocketAddr,
-    tls: Option<Box<TlsInfo>>,
+    tls: Option<Rc<TlsInfo>>,
+    h2c: Option<H2cHandoff<R, W>>,
 ) {
     let snap = guard.snap.clone();
     let Some(routes) = snap.http.listener(guard.listener) else {
@@ -189,6 +235,7 @@ async fn serve_conn<R: HttpRead, W: HttpWrite>(
         peer,
         served: 0,
         tls,
+        proto: "HTTP/1.1",
     };
     let lstats = &*snap.listeners[guard.listener].stats;
     let draining = &guard.shard.shared.draining;
@@ -197,6 +244,16 @@ async fn serve_conn<R: HttpRead, W: HttpWrite>(
         // work on a request (and its state across awaits) is boxed, for that request only.
         let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
         let read = read_head(&mut conn, routes, head_deadline, draining, lstats).await;
+        if matches!(read.result, Err(HeadError::H2Preface))
+            && let Some(h2c) = h2c
+        {
+            // Nothing of the HTTP/1 loop stays alive in its state while HTTP/2 runs.
+            drop(read);
+            let next = h2c(guard, conn.rd, conn.wr, conn.buf, peer);
+            drop(snap);
+            next.await;
+            return;
+        }
         match Box::pin(request(&guard, &snap, routes, &mut conn, read)).await {
             Next::KeepAlive => {}
             Next::Close { linger } => break linger,
@@ -209,24 +266,26 @@ async fn serve_conn<R: HttpRead, W: HttpWrite>(
     drop(guard);
 }
 
-/// The client side of a connection.
-struct Conn<R, W> {
-    rd: R,
-    wr: W,
+/// The client side of a connection (HTTP/1), or of one HTTP/2 stream.
+pub(crate) struct Conn<R, W> {
+    pub(crate) rd: R,
+    pub(crate) wr: W,
     /// Bytes received and not yet used: a head being read, or the start of a body or of the
     /// next (pipelined) request. Empty, and without capacity, while the connection is idle.
-    buf: Vec<u8>,
-    progress: HeadProgress,
-    peer: SocketAddr,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) progress: HeadProgress,
+    pub(crate) peer: SocketAddr,
     /// Requests read so far.
-    served: u64,
+    pub(crate) served: u64,
     /// `https`: the session's facts; `None` on plain `http`.
-    tls: Option<Box<TlsInfo>>,
+    pub(crate) tls: Option<Rc<TlsInfo>>,
+    /// For the access log: `HTTP/1.1` or `HTTP/2`.
+    pub(crate) proto: &'static str,
 }
 
 /// What the connection does after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+pub(crate) enum Next {
     KeepAlive,
     /// `linger`: the client may still be sending (an unread body, a refused head), so its
     /// input is drained for a moment before the socket closes.
@@ -312,7 +371,7 @@ impl Meters<'_> {
 }
 
 /// Route and answer one request whose head was read.
-async fn request<R: HttpRead, W: HttpWrite>(
+pub(crate) async fn request<R: HttpRead, W: ClientOut>(
     guard: &ConnGuard,
     snap: &Rc<ShardGen>,
     routes: &ListenerRoutes,
@@ -330,7 +389,7 @@ async fn request<R: HttpRead, W: HttpWrite>(
     };
     let (head, head_len) = match read.result {
         Ok(x) => x,
-        Err(HeadError::Closed) => return Next::Close { linger: false },
+        Err(HeadError::Closed | HeadError::H2Preface) => return Next::Close { linger: false },
         Err(HeadError::Timeout) => {
             ex.answer(408, "-");
             local(conn, &meters, Version::Http11, false, None).await;
@@ -342,6 +401,7 @@ async fn request<R: HttpRead, W: HttpWrite>(
                 &ex,
                 conn.peer,
                 conn.tls.as_deref(),
+                conn.proto,
             );
             return Next::Close { linger: true };
         }
@@ -357,6 +417,7 @@ async fn request<R: HttpRead, W: HttpWrite>(
                 &ex,
                 conn.peer,
                 conn.tls.as_deref(),
+                conn.proto,
             );
             return Next::Close { linger: true };
         }
@@ -384,14 +445,13 @@ async fn request<R: HttpRead, W: HttpWrite>(
     let (next, route) = match planned {
         Plan::Local {
             route,
-            status,
             flags,
             response,
             keep_alive,
         } => {
             ex.route.set(route.map(|r| r.index));
-            ex.answer(status, flags);
-            let ok = write_client(conn, &meters, response).await;
+            ex.answer(response.status, flags);
+            let ok = write_client(conn, &meters, &response).await;
             let next = if ok && keep_alive {
                 Next::KeepAlive
             } else {
@@ -424,6 +484,7 @@ async fn request<R: HttpRead, W: HttpWrite>(
         &ex,
         conn.peer,
         conn.tls.as_deref(),
+        conn.proto,
     );
     if next == Next::KeepAlive && conn.buf.is_empty() {
         // Idle from here: hold no buffer.
@@ -436,23 +497,33 @@ fn head_body_done(head: &RequestHead) -> bool {
     matches!(head.framing(), Framing::None | Framing::Length(0))
 }
 
-enum HeadError {
+pub(crate) enum HeadError {
     /// The client closed (or reset) the connection, or stayed idle: close quietly.
     Closed,
     /// A head was started but not finished in time: 408.
     Timeout,
     Invalid(H1Error),
+    /// The first bytes of a plain connection are the HTTP/2 connection preface.
+    H2Preface,
 }
 
-struct HeadRead {
-    result: Result<(RequestHead, usize), HeadError>,
-    bytes: u64,
+pub(crate) struct HeadRead {
+    pub(crate) result: Result<(RequestHead, usize), HeadError>,
+    pub(crate) bytes: u64,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// `buf` is a strict prefix of the preface (more bytes decide).
+fn is_preface_prefix(buf: &[u8]) -> bool {
+    buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf)
 }
 
 /// Read until a complete head is in `conn.buf`. `deadline`: on a new connection, the time the
 /// whole first head must have arrived by; otherwise the wait for the first byte is the
 /// keep-alive idle wait, and the head must be complete `request_timeout` after that byte.
-async fn read_head<R: HttpRead, W: HttpWrite>(
+async fn read_head<R: HttpRead, W>(
     conn: &mut Conn<R, W>,
     routes: &ListenerRoutes,
     deadline: Option<Instant>,
@@ -467,7 +538,13 @@ async fn read_head<R: HttpRead, W: HttpWrite>(
     };
     let idle_until = Instant::now() + routes.idle_timeout;
     loop {
-        if started {
+        if started && conn.served == 0 && conn.tls.is_none() && conn.buf.starts_with(H2_PREFACE) {
+            return HeadRead {
+                result: Err(HeadError::H2Preface),
+                bytes,
+            };
+        }
+        if started && !(conn.served == 0 && conn.tls.is_none() && is_preface_prefix(&conn.buf)) {
             match parse_request_resumable(&conn.buf, &routes.limits, &mut conn.progress) {
                 Ok(Parsed::Complete { head, consumed }) => {
                     return HeadRead {
@@ -533,9 +610,8 @@ enum Plan<'r> {
     /// Answer from the gateway (no route, direct response, redirect, refused request).
     Local {
         route: Option<&'r CompiledRoute>,
-        status: u16,
         flags: &'static str,
-        response: Vec<u8>,
+        response: LocalResp<'r>,
         keep_alive: bool,
     },
     Forward {
@@ -548,7 +624,7 @@ enum Plan<'r> {
 /// nothing here waits, so the head's borrows of the buffer end before any I/O.
 #[allow(clippy::too_many_arguments)] // one request's context; a struct would only rename it
 fn plan<'r, R, W>(
-    snap: &ShardGen,
+    snap: &'r ShardGen,
     listener: usize,
     routes: &'r ListenerRoutes,
     conn: &Conn<R, W>,
@@ -574,9 +650,8 @@ fn plan<'r, R, W>(
     }
     let refuse = |status: u16, flags: &'static str| Plan::Local {
         route: None,
-        status,
         flags,
-        response: local_response(status, version, false, false, b"", None, None),
+        response: LocalResp::status(status, version, false),
         keep_alive: false,
     };
     if head.method() == Method::Connect {
@@ -610,34 +685,37 @@ fn plan<'r, R, W>(
     {
         return Plan::Local {
             route: None,
-            status: 421,
             flags: "-",
-            response: local_response(421, version, keep_alive, head_only, b"", None, None),
+            response: LocalResp {
+                head_only,
+                ..LocalResp::status(421, version, keep_alive)
+            },
             keep_alive,
         };
     }
     let Some(route) = routes.select(&view) else {
         return Plan::Local {
             route: None,
-            status: 404,
             flags: "NR",
-            response: local_response(404, version, keep_alive, head_only, b"", None, None),
+            response: LocalResp {
+                head_only,
+                ..LocalResp::status(404, version, keep_alive)
+            },
             keep_alive,
         };
     };
-    let answer = |status: u16, body: &[u8], location: Option<&[u8]>| Plan::Local {
+    let answer = |status: u16, body: &'r [u8], location: Option<&'r [u8]>| Plan::Local {
         route: Some(route),
-        status,
         flags: "-",
-        response: local_response(
+        response: LocalResp {
             status,
             version,
             keep_alive,
             head_only,
             body,
             location,
-            Some(&route.response_edits),
-        ),
+            edits: Some(&route.response_edits),
+        },
         keep_alive,
     };
     match &snap.config.routes[route.index].action {
@@ -750,9 +828,8 @@ fn plan<'r, R, W>(
             tracing::error!(route = %snap.route_names[route.index], error = %e, "cannot encode the upstream request");
             Plan::Local {
                 route: Some(route),
-                status: 500,
                 flags: "-",
-                response: local_response(500, version, false, false, b"", None, None),
+                response: LocalResp::status(500, version, false),
                 keep_alive: false,
             }
         }
@@ -807,7 +884,7 @@ impl UpFail {
 
 /// `balance::pick` -> `upstream::connect` -> exchange, with at most one retry.
 #[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
-async fn forward<R: HttpRead, W: HttpWrite>(
+async fn forward<R: HttpRead, W: ClientOut>(
     guard: &ConnGuard,
     snap: &Rc<ShardGen>,
     routes: &ListenerRoutes,
@@ -849,13 +926,9 @@ async fn forward<R: HttpRead, W: HttpWrite>(
     let ccfg = &snap.config.clusters[cluster];
     let cstats: &Arc<ClusterStats> = &snap.clusters[cluster];
     meters.cluster = Some(cstats);
-    if snap.cluster_tls.get(cluster).is_some_and(Option::is_some) {
-        // Fail closed: never send a request in clear text to a cluster that expects TLS.
-        tracing::warn!(cluster = %ccfg.name, "http routes to clusters with [clusters.tls] are not supported yet; answering 502");
-        ex.answer(502, "-");
-        let ok = local(conn, &meters, req.version, false, None).await;
-        return after_local(ok, false);
-    }
+    // TLS origination (verified, with the gateway's identity) for clusters with
+    // [clusters.tls]; pooled apart from every other identity.
+    let cluster_tls = snap.cluster_tls.get(cluster).and_then(Option::as_deref);
     // The part of the body that already arrived (all of a small request) is checked before
     // anything goes upstream: a malformed chunked body reaches no origin.
     let mut probe = req.decoder.clone();
@@ -882,25 +955,27 @@ async fn forward<R: HttpRead, W: HttpWrite>(
             break UpFail::ConnectRefused;
         };
         ex.upstream_host.set(Some(endpoint));
-        let key = PoolKey::plain(endpoint);
+        let key = PoolKey::new(endpoint, cluster_tls);
         let mut up = match guard.shard.http_pool.take(&key, cstats) {
             Some(up) => up,
-            None => match pool::connect(endpoint, ccfg.connect_timeout, cstats).await {
-                Ok(up) => up,
-                Err(e) => {
-                    let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
-                    // Nothing was sent: any request may go to the next endpoint.
-                    if attempt < 2 {
-                        retried = true;
-                        continue;
+            None => {
+                match pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await {
+                    Ok(up) => up,
+                    Err(e) => {
+                        let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
+                        // Nothing was sent: any request may go to the next endpoint.
+                        if attempt < 2 {
+                            retried = true;
+                            continue;
+                        }
+                        break if timed_out {
+                            UpFail::ConnectTimeout
+                        } else {
+                            UpFail::ConnectRefused
+                        };
                     }
-                    break if timed_out {
-                        UpFail::ConnectTimeout
-                    } else {
-                        UpFail::ConnectRefused
-                    };
                 }
-            },
+            }
         };
         let (sent, back) = up.wr.write_all_owned(head_bytes).await;
         head_bytes = back;
@@ -1033,7 +1108,7 @@ enum Joined {
 /// Run the request-body pump and the response relay at once (an upstream may answer before
 /// the body is in, e.g. with 413, and `100-continue` needs the response side running while the
 /// client waits). Ends when the response ends or either side fails.
-async fn exchange<R: HttpRead, W: HttpWrite>(
+async fn exchange<R: HttpRead, W: ClientOut>(
     conn: &mut Conn<R, W>,
     up: &mut UpConn,
     decoder: &mut BodyDecoder,
@@ -1084,9 +1159,9 @@ enum PumpError {
 }
 
 /// Forward the request body (with the framing it arrived in) from the client to the upstream.
-async fn pump_request<R: HttpRead>(
+async fn pump_request<R: HttpRead, U: HttpWrite>(
     rd: &mut R,
-    wr: &mut rt::WriteHalf,
+    wr: &mut U,
     buf: &mut Vec<u8>,
     decoder: &mut BodyDecoder,
     idle: Duration,
@@ -1169,13 +1244,13 @@ fn decode_payload(
 }
 
 /// How the response goes to this client.
-struct RespCtx<'a> {
-    method: Method,
-    version: Version,
-    client_keep_alive: bool,
-    edits: &'a Edits,
-    timeout: Duration,
-    draining: &'a AtomicBool,
+pub(crate) struct RespCtx<'a> {
+    pub(crate) method: Method,
+    pub(crate) version: Version,
+    pub(crate) client_keep_alive: bool,
+    pub(crate) edits: &'a Edits,
+    pub(crate) timeout: Duration,
+    pub(crate) draining: &'a AtomicBool,
 }
 
 struct RespOk {
@@ -1193,8 +1268,8 @@ enum RespFail {
 }
 
 /// Read the response from the upstream (forwarding `100 Continue`) and relay it to the client.
-async fn relay_response<W: HttpWrite>(
-    up: &mut rt::ReadHalf,
+async fn relay_response<U: HttpRead, W: ClientOut>(
+    up: &mut U,
     down: &mut W,
     rbuf: &mut Vec<u8>,
     cx: &RespCtx<'_>,
@@ -1208,11 +1283,11 @@ async fn relay_response<W: HttpWrite>(
             match parse_response_resumable(rbuf, &limits, cx.method, &mut progress) {
                 Ok(Parsed::Complete { head, consumed }) if head.is_interim() => {
                     if head.status() == 100 && cx.version == Version::Http11 {
-                        const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-                        if down.write_all(CONTINUE).await.is_err() {
-                            return Err(RespFail::ClientGone);
-                        }
-                        meters.client_out(CONTINUE.len());
+                        let n = down
+                            .interim_continue()
+                            .await
+                            .map_err(|_| RespFail::ClientGone)?;
+                        meters.client_out(n);
                     }
                     rbuf.drain(..consumed);
                     continue;
@@ -1250,29 +1325,37 @@ async fn relay_response<W: HttpWrite>(
         && !dechunk
         && head.framing() != Framing::CloseDelimited
         && !cx.draining.load(Ordering::Acquire);
-    let mut out = match encode_response_head(&head, rbuf, cx, dechunk, keep_down) {
-        Ok(out) => out,
+    let prepared = match down.prepare_head(&head, rbuf, cx, dechunk, keep_down) {
+        Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode the response");
             return Err(RespFail::Upstream(UpFail::Protocol));
         }
     };
+    // Payload only (no HTTP/1 framing) for HTTP/1.0 clients of chunked responses and for
+    // clients that are not HTTP/1 at all.
+    let payload_mode = dechunk || !W::FRAMED;
     let mut upstream_reusable = head.keep_alive() && head.framing() != Framing::CloseDelimited;
     let mut decoder = head.body_decoder(&limits);
     drop(head);
     rbuf.drain(..consumed);
-    // Body bytes that came with the head go out in the same write.
-    let used = if dechunk {
-        decode_payload(&mut decoder, rbuf, &mut out)
+    // Body bytes that came with the head go out in the same write (HTTP/1: appended to the
+    // encoded head itself).
+    let mut prepared = prepared;
+    let mut first = Vec::new();
+    let sink = W::head_buf(&mut prepared).unwrap_or(&mut first);
+    let used = if payload_mode {
+        decode_payload(&mut decoder, rbuf, sink)
     } else {
-        decode_run(&mut decoder, rbuf).inspect(|&used| out.extend_from_slice(&rbuf[..used]))
+        decode_run(&mut decoder, rbuf).inspect(|&used| sink.extend_from_slice(&rbuf[..used]))
     }
     .map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
     rbuf.drain(..used);
     shared.responded.set(true);
-    let n = out.len();
-    let (res, _) = down.write_all_owned(out).await;
-    res.map_err(|_| RespFail::ClientGone)?;
+    let n = down
+        .send_head(prepared, first, decoder.is_done())
+        .await
+        .map_err(|_| RespFail::ClientGone)?;
     meters.client_out(n);
     let mut payload = Vec::new();
     while !decoder.is_done() {
@@ -1285,17 +1368,18 @@ async fn relay_response<W: HttpWrite>(
             break;
         };
         meters.upstream_in(rb.len());
-        if dechunk {
+        if payload_mode {
             rbuf.extend_from_slice(&rb);
             payload.clear();
             let used = decode_payload(&mut decoder, rbuf, &mut payload)
                 .map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
             rbuf.drain(..used);
             if !payload.is_empty() {
-                down.write_all(&payload)
+                let n = down
+                    .body(&payload, decoder.is_done())
                     .await
                     .map_err(|_| RespFail::ClientGone)?;
-                meters.client_out(payload.len());
+                meters.client_out(n);
             }
             continue;
         }
@@ -1304,10 +1388,11 @@ async fn relay_response<W: HttpWrite>(
             let used =
                 decode_run(&mut decoder, rbuf).map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
             if used > 0 {
-                down.write_all(&rbuf[..used])
+                let n = down
+                    .body(&rbuf[..used], decoder.is_done())
                     .await
                     .map_err(|_| RespFail::ClientGone)?;
-                meters.client_out(used);
+                meters.client_out(n);
                 rbuf.drain(..used);
             }
             continue;
@@ -1315,20 +1400,23 @@ async fn relay_response<W: HttpWrite>(
         let used =
             decode_run(&mut decoder, &rb).map_err(|_| RespFail::Upstream(UpFail::Protocol))?;
         if used == rb.len() {
-            let (res, rb) = down.write_all_owned(rb).await;
-            drop(rb);
-            res.map_err(|_| RespFail::ClientGone)?;
-            meters.client_out(used);
+            let n = down
+                .body_owned(rb, decoder.is_done())
+                .await
+                .map_err(|_| RespFail::ClientGone)?;
+            meters.client_out(n);
         } else {
             if used > 0 {
-                down.write_all(&rb[..used])
+                let n = down
+                    .body(&rb[..used], decoder.is_done())
                     .await
                     .map_err(|_| RespFail::ClientGone)?;
-                meters.client_out(used);
+                meters.client_out(n);
             }
             rbuf.extend_from_slice(&rb[used..]);
         }
     }
+    down.end().await.map_err(|_| RespFail::ClientGone)?;
     // Bytes after the end of the body: the upstream does not frame its messages as it says.
     if !rbuf.is_empty() {
         upstream_reusable = false;
@@ -1338,6 +1426,149 @@ async fn relay_response<W: HttpWrite>(
         keep_down,
         upstream_reusable,
     })
+}
+
+/// A response the gateway writes itself (an error, a refusal, a direct response, a redirect).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalResp<'a> {
+    pub status: u16,
+    /// The client's HTTP/1 version (for the connection field).
+    pub version: Version,
+    pub keep_alive: bool,
+    pub head_only: bool,
+    /// Empty with an error status: the reason phrase is sent.
+    pub body: &'a [u8],
+    pub location: Option<&'a [u8]>,
+    pub edits: Option<&'a Edits>,
+}
+
+impl LocalResp<'_> {
+    fn status(status: u16, version: Version, keep_alive: bool) -> LocalResp<'static> {
+        LocalResp {
+            status,
+            version,
+            keep_alive,
+            head_only: false,
+            body: b"",
+            location: None,
+            edits: None,
+        }
+    }
+
+    /// The body actually sent: `body`, or the reason phrase for an error without one.
+    pub(crate) fn body_or_reason(&self) -> Cow<'_, [u8]> {
+        if self.body.is_empty() && self.status >= 400 {
+            Cow::Owned(format!("{} {}\n", self.status, reason(self.status)).into_bytes())
+        } else {
+            Cow::Borrowed(self.body)
+        }
+    }
+}
+
+/// Where a response goes: an HTTP/1 connection (any [`HttpWrite`]) or an HTTP/2 stream
+/// (`proxy::h2`). The relay decides framing and timing; this writes. Each call returns the
+/// bytes it wrote, for the counters.
+pub(crate) trait ClientOut {
+    /// Body bytes pass with their HTTP/1 framing (chunked stays chunked); otherwise only
+    /// payload is handed over.
+    const FRAMED: bool;
+    /// A prepared response head (encoded without waiting; the upstream buffer is released
+    /// before it is sent).
+    type Head;
+    async fn local(&mut self, r: &LocalResp<'_>) -> io::Result<usize>;
+    async fn interim_continue(&mut self) -> io::Result<usize>;
+    fn prepare_head(
+        &self,
+        head: &ResponseHead,
+        buf: &[u8],
+        cx: &RespCtx<'_>,
+        dechunk: bool,
+        keep_down: bool,
+    ) -> Result<Self::Head, H1Error>;
+    /// Where the first body bytes go when they travel in the head's own buffer.
+    fn head_buf(head: &mut Self::Head) -> Option<&mut Vec<u8>>;
+    /// The head with the first body bytes; `done`: the body is complete with them.
+    async fn send_head(
+        &mut self,
+        head: Self::Head,
+        first: Vec<u8>,
+        done: bool,
+    ) -> io::Result<usize>;
+    async fn body(&mut self, b: &[u8], done: bool) -> io::Result<usize>;
+    async fn body_owned<B: IoBuf + Deref<Target = [u8]>>(
+        &mut self,
+        b: B,
+        done: bool,
+    ) -> io::Result<usize>;
+    /// The response is complete.
+    async fn end(&mut self) -> io::Result<()>;
+    /// Stop sending on the connection (HTTP/1 lingering close).
+    async fn shutdown(&mut self) -> io::Result<()>;
+}
+
+impl<W: HttpWrite> ClientOut for W {
+    const FRAMED: bool = true;
+    type Head = Vec<u8>;
+
+    async fn local(&mut self, r: &LocalResp<'_>) -> io::Result<usize> {
+        let response = local_response(
+            r.status,
+            r.version,
+            r.keep_alive,
+            r.head_only,
+            r.body,
+            r.location,
+            r.edits,
+        );
+        let n = response.len();
+        self.write_all_owned(response).await.0.map(|()| n)
+    }
+
+    async fn interim_continue(&mut self) -> io::Result<usize> {
+        const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+        self.write_all(CONTINUE).await.map(|()| CONTINUE.len())
+    }
+
+    fn prepare_head(
+        &self,
+        head: &ResponseHead,
+        buf: &[u8],
+        cx: &RespCtx<'_>,
+        dechunk: bool,
+        keep_down: bool,
+    ) -> Result<Vec<u8>, H1Error> {
+        encode_response_head(head, buf, cx, dechunk, keep_down)
+    }
+
+    fn head_buf(head: &mut Vec<u8>) -> Option<&mut Vec<u8>> {
+        Some(head)
+    }
+
+    async fn send_head(&mut self, head: Vec<u8>, _: Vec<u8>, _: bool) -> io::Result<usize> {
+        let n = head.len();
+        self.write_all_owned(head).await.0.map(|()| n)
+    }
+
+    async fn body(&mut self, b: &[u8], _: bool) -> io::Result<usize> {
+        self.write_all(b).await.map(|()| b.len())
+    }
+
+    async fn body_owned<B: IoBuf + Deref<Target = [u8]>>(
+        &mut self,
+        b: B,
+        _: bool,
+    ) -> io::Result<usize> {
+        let n = b.len();
+        self.write_all_owned(b).await.0.map(|()| n)
+    }
+
+    async fn end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.shutdown_write().await
+    }
 }
 
 /// The client's response head (not awaited across: the edit lists live on the stack here).
@@ -1365,11 +1596,11 @@ fn encode_response_head(
 
 /// The next bytes from the upstream within the route timeout (which starts once the request
 /// was sent in full); `None` at EOF.
-async fn read_upstream(
-    up: &mut rt::ReadHalf,
+async fn read_upstream<U: HttpRead>(
+    up: &mut U,
     cx: &RespCtx<'_>,
     shared: &ExShared,
-) -> Result<Option<rt::RecvBuf>, RespFail> {
+) -> Result<Option<U::Buf>, RespFail> {
     loop {
         let wait = match shared.req_done_at.get() {
             Some(at) => (at + cx.timeout).saturating_duration_since(Instant::now()),
@@ -1388,7 +1619,7 @@ async fn read_upstream(
 
 /// Answer the client with the exchange's status (an error or a refusal; no body but the
 /// status line). Returns whether the write worked.
-async fn local<R: HttpRead, W: HttpWrite>(
+async fn local<R: HttpRead, W: ClientOut>(
     conn: &mut Conn<R, W>,
     meters: &Meters<'_>,
     version: Version,
@@ -1396,21 +1627,25 @@ async fn local<R: HttpRead, W: HttpWrite>(
     edits: Option<&Edits>,
 ) -> bool {
     let status = meters.ex.status.get();
-    let response = local_response(status, version, keep_alive, false, b"", None, edits);
-    write_client(conn, meters, response).await
+    let response = LocalResp {
+        edits,
+        ..LocalResp::status(status, version, keep_alive)
+    };
+    write_client(conn, meters, &response).await
 }
 
-async fn write_client<R: HttpRead, W: HttpWrite>(
+async fn write_client<R, W: ClientOut>(
     conn: &mut Conn<R, W>,
     meters: &Meters<'_>,
-    response: Vec<u8>,
+    response: &LocalResp<'_>,
 ) -> bool {
-    let n = response.len();
-    let (res, _) = conn.wr.write_all_owned(response).await;
-    if res.is_ok() {
-        meters.client_out(n);
+    match conn.wr.local(response).await {
+        Ok(n) => {
+            meters.client_out(n);
+            true
+        }
+        Err(_) => false,
     }
-    res.is_ok()
 }
 
 /// A complete response written by the gateway: `status`, `content-length`, a `text/plain`
@@ -1470,7 +1705,7 @@ fn local_response(
     out
 }
 
-fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         201 => "Created",
@@ -1606,6 +1841,7 @@ fn request_id() -> [u8; 36] {
 }
 
 /// Counters and the access-log record of one request.
+#[allow(clippy::too_many_arguments)] // one access-log record's worth of context
 fn finish(
     guard: &ConnGuard,
     snap: &ShardGen,
@@ -1614,6 +1850,7 @@ fn finish(
     ex: &Exchange,
     peer: SocketAddr,
     tls: Option<&TlsInfo>,
+    proto: &'static str,
 ) {
     let status = ex.status.get();
     let elapsed = ex.started.elapsed();
@@ -1638,7 +1875,7 @@ fn finish(
     log.log(Record {
         start_time: ex.start_time,
         duration: elapsed,
-        protocol: "HTTP/1.1",
+        protocol: proto,
         method: fields.map(|f| f.method.clone()),
         path: fields.map(|f| f.path.clone()),
         authority: fields.and_then(|f| f.authority.clone()),
@@ -1665,8 +1902,8 @@ fn finish(
 /// After `connection: close`: stop sending, then read and drop what the client still sends
 /// for a moment, so that closing a socket with unread input does not reset the connection
 /// before the client read the response.
-async fn lingering_close<R: HttpRead, W: HttpWrite>(conn: &mut Conn<R, W>) {
-    let _ = conn.wr.shutdown_write().await;
+async fn lingering_close<R: HttpRead, W: ClientOut>(conn: &mut Conn<R, W>) {
+    let _ = conn.wr.shutdown().await;
     let until = Instant::now() + LINGER_TIME;
     let mut drained = 0u64;
     while drained < LINGER_BYTES {

@@ -84,10 +84,11 @@ pub(crate) struct TlsWrite<S> {
     inner: Rc<RefCell<S>>,
 }
 
+/// The two halves of one TLS session.
+pub(crate) type TlsHalves<S> = (TlsRead<S>, TlsWrite<S>);
+
 /// Split a TLS stream (server or client side) into halves for full-duplex use in one task.
-pub(crate) fn tls_split<IO, C>(
-    stream: TlsStream<IO, C>,
-) -> (TlsRead<TlsStream<IO, C>>, TlsWrite<TlsStream<IO, C>>) {
+pub(crate) fn tls_split<IO, C>(stream: TlsStream<IO, C>) -> TlsHalves<TlsStream<IO, C>> {
     let inner = Rc::new(RefCell::new(stream));
     (
         TlsRead {
