@@ -51,6 +51,8 @@ pub enum ControlAction {
     /// Put history entry `to` (default: the one before the newest) back in the config file and
     /// apply it.
     Rollback { to: Option<u64> },
+    /// Stop accepting on every listener; open connections continue (`POST /drain`).
+    Drain,
 }
 
 /// Why a reload was refused. The running generation stays in force.
@@ -280,6 +282,11 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
         ("GET" | "HEAD", "/certs") => Response::json(&state.stats.certs()),
         ("POST", "/reload") => control(state, ControlAction::Reload),
+        ("POST", "/drain") => match control(state, ControlAction::Drain) {
+            r if r.status == 200 => Response::json(&drain_status(state)),
+            r => r,
+        },
+        ("GET" | "HEAD", "/drain") => Response::json(&drain_status(state)),
         ("POST", "/config/rollback") => match query_u64(query, "to") {
             Ok(to) => control(state, ControlAction::Rollback { to }),
             Err(()) => {
@@ -310,13 +317,13 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
                 },
             }
         }
-        (_, "/reload" | "/config/rollback") => Response::text(405, "use POST\n"),
+        (_, "/reload" | "/config/rollback" | "/drain") => Response::text(405, "use POST\n"),
         (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/status") => {
             Response::text(405, format!("{method} not allowed on {path}; use GET\n"))
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID]\n"
+            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID], POST /drain\n"
                 .to_string(),
         ),
     }
@@ -374,6 +381,27 @@ fn control(state: &AdminState, action: ControlAction) -> Response {
             504,
             "reload did not finish in time; see the gateway's log\n",
         ),
+    }
+}
+
+/// What `POST /drain` and `GET /drain` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub draining: bool,
+    /// Downstream connections still open, over all listeners and shards.
+    pub open_connections: i64,
+}
+
+fn drain_status(state: &AdminState) -> DrainStatus {
+    let snap = state.shared.current();
+    DrainStatus {
+        draining: state.shared.draining.load(Ordering::Acquire),
+        open_connections: snap
+            .config
+            .listeners
+            .iter()
+            .map(|l| state.stats.listener_active(&l.name))
+            .sum(),
     }
 }
 

@@ -54,6 +54,9 @@ pub enum ShardMsg {
     Commit { generation: u64 },
     /// Drop the prepared generation.
     Abort { generation: u64 },
+    /// Close the listening sockets and keep serving open connections (admin `POST /drain`);
+    /// later generations are refused by the control thread.
+    StopAccepting,
     /// Close listeners, wait for open connections until `deadline`, then stop.
     Drain { deadline: Instant },
     /// Stop now.
@@ -268,6 +271,13 @@ pub async fn run(init: ShardInit) {
                     .is_some_and(|p| p.generation == generation)
                 {
                     prepared = None;
+                }
+            }
+            Some(ShardMsg::StopAccepting) => {
+                prepared = None;
+                for (name, s) in serving.drain() {
+                    tracing::debug!(shard = init.id, listener = %name, "stopped accepting (drain)");
+                    s.task.cancel();
                 }
             }
             Some(ShardMsg::Drain { deadline }) => break Some(deadline),
