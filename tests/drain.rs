@@ -171,3 +171,64 @@ fn sigterm_lets_requests_in_flight_complete_and_exits_zero() {
     );
     assert!(mg.log().contains("closed_at_deadline=0"), "{}", mg.log());
 }
+
+/// Datagrams sent to a fake `NOTIFY_SOCKET`, as systemd would receive them.
+fn notifications(sock: &std::os::unix::net::UnixDatagram, until: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let end = Instant::now() + until;
+    let mut buf = [0u8; 512];
+    while Instant::now() < end {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn systemd_notify_ready_watchdog_reloading_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let web = HttpUpstream::start("web");
+    let echo = EchoServer::start();
+    let (admin, http, tcp) = (addr(free_port()), addr(free_port()), addr(free_port()));
+    let cfg = http_tcp_config(admin, http, tcp, (web.addr, web.addr, 0), echo.addr, "");
+    let mut mg = Meshgate::start_with_env(
+        bin(),
+        &cfg,
+        admin,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().expect("utf8")),
+            // 400 ms: a ping every 200 ms while every shard answers.
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .expect("start");
+    let first = notifications(&sock, Duration::from_millis(1500));
+    assert_eq!(
+        first.first().map(String::as_str),
+        Some("READY=1"),
+        "{first:?}"
+    );
+    let pings = first.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(pings >= 4, "{first:?}");
+
+    let (code, out, err) = meshgate(&["reload", "--admin", &admin.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let reload = notifications(&sock, Duration::from_millis(500));
+    let at = reload
+        .iter()
+        .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no RELOADING=1: {reload:?}"));
+    assert!(reload[at..].iter().any(|m| m == "READY=1"), "{reload:?}");
+
+    mg.signal(libc::SIGTERM);
+    let st = mg.wait(Duration::from_secs(10)).expect("exits");
+    assert!(st.success());
+    let last = notifications(&sock, Duration::from_millis(200));
+    assert!(last.iter().any(|m| m == "STOPPING=1"), "{last:?}");
+}

@@ -113,6 +113,8 @@ fn metrics_parse_with_the_prometheus_parser_and_labels_stay_bounded() {
         ("meshgate_tcp_connection_duration_seconds", "histogram"),
         ("meshgate_tcp_connection_received_bytes", "histogram"),
         ("meshgate_tcp_connection_sent_bytes", "histogram"),
+        ("meshgate_shard_busy_seconds", "counter"),
+        ("meshgate_shard_idle_seconds", "counter"),
     ] {
         assert_eq!(kinds.get(name).copied(), Some(kind), "{name}: {kinds:?}");
     }
@@ -196,6 +198,27 @@ fn metrics_parse_with_the_prometheus_parser_and_labels_stay_bounded() {
         &[("route", "app"), ("le", "+Inf")],
     );
     assert_eq!(inf, 20.0);
+    // Utilisation: one series per shard; an almost idle gateway spent most of its time parked.
+    for name in ["meshgate_shard_busy_seconds", "meshgate_shard_idle_seconds"] {
+        let shards: BTreeSet<&str> = family(&fams, name)
+            .samples
+            .iter()
+            .filter(|s| s.name.ends_with("_total"))
+            .filter_map(|s| s.labels.get("shard").map(String::as_str))
+            .collect();
+        assert_eq!(shards, ["0", "1"].into(), "{name}");
+    }
+    let busy = count(
+        family(&fams, "meshgate_shard_busy_seconds"),
+        "meshgate_shard_busy_seconds_total",
+        &[],
+    );
+    let idle = count(
+        family(&fams, "meshgate_shard_idle_seconds"),
+        "meshgate_shard_idle_seconds_total",
+        &[],
+    );
+    assert!(idle > 0.0 && busy >= 0.0, "busy {busy} idle {idle}");
     let tcp = family(&fams, "meshgate_tcp_connection_received_bytes");
     assert_eq!(
         count(

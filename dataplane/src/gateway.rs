@@ -509,6 +509,34 @@ impl Gateway {
         }
     }
 
+    /// Ask every shard to answer; returns the shards that did not within `timeout` (stuck in
+    /// a task that never yields, or dead). The systemd watchdog is fed only when none is.
+    pub fn heartbeat(&self, timeout: Duration) -> Vec<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (_, shard) in &self.shards {
+            let _ = shard.send(ShardMsg::Heartbeat { ack: tx.clone() });
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut answered = vec![false; self.shards.len()];
+        while answered.iter().any(|a| !a) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(id) => {
+                    if let Some(a) = answered.get_mut(id) {
+                        *a = true;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        answered
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !**a)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Stop accepting, let open connections finish until `timeout`, then stop the shards.
     /// Returns the number of connections still open when the deadline hit (0 = clean drain).
     pub fn drain(self, timeout: Duration) -> u64 {

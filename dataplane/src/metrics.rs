@@ -107,6 +107,9 @@ pub struct ShardStats {
     tcp: RwLock<BTreeMap<(String, String), Arc<TcpStats>>>,
     /// Istio-compatible series, with `[telemetry] istio_compat` only.
     istio: Option<Arc<IstioShard>>,
+    /// The shard's runtime idle-time counter (ns) and when the shard started, set once by the
+    /// shard itself.
+    runtime: std::sync::OnceLock<(Arc<AtomicU64>, Instant)>,
 }
 
 /// (listener, route, cluster) of HTTP request stats.
@@ -600,6 +603,18 @@ impl ShardStats {
             stats,
             istio: self.istio.clone(),
         }
+    }
+
+    /// Called by the shard when it starts, with its runtime's idle-time counter.
+    pub fn set_idle_counter(&self, idle_ns: Arc<AtomicU64>) {
+        let _ = self.runtime.set((idle_ns, Instant::now()));
+    }
+
+    /// (busy, idle) time of the shard so far.
+    fn utilisation(&self) -> Option<(Duration, Duration)> {
+        let (idle, since) = self.runtime.get()?;
+        let idle = Duration::from_nanos(idle.load(Relaxed));
+        Some((since.elapsed().saturating_sub(idle), idle))
     }
 
     fn http_snapshot(&self) -> HttpSnapshot {
@@ -1175,6 +1190,36 @@ impl Collector for Exporter {
             merged
                 .iter()
                 .map(|(k, m)| (labels(k), ConstHistogram::new(&m[2], &BYTES_BUCKETS, 1.0))),
+        )?;
+        let util: Vec<(usize, (Duration, Duration))> = s
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ss)| Some((i, ss.utilisation()?)))
+            .collect();
+        family(
+            &mut enc,
+            "meshgate_shard_busy_seconds",
+            "Time each shard spent working (not parked waiting for I/O or timers); rate() is its utilisation",
+            MetricType::Counter,
+            util.iter().map(|(i, (busy, _))| {
+                (
+                    vec![("shard", i.to_string())],
+                    ConstCounter::new(busy.as_secs_f64()),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "meshgate_shard_idle_seconds",
+            "Time each shard spent parked waiting for I/O or timers",
+            MetricType::Counter,
+            util.iter().map(|(i, (_, idle))| {
+                (
+                    vec![("shard", i.to_string())],
+                    ConstCounter::new(idle.as_secs_f64()),
+                )
+            }),
         )?;
         encode_istio(&mut enc, s)?;
         Ok(())

@@ -59,6 +59,8 @@ pub enum ShardMsg {
     StopAccepting,
     /// Close listeners, wait for open connections until `deadline`, then stop.
     Drain { deadline: Instant },
+    /// Answer with the shard's id (the systemd watchdog checks that every shard turns).
+    Heartbeat { ack: std::sync::mpsc::Sender<usize> },
     /// Stop now.
     Stop,
 }
@@ -237,6 +239,7 @@ pub async fn run(init: ShardInit) {
         open: Cell::new(0),
         http_pool: crate::pool::Pool::new(),
     });
+    init.stats.set_idle_counter(rt::idle_counter());
     let mut serving: HashMap<String, Serving> = HashMap::new();
     let mut prepared: Option<Prepared> = None;
 
@@ -272,6 +275,9 @@ pub async fn run(init: ShardInit) {
                 {
                     prepared = None;
                 }
+            }
+            Some(ShardMsg::Heartbeat { ack }) => {
+                let _ = ack.send(init.id);
             }
             Some(ShardMsg::StopAccepting) => {
                 prepared = None;

@@ -358,6 +358,17 @@ impl Meshgate {
         admin: SocketAddr,
         extra: &[&str],
     ) -> Result<Meshgate> {
+        Self::start_with_env(bin, config, admin, extra, &[])
+    }
+
+    /// Like [`Meshgate::start_with_args`], with extra environment variables.
+    pub fn start_with_env(
+        bin: &Path,
+        config: &str,
+        admin: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Meshgate> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("meshgate.toml");
         std::fs::write(&config_path, config)?;
@@ -370,6 +381,7 @@ impl Meshgate {
             .arg(dir.path().join("state"))
             .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
