@@ -831,18 +831,14 @@ impl Collector for Exporter {
             family(
                 &mut enc,
                 "meshgate_access_log_records",
-                "Access-log records by outcome (dropped: the writer was behind and the queue full)",
+                "Access-log records by outcome (dropped: the writer was behind and the queue full; failed: the file refused the write, e.g. disk full)",
                 MetricType::Counter,
                 [
-                    (
-                        vec![("outcome", "written".to_string())],
-                        ConstCounter::new(log.written()),
-                    ),
-                    (
-                        vec![("outcome", "dropped".to_string())],
-                        ConstCounter::new(log.dropped()),
-                    ),
-                ],
+                    ("written", log.written()),
+                    ("dropped", log.dropped()),
+                    ("failed", log.failed()),
+                ]
+                .map(|(outcome, n)| (vec![("outcome", outcome.to_string())], ConstCounter::new(n))),
             )?;
         }
         family(
