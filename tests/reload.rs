@@ -303,7 +303,7 @@ impl Load {
                         Ok(()) => ok += 1,
                         Err(e) => errors.push(format!("tcp connection: {e}")),
                     }
-                    if i % 10 == 0 {
+                    if i.is_multiple_of(10) {
                         match round_trip(&mut long, msg.as_bytes()) {
                             Ok(()) => ok += 1,
                             Err(e) => errors.push(format!("long-lived tcp: {e}")),
@@ -377,7 +377,7 @@ fn hundred_reloads_under_http_and_tcp_load_drop_nothing_and_rollback_restores() 
     let load = Load::start(http, tcp);
     let mut refused = 0;
     for i in 1..=100u64 {
-        if i % 30 == 0 {
+        if i.is_multiple_of(30) {
             // An invalid config in the middle: refused with its error, nothing changes.
             std::fs::write(&mg.config_path, &invalid).expect("write");
             let (code, out) = http_reload(admin);
@@ -386,7 +386,7 @@ fn hundred_reloads_under_http_and_tcp_load_drop_nothing_and_rollback_restores() 
             assert_eq!(generation(&mg), i as f64);
             refused += 1;
         }
-        let next = if i % 2 == 1 { &b } else { &a };
+        let next = if i.is_multiple_of(2) { &a } else { &b };
         std::fs::write(&mg.config_path, next).expect("write");
         let (code, out) = http_reload(admin);
         assert_eq!(code, 0, "reload {i}: {out}\n{}", mg.log());

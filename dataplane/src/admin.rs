@@ -419,6 +419,19 @@ pub struct Status {
     pub config_generation: u64,
     pub listeners: Vec<ListenerStatus>,
     pub clusters: Vec<ClusterStatus>,
+    /// One entry per shard.
+    #[serde(default)]
+    pub shard_stats: Vec<ShardStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: usize,
+    /// Downstream connections open on this shard.
+    pub connections: i64,
+    /// Time spent working / parked waiting for work since the shard started.
+    pub busy_seconds: f64,
+    pub idle_seconds: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -486,6 +499,20 @@ fn status(state: &AdminState) -> Status {
                 connect_failures: s.cluster_total(&c.name, |x| x.connect_failures.get()),
                 bytes_sent: s.cluster_total(&c.name, |x| x.bytes_sent.get()),
                 bytes_received: s.cluster_total(&c.name, |x| x.bytes_received.get()),
+            })
+            .collect(),
+        shard_stats: s
+            .shard_summary()
+            .into_iter()
+            .enumerate()
+            .map(|(shard, (connections, util))| {
+                let (busy, idle) = util.unwrap_or_default();
+                ShardStatus {
+                    shard,
+                    connections,
+                    busy_seconds: busy.as_secs_f64(),
+                    idle_seconds: idle.as_secs_f64(),
+                }
             })
             .collect(),
     }

@@ -280,10 +280,13 @@ pub struct RequestRecord<'a> {
 pub struct HttpRouteStats {
     local: Arc<RequestStats>,
     /// (cluster index in the config, cluster name, its stats); a route has few clusters.
-    targets: Box<[(usize, Arc<str>, Arc<RequestStats>)]>,
+    targets: Box<[RouteTarget]>,
     /// Istio-compatible series (`[telemetry] istio_compat`), else None.
     istio: Option<Arc<IstioShard>>,
 }
+
+/// (cluster index in the config, cluster name, its request stats).
+type RouteTarget = (usize, Arc<str>, Arc<RequestStats>);
 
 impl HttpRouteStats {
     /// Route (and cluster) label of requests that no route (or cluster) took; not a valid
@@ -753,6 +756,21 @@ impl Stats {
             .iter()
             .map(|s| s.listener(name).active.get())
             .sum()
+    }
+
+    /// Per shard: (open downstream connections, (busy, idle) time so far).
+    pub fn shard_summary(&self) -> Vec<(i64, Option<(Duration, Duration)>)> {
+        self.shards
+            .iter()
+            .map(|ss| {
+                let open = ss
+                    .listener_snapshot()
+                    .iter()
+                    .map(|(_, l)| l.active.get())
+                    .sum();
+                (open, ss.utilisation())
+            })
+            .collect()
     }
 
     pub fn cluster_total(&self, name: &str, f: impl Fn(&ClusterStats) -> u64) -> u64 {
@@ -1320,7 +1338,7 @@ fn encode_istio(enc: &mut DescriptorEncoder<'_>, s: &Stats) -> Result<(), std::f
             )
         }),
     )?;
-    let tcp_counters: [(&str, &str, fn(&IstioSeries) -> u64); 4] = [
+    let tcp_counters: [CounterDef<IstioSeries>; 4] = [
         (
             "istio_tcp_connections_opened",
             "TCP connections opened (Istio-compatible)",
