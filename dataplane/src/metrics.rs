@@ -138,6 +138,14 @@ pub const BYTES_BUCKETS: [u64; 12] = [
     1 << 30,
 ];
 
+/// `d` in whole microseconds without `as_micros`' 128-bit arithmetic (saturating).
+#[inline]
+fn micros(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+}
+
 /// A histogram written by one shard only: a counter per bucket (not cumulative; the encoder
 /// accumulates at scrape) and the sum of the observed values in the bounds' unit. `N` is the
 /// number of bounds plus one (+Inf). The count is the sum of the buckets, so an observation
@@ -247,7 +255,7 @@ impl RequestStats {
     fn record(&self, status: u16, elapsed: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[class].inc();
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(elapsed);
         self.duration[class].observe(&DURATION_BUCKETS_US, us);
     }
 }
@@ -351,7 +359,7 @@ impl TcpRouteStats {
     /// The hook for a connection that [`opened`](Self::opened) and ended.
     #[inline]
     pub fn closed(&self, r: &ConnectionRecord<'_>) {
-        let us = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(r.elapsed);
         self.stats.duration.observe(&DURATION_BUCKETS_US, us);
         self.stats.received.observe(&BYTES_BUCKETS, r.received);
         self.stats.sent.observe(&BYTES_BUCKETS, r.sent);
@@ -485,7 +493,7 @@ impl IstioShard {
     fn request(&self, destination: Option<&Arc<str>>, r: &RequestRecord<'_>) {
         let mut inner = self.lock();
         let s = inner.series(false, destination, r.status, r.flags, r.protocol, r.peer);
-        let us = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(r.elapsed);
         bump(&mut s.duration, &ISTIO_DURATION_BUCKETS_US, us);
         s.duration_sum_us += us;
         bump(&mut s.request_bytes, &ISTIO_BYTES_BUCKETS, r.request_bytes);
