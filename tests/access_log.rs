@@ -160,3 +160,145 @@ fn access_log_from_the_config_file() {
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+/// The keys every record has (Istio's, plus meshgate's).
+const KEYS: [&str; 21] = [
+    "start_time",
+    "method",
+    "path",
+    "protocol",
+    "response_code",
+    "response_flags",
+    "bytes_received",
+    "bytes_sent",
+    "duration",
+    "upstream_host",
+    "upstream_cluster",
+    "downstream_remote_address",
+    "requested_server_name",
+    "x_forwarded_for",
+    "user_agent",
+    "request_id",
+    "authority",
+    "route_name",
+    "downstream_peer_spiffe_id",
+    "tls_version",
+    "shard",
+];
+
+fn http_gateway(
+    log: &str,
+) -> (
+    Meshgate,
+    SocketAddr,
+    meshgate_testkit::HttpUpstream,
+    EchoServer,
+) {
+    let web = meshgate_testkit::HttpUpstream::start("web");
+    let echo = EchoServer::start();
+    let (admin, http, tcp) = (addr(free_port()), addr(free_port()), addr(free_port()));
+    let cfg = meshgate_testkit::http_tcp_config(
+        admin,
+        http,
+        tcp,
+        (web.addr, web.addr, 0),
+        echo.addr,
+        &format!("\n[access_log]\npath = \"{log}\"\n"),
+    );
+    let mg = Meshgate::start(bin(), &cfg, admin).expect("start");
+    (mg, http, web, echo)
+}
+
+/// Send the request mix: 20 forwarded (200), 5 answered by the gateway (200), 5 unrouted (404).
+fn request_mix(http: SocketAddr) -> Duration {
+    let t = std::time::Instant::now();
+    for i in 0..20 {
+        let r = meshgate_testkit::http_get(http, &format!("/app/{i}")).expect("get");
+        assert_eq!(r.0, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            meshgate_testkit::http_get(http, "/healthz").expect("get").0,
+            200
+        );
+        assert_eq!(
+            meshgate_testkit::http_get(http, "/nope").expect("get").0,
+            404
+        );
+    }
+    t.elapsed()
+}
+
+#[test]
+fn http_records_match_the_requests_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let (mg, http, _web, _echo) = http_gateway(log.to_str().expect("utf8"));
+    request_mix(http);
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&log).len() == 30),
+        "{} lines\n{}",
+        lines(&log).len(),
+        mg.log()
+    );
+    let recs = lines(&log);
+    for r in &recs {
+        for k in KEYS {
+            assert!(r.get(k).is_some(), "{k} missing in {r}");
+        }
+        assert_eq!(r["protocol"], "HTTP/1.1");
+        assert_eq!(r["method"], "GET");
+    }
+    let count = |f: &dyn Fn(&serde_json::Value) -> bool| recs.iter().filter(|r| f(r)).count();
+    assert_eq!(
+        count(&|r| r["response_code"] == 200 && r["upstream_cluster"] == "stable"),
+        20
+    );
+    assert_eq!(
+        count(&|r| r["response_code"] == 200 && r["route_name"] == "healthz"),
+        5
+    );
+    assert_eq!(
+        count(&|r| r["response_code"] == 404 && r["path"] == "/nope"),
+        5
+    );
+}
+
+#[test]
+fn a_full_disk_loses_records_not_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("access.log");
+    let (ok_mg, ok_http, _w1, _e1) = http_gateway(file.to_str().expect("utf8"));
+    let with_disk = request_mix(ok_http);
+    drop(ok_mg);
+    // /dev/full: every write fails with ENOSPC, as on a full filesystem.
+    let (mg, http, _w2, _e2) = http_gateway("/dev/full");
+    let full = request_mix(http);
+    eprintln!("30 requests: {with_disk:?} with a working log, {full:?} with a full disk");
+    let outcome = |o: &str| {
+        metric_sum(
+            &mg.metrics(),
+            "meshgate_access_log_records_total",
+            &[("outcome", o)],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || outcome("failed") == 30.0),
+        "{}",
+        mg.metrics()
+    );
+    assert_eq!(outcome("written"), 0.0);
+    assert_eq!(outcome("dropped"), 0.0);
+    // Logged once, not per record.
+    assert_eq!(
+        mg.log().matches("access log write failed").count(),
+        1,
+        "{}",
+        mg.log()
+    );
+    // Traffic keeps flowing after the failures.
+    assert_eq!(
+        meshgate_testkit::http_get(http, "/healthz").expect("get").0,
+        200
+    );
+}

@@ -228,6 +228,11 @@ fn admin_endpoints_and_status_command() {
     assert_eq!(st["ready"], true);
     assert_eq!(st["shards"], 2);
     assert_eq!(st["listeners"][0]["address"], listen.to_string());
+    assert_eq!(st["shard_stats"].as_array().map(Vec::len), Some(2));
+    assert!(
+        st["shard_stats"][1]["idle_seconds"].as_f64() > Some(0.0),
+        "{st}"
+    );
     let out = meshgate(&["status", "--admin", &admin_arg]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -235,6 +240,7 @@ fn admin_endpoints_and_status_command() {
         text.contains("ready") && text.contains("in") && text.contains(&listen.to_string()),
         "{text}"
     );
+    assert!(text.contains("shard 1: 0 connection(s)"), "{text}");
 }
 
 #[test]

@@ -230,3 +230,198 @@ fn history_diff_and_one_command_rollback() {
         "traffic is back on the first endpoint"
     );
 }
+
+/// Load that runs until `stop`: fresh HTTP connections, one keep-alive HTTP connection, fresh
+/// TCP connections and one long-lived TCP connection. Every failure is recorded.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(http: SocketAddr, tcp: SocketAddr) -> Load {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for t in 0..2 {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                while !stop.load(Ordering::Acquire) {
+                    match meshgate_testkit::http_get(http, &format!("/app/{t}")) {
+                        Ok((200, body)) if body == "stable" || body == "canary" => ok += 1,
+                        other => errors.push(format!("http: {other:?}")),
+                    }
+                }
+                (ok, errors)
+            }));
+        }
+        let s = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let (mut ok, mut errors) = (0u64, Vec::new());
+            let mut c = connect(http);
+            while !s.load(Ordering::Acquire) {
+                let r = c
+                    .write_all(b"GET /app/ka HTTP/1.1\r\nhost: t\r\n\r\n")
+                    .and_then(|()| {
+                        let mut got = Vec::new();
+                        let mut b = [0u8; 1024];
+                        while !got.ends_with(b"stable") && !got.ends_with(b"canary") {
+                            let n = c.read(&mut b)?;
+                            if n == 0 {
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            got.extend_from_slice(&b[..n]);
+                        }
+                        Ok(got)
+                    });
+                match r {
+                    Ok(got) if got.starts_with(b"HTTP/1.1 200") => ok += 1,
+                    other => {
+                        errors.push(format!("keep-alive: {other:?}"));
+                        c = connect(http);
+                    }
+                }
+            }
+            (ok, errors)
+        }));
+        for t in 0..2 {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let mut long = connect(tcp);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    i += 1;
+                    let msg = format!("tcp {t} {i}");
+                    let r = TcpStream::connect(tcp).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        round_trip(&mut s, msg.as_bytes())
+                    });
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => errors.push(format!("tcp connection: {e}")),
+                    }
+                    if i.is_multiple_of(10) {
+                        match round_trip(&mut long, msg.as_bytes()) {
+                            Ok(()) => ok += 1,
+                            Err(e) => errors.push(format!("long-lived tcp: {e}")),
+                        }
+                    }
+                }
+                (ok, errors)
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    /// Stop and return (successful exchanges, failures).
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Release);
+        let mut total = (0, Vec::new());
+        for t in self.threads {
+            let (ok, mut errors) = t.join().expect("load thread");
+            total.0 += ok;
+            total.1.append(&mut errors);
+        }
+        total
+    }
+}
+
+fn http_reload(admin: SocketAddr) -> (i32, String) {
+    let (code, out, err) = meshgate_out(&["reload", "--admin", &admin.to_string()]);
+    (code, format!("{out}{err}"))
+}
+
+/// Which upstream answers 40 fresh requests: (stable, canary).
+fn split(http: SocketAddr) -> (usize, usize) {
+    let mut n = (0, 0);
+    for _ in 0..40 {
+        match meshgate_testkit::http_get(http, "/app/probe") {
+            Ok((200, b)) if b == "stable" => n.0 += 1,
+            Ok((200, b)) if b == "canary" => n.1 += 1,
+            other => panic!("probe: {other:?}"),
+        }
+    }
+    n
+}
+
+#[test]
+fn hundred_reloads_under_http_and_tcp_load_drop_nothing_and_rollback_restores() {
+    use meshgate_testkit::{HttpUpstream, http_tcp_config};
+    let (stable, canary) = (HttpUpstream::start("stable"), HttpUpstream::start("canary"));
+    let echo = EchoServer::start();
+    let (admin, http, tcp) = (addr(free_port()), addr(free_port()), addr(free_port()));
+    // A: everything to `stable`; B: a 20% canary.
+    let a = http_tcp_config(
+        admin,
+        http,
+        tcp,
+        (stable.addr, canary.addr, 0),
+        echo.addr,
+        "",
+    );
+    let b = http_tcp_config(
+        admin,
+        http,
+        tcp,
+        (stable.addr, canary.addr, 20),
+        echo.addr,
+        "",
+    );
+    let invalid = b.replace(&canary.addr.to_string(), "canary.invalid:80");
+    let mg = Meshgate::start(bin(), &a, admin).expect("start");
+    assert_eq!(split(http), (40, 0));
+
+    let load = Load::start(http, tcp);
+    let mut refused = 0;
+    for i in 1..=100u64 {
+        if i.is_multiple_of(30) {
+            // An invalid config in the middle: refused with its error, nothing changes.
+            std::fs::write(&mg.config_path, &invalid).expect("write");
+            let (code, out) = http_reload(admin);
+            assert_eq!(code, 64, "{out}");
+            assert!(out.contains("clusters[1].endpoints[0]"), "{out}");
+            assert_eq!(generation(&mg), i as f64);
+            refused += 1;
+        }
+        let next = if i.is_multiple_of(2) { &a } else { &b };
+        std::fs::write(&mg.config_path, next).expect("write");
+        let (code, out) = http_reload(admin);
+        assert_eq!(code, 0, "reload {i}: {out}\n{}", mg.log());
+        assert!(out.contains(&format!("generation {}", i + 1)), "{out}");
+    }
+    assert_eq!(generation(&mg), 101.0);
+    // The last reload applied A (all to stable); the one before it B (the canary).
+    assert_eq!(split(http).1, 0);
+
+    // One command restores the previous generation's config (B), still under load.
+    let (code, out, err) = meshgate_out(&["config", "rollback", "--admin", &admin.to_string()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("generation 102"), "{out}");
+    assert_eq!(std::fs::read_to_string(&mg.config_path).expect("read"), b);
+    let (ok, errors) = load.finish();
+    let (s, c) = split(http);
+    assert!(
+        c > 0 && s > c,
+        "after the rollback the canary takes its 20% again: {s}/{c}"
+    );
+    let m = mg.metrics();
+    assert_eq!(
+        metric_sum(&m, "meshgate_config_reloads_total", &[("result", "error")]),
+        refused as f64
+    );
+    eprintln!(
+        "{ok} exchanges under 100 reloads + rollback, {} failed",
+        errors.len()
+    );
+    assert!(ok > 500, "the load ran: {ok}");
+    assert!(
+        errors.is_empty(),
+        "{} failures: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(10)]
+    );
+    assert!(canary.requests.load(Ordering::Acquire) > 0);
+}

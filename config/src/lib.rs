@@ -1329,6 +1329,25 @@ endpoints = []
     }
 
     #[test]
+    fn telemetry_section() {
+        assert!(!valid(VALID).telemetry.istio_compat);
+        let on = valid(&format!("{VALID}\n[telemetry]\nistio_compat = true\n"));
+        assert!(on.telemetry.istio_compat);
+        let json = serde_json::to_value(&on).unwrap_or_default();
+        assert_eq!(json["telemetry"]["istio_compat"], true);
+        let wrong = only_error(
+            &format!("{VALID}\n[telemetry]\nistio_compat = \"yes\"\n"),
+            "telemetry.istio_compat",
+        );
+        assert!(hint(&wrong).contains("istio_compat = true"), "{wrong}");
+        let typo = only_error(
+            &format!("{VALID}\n[telemetry]\nistio = true\n"),
+            "telemetry.istio",
+        );
+        assert!(hint(&typo).contains("istio_compat"), "{typo}");
+    }
+
+    #[test]
     fn access_log_structure_errors() {
         // Every problem of the table is reported at once, with the rest of the file checked.
         let errors = errors(&with_access_log(

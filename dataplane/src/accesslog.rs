@@ -1,14 +1,15 @@
-//! Access logs: one record per TCP connection (and, later, per HTTP request), written off the
-//! hot path.
+//! Access logs: one record per TCP connection or HTTP request, written off the hot path.
 //!
 //! A shard fills a [`Record`] (cheap: counters, addresses, `Arc<str>` names) and hands it to a
 //! bounded queue with `try_send`; a writer thread formats and writes. When the queue is full the
-//! record is dropped and counted (`meshgate_access_log_dropped_records_total`): the shard never
-//! blocks on the log. Keys follow Istio's default JSON access log, flags Envoy's vocabulary,
+//! record is dropped and counted (`meshgate_access_log_records_total{outcome="dropped"}`): the
+//! shard never blocks on the log. The writer sends records to the file in batches; a batch the
+//! file refuses (disk full, I/O error) is counted as `failed` and discarded, so a full disk
+//! costs the traffic nothing either. Keys follow Istio's default JSON access log, flags Envoy's vocabulary,
 //! plus `downstream_peer_spiffe_id`, `tls_version` and `shard`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +72,7 @@ pub struct AccessLog {
     tx: Sender<Msg>,
     dropped: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -99,15 +101,21 @@ impl AccessLog {
         let out = open(&target)?;
         let reopen = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
-        let (r, w) = (reopen.clone(), written.clone());
+        let failed = Arc::new(AtomicU64::new(0));
+        let counts = Counts {
+            written: written.clone(),
+            failed: failed.clone(),
+        };
+        let r = reopen.clone();
         let thread = std::thread::Builder::new()
             .name("meshgate-accesslog".into())
-            .spawn(move || write_loop(rx, out, target, format, r, w))?;
+            .spawn(move || write_loop(rx, out, target, format, r, counts))?;
         Ok((
             AccessLog {
                 tx: tx.clone(),
                 dropped: Arc::new(AtomicU64::new(0)),
                 written,
+                failed,
             },
             Writer {
                 reopen,
@@ -136,6 +144,11 @@ impl AccessLog {
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
+
+    /// Records lost because the file refused them (disk full, I/O error).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
 }
 
 impl Writer {
@@ -158,7 +171,7 @@ impl Writer {
 
 enum Out {
     Stdout(io::Stdout),
-    File(BufWriter<File>),
+    File(File),
 }
 
 impl Out {
@@ -173,17 +186,60 @@ impl Out {
 fn open(target: &Target) -> io::Result<Out> {
     Ok(match target {
         Target::Stdout => Out::Stdout(io::stdout()),
-        Target::File(p) => {
-            let f = OpenOptions::new()
+        Target::File(p) => Out::File(
+            OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
                 .map_err(|e| {
                     io::Error::new(e.kind(), format!("access log {}: {e}", p.display()))
-                })?;
-            Out::File(BufWriter::with_capacity(64 * 1024, f))
-        }
+                })?,
+        ),
     })
+}
+
+/// The writer's outcome counters.
+struct Counts {
+    written: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+/// Formatted lines waiting to be written in one `write`.
+struct Batch {
+    bytes: Vec<u8>,
+    records: u64,
+    /// The last write failed (to log failures once, not per batch).
+    failing: bool,
+}
+
+/// Write at most this much per batch.
+const BATCH_BYTES: usize = 64 * 1024;
+
+impl Batch {
+    fn flush(&mut self, out: &mut Out, counts: &Counts) {
+        if self.records == 0 {
+            return;
+        }
+        let w = out.w();
+        match w.write_all(&self.bytes).and_then(|()| w.flush()) {
+            Ok(()) => {
+                counts.written.fetch_add(self.records, Ordering::Relaxed);
+                if self.failing {
+                    tracing::warn!("the access log is writable again");
+                    self.failing = false;
+                }
+            }
+            Err(e) => {
+                counts.failed.fetch_add(self.records, Ordering::Relaxed);
+                if !self.failing {
+                    tracing::error!(error = %e, "access log write failed; records are counted as failed (meshgate_access_log_records_total{{outcome=\"failed\"}}) until it works again");
+                    self.failing = true;
+                }
+            }
+        }
+        self.bytes.clear();
+        self.records = 0;
+    }
 }
 
 fn write_loop(
@@ -192,20 +248,24 @@ fn write_loop(
     target: Target,
     format: Format,
     reopen: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
+    counts: Counts,
 ) {
-    let mut line = Vec::with_capacity(1024);
+    let mut batch = Batch {
+        bytes: Vec::with_capacity(BATCH_BYTES + 1024),
+        records: 0,
+        failing: false,
+    };
     loop {
         let msg = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.w().flush();
+                batch.flush(&mut out, &counts);
                 return;
             }
         };
         if reopen.swap(false, Ordering::AcqRel) {
-            let _ = out.w().flush();
+            batch.flush(&mut out, &counts);
             match open(&target) {
                 Ok(o) => out = o,
                 Err(e) => {
@@ -216,31 +276,30 @@ fn write_loop(
         let r = match msg {
             Some(Msg::Record(r)) => r,
             Some(Msg::Finish) => {
-                let _ = out.w().flush();
+                batch.flush(&mut out, &counts);
                 return;
             }
             None => {
-                let _ = out.w().flush();
+                batch.flush(&mut out, &counts);
                 continue;
             }
         };
-        line.clear();
-        match format {
-            Format::Json => {
-                if serde_json::to_writer(&mut line, &JsonRecord::from(&*r)).is_err() {
-                    continue;
-                }
+        let mark = batch.bytes.len();
+        let ok = match format {
+            Format::Json => serde_json::to_writer(&mut batch.bytes, &JsonRecord::from(&*r)).is_ok(),
+            Format::Text => {
+                text(&mut batch.bytes, &r);
+                true
             }
-            Format::Text => text(&mut line, &r),
-        }
-        line.push(b'\n');
-        if let Err(e) = out.w().write_all(&line) {
-            tracing::warn!(error = %e, "access log write failed");
+        };
+        if !ok {
+            batch.bytes.truncate(mark);
             continue;
         }
-        written.fetch_add(1, Ordering::Relaxed);
-        if rx.is_empty() {
-            let _ = out.w().flush();
+        batch.bytes.push(b'\n');
+        batch.records += 1;
+        if batch.bytes.len() >= BATCH_BYTES || rx.is_empty() {
+            batch.flush(&mut out, &counts);
         }
     }
 }
@@ -411,6 +470,20 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(log.dropped() > 0);
         assert!(wait(|| log.written() + log.dropped() == 100_000));
+        drop(log);
+        writer.finish();
+    }
+
+    #[test]
+    fn a_full_disk_counts_failed_records_and_never_blocks() {
+        let (log, writer) =
+            AccessLog::start(Target::File("/dev/full".into()), Format::Json, 1024).expect("start");
+        for i in 0..5_000 {
+            log.log(record(i));
+        }
+        assert!(wait(|| log.failed() + log.dropped() == 5_000));
+        assert_eq!(log.written(), 0);
+        assert!(log.failed() > 0);
         drop(log);
         writer.finish();
     }

@@ -75,6 +75,8 @@ pub enum ControlAction {
     /// Put history entry `to` (default: the one before the newest) back in the config file and
     /// apply it.
     Rollback { to: Option<u64> },
+    /// Stop accepting on every listener; open connections continue (`POST /drain`).
+    Drain,
 }
 
 /// Why a reload was refused. The running generation stays in force.
@@ -304,6 +306,11 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
         ("GET" | "HEAD", "/certs") => Response::json(&state.stats.certs()),
         ("POST", "/reload") => control(state, ControlAction::Reload),
+        ("POST", "/drain") => match control(state, ControlAction::Drain) {
+            r if r.status == 200 => Response::json(&drain_status(state)),
+            r => r,
+        },
+        ("GET" | "HEAD", "/drain") => Response::json(&drain_status(state)),
         ("POST", "/config/rollback") => match query_u64(query, "to") {
             Ok(to) => control(state, ControlAction::Rollback { to }),
             Err(()) => {
@@ -334,13 +341,13 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
                 },
             }
         }
-        (_, "/reload" | "/config/rollback") => Response::text(405, "use POST\n"),
+        (_, "/reload" | "/config/rollback" | "/drain") => Response::text(405, "use POST\n"),
         (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/status") => {
             Response::text(405, format!("{method} not allowed on {path}; use GET\n"))
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID]\n"
+            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID], POST /drain\n"
                 .to_string(),
         ),
     }
@@ -401,6 +408,27 @@ fn control(state: &AdminState, action: ControlAction) -> Response {
     }
 }
 
+/// What `POST /drain` and `GET /drain` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub draining: bool,
+    /// Downstream connections still open, over all listeners and shards.
+    pub open_connections: i64,
+}
+
+fn drain_status(state: &AdminState) -> DrainStatus {
+    let snap = state.shared.current();
+    DrainStatus {
+        draining: state.shared.draining.load(Ordering::Acquire),
+        open_connections: snap
+            .config
+            .listeners
+            .iter()
+            .map(|l| state.stats.listener_active(&l.name))
+            .sum(),
+    }
+}
+
 /// The `/status` document; `meshgate status` renders it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -415,6 +443,19 @@ pub struct Status {
     pub config_generation: u64,
     pub listeners: Vec<ListenerStatus>,
     pub clusters: Vec<ClusterStatus>,
+    /// One entry per shard.
+    #[serde(default)]
+    pub shard_stats: Vec<ShardStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: usize,
+    /// Downstream connections open on this shard.
+    pub connections: i64,
+    /// Time spent working / parked waiting for work since the shard started.
+    pub busy_seconds: f64,
+    pub idle_seconds: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -503,6 +544,20 @@ fn status(state: &AdminState) -> Status {
                 connect_failures: s.cluster_total(&c.name, |x| x.connect_failures.get()),
                 bytes_sent: s.cluster_total(&c.name, |x| x.bytes_sent.get()),
                 bytes_received: s.cluster_total(&c.name, |x| x.bytes_received.get()),
+            })
+            .collect(),
+        shard_stats: s
+            .shard_summary()
+            .into_iter()
+            .enumerate()
+            .map(|(shard, (connections, util))| {
+                let (busy, idle) = util.unwrap_or_default();
+                ShardStatus {
+                    shard,
+                    connections,
+                    busy_seconds: busy.as_secs_f64(),
+                    idle_seconds: idle.as_secs_f64(),
+                }
             })
             .collect(),
     }

@@ -103,6 +103,10 @@ pub enum StartError {
         available: usize,
         cpus: Vec<usize>,
     },
+    #[error(
+        "the gateway is draining (POST /drain): its listeners are closed; restart it to serve again"
+    )]
+    Draining,
     #[error("shard {0} did not answer (see the log above)")]
     ShardDied(usize),
     #[error("{what}: {error}")]
@@ -243,6 +247,10 @@ impl Gateway {
 
     /// Apply a new validated config as the next generation. On error nothing changed.
     pub fn reload(&self, config: Arc<Config>, source: &str) -> Result<ReloadOutcome, StartError> {
+        if self.shared.draining.load(Ordering::Acquire) {
+            self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            return Err(StartError::Draining);
+        }
         let old = self.shared.current();
         let next = old.id + 1;
         let result = self.apply(config.clone(), source, next);
@@ -464,6 +472,48 @@ impl Gateway {
     /// The address each listener of the current generation is bound to, in config order.
     pub fn listener_addrs(&self) -> Vec<SocketAddr> {
         self.shared.current().listener_addrs.clone()
+    }
+
+    /// Stop accepting on every listener and keep running (admin `POST /drain`, as Envoy's
+    /// `/drain_listeners`): `/ready` answers 503 so load balancers stop sending, each shard
+    /// closes its listening sockets (new connections are refused), open connections continue
+    /// (HTTP ones get `connection: close` after their current request). Reloads are refused
+    /// from then on; SIGTERM ends the process as usual. Idempotent.
+    pub fn drain_listeners(&self) {
+        if self.shared.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for (_, tx) in &self.shards {
+            let _ = tx.send(ShardMsg::StopAccepting);
+        }
+    }
+
+    /// Ask every shard to answer; returns the shards that did not within `timeout` (stuck in
+    /// a task that never yields, or dead). The systemd watchdog is fed only when none is.
+    pub fn heartbeat(&self, timeout: Duration) -> Vec<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (_, shard) in &self.shards {
+            let _ = shard.send(ShardMsg::Heartbeat { ack: tx.clone() });
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut answered = vec![false; self.shards.len()];
+        while answered.iter().any(|a| !a) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(id) => {
+                    if let Some(a) = answered.get_mut(id) {
+                        *a = true;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        answered
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !**a)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Stop accepting, let open connections finish until `timeout`, then stop the shards.

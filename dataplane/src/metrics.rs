@@ -220,6 +220,9 @@ pub struct ShardStats {
     tcp: RwLock<BTreeMap<(String, String), Arc<TcpStats>>>,
     /// Istio-compatible series, with `[telemetry] istio_compat` only.
     istio: Option<Arc<IstioShard>>,
+    /// The shard's runtime idle-time counter (ns) and when the shard started, set once by the
+    /// shard itself.
+    runtime: std::sync::OnceLock<(Arc<AtomicU64>, Instant)>,
 }
 
 /// (listener, route, cluster) of HTTP request stats.
@@ -247,6 +250,14 @@ pub const BYTES_BUCKETS: [u64; 12] = [
     256 << 20,
     1 << 30,
 ];
+
+/// `d` in whole microseconds without `as_micros`' 128-bit arithmetic (saturating).
+#[inline]
+fn micros(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+}
 
 /// A histogram written by one shard only: a counter per bucket (not cumulative; the encoder
 /// accumulates at scrape) and the sum of the observed values in the bounds' unit. `N` is the
@@ -357,7 +368,7 @@ impl RequestStats {
     fn record(&self, status: u16, elapsed: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.by_class[class].inc();
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(elapsed);
         self.duration[class].observe(&DURATION_BUCKETS_US, us);
     }
 }
@@ -390,10 +401,13 @@ pub struct RequestRecord<'a> {
 pub struct HttpRouteStats {
     local: Arc<RequestStats>,
     /// (cluster index in the config, cluster name, its stats); a route has few clusters.
-    targets: Box<[(usize, Arc<str>, Arc<RequestStats>)]>,
+    targets: Box<[RouteTarget]>,
     /// Istio-compatible series (`[telemetry] istio_compat`), else None.
     istio: Option<Arc<IstioShard>>,
 }
+
+/// (cluster index in the config, cluster name, its request stats).
+type RouteTarget = (usize, Arc<str>, Arc<RequestStats>);
 
 impl HttpRouteStats {
     /// Route (and cluster) label of requests that no route (or cluster) took; not a valid
@@ -458,7 +472,7 @@ impl TcpRouteStats {
     /// The hook for a connection that [`opened`](Self::opened) and ended.
     #[inline]
     pub fn closed(&self, r: &ConnectionRecord<'_>) {
-        let us = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(r.elapsed);
         self.stats.duration.observe(&DURATION_BUCKETS_US, us);
         self.stats.received.observe(&BYTES_BUCKETS, r.received);
         self.stats.sent.observe(&BYTES_BUCKETS, r.sent);
@@ -592,7 +606,7 @@ impl IstioShard {
     fn request(&self, destination: Option<&Arc<str>>, r: &RequestRecord<'_>) {
         let mut inner = self.lock();
         let s = inner.series(false, destination, r.status, r.flags, r.protocol, r.peer);
-        let us = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(r.elapsed);
         bump(&mut s.duration, &ISTIO_DURATION_BUCKETS_US, us);
         s.duration_sum_us += us;
         bump(&mut s.request_bytes, &ISTIO_BYTES_BUCKETS, r.request_bytes);
@@ -713,6 +727,18 @@ impl ShardStats {
             stats,
             istio: self.istio.clone(),
         }
+    }
+
+    /// Called by the shard when it starts, with its runtime's idle-time counter.
+    pub fn set_idle_counter(&self, idle_ns: Arc<AtomicU64>) {
+        let _ = self.runtime.set((idle_ns, Instant::now()));
+    }
+
+    /// (busy, idle) time of the shard so far.
+    fn utilisation(&self) -> Option<(Duration, Duration)> {
+        let (idle, since) = self.runtime.get()?;
+        let idle = Duration::from_nanos(idle.load(Relaxed));
+        Some((since.elapsed().saturating_sub(idle), idle))
     }
 
     fn http_snapshot(&self) -> HttpSnapshot {
@@ -871,6 +897,21 @@ impl Stats {
             .sum()
     }
 
+    /// Per shard: (open downstream connections, (busy, idle) time so far).
+    pub fn shard_summary(&self) -> Vec<(i64, Option<(Duration, Duration)>)> {
+        self.shards
+            .iter()
+            .map(|ss| {
+                let open = ss
+                    .listener_snapshot()
+                    .iter()
+                    .map(|(_, l)| l.active.get())
+                    .sum();
+                (open, ss.utilisation())
+            })
+            .collect()
+    }
+
     pub fn cluster_total(&self, name: &str, f: impl Fn(&ClusterStats) -> u64) -> u64 {
         self.shards.iter().map(|s| f(&s.cluster(name))).sum()
     }
@@ -947,18 +988,14 @@ impl Collector for Exporter {
             family(
                 &mut enc,
                 "meshgate_access_log_records",
-                "Access-log records by outcome (dropped: the writer was behind and the queue full)",
+                "Access-log records by outcome (dropped: the writer was behind and the queue full; failed: the file refused the write, e.g. disk full)",
                 MetricType::Counter,
                 [
-                    (
-                        vec![("outcome", "written".to_string())],
-                        ConstCounter::new(log.written()),
-                    ),
-                    (
-                        vec![("outcome", "dropped".to_string())],
-                        ConstCounter::new(log.dropped()),
-                    ),
-                ],
+                    ("written", log.written()),
+                    ("dropped", log.dropped()),
+                    ("failed", log.failed()),
+                ]
+                .map(|(outcome, n)| (vec![("outcome", outcome.to_string())], ConstCounter::new(n))),
             )?;
         }
         family(
@@ -1334,6 +1371,36 @@ impl Collector for Exporter {
                 .iter()
                 .map(|(k, m)| (labels(k), ConstHistogram::new(&m[2], &BYTES_BUCKETS, 1.0))),
         )?;
+        let util: Vec<(usize, (Duration, Duration))> = s
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ss)| Some((i, ss.utilisation()?)))
+            .collect();
+        family(
+            &mut enc,
+            "meshgate_shard_busy_seconds",
+            "Time each shard spent working (not parked waiting for I/O or timers); rate() is its utilisation",
+            MetricType::Counter,
+            util.iter().map(|(i, (busy, _))| {
+                (
+                    vec![("shard", i.to_string())],
+                    ConstCounter::new(busy.as_secs_f64()),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "meshgate_shard_idle_seconds",
+            "Time each shard spent parked waiting for I/O or timers",
+            MetricType::Counter,
+            util.iter().map(|(i, (_, idle))| {
+                (
+                    vec![("shard", i.to_string())],
+                    ConstCounter::new(idle.as_secs_f64()),
+                )
+            }),
+        )?;
         encode_istio(&mut enc, s)?;
         Ok(())
     }
@@ -1437,7 +1504,7 @@ fn encode_istio(enc: &mut DescriptorEncoder<'_>, s: &Stats) -> Result<(), std::f
             )
         }),
     )?;
-    let tcp_counters: [(&str, &str, fn(&IstioSeries) -> u64); 4] = [
+    let tcp_counters: [CounterDef<IstioSeries>; 4] = [
         (
             "istio_tcp_connections_opened",
             "TCP connections opened (Istio-compatible)",

@@ -54,8 +54,13 @@ pub enum ShardMsg {
     Commit { generation: u64 },
     /// Drop the prepared generation.
     Abort { generation: u64 },
+    /// Close the listening sockets and keep serving open connections (admin `POST /drain`);
+    /// later generations are refused by the control thread.
+    StopAccepting,
     /// Close listeners, wait for open connections until `deadline`, then stop.
     Drain { deadline: Instant },
+    /// Answer with the shard's id (the systemd watchdog checks that every shard turns).
+    Heartbeat { ack: std::sync::mpsc::Sender<usize> },
     /// Stop now.
     Stop,
 }
@@ -234,6 +239,7 @@ pub async fn run(init: ShardInit) {
         open: Cell::new(0),
         http_pool: crate::pool::Pool::new(),
     });
+    init.stats.set_idle_counter(rt::idle_counter());
     let mut serving: HashMap<String, Serving> = HashMap::new();
     let mut prepared: Option<Prepared> = None;
 
@@ -268,6 +274,16 @@ pub async fn run(init: ShardInit) {
                     .is_some_and(|p| p.generation == generation)
                 {
                     prepared = None;
+                }
+            }
+            Some(ShardMsg::Heartbeat { ack }) => {
+                let _ = ack.send(init.id);
+            }
+            Some(ShardMsg::StopAccepting) => {
+                prepared = None;
+                for (name, s) in serving.drain() {
+                    tracing::debug!(shard = init.id, listener = %name, "stopped accepting (drain)");
+                    s.task.cancel();
                 }
             }
             Some(ShardMsg::Drain { deadline }) => break Some(deadline),

@@ -280,6 +280,21 @@ impl Daemon {
         let reply = match action {
             ControlAction::Reload => self.reload_file(files),
             ControlAction::Rollback { to } => self.rollback(to),
+            ControlAction::Drain => {
+                tracing::info!(
+                    "draining (POST /drain): listeners closed, /ready answers 503, open connections continue; SIGTERM to stop"
+                );
+                self.gateway.drain_listeners();
+                let current = self.gateway.shared().current();
+                Ok(meshgate_dataplane::gateway::ReloadOutcome {
+                    generation: current.id,
+                    listeners_added: Vec::new(),
+                    listeners_removed: Vec::new(),
+                    needs_restart: Vec::new(),
+                    history_id: None,
+                    summary: "draining".into(),
+                })
+            }
         };
         self.sync_watch(before);
         if let Err(f) = &reply {

@@ -10,6 +10,7 @@ mod check;
 mod config_cmd;
 mod control;
 mod daemon;
+mod drain;
 mod local_ca;
 mod reload;
 mod run;
@@ -86,6 +87,10 @@ enum Command {
     /// The same as SIGHUP, but waits for and reports the outcome. An invalid config is refused
     /// with every error listed (exit 64) and the running config stays in force.
     Reload(reload::ReloadArgs),
+    /// Take the running gateway out of service: /ready answers 503, listeners stop accepting,
+    /// open connections finish (as Envoy's /drain_listeners). The process keeps running;
+    /// `--wait` waits for the open connections. SIGTERM (systemctl stop) drains and exits.
+    Drain(drain::DrainArgs),
     /// Check that this host can run the dataplane (io_uring, setup flags, memlock, CPUs).
     Check(check::CheckArgs),
     /// Offline CA in a state directory: init, show, publish the CRL, rotate the root.
@@ -131,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Status(args) => status::run(args),
         Command::Reload(args) => reload::run(args),
+        Command::Drain(args) => drain::run(args),
         Command::Check(args) => check::run(args),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Cert(cmd) => cert::run(cmd),

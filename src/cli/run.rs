@@ -252,8 +252,31 @@ pub fn run(args: RunArgs) -> u8 {
     } else {
         crossbeam_channel::never()
     };
+    let watchdog = watchdog_interval();
+    let watchdog_tick = match watchdog {
+        Some(every) => {
+            tracing::info!(every = ?every, "systemd watchdog: WATCHDOG=1 while every shard answers its heartbeat");
+            crossbeam_channel::tick(every)
+        }
+        None => crossbeam_channel::never(),
+    };
+    let mut stuck_before = false;
     let drain_timeout = loop {
         crossbeam_channel::select! {
+            recv(watchdog_tick) -> _ => {
+                let wait = watchdog.map_or(HEARTBEAT_WAIT, |w| w.min(HEARTBEAT_WAIT));
+                let stuck = daemon.gateway.heartbeat(wait);
+                if stuck.is_empty() {
+                    if stuck_before {
+                        tracing::warn!("every shard answers its heartbeat again; feeding the systemd watchdog");
+                        stuck_before = false;
+                    }
+                    sd_notify("WATCHDOG=1");
+                } else {
+                    tracing::error!(shards = ?stuck, wait = ?wait, "shard(s) did not answer the watchdog heartbeat (stuck?); withholding WATCHDOG=1, so systemd restarts the gateway at WatchdogSec");
+                    stuck_before = true;
+                }
+            }
             recv(sig_rx) -> sig => match sig {
                 Ok(libc::SIGHUP) => {
                     tracing::info!("SIGHUP: reloading the config");
@@ -335,6 +358,21 @@ fn start_federation(
             None
         }
     }
+}
+
+/// How long a shard may take to answer a watchdog heartbeat.
+const HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Half of systemd's `WATCHDOG_USEC` (meant for this process: `WATCHDOG_PID` unset or ours), or
+/// None when the watchdog is off.
+fn watchdog_interval() -> Option<std::time::Duration> {
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.trim().parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
 }
 
 /// SIGTERM, SIGINT and SIGHUP, received synchronously with sigwait(2).

@@ -58,6 +58,18 @@ pub fn run(args: StatusArgs) -> u8 {
         }
     );
     println!("shards: {}  ring: {}", st.shards, st.ring_mode);
+    for s in &st.shard_stats {
+        let total = s.busy_seconds + s.idle_seconds;
+        let busy = if total > 0.0 {
+            100.0 * s.busy_seconds / total
+        } else {
+            0.0
+        };
+        println!(
+            "  shard {}: {} connection(s), {busy:.1}% busy since start",
+            s.shard, s.connections
+        );
+    }
     println!(
         "config: {} (generation {})",
         st.config_source, st.config_generation

@@ -6,6 +6,8 @@
 //!   admin API, killed on drop; [`Meshgate::terminate`] for graceful-shutdown tests.
 //! - [`http_get`]: a tiny blocking HTTP client for admin endpoints.
 //! - [`http_origin`]: a tiny HTTP/1.1 origin that answers every request with a fixed body.
+//! - [`HttpUpstream`]: a keep-alive HTTP/1.1 origin that answers every request with its name.
+//! - [`prometheus_parse`]: /metrics parsed by the real Prometheus parser (`prometheus_client`).
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
@@ -146,6 +148,181 @@ impl Drop for EchoServer {
     }
 }
 
+/// An HTTP/1.1 origin on 127.0.0.1: every request (bodies are not expected) gets `200` with
+/// the server's `name` as body; connections are kept alive. One thread per connection.
+#[derive(Debug)]
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Requests answered so far.
+    pub requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpUpstream {
+    pub fn start(name: &str) -> HttpUpstream {
+        Self::start_with_delay(name, Duration::ZERO)
+    }
+
+    /// Like [`HttpUpstream::start`], answering each request `delay` after its head arrived
+    /// (`requests` counts it on arrival).
+    pub fn start_with_delay(name: &str, delay: Duration) -> HttpUpstream {
+        let l = listen_loopback(4096).expect("bind http upstream");
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (st, reqs, body) = (stop.clone(), requests.clone(), name.to_string());
+        thread::Builder::new()
+            .name("http-upstream".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    if st.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(c) = conn else { continue };
+                    let (reqs, body) = (reqs.clone(), body.clone());
+                    let _ = thread::Builder::new()
+                        .stack_size(64 * 1024)
+                        .spawn(move || serve_http(c, &reqs, &body, delay));
+                }
+            })
+            .expect("spawn http upstream");
+        HttpUpstream {
+            addr,
+            name: name.to_string(),
+            requests,
+            stop,
+        }
+    }
+}
+
+fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Duration) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            requests.fetch_add(1, Ordering::AcqRel);
+            if !delay.is_zero() {
+                thread::sleep(delay);
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if c.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+/// One sample of a parsed exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// One metric family of a parsed exposition.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub name: String,
+    /// `counter`, `gauge`, `histogram`, ...
+    pub kind: String,
+    pub samples: Vec<Sample>,
+}
+
+/// A Python interpreter that has the `prometheus_client` package (Debian's
+/// python3-prometheus-client installs it for /usr/bin/python3).
+fn python_with_prometheus_client() -> Option<&'static str> {
+    ["/usr/bin/python3", "python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import prometheus_client.openmetrics.parser"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Parse an OpenMetrics text exposition with the reference Python parser
+/// (`prometheus_client.openmetrics.parser`), which rejects anything malformed: bad names,
+/// labels or values, a family declared twice, non-cumulative or unsorted histogram buckets, a
+/// histogram without `+Inf`, a missing `# EOF`.
+pub fn prometheus_parse(text: &str) -> Result<Vec<Family>> {
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    out.append({"name": f.name, "type": f.type,
+                "samples": [{"name": s.name, "labels": s.labels, "value": s.value} for s in f.samples]})
+print(json.dumps(out))
+"#;
+    let py = python_with_prometheus_client().context(
+        "no python3 with the prometheus_client package: apt-get install python3-prometheus-client",
+    )?;
+    let mut child = Command::new(py)
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run python3")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "the Prometheus parser refused the exposition: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut families = Vec::new();
+    for f in v.as_array().context("a list")? {
+        let samples = f["samples"]
+            .as_array()
+            .context("samples")?
+            .iter()
+            .map(|s| Sample {
+                name: s["name"].as_str().unwrap_or_default().to_string(),
+                labels: s["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                value: s["value"].as_f64().unwrap_or(f64::NAN),
+            })
+            .collect();
+        families.push(Family {
+            name: f["name"].as_str().unwrap_or_default().to_string(),
+            kind: f["type"].as_str().unwrap_or_default().to_string(),
+            samples,
+        });
+    }
+    Ok(families)
+}
+
 /// GET `path` from `addr` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -240,6 +417,17 @@ impl Meshgate {
         admin: SocketAddr,
         extra: &[&str],
     ) -> Result<Meshgate> {
+        Self::start_with_env(bin, config, admin, extra, &[])
+    }
+
+    /// Like [`Meshgate::start_with_args`], with extra environment variables.
+    pub fn start_with_env(
+        bin: &Path,
+        config: &str,
+        admin: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Meshgate> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("meshgate.toml");
         std::fs::write(&config_path, config)?;
@@ -253,6 +441,7 @@ impl Meshgate {
         let child = cmd
             .args(extra)
             .env("MESHGATE_LOG", "info,meshgate_dataplane=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -382,6 +571,81 @@ endpoints = [{}]
 connect_timeout = "2s"
 "#,
         eps.join(", ")
+    )
+}
+
+/// A gateway config with an `http` listener and a `tcp` listener:
+/// - `web-in` (`http`): route `healthz` (`/healthz`, answered by the gateway), route `app`
+///   (`/app...`) to cluster `stable`, or split `stable`/`canary` by `canary_weight` out of 100
+///   when it is not 0; anything else 404.
+/// - `tcp-in` (`tcp`): route `tcp` to cluster `echo`.
+///
+/// `extra` is appended (e.g. a `[telemetry]` table).
+pub fn http_tcp_config(
+    admin: SocketAddr,
+    http: SocketAddr,
+    tcp: SocketAddr,
+    (stable, canary, canary_weight): (SocketAddr, SocketAddr, u32),
+    echo: SocketAddr,
+    extra: &str,
+) -> String {
+    let app = if canary_weight == 0 {
+        "cluster = \"stable\"".to_string()
+    } else {
+        format!(
+            "weighted_clusters = [{{ cluster = \"stable\", weight = {} }}, {{ cluster = \"canary\", weight = {canary_weight} }}]",
+            100 - canary_weight.min(99)
+        )
+    };
+    format!(
+        r#"version = 1
+
+[admin]
+address = "{admin}"
+
+[runtime]
+cores = 2
+drain_timeout = "5s"
+
+[[listeners]]
+name = "web-in"
+address = "{http}"
+protocol = "http"
+
+[[listeners]]
+name = "tcp-in"
+address = "{tcp}"
+protocol = "tcp"
+
+[[routes]]
+name = "healthz"
+listener = "web-in"
+match = {{ path = {{ exact = "/healthz" }} }}
+direct_response = {{ status = 200, body = "ok\n" }}
+
+[[routes]]
+name = "app"
+listener = "web-in"
+match = {{ path = {{ prefix = "/app" }} }}
+{app}
+
+[[routes]]
+name = "tcp"
+listener = "tcp-in"
+cluster = "echo"
+
+[[clusters]]
+name = "stable"
+endpoints = ["{stable}"]
+
+[[clusters]]
+name = "canary"
+endpoints = ["{canary}"]
+
+[[clusters]]
+name = "echo"
+endpoints = ["{echo}"]
+{extra}"#
     )
 }
 

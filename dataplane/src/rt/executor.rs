@@ -31,6 +31,9 @@ pub(crate) struct Remote {
     tx: crossbeam_channel::Sender<Runnable>,
     parked: AtomicBool,
     eventfd: OwnedFd,
+    /// Nanoseconds spent parked in `io_uring_enter` waiting for work (for utilisation metrics;
+    /// written by the shard only).
+    pub(crate) idle_ns: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -250,6 +253,7 @@ impl Executor {
             tx,
             parked: AtomicBool::new(false),
             eventfd,
+            idle_ns: Arc::default(),
         });
         let drv = Rc::new(Driver::new(ring_entries, remote.clone())?);
         LOCAL.with(|l| {
@@ -325,7 +329,17 @@ impl Executor {
                 self.remote.parked.store(true, Ordering::SeqCst);
                 if self.rx.is_empty() { wait } else { Wait::No }
             };
+            // Only a turn that may block is idle time: two clock reads when there is no work.
+            let parked_at = (!matches!(wait, Wait::No)).then(Instant::now);
             let res = self.drv.turn(wait);
+            if let Some(t) = parked_at {
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let idle = &self.remote.idle_ns;
+                idle.store(
+                    idle.load(Ordering::Relaxed).wrapping_add(ns),
+                    Ordering::Relaxed,
+                );
+            }
             self.remote.parked.store(false, Ordering::SeqCst);
             match res {
                 Ok(()) => enter_failures = 0,

@@ -173,6 +173,13 @@ pub fn shard_stats() -> ShardStats {
     }
 }
 
+/// The current shard's idle-time counter: nanoseconds spent parked waiting for work, written
+/// by the shard, readable from any thread (busy time = wall time - idle time). Panics outside
+/// a shard.
+pub fn idle_counter() -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    executor::current().remote.idle_ns.clone()
+}
+
 /// How to build one shard.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
