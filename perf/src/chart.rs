@@ -41,6 +41,9 @@ const OTHER: RGBColor = RGBColor(0xa0, 0xae, 0xc0);
 /// A bar per proxy: `bars` as (proxy, value); None values are left out.
 pub fn bars_png(path: &Path, title: &str, subtitle: &str, bars: &[(String, f64)]) -> Result<()> {
     init_font()?;
+    if bars.is_empty() {
+        return Ok(());
+    }
     let root = BitMapBackend::new(path, (640, 360)).into_drawing_area();
     root.fill(&WHITE)?;
     let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9) * 1.15;
@@ -53,7 +56,7 @@ pub fn bars_png(path: &Path, title: &str, subtitle: &str, bars: &[(String, f64)]
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..max)?;
+        .build_cartesian_2d((0..bars.len().saturating_sub(1)).into_segmented(), 0.0..max)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -133,7 +136,7 @@ pub fn overview_png(path: &Path, rows: &[(Row, usize)], columns: &[String]) -> R
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(130)
-        .build_cartesian_2d(0.0..max, (0..data.len()).into_segmented())?;
+        .build_cartesian_2d(0.0..max, (0..data.len() - 1).into_segmented())?;
     chart
         .configure_mesh()
         .disable_y_mesh()

@@ -63,6 +63,7 @@ pub fn request(path: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct External {
     proc: Running,
+    log: std::path::PathBuf,
     origin: Arc<HttpOrigin>,
     base: u64,
     scale: u64,
@@ -81,6 +82,7 @@ impl External {
         let proc = Running::spawn(cmd, cpu, log)?;
         Ok(Self {
             proc,
+            log: log.to_path_buf(),
             origin,
             base,
             scale,
@@ -128,6 +130,18 @@ impl Load for External {
     }
     fn errors(&self) -> u64 {
         0
+    }
+    fn notes(&self) -> Vec<String> {
+        // The tool's own words when it stopped early (e.g. h2load: no protocol negotiated).
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "load tool output: {}",
+            lines[lines.len().saturating_sub(4)..].join(" | ")
+        )]
     }
     fn stop(self: Box<Self>) -> Result<()> {
         let mut proc = self.proc;

@@ -369,15 +369,24 @@ pub fn write_all(
     let _ = writeln!(md, "\n## Headline metric per round\n");
     let _ = writeln!(
         md,
-        "Work per proxy-CPU-second in each round, in round order (* = disturbed, left out of the \
-         median when the proxy has undisturbed rounds); spread = max / min over the counted \
-         rounds.\n"
+        "Work per proxy-CPU-second (or the scenario's first row) in each round, in round order \
+         (* = disturbed, left out of the median when the proxy has undisturbed rounds); spread = \
+         max / min over the counted rounds.\n"
     );
     let _ = writeln!(
         md,
         "| scenario | proxy | unit | rounds | median | spread |\n|---|---|---|---|---:|---:|"
     );
     for r in results {
+        // The headline: work per proxy-CPU-second, or a metric scenario's first row.
+        let value = |x: &Sample| match r.metrics.first() {
+            Some((key, _, _)) => x.metrics.get(key.as_str()).copied(),
+            None => x.per_cpu_sec(r.scale),
+        };
+        let unit = r
+            .metrics
+            .first()
+            .map_or(r.unit.clone(), |(_, label, _)| label.clone());
         for p in r.proxies.iter().filter(|p| p.ran()) {
             let v: Vec<String> = p
                 .samples
@@ -385,16 +394,12 @@ pub fn write_all(
                 .map(|x| {
                     format!(
                         "{}{}",
-                        x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num),
+                        value(x).map_or("–".into(), fmt_num),
                         if x.clean() { "" } else { "*" }
                     )
                 })
                 .collect();
-            let counted: Vec<f64> = p
-                .counted()
-                .iter()
-                .filter_map(|x| x.per_cpu_sec(r.scale))
-                .collect();
+            let counted: Vec<f64> = p.counted().iter().filter_map(|x| value(x)).collect();
             let (lo, hi) = counted
                 .iter()
                 .fold((f64::MAX, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
@@ -408,7 +413,7 @@ pub fn write_all(
                 "| {} | {} | {} | {} | {} | {spread} |",
                 r.scenario,
                 p.proxy,
-                r.unit,
+                unit,
                 v.join(", "),
                 median(counted).map_or("–".into(), fmt_num),
             );

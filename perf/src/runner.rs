@@ -233,18 +233,20 @@ pub fn run_scenario(
             match measured {
                 Ok((sample, notes)) => {
                     let scale = sc.unit().scale;
-                    eprintln!(
-                        "[{} r{round}/{}] {:<9} {:>12.1} {}/proxy-CPU-s  {:>12.1} {}/s  proxy CPU {:>5.1}%  load core {:>5.1}%",
-                        sc.name(),
-                        rounds,
-                        p.name(),
-                        sample.per_cpu_sec(scale).unwrap_or(0.0),
-                        sc.unit().name,
-                        sample.per_sec(scale),
-                        sc.unit().name,
-                        sample.proxy_util() * 100.0,
-                        sample.load_core_busy * 100.0,
-                    );
+                    if sc.kind() == Kind::Throughput {
+                        eprintln!(
+                            "[{} r{round}/{}] {:<9} {:>12.1} {}/proxy-CPU-s  {:>12.1} {}/s  proxy CPU {:>5.1}%  load core {:>5.1}%",
+                            sc.name(),
+                            rounds,
+                            p.name(),
+                            sample.per_cpu_sec(scale).unwrap_or(0.0),
+                            sc.unit().name,
+                            sample.per_sec(scale),
+                            sc.unit().name,
+                            sample.proxy_util() * 100.0,
+                            sample.load_core_busy * 100.0,
+                        );
+                    }
                     results[i].notes.extend(notes);
                     results[i].samples.push(sample);
                 }

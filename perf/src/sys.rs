@@ -419,7 +419,7 @@ mod tests {
             std::hint::black_box(0u64);
         }
         let b = ProcSnapshot::take();
-        assert!(b.own_ticks(me) >= a.own_ticks(me));
+        assert!(b.tree_ticks(me) >= a.tree_ticks(me));
         assert!(a.busy_others(&b, &BTreeSet::from([me]), 1000.0).is_empty());
     }
 }
