@@ -213,7 +213,7 @@ print("ok", len(authorities))
 
 /// Check a SPIFFE bundle file and SVIDs with py-spiffe (installed by .ci/run).
 fn py_spiffe_check(td: &str, bundle: &Path, svids: &[(&Path, &Path)]) -> usize {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(meshgate_testkit::spiffe_python());
     cmd.args(["-c", PY_CHECK, td, s(bundle)]);
     for (c, k) in svids {
         cmd.arg(format!("{},{}", s(c), s(k)));
@@ -221,7 +221,7 @@ fn py_spiffe_check(td: &str, bundle: &Path, svids: &[(&Path, &Path)]) -> usize {
     let out = cmd.output().expect("python3");
     assert!(
         out.status.success(),
-        "py-spiffe check failed (pip install spiffe; .ci/run does): {}{}",
+        "py-spiffe check failed (pip install spiffe==0.3.2; .ci/run does, in a virtualenv): {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -34,14 +34,10 @@ fn meshgate(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn python() -> String {
-    std::env::var("MESHGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// Run the py-spiffe client against `socket`; `wait_rotation` also waits for a second message.
 fn fetch(socket: &Path, wait_rotation: bool) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workload_api/fetch.py");
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(meshgate_testkit::spiffe_python());
     cmd.arg(&script).arg(socket);
     if wait_rotation {
         cmd.arg("rotation");

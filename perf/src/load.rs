@@ -30,6 +30,10 @@ pub trait Load {
     fn end_window(&self) -> Option<Latency> {
         None
     }
+    /// Facts about the run for the report's notes (e.g. handshake kinds).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Stops the load, closes its connections and reports a failure of its thread.
     fn stop(self: Box<Self>) -> Result<()>;
 }
@@ -44,7 +48,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn from_hist(h: &Histogram<u64>) -> Self {
+    pub fn from_hist(h: &Histogram<u64>) -> Self {
         let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         Self {
             p50_us: us(0.5),
@@ -260,13 +264,33 @@ impl BulkUpload {
         chunk: usize,
         origin: Arc<OriginCounters>,
     ) -> Result<Self> {
-        let socks = connect_all(target, conns)?;
+        Self::start_with(target, conns, &[], vec![b'b'; chunk], origin)
+    }
+
+    /// Like [`BulkUpload::start`], but each connection first sends `prefix` (e.g. a TLS
+    /// ClientHello) and then `data` over and over (e.g. whole TLS records: partial writes
+    /// resume where they stopped, so the stream stays well-formed).
+    pub fn start_with(
+        target: SocketAddr,
+        conns: usize,
+        prefix: &[u8],
+        data: Vec<u8>,
+        origin: Arc<OriginCounters>,
+    ) -> Result<Self> {
+        let mut socks = connect_all(target, conns)?;
+        if !prefix.is_empty() {
+            for s in &mut socks {
+                s.set_nonblocking(false)?;
+                s.write_all(prefix).context("sending the prefix")?;
+                s.set_nonblocking(true)?;
+            }
+        }
         let shared = Arc::new(Shared::default());
         let thread = std::thread::Builder::new()
             .name("load-bulk".into())
             .spawn({
                 let shared = shared.clone();
-                move || bulk_loop(socks, chunk, &shared)
+                move || bulk_loop(socks, data, &shared)
             })?;
         Ok(Self {
             gen_thread: GenThread {
@@ -290,10 +314,10 @@ impl Load for BulkUpload {
     }
 }
 
-fn bulk_loop(socks: Vec<TcpStream>, chunk: usize, shared: &Shared) -> Result<()> {
+fn bulk_loop(socks: Vec<TcpStream>, data: Vec<u8>, shared: &Shared) -> Result<()> {
     let ep = Epoll::new()?;
-    let data = vec![b'b'; chunk];
     let mut live: Vec<bool> = vec![true; socks.len()];
+    let mut off: Vec<usize> = vec![0; socks.len()];
     let mut socks = socks;
     for (i, s) in socks.iter().enumerate() {
         ep.add(s, i as u64, netio::OUT | netio::ET | netio::RDHUP)?;
@@ -311,9 +335,9 @@ fn bulk_loop(socks: Vec<TcpStream>, chunk: usize, shared: &Shared) -> Result<()>
             let mut ok = ev.events & (netio::ERR | netio::RDHUP) == 0;
             // Edge-triggered: write until the socket is full.
             while ok {
-                match socks[i].write(&data) {
+                match socks[i].write(&data[off[i]..]) {
                     Ok(0) => ok = false,
-                    Ok(_) => {}
+                    Ok(n) => off[i] = (off[i] + n) % data.len(),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => ok = false,
                 }

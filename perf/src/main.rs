@@ -7,13 +7,19 @@
 //! [`report`] (tables, JSON, charts), [`load`]/[`origin`]/[`netio`] (the epoll load side),
 //! [`sys`] (/proc, affinity, perf).
 
+mod certs;
+mod chart;
+mod http_origin;
+mod httpload;
 mod load;
 mod netio;
+mod openloop;
 mod origin;
 mod proxy;
 mod report;
 mod runner;
 mod scenarios;
+mod special;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +33,7 @@ use runner::Settings;
 #[derive(Debug, Parser)]
 #[command(name = "meshgate-perf")]
 struct Cli {
-    /// Scenario name, or `all`.
+    /// Scenario name, several separated by commas, or `all`.
     scenario: String,
     /// Short run: 1 s warm-up, 3 s windows, 3 rounds (under a minute per scenario on an idle
     /// machine). Default: 2 s warm-up, 5 s windows, 7 rounds.
@@ -103,10 +109,14 @@ fn run() -> Result<()> {
     let chosen: Vec<&dyn scenarios::Scenario> = if cli.scenario == "all" {
         scenarios::all()
     } else {
-        match scenarios::find(&cli.scenario) {
-            Some(s) => vec![s],
-            None => bail!("unknown scenario {:?}\n\n{}", cli.scenario, scenario_help()),
+        let mut v = Vec::new();
+        for name in cli.scenario.split(',') {
+            match scenarios::find(name) {
+                Some(s) => v.push(s),
+                None => bail!("unknown scenario {name:?}\n\n{}", scenario_help()),
+            }
         }
+        v
     };
     if cli.proxy_cpu == cli.load_cpu {
         bail!("--proxy-cpu and --load-cpu must differ");
@@ -182,10 +192,25 @@ fn run() -> Result<()> {
     }
 
     let machine = sys::Machine::read();
+    // 10,000 idle connections need ~20,000 descriptors here (client and origin ends) and
+    // ~20,000 in the proxy, which inherits the limit.
+    let nofile = sys::raise_nofile(65_536);
+    if nofile < 25_000 {
+        eprintln!(
+            "meshgate-perf: open-file limit is {nofile}; the idle-connection scenarios need ~25,000 (run as root or raise `ulimit -n`)"
+        );
+    }
+    let certs = certs::Certs::generate(&out.join("certs")).context("generating certificates")?;
     let mut results = Vec::new();
     for sc in chosen {
         eprintln!("meshgate-perf: scenario {}: {}", sc.name(), sc.about());
-        results.push(runner::run_scenario(sc, &proxies, &cli.proxies, &settings)?);
+        results.push(runner::run_scenario(
+            sc,
+            &proxies,
+            &cli.proxies,
+            &settings,
+            &certs,
+        )?);
     }
     let md = report::write_all(&out, &stamp, &machine, &settings, &results)?;
     println!("{md}");

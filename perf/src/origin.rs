@@ -18,6 +18,8 @@ pub enum OriginMode {
     Echo,
     /// Read and discard.
     Sink,
+    /// Not this epoll origin: nginx serving HTTP ([`crate::http_origin`]).
+    Http,
 }
 
 #[derive(Debug, Default)]

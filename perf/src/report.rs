@@ -60,6 +60,14 @@ pub fn rows(r: &ScenarioResult) -> Vec<Row> {
             });
         }
     };
+    if !r.metrics.is_empty() {
+        for (key, label, better) in &r.metrics {
+            row(label.clone(), *better, &|p| {
+                med(p, |x| x.metrics.get(key.as_str()).copied())
+            });
+        }
+        return out;
+    }
     row(format!("{unit} / proxy-CPU-second"), Better::Higher, &|p| {
         med(p, |x| x.per_cpu_sec(s))
     });
@@ -68,6 +76,23 @@ pub fn rows(r: &ScenarioResult) -> Vec<Row> {
         Better::Higher,
         &|p| med(p, |x| Some(x.per_sec(s))),
     );
+    let has_res = r
+        .proxies
+        .iter()
+        .any(|p| p.samples.iter().any(|x| x.res_irqs.is_some()));
+    if has_res {
+        row(
+            format!("rescheduling interrupts on the proxy core / {one} (lower is better)"),
+            Better::Lower,
+            &|p| {
+                med(p, |x| {
+                    x.res_irqs
+                        .filter(|_| x.work > 0)
+                        .map(|r| r as f64 / (x.work as f64 * s))
+                })
+            },
+        );
+    }
     row("proxy CPU, % of one core".into(), Better::Info, &|p| {
         med(p, |x| Some(x.proxy_util() * 100.0))
     });
@@ -195,6 +220,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
             for (p, v) in r.proxies.iter().zip(&row.values) {
                 let cell = match v {
                     Some(v) => fmt_num(*v),
+                    None if p.status.contains(crate::proxy::NOT_SUPPORTED) => {
+                        "not supported by this build".into()
+                    }
                     None if !p.ran() => "not run".into(),
                     None => "–".into(),
                 };
@@ -341,15 +369,24 @@ pub fn write_all(
     let _ = writeln!(md, "\n## Headline metric per round\n");
     let _ = writeln!(
         md,
-        "Work per proxy-CPU-second in each round, in round order (* = disturbed, left out of the \
-         median when the proxy has undisturbed rounds); spread = max / min over the counted \
-         rounds.\n"
+        "Work per proxy-CPU-second (or the scenario's first row) in each round, in round order \
+         (* = disturbed, left out of the median when the proxy has undisturbed rounds); spread = \
+         max / min over the counted rounds.\n"
     );
     let _ = writeln!(
         md,
         "| scenario | proxy | unit | rounds | median | spread |\n|---|---|---|---|---:|---:|"
     );
     for r in results {
+        // The headline: work per proxy-CPU-second, or a metric scenario's first row.
+        let value = |x: &Sample| match r.metrics.first() {
+            Some((key, _, _)) => x.metrics.get(key.as_str()).copied(),
+            None => x.per_cpu_sec(r.scale),
+        };
+        let unit = r
+            .metrics
+            .first()
+            .map_or(r.unit.clone(), |(_, label, _)| label.clone());
         for p in r.proxies.iter().filter(|p| p.ran()) {
             let v: Vec<String> = p
                 .samples
@@ -357,16 +394,12 @@ pub fn write_all(
                 .map(|x| {
                     format!(
                         "{}{}",
-                        x.per_cpu_sec(r.scale).map_or("–".into(), fmt_num),
+                        value(x).map_or("–".into(), fmt_num),
                         if x.clean() { "" } else { "*" }
                     )
                 })
                 .collect();
-            let counted: Vec<f64> = p
-                .counted()
-                .iter()
-                .filter_map(|x| x.per_cpu_sec(r.scale))
-                .collect();
+            let counted: Vec<f64> = p.counted().iter().filter_map(|x| value(x)).collect();
             let (lo, hi) = counted
                 .iter()
                 .fold((f64::MAX, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
@@ -380,7 +413,7 @@ pub fn write_all(
                 "| {} | {} | {} | {} | {} | {spread} |",
                 r.scenario,
                 p.proxy,
-                r.unit,
+                unit,
                 v.join(", "),
                 median(counted).map_or("–".into(), fmt_num),
             );
@@ -389,11 +422,14 @@ pub fn write_all(
     let notes: Vec<String> = results
         .iter()
         .flat_map(|r| {
-            r.proxies.iter().flat_map(move |p| {
-                p.notes
-                    .iter()
-                    .map(move |n| format!("{} / {}: {n}", r.scenario, p.proxy))
-            })
+            r.notes
+                .iter()
+                .map(move |n| format!("{}: {n}", r.scenario))
+                .chain(r.proxies.iter().flat_map(move |p| {
+                    p.notes
+                        .iter()
+                        .map(move |n| format!("{} / {}: {n}", r.scenario, p.proxy))
+                }))
         })
         .collect();
     if !warns.is_empty() || !notes.is_empty() {
@@ -437,16 +473,15 @@ pub fn write_all(
     for r in results {
         fs::write(dir.join(format!("{}.svg", r.scenario)), svg_chart(r))?;
     }
+    if let Err(e) = png_charts(dir, results) {
+        eprintln!("meshgate-perf: PNG charts not drawn: {e:#}");
+    }
     Ok(md)
 }
 
 /// A bar chart of the headline metric (work per proxy-CPU-second), one bar per proxy that ran.
 pub fn svg_chart(r: &ScenarioResult) -> String {
-    let bars: Vec<(String, f64)> = r
-        .proxies
-        .iter()
-        .filter_map(|p| med(p, |x| x.per_cpu_sec(r.scale)).map(|v| (p.proxy.clone(), v)))
-        .collect();
+    let (subtitle, bars) = headline(r);
     let (w, h, left, top, bottom) = (560.0, 320.0, 60.0, 50.0, 40.0);
     let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9);
     let slot = (w - left - 20.0) / bars.len().max(1) as f64;
@@ -454,12 +489,11 @@ pub fn svg_chart(r: &ScenarioResult) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="13">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{cx}" y="22" text-anchor="middle" font-size="15">{title}</text>
-<text x="{cx}" y="40" text-anchor="middle" fill="#555">{unit} per proxy-CPU-second (median; higher is better)</text>
+<text x="{cx}" y="40" text-anchor="middle" fill="#555">{subtitle}</text>
 <line x1="{left}" y1="{base}" x2="{right}" y2="{base}" stroke="#333"/>
 "##,
         cx = w / 2.0,
         title = r.scenario,
-        unit = r.unit,
         base = h - bottom,
         right = w - 20.0,
     );
@@ -487,6 +521,59 @@ pub fn svg_chart(r: &ScenarioResult) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The headline of a scenario for charts: (subtitle, bars per proxy that has a value).
+fn headline(r: &ScenarioResult) -> (String, Vec<(String, f64)>) {
+    if let Some((key, label, better)) = r.metrics.first() {
+        let bars = r
+            .proxies
+            .iter()
+            .filter_map(|p| {
+                med(p, |x| x.metrics.get(key.as_str()).copied()).map(|v| (p.proxy.clone(), v))
+            })
+            .collect();
+        let way = if *better == Better::Lower {
+            "lower is better"
+        } else {
+            "higher is better"
+        };
+        return (format!("{label} (median; {way})"), bars);
+    }
+    let bars = r
+        .proxies
+        .iter()
+        .filter_map(|p| med(p, |x| x.per_cpu_sec(r.scale)).map(|v| (p.proxy.clone(), v)))
+        .collect();
+    (
+        format!("{} per proxy-CPU-second (median; higher is better)", r.unit),
+        bars,
+    )
+}
+
+/// `<scenario>.png` per scenario and `overview.png` (meshgate's ratios on every headline).
+fn png_charts(dir: &Path, results: &[ScenarioResult]) -> Result<()> {
+    crate::chart::init_font()?;
+    let mut heads = Vec::new();
+    for r in results {
+        let (subtitle, bars) = headline(r);
+        if !bars.is_empty() {
+            crate::chart::bars_png(
+                &dir.join(format!("{}.png", r.scenario)),
+                &r.scenario,
+                &subtitle,
+                &bars,
+            )?;
+        }
+        if let Some(first) = rows(r).into_iter().next() {
+            heads.push((first, 0));
+        }
+    }
+    let columns: Vec<String> = results
+        .first()
+        .map(|r| r.proxies.iter().map(|p| p.proxy.clone()).collect())
+        .unwrap_or_default();
+    crate::chart::overview_png(&dir.join("overview.png"), &heads, &columns)
 }
 
 #[cfg(test)]

@@ -4,17 +4,19 @@
 //! time over its whole process tree, both cores' busy time, latency), optionally count syscalls
 //! in a short extra window, stop everything. Results are medians over rounds.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::certs::Certs;
 use crate::load::{Latency, Load};
-use crate::origin::Origin;
 use crate::proxy::{Proxy, ProxySpec, Running};
-use crate::scenarios::Scenario;
+use crate::scenarios::{Env, Kind, Scenario};
 use crate::sys::{self, SyscallCount};
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +61,10 @@ pub struct Sample {
     pub errors: u64,
     pub latency: Option<Latency>,
     pub syscalls: Option<SyscallSample>,
+    /// Rescheduling interrupts the proxy core took in the window (/proc/interrupts `RES`).
+    pub res_irqs: Option<u64>,
+    /// Scenario-specific figures (idle memory, latency), by key; see [`ScenarioResult::metrics`].
+    pub metrics: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +129,11 @@ pub struct ScenarioResult {
     #[serde(skip)]
     pub scale: f64,
     pub proxies: Vec<ProxyResult>,
+    /// For scenarios that are not work per CPU-second: the rows of the table, in order, as
+    /// (key in [`Sample::metrics`], label, which way is better).
+    pub metrics: Vec<(String, String, crate::report::Better)>,
+    /// Facts about the scenario as a whole (calibration, direct-to-origin figures).
+    pub notes: Vec<String>,
 }
 
 /// Runs one scenario against every proxy (`selected` filters by name; the others are listed as
@@ -132,10 +143,12 @@ pub fn run_scenario(
     proxies: &[Box<dyn Proxy>],
     selected: &[String],
     st: &Settings,
+    certs: &Arc<Certs>,
 ) -> Result<ScenarioResult> {
     let runs_dir = st.out.join("runs");
     fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
-    let origin = Origin::start(sc.origin()).context("starting the origin")?;
+    let env = Env::start(sc.origin(), certs.clone(), runs_dir.clone(), st.load_cpu)
+        .context("starting the origin")?;
     let mut results: Vec<ProxyResult> = proxies
         .iter()
         .map(|p| {
@@ -166,8 +179,38 @@ pub fn run_scenario(
         })
         .collect();
 
+    let mut scenario_notes = Vec::new();
+    let metrics = match sc.kind() {
+        Kind::Throughput => Vec::new(),
+        Kind::IdleMemory { .. } => crate::special::idle_metrics(),
+        Kind::Latency => {
+            let m = crate::special::run_latency(
+                proxies,
+                &mut results,
+                &env,
+                st,
+                &runs_dir,
+                &mut scenario_notes,
+            )?;
+            return Ok(ScenarioResult {
+                scenario: sc.name().to_string(),
+                about: sc.about().to_string(),
+                unit: sc.unit().name.to_string(),
+                unit_one: sc.unit().one.to_string(),
+                scale: sc.unit().scale,
+                proxies: results,
+                metrics: m,
+                notes: scenario_notes,
+            });
+        }
+    };
     let n = proxies.len();
-    for round in 1..=st.rounds {
+    // Memory per idle connection barely drifts; three rounds are plenty.
+    let rounds = match sc.kind() {
+        Kind::IdleMemory { .. } => st.rounds.min(3),
+        _ => st.rounds,
+    };
+    for round in 1..=rounds {
         for k in 0..n {
             // Rotate the order each round so drift (thermal, noisy neighbours) spreads evenly.
             let i = (k + round - 1) % n;
@@ -175,27 +218,35 @@ pub fn run_scenario(
                 continue;
             }
             let p = proxies[i].as_ref();
-            let count_syscalls = if round == st.rounds {
+            let count_syscalls = if round == rounds {
                 st.syscall_window_secs
             } else {
                 None
             };
             let stem = format!("{}-{}-r{round}", sc.name(), p.name());
-            match measure(sc, p, &origin, st, &runs_dir, &stem, round, count_syscalls) {
+            let measured = match sc.kind() {
+                Kind::IdleMemory { tls } => {
+                    crate::special::measure_idle(sc, p, &env, st, &runs_dir, &stem, round, tls)
+                }
+                _ => measure(sc, p, &env, st, &runs_dir, &stem, round, count_syscalls),
+            };
+            match measured {
                 Ok((sample, notes)) => {
                     let scale = sc.unit().scale;
-                    eprintln!(
-                        "[{} r{round}/{}] {:<9} {:>12.1} {}/proxy-CPU-s  {:>12.1} {}/s  proxy CPU {:>5.1}%  load core {:>5.1}%",
-                        sc.name(),
-                        st.rounds,
-                        p.name(),
-                        sample.per_cpu_sec(scale).unwrap_or(0.0),
-                        sc.unit().name,
-                        sample.per_sec(scale),
-                        sc.unit().name,
-                        sample.proxy_util() * 100.0,
-                        sample.load_core_busy * 100.0,
-                    );
+                    if sc.kind() == Kind::Throughput {
+                        eprintln!(
+                            "[{} r{round}/{}] {:<9} {:>12.1} {}/proxy-CPU-s  {:>12.1} {}/s  proxy CPU {:>5.1}%  load core {:>5.1}%",
+                            sc.name(),
+                            rounds,
+                            p.name(),
+                            sample.per_cpu_sec(scale).unwrap_or(0.0),
+                            sc.unit().name,
+                            sample.per_sec(scale),
+                            sc.unit().name,
+                            sample.proxy_util() * 100.0,
+                            sample.load_core_busy * 100.0,
+                        );
+                    }
                     results[i].notes.extend(notes);
                     results[i].samples.push(sample);
                 }
@@ -219,7 +270,7 @@ pub fn run_scenario(
             }
         }
     }
-    drop(origin);
+    drop(env);
     Ok(ScenarioResult {
         scenario: sc.name().to_string(),
         about: sc.about().to_string(),
@@ -227,6 +278,8 @@ pub fn run_scenario(
         unit_one: sc.unit().one.to_string(),
         scale: sc.unit().scale,
         proxies: results,
+        metrics,
+        notes: scenario_notes,
     })
 }
 
@@ -237,11 +290,13 @@ struct Snap {
     procs: sys::ProcSnapshot,
     proxy_core: sys::CoreTimes,
     load_core: sys::CoreTimes,
+    res: Option<u64>,
 }
 
 impl Snap {
     fn take(load: &dyn Load, st: &Settings) -> Self {
         Self {
+            res: sys::res_interrupts(st.proxy_cpu),
             at: Instant::now(),
             work: load.work(),
             procs: sys::ProcSnapshot::take(),
@@ -258,27 +313,15 @@ impl Snap {
 fn measure(
     sc: &dyn Scenario,
     p: &dyn Proxy,
-    origin: &Origin,
+    env: &Env,
     st: &Settings,
     dir: &std::path::Path,
     stem: &str,
     round: usize,
     syscall_window: Option<f64>,
 ) -> Result<(Sample, Vec<String>)> {
-    let spec = ProxySpec {
-        listener: sc.listener(),
-        listen: sys::free_port()?,
-        upstream: origin.addr,
-        admin: sys::free_port()?,
-        dir: dir.to_path_buf(),
-        stem: stem.to_string(),
-    };
-    let cmd = p.prepare(&spec)?;
-    let mut proxy = Running::spawn(cmd, st.proxy_cpu, &dir.join(format!("{stem}.log")))?;
-    proxy.wait_ready(p, &spec, Duration::from_secs(15))?;
-    let load = sc
-        .start_load(spec.listen, origin)
-        .context("starting load")?;
+    let (spec, mut proxy) = start_proxy(sc, p, env, st, dir, stem)?;
+    let load = sc.start_load(spec.listen, env).context("starting load")?;
     let mut notes = Vec::new();
 
     let result = (|| -> Result<Sample> {
@@ -286,9 +329,10 @@ fn measure(
         proxy.check_alive()?;
         if load.work() == 0 {
             bail!(
-                "no traffic passed through in the {}s warm-up ({} load errors)",
+                "no traffic passed through in the {}s warm-up ({} load errors) {}",
                 st.warmup_secs,
-                load.errors()
+                load.errors(),
+                load.notes().join("; ")
             );
         }
         let mut best: Option<Sample> = None;
@@ -343,6 +387,13 @@ fn measure(
         }
         Ok(sample)
     })();
+    if round == 1 || result.is_err() {
+        notes.extend(
+            load.notes()
+                .into_iter()
+                .map(|n| format!("round {round}: {n}")),
+        );
+    }
     if let Err(e) = load.stop() {
         notes.push(format!("load generator: {e:#}"));
     }
@@ -397,7 +448,33 @@ fn window(proxy: &mut Running, load: &dyn Load, st: &Settings, round: usize) -> 
         errors: load.errors() - errors0,
         latency,
         syscalls: None,
+        res_irqs: a.res.zip(b.res).map(|(a, b)| b.saturating_sub(a)),
+        metrics: BTreeMap::new(),
     })
+}
+
+/// Writes the proxy's config, starts it pinned to the proxy core and waits until it is ready.
+pub fn start_proxy(
+    sc: &dyn Scenario,
+    p: &dyn Proxy,
+    env: &Env,
+    st: &Settings,
+    dir: &std::path::Path,
+    stem: &str,
+) -> Result<(ProxySpec, Running)> {
+    let spec = ProxySpec {
+        listener: sc.listener(),
+        listen: sys::free_port()?,
+        upstream: env.upstream(sc.listener())?,
+        admin: sys::free_port()?,
+        dir: dir.to_path_buf(),
+        stem: stem.to_string(),
+        certs: env.certs.clone(),
+    };
+    let cmd = p.prepare(&spec)?;
+    let mut proxy = Running::spawn(cmd, st.proxy_cpu, &dir.join(format!("{stem}.log")))?;
+    proxy.wait_ready(p, &spec, Duration::from_secs(15))?;
+    Ok((spec, proxy))
 }
 
 /// Work that is neither the proxy's (on the proxy core) nor the harness's (on the load core).
@@ -418,9 +495,16 @@ impl Foreign {
             .tree_ticks(proxy_pid)
             .saturating_sub(a.procs.tree_ticks(proxy_pid)) as f64
             / tck;
-        let harness = b.procs.own_ticks(me).saturating_sub(a.procs.own_ticks(me)) as f64 / tck;
-        let mut ours = b.procs.tree(proxy_pid);
-        ours.insert(me);
+        // The harness's whole tree (origins, load tools) minus the proxy, which is its child.
+        let harness = (b
+            .procs
+            .tree_ticks(me)
+            .saturating_sub(a.procs.tree_ticks(me)) as f64
+            / tck
+            - proxy)
+            .max(0.0);
+        let mut ours = b.procs.tree(me);
+        ours.extend(b.procs.tree(proxy_pid));
         Self {
             proxy_core: (sys::core_busy(a.proxy_core, b.proxy_core) - proxy / secs).max(0.0),
             load_core: (sys::core_busy(a.load_core, b.load_core) - harness / secs).max(0.0),

@@ -132,11 +132,6 @@ impl ProcSnapshot {
             .sum()
     }
 
-    /// Own ticks (threads only, not reaped children) of one process.
-    pub fn own_ticks(&self, pid: u32) -> u64 {
-        self.procs.get(&pid).map_or(0, |s| s.own)
-    }
-
     /// Processes outside `exclude` that used at least `min_secs` of CPU between `self` and
     /// `later`, busiest first, as "comm (pid) 1.23 s".
     pub fn busy_others(&self, later: &Self, exclude: &BTreeSet<u32>, min_secs: f64) -> Vec<String> {
@@ -424,7 +419,116 @@ mod tests {
             std::hint::black_box(0u64);
         }
         let b = ProcSnapshot::take();
-        assert!(b.own_ticks(me) >= a.own_ticks(me));
+        assert!(b.tree_ticks(me) >= a.tree_ticks(me));
         assert!(a.busy_others(&b, &BTreeSet::from([me]), 1000.0).is_empty());
+    }
+}
+
+/// Rescheduling interrupts (the `RES` line of /proc/interrupts) taken by `cpu` so far: the
+/// IPIs one core sends another to wake a task, e.g. an io_uring completion raised from the
+/// other core. None where the line is missing (non-x86).
+pub fn res_interrupts(cpu: usize) -> Option<u64> {
+    let s = fs::read_to_string("/proc/interrupts").ok()?;
+    parse_res(&s, cpu)
+}
+
+fn parse_res(interrupts: &str, cpu: usize) -> Option<u64> {
+    let line = interrupts
+        .lines()
+        .find(|l| l.trim_start().starts_with("RES:"))?;
+    line.trim_start()
+        .strip_prefix("RES:")?
+        .split_ascii_whitespace()
+        .nth(cpu)?
+        .parse()
+        .ok()
+}
+
+/// Resident memory of a process tree, KiB: (RSS, PSS), summed from /proc/PID/smaps_rollup.
+pub fn tree_memory_kib(root: u32) -> (u64, u64) {
+    let mut rss = 0;
+    let mut pss = 0;
+    for pid in process_tree(root) {
+        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+            continue;
+        };
+        for line in s.lines() {
+            let mut f = line.split_ascii_whitespace();
+            let (key, val) = (f.next(), f.next().and_then(|v| v.parse::<u64>().ok()));
+            match (key, val) {
+                (Some("Rss:"), Some(v)) => rss += v,
+                (Some("Pss:"), Some(v)) => pss += v,
+                _ => {}
+            }
+        }
+    }
+    (rss, pss)
+}
+
+/// The open-file limit (soft) of this process, which the proxies inherit.
+pub fn nofile_limit() -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
+        return 1024;
+    }
+    cur.rlim_cur
+}
+
+/// Connections a proxy can hold open at once within the open-file limit: each proxied
+/// connection takes two descriptors (downstream and upstream), plus some for listeners, logs
+/// and the event loop.
+pub fn max_proxied_connections() -> u64 {
+    nofile_limit().saturating_sub(200) / 2
+}
+
+/// Raises this process's open-file limit (soft and hard, as far as allowed) to `want`; the
+/// proxies, origins and tools started afterwards inherit it. Returns the soft limit in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) != 0 {
+            return 0;
+        }
+        if cur.rlim_cur >= want {
+            return cur.rlim_cur;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(cur.rlim_max),
+        };
+        // Raising the hard limit needs CAP_SYS_RESOURCE; without it go up to the hard limit.
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return want;
+        }
+        let soft = libc::rlimit {
+            rlim_cur: cur.rlim_max.min(want),
+            rlim_max: cur.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+            soft.rlim_cur
+        } else {
+            cur.rlim_cur
+        }
+    }
+}
+
+#[cfg(test)]
+mod interrupt_tests {
+    use super::parse_res;
+
+    #[test]
+    fn res_line() {
+        let s = "           CPU0       CPU1\n  0:         40          0   IO-APIC    2-edge      timer\nRES:     559982    8432886   Rescheduling interrupts\n";
+        assert_eq!(parse_res(s, 0), Some(559_982));
+        assert_eq!(parse_res(s, 1), Some(8_432_886));
+        assert_eq!(parse_res(s, 2), None);
     }
 }

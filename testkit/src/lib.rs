@@ -26,6 +26,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// The Python with py-spiffe (PyPI `spiffe`, which brings PyJWT and cryptography) that the
+/// SPIFFE interop tests run: `MESHGATE_TEST_PYTHON` (.ci/run points it at its virtualenv), else
+/// `python3`.
+pub fn spiffe_python() -> String {
+    std::env::var("MESHGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 /// A loopback port nobody uses right now, for a server a test starts next (meshgate, openssl
 /// s_server, nginx). It is taken below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`), so no outgoing connection of this or any other process can

@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail};
+
+use crate::certs::Certs;
 
 use crate::scenarios::Listener;
 use crate::sys;
@@ -19,12 +23,11 @@ mod haproxy;
 mod meshgate;
 mod nginx;
 
-pub use meshgate::Meshgate;
+pub use meshgate::{Meshgate, NOT_SUPPORTED};
 
 /// The Debian packages the harness can use (nginx's stream module is its own package on
 /// Debian 12; linux-perf is only for syscall counts).
-pub const APT_LINE: &str =
-    "apt-get install -y nginx libnginx-mod-stream haproxy wrk nghttp2-client openssl linux-perf";
+pub const APT_LINE: &str = "apt-get install -y nginx libnginx-mod-stream haproxy wrk nghttp2-client openssl linux-perf fonts-dejavu-core";
 
 /// What one proxy run must do.
 #[derive(Debug, Clone)]
@@ -40,6 +43,8 @@ pub struct ProxySpec {
     pub dir: PathBuf,
     /// File-name stem for this run, e.g. `tcp-rr-haproxy-r1`.
     pub stem: String,
+    /// The run's certificates (TLS scenarios).
+    pub certs: Arc<Certs>,
 }
 
 pub trait Proxy: Sync {

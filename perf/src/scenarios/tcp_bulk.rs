@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
+use super::Env;
 use super::{Listener, Scenario, WorkUnit};
 use crate::load::{BulkUpload, Load};
-use crate::origin::{Origin, OriginMode};
+use crate::origin::OriginMode;
 
 const CONNECTIONS: usize = 8;
 /// Size of each write by the load generator.
@@ -36,12 +37,12 @@ impl Scenario for TcpBulk {
             scale: 1e-6,
         }
     }
-    fn start_load(&self, target: SocketAddr, origin: &Origin) -> Result<Box<dyn Load>> {
+    fn start_load(&self, target: SocketAddr, env: &Env) -> Result<Box<dyn Load>> {
         Ok(Box::new(BulkUpload::start(
             target,
             CONNECTIONS,
             CHUNK,
-            origin.counters.clone(),
+            env.tcp()?.counters.clone(),
         )?))
     }
 }

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
+use super::Env;
 use super::{Listener, Scenario, WorkUnit};
 use crate::load::{Load, RoundTrips};
-use crate::origin::{Origin, OriginMode};
+use crate::origin::OriginMode;
 
 /// Concurrent connections, each with one request in flight (closed loop).
 const CONNECTIONS: usize = 64;
@@ -37,7 +38,7 @@ impl Scenario for TcpRr {
             scale: 1.0,
         }
     }
-    fn start_load(&self, target: SocketAddr, _origin: &Origin) -> Result<Box<dyn Load>> {
+    fn start_load(&self, target: SocketAddr, _env: &Env) -> Result<Box<dyn Load>> {
         Ok(Box::new(RoundTrips::start(target, CONNECTIONS, MESSAGE)?))
     }
 }
