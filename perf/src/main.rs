@@ -85,9 +85,9 @@ fn workspace_root() -> PathBuf {
 fn scenario_help() -> String {
     let mut s = String::from("Scenarios:\n");
     for sc in scenarios::all() {
-        s.push_str(&format!("  {:<10} {}\n", sc.name(), sc.about()));
+        s.push_str(&format!("  {:<16} {}\n", sc.name(), sc.about()));
     }
-    s.push_str("  all        every scenario above, in order\n\n");
+    s.push_str("  all              every scenario above, in order\n\n");
     s.push_str(&format!(
         "Needs (Debian 12): {}\nmeshgate: build it first with `cargo build --release`.",
         proxy::APT_LINE
