@@ -312,11 +312,45 @@ fn embedded_default_serves_https_from_its_local_ca() {
         .arg("https://localhost:15443/")
         .output()
         .expect("curl");
+    // What the gateway loaded, as an operator reads it (default admin address).
+    let pc = |args: &[&str]| {
+        let mut all = vec!["proxy-config"];
+        all.extend_from_slice(args);
+        meshgate(&all)
+    };
+    let listeners = pc(&["listeners", "-o", "json"]);
+    let routes = pc(&["routes", "--name", "welcome", "-o", "json"]);
+    let endpoints = pc(&["endpoints", "--name", "echo", "-o", "json"]);
+    let secrets = pc(&["secrets", "-o", "json"]);
+    let secrets_table = pc(&["secrets"]);
+    let unknown = pc(&["clusters", "--name", "no-such-cluster"]);
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let status = child.wait().expect("wait");
+    let json = |o: &Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("proxy-config -o json")
+    };
+    let names: Vec<_> = json(&listeners)
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|l| l["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["https", "http", "tcp-in"]);
+    let routes = json(&routes);
+    assert_eq!(routes.as_array().map(Vec::len), Some(1), "{routes}");
+    assert_eq!(routes[0]["action"]["direct_response"]["status"], 200);
+    assert_eq!(json(&endpoints)[0]["endpoint"], "127.0.0.1:15002");
+    let secrets = json(&secrets);
+    assert_eq!(secrets[0]["kind"], "cert", "{secrets}");
+    assert_eq!(secrets[0]["uris"][0], "spiffe://meshgate.local/gateway");
+    let table = String::from_utf8_lossy(&secrets_table.stdout);
+    assert!(table.contains("spiffe://meshgate.local/gateway"), "{table}");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-cluster"));
     let mut log = String::new();
     use std::io::Read;
     let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut log));

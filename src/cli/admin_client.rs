@@ -56,6 +56,29 @@ pub fn get(addr: &AdminAddr, path: &str) -> Result<(u16, String)> {
     request(addr, "GET", path, TIMEOUT)
 }
 
+/// GET `path` for a command's output: the body of a 200, or the exit code after the error has
+/// been reported (69 when nobody answers, 1 for any other failure).
+pub fn fetch(addr: &AdminAddr, path: &str) -> std::result::Result<String, u8> {
+    match get(addr, path) {
+        Ok((200, body)) => Ok(body),
+        Ok((code, body)) => {
+            eprintln!(
+                "error: admin API answered {code} to GET {path}: {}",
+                body.trim()
+            );
+            Err(super::exit::FAILURE)
+        }
+        Err(e) => {
+            super::report(&e);
+            Err(if e.downcast_ref::<Unreachable>().is_some() {
+                super::exit::UNAVAILABLE
+            } else {
+                super::exit::FAILURE
+            })
+        }
+    }
+}
+
 /// POST `path` with an empty body; returns (status, body).
 pub fn post(addr: &AdminAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
     request(addr, "POST", path, timeout)

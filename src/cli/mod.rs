@@ -12,6 +12,7 @@ mod control;
 mod daemon;
 mod drain;
 mod local_ca;
+mod proxy_config;
 mod reload;
 mod run;
 mod status;
@@ -82,6 +83,9 @@ enum Command {
     Config(config_cmd::ConfigCmd),
     /// Show the running gateway's state (reads its admin API).
     Status(status::StatusArgs),
+    /// Show what the running gateway has loaded: listeners, routes, clusters, endpoints or
+    /// secrets (certificates and trust-bundle roots), like `istioctl proxy-config`.
+    ProxyConfig(proxy_config::ProxyConfigArgs),
     /// Re-read the running gateway's config file and apply it without dropping connections.
     ///
     /// The same as SIGHUP, but waits for and reports the outcome. An invalid config is refused
@@ -135,6 +139,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Config(cmd) => config_cmd::run(cmd),
         Command::Status(args) => status::run(args),
+        Command::ProxyConfig(args) => proxy_config::run(args),
         Command::Reload(args) => reload::run(args),
         Command::Drain(args) => drain::run(args),
         Command::Check(args) => check::run(args),

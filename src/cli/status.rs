@@ -4,8 +4,8 @@ use clap::Args;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use meshgate_dataplane::admin::Status;
 
-use super::admin_client::{self, AdminAddr, Unreachable};
-use super::{DEFAULT_ADMIN, Output, exit, report};
+use super::admin_client::{self, AdminAddr};
+use super::{DEFAULT_ADMIN, Output, exit};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -18,21 +18,10 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> u8 {
     let addr = AdminAddr::parse(&args.admin);
-    let (code, body) = match admin_client::get(&addr, "/status") {
-        Ok(r) => r,
-        Err(e) => {
-            report(&e);
-            return if e.downcast_ref::<Unreachable>().is_some() {
-                exit::UNAVAILABLE
-            } else {
-                exit::FAILURE
-            };
-        }
+    let body = match admin_client::fetch(&addr, "/status") {
+        Ok(b) => b,
+        Err(code) => return code,
     };
-    if code != 200 {
-        eprintln!("error: admin API answered {code}: {}", body.trim());
-        return exit::FAILURE;
-    }
     if args.output == Output::Json {
         print!("{body}");
         return exit::OK;
