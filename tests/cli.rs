@@ -363,3 +363,105 @@ fn embedded_default_serves_https_from_its_local_ca() {
     );
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn check_names_busy_ports_and_soon_expiring_certificates_with_fixes() {
+    use meshgate_testkit::pki::TrustDomainCa;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TrustDomainCa::new("example.test", false).expect("ca");
+    // A valid SVID lives a day: inside the 7-day warning window.
+    let (cert, key) = ca
+        .svid("/gateway")
+        .expect("svid")
+        .write_pem(dir.path(), "gw")
+        .expect("write");
+    let bundle = ca.write_bundle(dir.path(), "bundle.pem").expect("bundle");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_addr = busy.local_addr().expect("addr");
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = format!(
+        r#"version = 1
+[admin]
+address = "{admin}"
+[[listeners]]
+name = "in"
+address = "{busy_addr}"
+protocol = "tls"
+[listeners.tls]
+certificates = [{{ cert = "{}", key = "{}" }}]
+client_auth = "required"
+trust_bundles = [{{ trust_domain = "example.test", bundle = "{}" }}]
+[[routes]]
+name = "r"
+listener = "in"
+cluster = "c"
+[[clusters]]
+name = "c"
+endpoints = ["127.0.0.1:9"]
+"#,
+        cert.display(),
+        key.display(),
+        bundle.display()
+    );
+    let path = dir.path().join("meshgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("utf-8");
+
+    let out = meshgate(&["check", "--config", path, "-o", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["ok"], false);
+    let item = |check: &str| -> serde_json::Value {
+        doc["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|i| i["check"] == check)
+            .cloned()
+            .unwrap_or_else(|| panic!("no `{check}` in {doc}"))
+    };
+    let port = item(&format!("port {busy_addr}"));
+    assert_eq!(port["result"], "fail", "{port}");
+    assert!(
+        port["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ss -ltnp"),
+        "{port}"
+    );
+    assert_eq!(item(&format!("port {admin}"))["result"], "pass");
+    let leaf = item("listener in certificate");
+    assert_eq!(leaf["result"], "warn", "{leaf}");
+    assert!(
+        leaf["hint"].as_str().unwrap_or_default().contains("renew"),
+        "{leaf}"
+    );
+    assert_eq!(item("listener in bundle example.test")["result"], "pass");
+    assert_eq!(item("config")["result"], "pass");
+
+    // Once the port is free only the warning is left: exit 0, and the table says WARN + fix.
+    drop(busy);
+    let out = meshgate(&["check", "--config", path]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(
+        table.contains("WARN") && table.contains("fix: renew"),
+        "{table}"
+    );
+
+    // A config that does not load: exit 64 with the errors.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "version = 1\n[[listeners]]\nname = 1\n",
+    )
+    .expect("write");
+    let bad = dir.path().join("bad.toml");
+    let out = meshgate(&["check", "--config", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listeners[0].name"));
+}

@@ -50,8 +50,8 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, FileError> {
     std::fs::read(path).map_err(|err| {
         let hint = match err.kind() {
             std::io::ErrorKind::NotFound => format!(
-                "check the path; relative paths are relative to the directory meshgate runs \
-                 in, so prefer absolute paths for the {what}"
+                "check the path (a relative path starts at the config file's directory) and \
+                 that the {what} was created"
             ),
             std::io::ErrorKind::PermissionDenied => {
                 format!("make the {what} readable by the user meshgate runs as")

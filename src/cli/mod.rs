@@ -95,7 +95,8 @@ enum Command {
     /// open connections finish (as Envoy's /drain_listeners). The process keeps running;
     /// `--wait` waits for the open connections. SIGTERM (systemctl stop) drains and exits.
     Drain(drain::DrainArgs),
-    /// Check that this host can run the dataplane (io_uring, setup flags, memlock, CPUs).
+    /// Check that this host can run this config: io_uring, memlock and open-file limits, the
+    /// config, its ports and the expiry of its certificates (each line with a fix).
     Check(check::CheckArgs),
     /// Offline CA in a state directory: init, show, publish the CRL, rotate the root.
     #[command(subcommand)]

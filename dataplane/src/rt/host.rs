@@ -9,7 +9,7 @@ use io_uring::{IoUring, cqueue, opcode, types};
 use super::{RingFeatures, RtError};
 
 /// Locked memory we need: rings, the provided-buffer ring and registered structures.
-pub(crate) const MEMLOCK_NEED: u64 = 512 * 1024;
+pub const MEMLOCK_NEED: u64 = 512 * 1024;
 
 /// Value of `kernel.io_uring_disabled` (0 when the sysctl does not exist: older kernels).
 pub(crate) fn io_uring_disabled() -> u32 {

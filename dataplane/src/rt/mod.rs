@@ -66,6 +66,7 @@ use std::net::SocketAddr;
 pub use bufring::RecvBuf;
 pub use chan::{Receiver, Sender, channel};
 pub use executor::{JoinHandle, spawn, yield_now};
+pub use host::MEMLOCK_NEED;
 pub use net::{ReadHalf, TcpListener, TcpStream, WriteHalf};
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout};
 
