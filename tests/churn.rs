@@ -3,6 +3,12 @@
 //! until the gateway's idle timeout closes it. Afterwards the gateway must hold exactly the file
 //! descriptors it held before and about the same memory: nothing leaks per connection in the
 //! runtime (ops, buffers, timers, tasks), the relay or the listener.
+//!
+//! The upstream answers one message and then closes first, and clients close only after the
+//! gateway's FIN, so the TIME_WAIT sockets of 100,000 connections sit on the two listening ports
+//! and not on ephemeral ports that later tests pick with `free_port()` (a tool such as
+//! `openssl s_server` binds without SO_REUSEADDR and would fail on such a port for 60 s). Only
+//! the idle-timeout connections, which the gateway closes, leave ephemeral TIME_WAITs.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -13,8 +19,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshgate_testkit::{
-    EchoServer, Meshgate, fd_count, free_port, metric_sum, raise_nofile_limit, rss_bytes,
-    tcp_config, wait_until,
+    Meshgate, fd_count, free_port, metric_sum, raise_nofile_limit, rss_bytes, tcp_config,
+    wait_until,
 };
 
 fn bin() -> &'static Path {
@@ -29,6 +35,25 @@ const THREADS: usize = 16;
 /// Idle connections one client thread keeps open at a time while they wait for the timeout.
 const IDLE_PER_THREAD: usize = 24;
 const IDLE_TIMEOUT: &str = "1s";
+
+/// An upstream that echoes one 32-byte message, then closes (it sends the first FIN). A
+/// connection that sends nothing is held until the gateway closes it.
+fn one_shot_echo() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let a = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let _ = thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+                let mut b = [0u8; 32];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
+                }
+            });
+        }
+    });
+    a
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
@@ -86,7 +111,7 @@ fn wait_closed_by_gateway(mut s: TcpStream) {
     }
 }
 
-/// `n` connections from THREADS client threads: 1 in 10 idles into the timeout, 3 in 10 reset,
+/// `n` connections from THREADS client threads: 1 in 25 idles into the timeout, 8 in 25 reset,
 /// the rest close normally; every non-idle one first echoes a message through the gateway.
 fn churn(to: SocketAddr, n: usize) -> Counts {
     let per = n / THREADS;
@@ -98,7 +123,7 @@ fn churn(to: SocketAddr, n: usize) -> Counts {
                 let msg = [b'a' + (t % 26) as u8; 32];
                 for k in 0..per {
                     let mut s = connect(to);
-                    match k % 10 {
+                    match k % 25 {
                         0 => {
                             idle.push_back(s);
                             if idle.len() > IDLE_PER_THREAD {
@@ -112,10 +137,17 @@ fn churn(to: SocketAddr, n: usize) -> Counts {
                             let mut got = [0u8; 32];
                             s.read_exact(&mut got).expect("echo through the gateway");
                             assert_eq!(got, msg);
-                            if kind <= 3 {
+                            if kind <= 8 {
                                 reset(s);
                                 c.reset += 1;
                             } else {
+                                // The upstream closed after its echo: wait for the gateway's
+                                // FIN, then close (FIN) ourselves.
+                                s.set_read_timeout(Some(Duration::from_secs(10)))
+                                    .expect("read timeout");
+                                let mut rest = [0u8; 1];
+                                let n = s.read(&mut rest).expect("EOF after the echo");
+                                assert_eq!(n, 0, "no bytes after the echo");
                                 drop(s);
                                 c.closed += 1;
                             }
@@ -158,13 +190,13 @@ fn hundred_thousand_connections_close_reset_and_time_out_without_leaks() {
         nofile >= need,
         "RLIMIT_NOFILE hard limit {nofile} < {need}; raise it to run this test"
     );
-    let echo = EchoServer::start();
+    let upstream = one_shot_echo();
     let admin = addr(free_port());
     let listen = addr(free_port());
     let cfg = tcp_config(
         admin,
         listen,
-        &[echo.addr],
+        &[upstream],
         &format!("idle_timeout = \"{IDLE_TIMEOUT}\""),
     );
     let mg = Meshgate::start(bin(), &cfg, admin).expect("gateway starts");
