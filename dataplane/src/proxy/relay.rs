@@ -86,7 +86,8 @@ pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<()
             let (up_rd, up_wr) = u.into_split();
             let to_upstream = pump(down_rd, up_wr, Blame::Downstream, m.up, m.received, idle);
             let to_downstream = pump(up_rd, down_wr, Blame::Upstream, m.down, m.sent, idle);
-            with_idle_clock(both_or_first_error(to_upstream, to_downstream), idle).await
+            let both = pin!(both_or_first_error(to_upstream, to_downstream));
+            with_idle_clock(both, idle).await
         }
         (Down::Plain(mut d), Up::Tls(mut u)) => copy_both(&mut d, &mut *u, m, idle).await,
         (Down::Tls(mut d), Up::Plain(mut u)) => copy_both(&mut *d, &mut u, m, idle).await,
@@ -96,11 +97,12 @@ pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<()
 
 /// Run `f` (the directions of one connection) until it ends or neither direction moved data for
 /// the idle timeout. One timer per connection, re-armed only when it fires: nothing per chunk.
-async fn with_idle_clock<F>(f: F, idle: &Idle) -> Result<(), ProxyError>
+/// Takes the future pinned by the caller: an `async fn` that pinned its argument itself would
+/// store it twice (argument and local), and this state lives as long as the connection.
+async fn with_idle_clock<F>(mut f: Pin<&mut F>, idle: &Idle) -> Result<(), ProxyError>
 where
     F: Future<Output = Result<(), ProxyError>>,
 {
-    let mut f = pin!(f);
     loop {
         let Some(left) = idle.remaining() else {
             return Err(ProxyError::idle());
@@ -289,7 +291,7 @@ where
 {
     let mut to_up = Half::new(Blame::Downstream);
     let mut to_down = Half::new(Blame::Upstream);
-    let fut = poll_fn(|cx| {
+    let fut = pin!(poll_fn(|cx| {
         let up = to_up.poll(cx, a, b, m.up, m.received, idle)?;
         let down = to_down.poll(cx, b, a, m.down, m.sent, idle)?;
         if up.is_ready() && down.is_ready() {
@@ -297,6 +299,6 @@ where
         } else {
             Poll::Pending
         }
-    });
+    }));
     with_idle_clock(fut, idle).await
 }
