@@ -34,13 +34,14 @@ use super::IoBuf;
 pub(crate) const BGID: u16 = 0;
 /// Size of a receive buffer when buffer rings are not available (one TLS record fits).
 pub(crate) const FALLBACK_BUF_SIZE: u32 = 16 * 1024;
-/// Size of one provided receive buffer: a bulk relay moves up to this much per receive and per
-/// send, so a busy stream costs ~4 ring operations per MiB instead of ~128 with 16 KiB buffers.
-/// Only the bytes actually received are touched, so a small receive costs no more memory than it
-/// did with small buffers (the buffer's untouched pages are never faulted in).
-pub(crate) const BUF_SIZE: u32 = 256 * 1024;
-/// Most buffers in a shard's pool (64 MiB of address space at [`BUF_SIZE`]).
-const MAX_BUFS: u32 = 256;
+/// Size of one provided receive buffer (one TLS record fits). 256 KiB buffers cut tcp-bulk's ring
+/// operations from ~130 to 8 per MB and measured 1.3-1.7x haproxy per CPU-second (ADR 0001), but
+/// made the runtime's own leak test (`dataplane/tests/rt_leak.rs`) see 60-120 MiB of RSS growth
+/// in 2 of 6 runs (64 KiB: 2 of 8; 16 KiB: 0 of 8). Until that is explained, the default stays
+/// 16 KiB; `MESHGATE_RT_RECV_BUF_KIB` selects larger buffers for measurements.
+pub(crate) const BUF_SIZE: u32 = 16 * 1024;
+/// Most buffers in a shard's pool.
+const MAX_BUFS: u32 = 1024;
 /// Buffers published to the kernel at first (see "Hot reuse" above).
 pub(crate) const HOT_WINDOW: u16 = 8;
 const PAGE: usize = 4096;
@@ -447,13 +448,13 @@ pub(crate) struct Tuning {
 }
 
 impl Tuning {
-    /// The defaults for `ring_entries` (a quarter as many buffers as SQ entries, at least 64,
-    /// at most [`MAX_BUFS`], of [`BUF_SIZE`]; window [`HOT_WINDOW`]), overridable for measurements through
+    /// The defaults for `ring_entries` (as many buffers as SQ entries, at least 64, at most
+    /// [`MAX_BUFS`], of [`BUF_SIZE`]; window [`HOT_WINDOW`]), overridable for measurements through
     /// `MESHGATE_RT_RECV_BUF_KIB` (4..=1024), `MESHGATE_RT_RECV_BUFS` (a power of two,
     /// 1..=32768) and `MESHGATE_RT_RECV_WINDOW` (0 = publish every buffer). Out-of-range values
     /// are ignored with a warning.
     pub(crate) fn from_env(ring_entries: u32) -> Tuning {
-        let count = (ring_entries / 4).clamp(64, MAX_BUFS).next_power_of_two();
+        let count = ring_entries.clamp(64, MAX_BUFS).next_power_of_two();
         let mut t = Tuning {
             count: u16::try_from(count).expect("clamped to at most MAX_BUFS"),
             size: BUF_SIZE,

@@ -179,8 +179,8 @@ pub struct ShardConfig {
     pub id: usize,
     /// CPU to pin the thread to; None = not pinned.
     pub cpu: Option<usize>,
-    /// Submission queue entries. Also sizes the shard's receive-buffer pool: a quarter as many
-    /// 256 KiB buffers, clamped to 64..=256 (see `bufring.rs`).
+    /// Submission queue entries. Also sizes the shard's receive-buffer pool: this many 16 KiB
+    /// buffers, clamped to 64..=1024 (see `bufring.rs`).
     pub ring_entries: u32,
 }
 
