@@ -48,16 +48,28 @@ pub async fn accept_loop(shard: Rc<Shard>, name: String, sock: rt::TcpListener) 
         };
         match snap.config.listeners[idx].protocol {
             Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough => {
-                rt::spawn(proxy::tcp::serve(guard, stream, peer));
+                let task = proxy::tcp::serve(guard, stream, peer);
+                note_task_size("tcp", size_of_val(&task));
+                rt::spawn(task);
             }
             Protocol::Http => {
-                rt::spawn(proxy::http::serve(guard, stream, peer));
+                let task = proxy::http::serve(guard, stream, peer);
+                note_task_size("http", size_of_val(&task));
+                rt::spawn(task);
             }
             Protocol::Https => {
                 rt::spawn(proxy::http::serve_tls(guard, stream, peer));
             }
         }
     }
+}
+
+/// Log once per process how large a connection's task is: every idle connection pins one.
+fn note_task_size(kind: &'static str, bytes: usize) {
+    static TCP: std::sync::Once = std::sync::Once::new();
+    static HTTP: std::sync::Once = std::sync::Once::new();
+    let once = if kind == "tcp" { &TCP } else { &HTTP };
+    once.call_once(|| tracing::debug!(kind, bytes, "connection task size (future, before boxing)"));
 }
 
 /// Holds a connection's slot in its listener's limit and in the shard's counts, and the

@@ -9,6 +9,7 @@
 //! - [`HttpUpstream`]: a keep-alive HTTP/1.1 origin that answers every request with its name.
 //! - [`prometheus_parse`]: /metrics parsed by the real Prometheus parser (`prometheus_client`).
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
+//! - [`rss_bytes`], [`fd_count`], [`raise_nofile_limit`]: what a process holds, for leak tests.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
 pub mod http;
@@ -25,6 +26,46 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// Resident memory of process `pid`, in bytes (0 if it cannot be read).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Open file descriptors of process `pid` (entries of `/proc/PID/fd`; 0 if unreadable).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Raise this process's soft `RLIMIT_NOFILE` to its hard limit (children inherit it); returns
+/// the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
+}
 
 /// The Python with py-spiffe (PyPI `spiffe`, which brings PyJWT and cryptography) that the
 /// SPIFFE interop tests run: `MESHGATE_TEST_PYTHON` (.ci/run points it at its virtualenv), else

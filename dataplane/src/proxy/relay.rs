@@ -86,7 +86,8 @@ pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<()
             let (up_rd, up_wr) = u.into_split();
             let to_upstream = pump(down_rd, up_wr, Blame::Downstream, m.up, m.received, idle);
             let to_downstream = pump(up_rd, down_wr, Blame::Upstream, m.down, m.sent, idle);
-            both_or_first_error(to_upstream, to_downstream).await
+            let both = pin!(both_or_first_error(to_upstream, to_downstream));
+            with_idle_clock(both, idle).await
         }
         (Down::Plain(mut d), Up::Tls(mut u)) => copy_both(&mut d, &mut *u, m, idle).await,
         (Down::Tls(mut d), Up::Plain(mut u)) => copy_both(&mut *d, &mut u, m, idle).await,
@@ -94,7 +95,28 @@ pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<()
     }
 }
 
-/// Copy `from` -> `to` until EOF (then half-close `to`) or an error (zero-copy path).
+/// Run `f` (the directions of one connection) until it ends or neither direction moved data for
+/// the idle timeout. One timer per connection, re-armed only when it fires: nothing per chunk.
+/// Takes the future pinned by the caller: an `async fn` that pinned its argument itself would
+/// store it twice (argument and local), and this state lives as long as the connection.
+async fn with_idle_clock<F>(mut f: Pin<&mut F>, idle: &Idle) -> Result<(), ProxyError>
+where
+    F: Future<Output = Result<(), ProxyError>>,
+{
+    loop {
+        let Some(left) = idle.remaining() else {
+            return Err(ProxyError::idle());
+        };
+        match rt::timeout(left, f.as_mut()).await {
+            Ok(r) => return r,
+            Err(rt::Elapsed) => continue, // re-check the shared clock
+        }
+    }
+}
+
+/// Copy `from` -> `to` until EOF (then half-close `to`) or an error (zero-copy path). The idle
+/// timeout is applied around both directions by [`with_idle_clock`], so a send stuck on a peer
+/// that stopped reading ends the connection too.
 async fn pump(
     mut from: rt::ReadHalf,
     mut to: rt::WriteHalf,
@@ -105,18 +127,14 @@ async fn pump(
 ) -> Result<(), ProxyError> {
     let writer_blame = other(reader_blame);
     loop {
-        let Some(left) = idle.remaining() else {
-            return Err(ProxyError::idle());
-        };
-        let buf = match rt::timeout(left, from.recv_buf()).await {
-            Err(rt::Elapsed) => continue, // re-check: the other direction may have moved data
-            Ok(Err(e)) => return Err(ProxyError::io(reader_blame, e)),
-            Ok(Ok(None)) => {
+        let buf = match from.recv_buf().await {
+            Err(e) => return Err(ProxyError::io(reader_blame, e)),
+            Ok(None) => {
                 // EOF: pass the half-close on; a peer that already went away is not an error.
                 let _ = to.shutdown_write().await;
                 return Ok(());
             }
-            Ok(Ok(Some(buf))) => buf,
+            Ok(Some(buf)) => buf,
         };
         let n = buf.len() as u64;
         read_counter.add(n);
@@ -273,7 +291,7 @@ where
 {
     let mut to_up = Half::new(Blame::Downstream);
     let mut to_down = Half::new(Blame::Upstream);
-    let mut fut = pin!(poll_fn(|cx| {
+    let fut = pin!(poll_fn(|cx| {
         let up = to_up.poll(cx, a, b, m.up, m.received, idle)?;
         let down = to_down.poll(cx, b, a, m.down, m.sent, idle)?;
         if up.is_ready() && down.is_ready() {
@@ -282,13 +300,5 @@ where
             Poll::Pending
         }
     }));
-    loop {
-        let Some(left) = idle.remaining() else {
-            return Err(ProxyError::idle());
-        };
-        match rt::timeout(left, fut.as_mut()).await {
-            Ok(r) => return r,
-            Err(rt::Elapsed) => continue, // re-check the shared clock
-        }
-    }
+    with_idle_clock(fut, idle).await
 }

@@ -53,7 +53,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
             let mut buf = Vec::new();
             match rt::timeout(
                 listener.handshake_timeout,
-                tls::stream::peek_client_hello(&mut stream, &mut buf),
+                Box::pin(tls::stream::peek_client_hello(&mut stream, &mut buf)),
             )
             .await
             {
@@ -84,7 +84,13 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
                 tracing::error!(listener = %listener.name, "tls listener without TLS state; closing");
                 return;
             };
-            match rt::timeout(listener.handshake_timeout, tls::secure(stream, &state)).await {
+            // Boxed: the handshake's state is large and must not size every connection's task.
+            match rt::timeout(
+                listener.handshake_timeout,
+                Box::pin(tls::secure(stream, &state)),
+            )
+            .await
+            {
                 Ok(Ok(secured)) => {
                     secured.count(&lstats.tls, &state);
                     let seen = Seen {
@@ -155,11 +161,11 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
             None => Up::Plain(up.stream),
             Some(tls_state) => {
                 let timeout = snap.config.clusters[cluster].connect_timeout;
-                let handshake = tls::stream::connect(
+                let handshake = Box::pin(tls::stream::connect(
                     up.stream,
                     tls_state.client_config.clone(),
                     tls_state.server_name.clone(),
-                );
+                ));
                 match rt::timeout(timeout, handshake).await {
                     Ok(Ok(s)) => Up::Tls(Box::new(s)),
                     Ok(Err(e)) => {

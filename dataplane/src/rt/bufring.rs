@@ -5,6 +5,16 @@
 //! [`RecvBuf`] until it is dropped, which puts it back at the ring's tail. When the ring runs
 //! dry a receive fails with `ENOBUFS`; the stream then waits (no retry loop) until any buffer
 //! comes back, which the executor signals once per loop turn.
+//!
+//! **Hot reuse.** A ring is FIFO: a buffer given back goes to the tail and is handed out again
+//! only after every other published buffer. With the whole pool published, each receive would
+//! write into the coldest buffer of the pool (16-64 MiB per shard), and the copy out of the
+//! socket paid cache misses on every byte. So only a small *window* of buffers is published;
+//! the rest wait in a LIFO stack (`spare`) and the most recently returned buffer is the next one
+//! published. The window starts at [`HOT_WINDOW`] buffers and doubles (up to the whole pool)
+//! whenever a receive finds the ring dry while spare buffers exist, so a shard with many
+//! receives completing per loop turn ends up publishing what it needs. The executor tops the
+//! ring up to the window once per loop turn, before its `io_uring_enter`.
 
 use std::alloc::{self, Layout};
 use std::cell::{Cell, RefCell};
@@ -22,15 +32,26 @@ use super::IoBuf;
 
 /// Buffer group id of the shard's receive buffers.
 pub(crate) const BGID: u16 = 0;
-/// Size of one receive buffer (one TLS record fits).
+/// Size of a receive buffer when buffer rings are not available (one TLS record fits).
+pub(crate) const FALLBACK_BUF_SIZE: u32 = 16 * 1024;
+/// Size of one provided receive buffer (one TLS record fits). 256 KiB buffers cut tcp-bulk's ring
+/// operations from ~130 to 8 per MB and measured 1.3-1.7x haproxy per CPU-second (ADR 0001), but
+/// made the runtime's own leak test (`dataplane/tests/rt_leak.rs`) see 60-120 MiB of RSS growth
+/// in 2 of 6 runs (64 KiB: 2 of 8; 16 KiB: 0 of 8). Until that is explained, the default stays
+/// 16 KiB; `MESHGATE_RT_RECV_BUF_KIB` selects larger buffers for measurements.
 pub(crate) const BUF_SIZE: u32 = 16 * 1024;
+/// Most buffers in a shard's pool.
+const MAX_BUFS: u32 = 1024;
+/// Buffers published to the kernel at first (see "Hot reuse" above).
+pub(crate) const HOT_WINDOW: u16 = 8;
 const PAGE: usize = 4096;
 
 pub(crate) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
+    /// `count * buf_size` bytes of anonymous memory (its own mapping).
     data: NonNull<u8>,
-    data_layout: Layout,
+    data_len: usize,
     count: u16,
     mask: u16,
     buf_size: u32,
@@ -43,6 +64,12 @@ pub(crate) struct BufRing {
     /// Buffers the kernel handed out that have not come back yet.
     in_use: Cell<u32>,
     waiters: RefCell<Slab<Waker>>,
+    /// Returned buffers not published to the kernel, most recently returned last (LIFO).
+    spare: RefCell<Vec<u16>>,
+    /// How many buffers we try to keep published.
+    window: Cell<u16>,
+    /// Our estimate of how many published buffers the kernel has not taken yet.
+    published: Cell<u16>,
 }
 
 impl std::fmt::Debug for BufRing {
@@ -55,8 +82,14 @@ impl std::fmt::Debug for BufRing {
 }
 
 impl BufRing {
-    /// Allocate `count` (a power of two) buffers and register them as group [`BGID`].
-    pub(crate) fn new(ring: &IoUring, count: u16, buf_size: u32) -> std::io::Result<BufRing> {
+    /// Allocate `count` (a power of two) buffers and register them as group [`BGID`]; publish
+    /// `window` of them (0 = all).
+    pub(crate) fn new(
+        ring: &IoUring,
+        count: u16,
+        buf_size: u32,
+        window: u16,
+    ) -> std::io::Result<BufRing> {
         assert!(
             count.is_power_of_two(),
             "buffer count must be a power of two"
@@ -64,24 +97,42 @@ impl BufRing {
         let entries_layout =
             Layout::from_size_align(usize::from(count) * size_of::<BufRingEntry>(), PAGE)
                 .map_err(std::io::Error::other)?;
-        let data_layout = Layout::from_size_align(usize::from(count) * buf_size as usize, PAGE)
-            .map_err(std::io::Error::other)?;
+        let data_len = usize::from(count) * buf_size as usize;
         // SAFETY: both layouts have non-zero size (count >= 1, buf_size > 0).
         let entries = NonNull::new(unsafe { alloc::alloc_zeroed(entries_layout) })
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?
             .cast::<BufRingEntry>();
-        // SAFETY: as above. Zeroed (calloc: fresh zero pages, not touched) so every byte we ever
-        // read is initialised even before the kernel writes it.
-        let Some(data) = NonNull::new(unsafe { alloc::alloc_zeroed(data_layout) }) else {
+        // The buffers get their own anonymous mapping: its pages are zero (so every byte we ever
+        // read is initialised even before the kernel writes it) and only become resident when a
+        // receive first writes them. The allocator's aligned zeroed allocation would memset, and
+        // so fault in, the whole pool at start-up.
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                data_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let data = if ptr == libc::MAP_FAILED {
+            None
+        } else {
+            NonNull::new(ptr.cast::<u8>())
+        };
+        let Some(data) = data else {
+            let err = std::io::Error::last_os_error();
             // SAFETY: allocated just above with this layout.
             unsafe { alloc::dealloc(entries.as_ptr().cast(), entries_layout) };
-            return Err(std::io::ErrorKind::OutOfMemory.into());
+            return Err(err);
         };
         let this = BufRing {
             entries,
             entries_layout,
             data,
-            data_layout,
+            data_len,
             count,
             mask: count - 1,
             buf_size,
@@ -90,6 +141,13 @@ impl BufRing {
             returned: Cell::new(false),
             in_use: Cell::new(0),
             waiters: RefCell::new(Slab::new()),
+            spare: RefCell::new(Vec::with_capacity(usize::from(count))),
+            window: Cell::new(if window == 0 {
+                count
+            } else {
+                window.min(count)
+            }),
+            published: Cell::new(0),
         };
         // SAFETY: `entries` is a page-aligned allocation of `count` entries that lives until this
         // BufRing is dropped; the driver drops (or leaks) the ring before its BufRing.
@@ -101,10 +159,9 @@ impl BufRing {
                 0,
             )?;
         }
-        for bid in 0..count {
-            this.push_entry(bid);
-        }
-        this.publish();
+        // Highest ids at the bottom of the stack: buffer 0 is published first.
+        this.spare.borrow_mut().extend((0..count).rev());
+        this.top_up();
         Ok(this)
     }
 
@@ -119,6 +176,42 @@ impl BufRing {
     /// A completion handed out a buffer.
     pub(crate) fn note_taken(&self) {
         self.in_use.set(self.in_use.get().saturating_add(1));
+        self.published.set(self.published.get().saturating_sub(1));
+    }
+
+    /// Publish spare buffers (most recently returned first) until the window is full. Cheap
+    /// when nothing is missing; called once per loop turn and after a dry ring.
+    pub(crate) fn top_up(&self) {
+        let want = self.window.get();
+        if self.published.get() >= want {
+            return;
+        }
+        let mut spare = self.spare.borrow_mut();
+        let mut pushed = false;
+        while self.published.get() < want {
+            let Some(bid) = spare.pop() else { break };
+            self.push_entry(bid);
+            self.published.set(self.published.get() + 1);
+            pushed = true;
+        }
+        drop(spare);
+        if pushed {
+            self.publish();
+            self.epoch.set(self.epoch.get().wrapping_add(1));
+            self.returned.set(true);
+        }
+    }
+
+    /// A receive found the ring empty. If spare buffers exist the window was too small for this
+    /// load: double it and publish at once (the epoch moves on, so the receive retries).
+    pub(crate) fn ran_dry(&self) {
+        // The kernel says the ring is empty now; our count may lag behind.
+        self.published.set(0);
+        if !self.spare.borrow().is_empty() {
+            self.window
+                .set(self.window.get().saturating_mul(2).min(self.count));
+        }
+        self.top_up();
     }
 
     pub(crate) fn in_use(&self) -> u32 {
@@ -167,9 +260,14 @@ impl BufRing {
             tracing::error!(bid, "rt: kernel returned an unknown buffer id; dropped");
             return;
         }
-        self.push_entry(bid);
-        self.publish();
         self.in_use.set(self.in_use.get().saturating_sub(1));
+        if self.published.get() < self.window.get() {
+            self.push_entry(bid);
+            self.published.set(self.published.get() + 1);
+            self.publish();
+        } else {
+            self.spare.borrow_mut().push(bid);
+        }
         self.epoch.set(self.epoch.get().wrapping_add(1));
         self.returned.set(true);
     }
@@ -216,19 +314,19 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly these layouts. The driver guarantees that the
+        // SAFETY: allocated (and mapped) in `new` with exactly these sizes. The driver guarantees that the
         // io_uring instance this ring was registered with is closed with no receive in flight
         // (or leaks this BufRing instead of dropping it).
         unsafe {
             alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
-            alloc::dealloc(self.data.as_ptr(), self.data_layout);
+            libc::munmap(self.data.as_ptr().cast(), self.data_len);
         }
     }
 }
 
 /// Probe whether this kernel accepts provided-buffer rings (a 1-entry ring, unregistered again).
 pub(crate) fn probe(ring: &IoUring) -> bool {
-    match BufRing::new(ring, 1, 64) {
+    match BufRing::new(ring, 1, 64, 0) {
         Ok(b) => {
             let ok = ring.submitter().unregister_buf_ring(BGID).is_ok();
             if ok {
@@ -338,5 +436,57 @@ impl std::fmt::Debug for RecvBuf {
 impl IoBuf for RecvBuf {
     fn as_slice(&self) -> &[u8] {
         self
+    }
+}
+
+/// Size, number and initial window of a shard's receive buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tuning {
+    pub(crate) count: u16,
+    pub(crate) size: u32,
+    pub(crate) window: u16,
+}
+
+impl Tuning {
+    /// The defaults for `ring_entries` (as many buffers as SQ entries, at least 64, at most
+    /// [`MAX_BUFS`], of [`BUF_SIZE`]; window [`HOT_WINDOW`]), overridable for measurements through
+    /// `MESHGATE_RT_RECV_BUF_KIB` (4..=1024), `MESHGATE_RT_RECV_BUFS` (a power of two,
+    /// 1..=32768) and `MESHGATE_RT_RECV_WINDOW` (0 = publish every buffer). Out-of-range values
+    /// are ignored with a warning.
+    pub(crate) fn from_env(ring_entries: u32) -> Tuning {
+        let count = ring_entries.clamp(64, MAX_BUFS).next_power_of_two();
+        let mut t = Tuning {
+            count: u16::try_from(count).expect("clamped to at most MAX_BUFS"),
+            size: BUF_SIZE,
+            window: HOT_WINDOW,
+        };
+        let var = |name: &str| -> Option<u32> {
+            let v = std::env::var(name).ok()?;
+            let parsed = v.trim().parse::<u32>().ok();
+            if parsed.is_none() {
+                tracing::warn!(name, value = %v, "rt: ignoring a non-numeric tuning variable");
+            }
+            parsed
+        };
+        if let Some(k) = var("MESHGATE_RT_RECV_BUF_KIB") {
+            if (4..=1024).contains(&k) {
+                t.size = k * 1024;
+            } else {
+                tracing::warn!(k, "rt: MESHGATE_RT_RECV_BUF_KIB must be 4..=1024; ignored");
+            }
+        }
+        if let Some(n) = var("MESHGATE_RT_RECV_BUFS") {
+            match u16::try_from(n) {
+                Ok(n) if n.is_power_of_two() => t.count = n,
+                _ => tracing::warn!(
+                    n,
+                    "rt: MESHGATE_RT_RECV_BUFS must be a power of two up to 32768; ignored"
+                ),
+            }
+        }
+        if let Some(w) = var("MESHGATE_RT_RECV_WINDOW") {
+            t.window = u16::try_from(w).unwrap_or(0);
+        }
+        t
     }
 }

@@ -150,9 +150,8 @@ impl Driver {
     pub(crate) fn new(entries: u32, remote: Arc<Remote>) -> Result<Driver, RtError> {
         let (ring, mut features) = super::host::build_ring(entries)?;
         features.multishot_accept = super::host::multishot_accept_supported();
-        let count = entries.clamp(64, 1024).next_power_of_two();
-        let count = u16::try_from(count).expect("clamped to at most 1024");
-        let bufs = match BufRing::new(&ring, count, bufring::BUF_SIZE) {
+        let tune = bufring::Tuning::from_env(entries);
+        let bufs = match BufRing::new(&ring, tune.count, tune.size, tune.window) {
             Ok(b) => Some(Rc::new(b)),
             Err(e) => {
                 tracing::warn!(error = %e, "rt: provided-buffer rings unavailable; receives use per-op buffers");

@@ -316,6 +316,7 @@ impl Executor {
                 return;
             }
             if let Some(b) = &self.drv.bufs {
+                b.top_up();
                 b.wake_waiters();
             }
             let wait = if !self.queue_is_empty() || !self.rx.is_empty() {

@@ -188,7 +188,7 @@ pub struct ShardConfig {
     /// CPU to pin the thread to; None = not pinned.
     pub cpu: Option<usize>,
     /// Submission queue entries. Also sizes the shard's receive-buffer pool: this many 16 KiB
-    /// buffers, clamped to 64..=1024.
+    /// buffers, clamped to 64..=1024 (see `bufring.rs`).
     pub ring_entries: u32,
 }
 

@@ -18,7 +18,7 @@ use std::task::{Context, Poll, ready};
 use io_uring::{opcode, squeue, types};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-use super::bufring::{BGID, BUF_SIZE, RecvBuf};
+use super::bufring::{BGID, FALLBACK_BUF_SIZE, RecvBuf};
 use super::driver::{Driver, Keep, OpFuture, OpId, OpKind};
 use super::executor::current;
 use super::{IoBuf, ListenOptions};
@@ -325,9 +325,9 @@ impl TcpStream {
                 (id, bufs.epoch())
             }
             None => {
-                let mut v: Vec<u8> = Vec::with_capacity(BUF_SIZE as usize);
-                let sqe = opcode::Recv::new(fd, v.as_mut_ptr(), BUF_SIZE).build();
-                // SAFETY: the kernel writes at most BUF_SIZE bytes into the Vec's heap buffer,
+                let mut v: Vec<u8> = Vec::with_capacity(FALLBACK_BUF_SIZE as usize);
+                let sqe = opcode::Recv::new(fd, v.as_mut_ptr(), FALLBACK_BUF_SIZE).build();
+                // SAFETY: the kernel writes at most FALLBACK_BUF_SIZE bytes into the Vec's heap buffer,
                 // which the op slot owns (moving the Vec into the box does not move its buffer).
                 let id = unsafe {
                     self.drv
@@ -376,6 +376,9 @@ impl TcpStream {
                             }));
                         }
                         Some(libc::ENOBUFS) => {
+                            if let Some(b) = &self.drv.bufs {
+                                b.ran_dry();
+                            }
                             let moved_on =
                                 self.drv.bufs.as_ref().is_none_or(|b| b.epoch() != epoch);
                             if !moved_on {
