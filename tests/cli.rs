@@ -324,6 +324,7 @@ fn embedded_default_serves_https_from_its_local_ca() {
     let secrets = pc(&["secrets", "-o", "json"]);
     let secrets_table = pc(&["secrets"]);
     let unknown = pc(&["clusters", "--name", "no-such-cluster"]);
+    let status_cmd = meshgate(&["status"]);
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -349,6 +350,11 @@ fn embedded_default_serves_https_from_its_local_ca() {
     assert_eq!(secrets[0]["uris"][0], "spiffe://meshgate.local/gateway");
     let table = String::from_utf8_lossy(&secrets_table.stdout);
     assert!(table.contains("spiffe://meshgate.local/gateway"), "{table}");
+    let status_text = String::from_utf8_lossy(&status_cmd.stdout);
+    assert!(
+        status_text.contains("first to expire: spiffe://meshgate.local/gateway (cert)"),
+        "{status_text}"
+    );
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-cluster"));
     let mut log = String::new();

@@ -149,7 +149,46 @@ pub fn run(args: StatusArgs) -> u8 {
         }
         println!("{t}");
     }
+    certificates(&addr);
     exit::OK
+}
+
+/// One line on the loaded certificates and bundle roots: how many, and the first to expire
+/// (`meshgate proxy-config secrets` lists them all).
+fn certificates(addr: &AdminAddr) {
+    let Ok((200, body)) = admin_client::get(addr, "/certs") else {
+        return;
+    };
+    let Ok(certs) = serde_json::from_str::<Vec<serde_json::Value>>(&body) else {
+        return;
+    };
+    let Some(first) = certs
+        .iter()
+        .min_by_key(|c| c["not_after"].as_i64().unwrap_or(i64::MAX))
+    else {
+        return;
+    };
+    let not_after = first["not_after"].as_i64().unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = not_after - now;
+    let name = first["uris"]
+        .get(0)
+        .and_then(|u| u.as_str())
+        .or_else(|| first["subject"].as_str())
+        .unwrap_or("?");
+    let when = meshgate_config::pem::format_timestamp(not_after);
+    let warn = if left <= 0 {
+        "  EXPIRED".to_string()
+    } else {
+        format!("  (in {})", human_duration(left as u64))
+    };
+    println!(
+        "certificates: {} loaded (certificates and bundle roots); first to expire: {name} ({}) at {when}{warn}",
+        certs.len(),
+        first["kind"].as_str().unwrap_or("cert"),
+    );
 }
 
 fn percent(part: u64, whole: u64) -> String {
