@@ -648,12 +648,18 @@ identity = {{ cert = "{id_cert}", key = "{id_key}" }}
 
     // 1. prepare: the new root is published next to the old one.
     ok(&["ca", "rotate", "prepare", "--state-dir", s(&a)]);
+    let prepared = Instant::now();
     wait_b_sequence(2);
     assert_eq!(peer(&b, "a.test")["authorities"], 2);
     // A's own listener trusts both roots too.
     export_a_local();
     reload_a();
-    // 2. activate (one refresh hint has passed), then re-issue the egress SVID with the new key.
+    // 2. activate once one refresh hint (1 s) has passed since prepare (B already has the new
+    // root; `activate` refuses earlier without --force), then re-issue the egress SVID with the
+    // new key.
+    if let Some(left) = Duration::from_millis(1100).checked_sub(prepared.elapsed()) {
+        std::thread::sleep(left);
+    }
     ok(&["ca", "rotate", "activate", "--state-dir", s(&a)]);
     renew(&mut n);
     // 3. retire is refused while SVIDs of the old root are unexpired...
