@@ -229,9 +229,15 @@ fn admin_endpoints_and_status_command() {
     assert_eq!(st["shards"], 2);
     assert_eq!(st["listeners"][0]["address"], listen.to_string());
     assert_eq!(st["shard_stats"].as_array().map(Vec::len), Some(2));
+    // Idle time is counted when a shard wakes from a park: give both shards a moment.
+    let idle_both = || {
+        let out = meshgate(&["status", "--admin", &admin_arg, "-o", "json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (0..2).all(|i| st["shard_stats"][i]["idle_seconds"].as_f64() > Some(0.0))
+    };
     assert!(
-        st["shard_stats"][1]["idle_seconds"].as_f64() > Some(0.0),
-        "{st}"
+        meshgate_testkit::wait_until(std::time::Duration::from_secs(5), idle_both),
+        "a shard never reported idle time: {st}"
     );
     let out = meshgate(&["status", "--admin", &admin_arg]);
     assert!(out.status.success());

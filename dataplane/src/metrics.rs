@@ -222,7 +222,7 @@ pub struct ShardStats {
     istio: Option<Arc<IstioShard>>,
     /// The shard's runtime idle-time counter (ns) and when the shard started, set once by the
     /// shard itself.
-    runtime: std::sync::OnceLock<(Arc<AtomicU64>, Instant)>,
+    runtime: std::sync::OnceLock<(Arc<crate::rt::IdleClock>, Instant)>,
 }
 
 /// (listener, route, cluster) of HTTP request stats.
@@ -730,14 +730,14 @@ impl ShardStats {
     }
 
     /// Called by the shard when it starts, with its runtime's idle-time counter.
-    pub fn set_idle_counter(&self, idle_ns: Arc<AtomicU64>) {
-        let _ = self.runtime.set((idle_ns, Instant::now()));
+    pub fn set_idle_counter(&self, idle: Arc<crate::rt::IdleClock>) {
+        let _ = self.runtime.set((idle, Instant::now()));
     }
 
     /// (busy, idle) time of the shard so far.
     fn utilisation(&self) -> Option<(Duration, Duration)> {
         let (idle, since) = self.runtime.get()?;
-        let idle = Duration::from_nanos(idle.load(Relaxed));
+        let idle = idle.idle();
         Some((since.elapsed().saturating_sub(idle), idle))
     }
 

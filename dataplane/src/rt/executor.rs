@@ -31,9 +31,66 @@ pub(crate) struct Remote {
     tx: crossbeam_channel::Sender<Runnable>,
     parked: AtomicBool,
     eventfd: OwnedFd,
-    /// Nanoseconds spent parked in `io_uring_enter` waiting for work (for utilisation metrics;
-    /// written by the shard only).
-    pub(crate) idle_ns: Arc<AtomicU64>,
+    /// Time spent parked in `io_uring_enter` waiting for work (utilisation metrics; written by
+    /// the shard only).
+    pub(crate) idle: Arc<IdleClock>,
+}
+
+/// A shard's idle time, readable from any thread: the parks that ended plus the one in
+/// progress, so a shard that has been waiting for minutes reads as idle, not busy.
+#[derive(Debug)]
+pub struct IdleClock {
+    base: Instant,
+    /// Nanoseconds of finished parks.
+    done_ns: AtomicU64,
+    /// Start of the park in progress (nanoseconds since `base`, plus one); 0 while running.
+    parked_at: AtomicU64,
+    /// The highest value handed out: readers never see the clock go back while a park ends.
+    reported_ns: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> IdleClock {
+        IdleClock {
+            base: Instant::now(),
+            done_ns: AtomicU64::new(0),
+            parked_at: AtomicU64::new(0),
+            reported_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The shard is about to block; returns the start to pass to [`IdleClock::end_park`].
+    fn begin_park(&self) -> u64 {
+        let t = self.now_ns();
+        self.parked_at.store(t.saturating_add(1), Ordering::Release);
+        t
+    }
+
+    fn end_park(&self, started: u64) {
+        // Clear first, then add: a reader in between undercounts (and is held up by
+        // `reported_ns`), never counts the park twice.
+        self.parked_at.store(0, Ordering::Release);
+        let ns = self.now_ns().saturating_sub(started);
+        self.done_ns.store(
+            self.done_ns.load(Ordering::Relaxed).wrapping_add(ns),
+            Ordering::Release,
+        );
+    }
+
+    /// Idle time so far, including the park in progress; never decreases.
+    pub fn idle(&self) -> Duration {
+        let parked = self.parked_at.load(Ordering::Acquire);
+        let mut ns = self.done_ns.load(Ordering::Acquire);
+        if parked != 0 {
+            ns = ns.saturating_add(self.now_ns().saturating_sub(parked - 1));
+        }
+        let before = self.reported_ns.fetch_max(ns, Ordering::AcqRel);
+        Duration::from_nanos(before.max(ns))
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -253,7 +310,7 @@ impl Executor {
             tx,
             parked: AtomicBool::new(false),
             eventfd,
-            idle_ns: Arc::default(),
+            idle: Arc::new(IdleClock::new()),
         });
         let drv = Rc::new(Driver::new(ring_entries, remote.clone())?);
         LOCAL.with(|l| {
@@ -331,15 +388,10 @@ impl Executor {
                 if self.rx.is_empty() { wait } else { Wait::No }
             };
             // Only a turn that may block is idle time: two clock reads when there is no work.
-            let parked_at = (!matches!(wait, Wait::No)).then(Instant::now);
+            let parked_at = (!matches!(wait, Wait::No)).then(|| self.remote.idle.begin_park());
             let res = self.drv.turn(wait);
             if let Some(t) = parked_at {
-                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                let idle = &self.remote.idle_ns;
-                idle.store(
-                    idle.load(Ordering::Relaxed).wrapping_add(ns),
-                    Ordering::Relaxed,
-                );
+                self.remote.idle.end_park(t);
             }
             self.remote.parked.store(false, Ordering::SeqCst);
             match res {

@@ -65,7 +65,7 @@ use std::net::SocketAddr;
 
 pub use bufring::RecvBuf;
 pub use chan::{Receiver, Sender, channel};
-pub use executor::{JoinHandle, spawn, yield_now};
+pub use executor::{IdleClock, JoinHandle, spawn, yield_now};
 pub use host::MEMLOCK_NEED;
 pub use net::{ReadHalf, TcpListener, TcpStream, WriteHalf};
 pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout};
@@ -174,11 +174,11 @@ pub fn shard_stats() -> ShardStats {
     }
 }
 
-/// The current shard's idle-time counter: nanoseconds spent parked waiting for work, written
-/// by the shard, readable from any thread (busy time = wall time - idle time). Panics outside
-/// a shard.
-pub fn idle_counter() -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-    executor::current().remote.idle_ns.clone()
+/// The current shard's idle clock: time spent parked waiting for work (including a park in
+/// progress), written by the shard, readable from any thread (busy time = wall time - idle
+/// time). Panics outside a shard.
+pub fn idle_counter() -> std::sync::Arc<IdleClock> {
+    executor::current().remote.idle.clone()
 }
 
 /// How to build one shard.
