@@ -77,7 +77,11 @@ fn origin(http: bool) -> Result<SocketAddr> {
         .name("budget-origin".into())
         .spawn(move || {
             for s in l.incoming() {
-                let Ok(mut s) = s else { return };
+                let mut s = match s {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
                 let _ = s.set_nodelay(true);
                 let _ = std::thread::Builder::new()
                     .name("budget-origin-conn".into())
@@ -86,6 +90,8 @@ fn origin(http: bool) -> Result<SocketAddr> {
                         let mut have = 0;
                         loop {
                             let n = match s.read(&mut buf[have..]) {
+                                // strace attaching to the shard thread can interrupt a read.
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
@@ -160,7 +166,11 @@ fn exchange(s: &mut TcpStream, http: bool, buf: &mut [u8]) -> Result<()> {
         s.write_all(REQUEST)?;
         let mut got = 0;
         while got < RESPONSE.len() {
-            let n = s.read(&mut buf[got..])?;
+            let n = match s.read(&mut buf[got..]) {
+                // strace attaching to the shard thread can interrupt a read.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             if n == 0 {
                 bail!("gateway closed the connection");
             }
