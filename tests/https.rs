@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshgate_testkit::http::{Nginx, curl, field, nginx_or_skip};
-use meshgate_testkit::pki::{LeafSpec, TrustDomainCa};
+use meshgate_testkit::pki::{LeafSpec, TestPki};
 use meshgate_testkit::{Meshgate, free_port, metric_sum, wait_until};
 
 fn bin() -> &'static Path {
@@ -25,41 +25,6 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-    example: TrustDomainCa,
-    other: TrustDomainCa,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-            example: TrustDomainCa::new("example.test", false).expect("ca"),
-            other: TrustDomainCa::new("other.test", false).expect("ca"),
-        }
-    }
-    /// The gateway's certificate: an SVID that is also valid for `gateway.example.test`.
-    fn server(&self) -> (PathBuf, PathBuf) {
-        let mut spec = LeafSpec::svid("spiffe://example.test/gateway");
-        spec.dns = vec!["gateway.example.test".to_owned()];
-        self.example
-            .leaf(&spec)
-            .expect("server cert")
-            .write_pem(self.dir.path(), "server")
-            .expect("write")
-    }
-    fn svid(&self, ca: &TrustDomainCa, name: &str, path: &str) -> (PathBuf, PathBuf) {
-        ca.svid(path)
-            .expect("svid")
-            .write_pem(self.dir.path(), name)
-            .expect("write")
-    }
-    fn bundle(&self, ca: &TrustDomainCa, name: &str) -> PathBuf {
-        ca.write_bundle(self.dir.path(), name).expect("bundle")
-    }
-}
-
 struct Gateway {
     mg: Meshgate,
     mtls: SocketAddr,
@@ -70,8 +35,8 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(pki: &Pki, ng: &Nginx) -> Gateway {
-        let (cert, key) = pki.server();
+    fn start(pki: &TestPki, ng: &Nginx) -> Gateway {
+        let (cert, key) = pki.gateway();
         let bundle = pki.bundle(&pki.example, "example-bundle");
         let admin = addr(free_port());
         let (mtls, open, plain) = (addr(free_port()), addr(free_port()), addr(free_port()));
@@ -213,7 +178,7 @@ fn https_mtls_routes_by_peer_and_forwards_the_client_identity() {
         return;
     };
     let ng = Nginx::start(&nginx);
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let gw = Gateway::start(&pki, &ng);
     let root = pki.bundle(&pki.example, "root");
     let client = pki.svid(&pki.example, "client", "/client");
@@ -393,7 +358,7 @@ fn https_bodies_stream_both_ways_and_local_identity_serves() {
         return;
     };
     let ng = Nginx::start(&nginx);
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let gw = Gateway::start(&pki, &ng);
     let root = pki.bundle(&pki.example, "root");
     let client = pki.svid(&pki.example, "client", "/client");
@@ -540,7 +505,7 @@ fn http_routes_to_tls_clusters_originate_mtls_and_pool_per_identity() {
     else {
         return;
     };
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let mut spec = LeafSpec::svid("spiffe://example.test/origin");
     spec.dns = vec!["origin.example.test".to_owned()];
     let (ocert, okey) = pki

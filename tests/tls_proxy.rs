@@ -3,11 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use meshgate_testkit::pki::TrustDomainCa;
+use meshgate_testkit::pki::TestPki;
 use meshgate_testkit::{EchoServer, Meshgate, free_port, http_origin, metric_sum, wait_until};
 
 fn bin() -> &'static Path {
@@ -16,38 +16,6 @@ fn bin() -> &'static Path {
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-struct Pki {
-    dir: tempfile::TempDir,
-    example: TrustDomainCa,
-    other: TrustDomainCa,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-            example: TrustDomainCa::new("example.test", false).expect("ca"),
-            other: TrustDomainCa::new("other.test", false).expect("ca"),
-        }
-    }
-    fn server(&self, name: &str, dns: &[&str]) -> (PathBuf, PathBuf) {
-        self.example
-            .server(dns)
-            .expect("server cert")
-            .write_pem(self.dir.path(), name)
-            .expect("write")
-    }
-    fn svid(&self, ca: &TrustDomainCa, name: &str, path: &str) -> (PathBuf, PathBuf) {
-        ca.svid(path)
-            .expect("svid")
-            .write_pem(self.dir.path(), name)
-            .expect("write")
-    }
-    fn bundle(&self, ca: &TrustDomainCa, name: &str) -> PathBuf {
-        ca.write_bundle(self.dir.path(), name).expect("bundle")
-    }
 }
 
 fn curl(args: &[&str]) -> (i32, String, String) {
@@ -63,7 +31,7 @@ fn curl(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn mtls_config(pki: &Pki, admin: SocketAddr, listen: SocketAddr, origin: SocketAddr) -> String {
+fn mtls_config(pki: &TestPki, admin: SocketAddr, listen: SocketAddr, origin: SocketAddr) -> String {
     let (cert, key) = pki.server("server", &["gateway.example.test"]);
     let bundle = pki.bundle(&pki.example, "example-bundle");
     format!(
@@ -97,7 +65,7 @@ endpoints = ["{origin}"]
 
 #[test]
 fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let origin = http_origin("hello from origin");
     let admin = addr(free_port());
     let listen = addr(free_port());
@@ -279,7 +247,7 @@ fn curl_mtls_through_a_tls_listener_and_refusals_are_counted() {
 
 #[test]
 fn openssl_s_client_round_trip_through_mtls() {
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let echo = EchoServer::start();
     let admin = addr(free_port());
     let listen = addr(free_port());
@@ -384,7 +352,7 @@ fn s_server(dir: &Path, args: impl Fn(&mut Command)) -> (Child, SocketAddr) {
 }
 
 impl SServer {
-    fn start(pki: &Pki, name: &str, dns: &str) -> SServer {
+    fn start(pki: &TestPki, name: &str, dns: &str) -> SServer {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("name.txt"), name).expect("write");
         let (cert, key) = pki.server(name, &[dns]);
@@ -408,7 +376,7 @@ impl Drop for SServer {
 
 #[test]
 fn passthrough_routes_by_sni_to_three_upstreams_without_decrypting() {
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let names = ["a", "b", "c"];
     let servers: Vec<SServer> = names
         .iter()
@@ -462,7 +430,7 @@ fn passthrough_routes_by_sni_to_three_upstreams_without_decrypting() {
 
 #[test]
 fn tcp_listener_originates_mtls_verified_by_spiffe_id() {
-    let pki = Pki::new();
+    let pki = TestPki::new();
     // Upstream: openssl s_server with an SVID, requiring a client certificate from example.test.
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("name.txt"), "secured upstream").expect("write");
@@ -619,7 +587,7 @@ fn sessions_resume_on_either_shard_with_tls13_tickets_tls12_tickets_and_session_
     use meshgate_testkit::tlsload::{self, Versions};
     use rustls::client::{Resumption, Tls12Resumption};
 
-    let pki = Pki::new();
+    let pki = TestPki::new();
     let echo = EchoServer::start();
     let admin = addr(free_port());
     let listen = addr(free_port());

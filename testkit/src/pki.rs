@@ -404,3 +404,62 @@ mod tests {
         Ok(())
     }
 }
+
+/// Two trust domains, `example.test` (the gateway's) and `other.test` (a stranger's), with
+/// their files written to one temporary directory: what the TLS integration tests share.
+#[derive(Debug)]
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub example: TrustDomainCa,
+    pub other: TrustDomainCa,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        TestPki {
+            dir: tempfile::tempdir().expect("tempdir"),
+            example: TrustDomainCa::new("example.test", false).expect("ca"),
+            other: TrustDomainCa::new("other.test", false).expect("ca"),
+        }
+    }
+
+    /// A server certificate of `example.test` for `dns`, written as `name`.
+    pub fn server(&self, name: &str, dns: &[&str]) -> (PathBuf, PathBuf) {
+        self.example
+            .server(dns)
+            .expect("server cert")
+            .write_pem(self.dir.path(), name)
+            .expect("write")
+    }
+
+    /// The gateway's certificate: an SVID (`spiffe://example.test/gateway`) that is also valid
+    /// for `gateway.example.test`.
+    pub fn gateway(&self) -> (PathBuf, PathBuf) {
+        let mut spec = LeafSpec::svid("spiffe://example.test/gateway");
+        spec.dns = vec!["gateway.example.test".to_owned()];
+        self.example
+            .leaf(&spec)
+            .expect("server cert")
+            .write_pem(self.dir.path(), "server")
+            .expect("write")
+    }
+
+    /// An SVID of `ca` for `path`, written as `name`.
+    pub fn svid(&self, ca: &TrustDomainCa, name: &str, path: &str) -> (PathBuf, PathBuf) {
+        ca.svid(path)
+            .expect("svid")
+            .write_pem(self.dir.path(), name)
+            .expect("write")
+    }
+
+    /// `ca`'s bundle, written as `name`.
+    pub fn bundle(&self, ca: &TrustDomainCa, name: &str) -> PathBuf {
+        ca.write_bundle(self.dir.path(), name).expect("bundle")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
