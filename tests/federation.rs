@@ -644,7 +644,12 @@ identity = {{ cert = "{id_cert}", key = "{id_key}" }}
                 .then_some(())
         });
     };
-    std::thread::sleep(Duration::from_secs(1));
+    // Calls are flowing on the old material before the rotation starts.
+    assert!(
+        wait_until(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
+            >= 5),
+        "no cross-cluster call before the rotation"
+    );
 
     // 1. prepare: the new root is published next to the old one.
     ok(&["ca", "rotate", "prepare", "--state-dir", s(&a)]);
@@ -673,7 +678,7 @@ identity = {{ cert = "{id_cert}", key = "{id_key}" }}
     // ... so wait them out (renewing the egress SVID as an agent would), then retire.
     let start = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(500));
         if run(&["ca", "rotate", "retire", "--state-dir", s(&a)])
             .status
             .success()
@@ -690,7 +695,13 @@ identity = {{ cert = "{id_cert}", key = "{id_key}" }}
     assert_eq!(peer(&b, "a.test")["authorities"], 1);
     export_a_local();
     renew(&mut n);
-    std::thread::sleep(Duration::from_secs(2));
+    // And on the new material only, after retire.
+    let after_retire = calls.load(Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(20), || calls.load(Ordering::SeqCst)
+            >= after_retire + 5),
+        "no cross-cluster call after retire"
+    );
     stop.store(true, Ordering::SeqCst);
     let errors = caller.join().expect("caller");
     let total = calls.load(Ordering::SeqCst);

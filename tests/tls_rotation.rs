@@ -205,7 +205,11 @@ fn rotating_cert_and_bundle_twenty_times_under_load_drops_nothing() {
         .collect();
     let cpu_before = (cpu_of(mg.pid()), cpu_of(std::process::id()));
     let load = TlsLoad::start(listen, NAME, configs.clone(), 40.0);
-    std::thread::sleep(Duration::from_millis(500));
+    // Under way before the first rotation: a few dozen handshakes done.
+    assert!(
+        wait_until(Duration::from_secs(10), || load.counts.ok() >= 50),
+        "the load generator did not get going"
+    );
 
     let mut waits = Vec::new();
     for i in 1..=ROTATIONS {
@@ -241,7 +245,11 @@ fn rotating_cert_and_bundle_twenty_times_under_load_drops_nothing() {
         }
     }
     // Some load on the last material too.
-    std::thread::sleep(Duration::from_millis(500));
+    let at_last = load.counts.ok();
+    assert!(
+        wait_until(Duration::from_secs(10), || load.counts.ok() >= at_last + 50),
+        "no handshakes on the last material"
+    );
     let (counts, ran) = load.stop();
     let rate = counts.ok() as f64 / ran.as_secs_f64();
     let per = |d: Duration| d.as_secs_f64() * 1e6 / counts.ok().max(1) as f64;
