@@ -9,36 +9,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use meshgate_control::{Ca, FixedClock, JoinToken, SpiffeId, TokenError};
+use meshgate_testkit::cli::s;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env_remove("MESHGATE_STATE_DIR")
-        .output()
-        .expect("run meshgate")
-}
-
 fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "meshgate {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8 stdout")
+    meshgate_testkit::cli::ok(bin(), args)
 }
 
 fn code_and_stderr(args: &[&str]) -> (i32, String) {
-    let out = run(args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    meshgate_testkit::cli::code_and_stderr(bin(), args)
 }
 
 fn openssl(args: &[&str]) -> Output {
@@ -50,10 +32,6 @@ fn openssl(args: &[&str]) -> Output {
 
 fn mode_of(p: &Path) -> u32 {
     std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
 }
 
 /// A CA initialised in a fresh temp directory.

@@ -12,15 +12,12 @@ use std::time::{Duration, Instant};
 
 use meshgate_control::inspect::inspect_pem;
 use meshgate_control::{Ca, Serial};
+use meshgate_testkit::cli::s;
 
 const TARGET: usize = 1000;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
 }
 
 /// xorshift64*: reproducible kill points from a printed seed.

@@ -11,11 +11,12 @@
 //! while a workload calls through a gateway's mTLS listener without one failure, the same
 //! outage and recovery, then revocation enforced by the gateways.
 
+use meshgate_testkit::cli::{eventually, s, tool};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -25,46 +26,8 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env_remove("MESHGATE_STATE_DIR")
-        .output()
-        .expect("run meshgate")
-}
-
 fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "meshgate {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8 stdout")
-}
-
-fn tool(name: &str, args: &[&str]) -> Output {
-    Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} is installed: {e}"))
-}
-
-/// Poll `f` until it returns Some, or fail after `within`.
-fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    meshgate_testkit::cli::ok(bin(), args)
 }
 
 fn sigterm(child: &Child) {

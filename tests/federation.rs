@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use meshgate_testkit::cli::{eventually, s};
 use meshgate_testkit::pki::TrustDomainCa;
 use meshgate_testkit::{Meshgate, free_port, http_origin, metric_sum, wait_until};
 
@@ -34,44 +35,16 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
+fn run(args: &[&str]) -> Output {
+    meshgate_testkit::cli::run(bin(), args)
+}
+
+fn ok(args: &[&str]) -> String {
+    meshgate_testkit::cli::ok(bin(), args)
 }
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env_remove("MESHGATE_STATE_DIR")
-        .output()
-        .expect("run meshgate")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "meshgate {args:?} failed ({:?}): {}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8 stdout")
-}
-
-/// Poll `f` until it returns Some, or fail after `within`.
-fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A child process killed on drop.

@@ -11,27 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use meshgate_testkit::cli::s;
 use meshgate_testkit::{Meshgate, free_port};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 fn meshgate(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run meshgate");
-    assert!(
-        out.status.success(),
-        "meshgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    meshgate_testkit::cli::ok(bin(), args)
 }
 
 /// Run the py-spiffe client against `socket`; `wait_rotation` also waits for a second message.

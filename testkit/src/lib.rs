@@ -10,8 +10,10 @@
 //! - [`prometheus_parse`]: /metrics parsed by the real Prometheus parser (`prometheus_client`).
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`rss_bytes`], [`fd_count`], [`raise_nofile_limit`]: what a process holds, for leak tests.
+//! - [`cli`]: run the `meshgate` binary and other tools as an operator's script would.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
+pub mod cli;
 pub mod http;
 pub mod pki;
 pub mod tlsload;
