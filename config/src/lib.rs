@@ -27,6 +27,9 @@ mod tls_tests;
 #[cfg(test)]
 mod http_tests;
 
+#[cfg(test)]
+mod policy_tests;
+
 use std::path::Path;
 
 pub use duration::{DurationError, format_duration, parse_duration};
@@ -35,9 +38,9 @@ pub use types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
     ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
     HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
-    PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
-    ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
-    WeightedCluster, sni_matches,
+    PeerMatch, Policy, PolicyAction, Protocol, Route, RouteAction, RouteHttp, RouteMatch,
+    RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle,
+    UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).

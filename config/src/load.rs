@@ -314,6 +314,7 @@ impl Loader<'_> {
             ("listeners", Section::Listeners),
             ("routes", Section::Routes),
             ("clusters", Section::Clusters),
+            ("policies", Section::Policies),
         ] {
             if let Some(Value::Array(items)) = top.get_mut(key) {
                 let path = root.key(key);
@@ -358,6 +359,7 @@ impl Loader<'_> {
                                 &[],
                             );
                         }
+                        Section::Policies => self.clean_policy_rules(&mut table, &item_path),
                         Section::Clusters => self.clean_subtable(
                             &mut table,
                             ("tls", Section::ClusterTls),
@@ -377,6 +379,24 @@ impl Loader<'_> {
             Err(err) => {
                 self.internal(&root, &err);
                 raw::Config::default()
+            }
+        }
+    }
+
+    /// `[[policies.rules]]`: each rule has the shape of a `[routes.match]`.
+    fn clean_policy_rules(&mut self, policy: &mut toml::Table, policy_path: &FieldPath) {
+        if let Some(Value::Array(items)) = policy.get_mut("rules") {
+            let path = policy_path.key("rules");
+            for (index, item) in items.iter_mut().enumerate() {
+                let item_path = path.index(index);
+                let table = self.element_table(item, Section::PolicyRules, &item_path);
+                *item = Value::Table(self.clean_nested(
+                    table,
+                    Section::PolicyRules,
+                    &item_path,
+                    &[("peer", Section::PeerMatch), ("path", Section::PathMatch)],
+                    &[("headers", Section::HeaderMatch)],
+                ));
             }
         }
     }
@@ -407,22 +427,34 @@ impl Loader<'_> {
             return;
         };
         let path = parent_path.key(key);
+        *sub = self.clean_nested(std::mem::take(sub), section, &path, tables, arrays);
+    }
+
+    /// Cleans `table` (a `section` at `path`) after its nested tables and arrays of tables.
+    fn clean_nested(
+        &mut self,
+        mut table: toml::Table,
+        section: Section,
+        path: &FieldPath,
+        tables: &[(&str, Section)],
+        arrays: &[(&str, Section)],
+    ) -> toml::Table {
         for (child, child_section) in tables {
-            if let Some(Value::Table(table)) = sub.get_mut(*child) {
-                *table = self.clean(std::mem::take(table), *child_section, &path.key(child));
+            if let Some(Value::Table(sub)) = table.get_mut(*child) {
+                *sub = self.clean(std::mem::take(sub), *child_section, &path.key(child));
             }
         }
         for (child, child_section) in arrays {
-            if let Some(Value::Array(items)) = sub.get_mut(*child) {
+            if let Some(Value::Array(items)) = table.get_mut(*child) {
                 let array_path = path.key(child);
                 for (index, item) in items.iter_mut().enumerate() {
                     let item_path = array_path.index(index);
-                    let table = self.element_table(item, *child_section, &item_path);
-                    *item = Value::Table(self.clean(table, *child_section, &item_path));
+                    let element = self.element_table(item, *child_section, &item_path);
+                    *item = Value::Table(self.clean(element, *child_section, &item_path));
                 }
             }
         }
-        *sub = self.clean(std::mem::take(sub), section, &path);
+        self.clean(table, section, path)
     }
 
     /// The table of one array element; anything else is reported and replaced by an empty
@@ -633,6 +665,8 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
         Section::Telemetry => value.try_into::<raw::Telemetry>().map(drop),
         Section::ControlWorkloadApi => value.try_into::<raw::ControlWorkloadApi>().map(drop),
+        Section::Policies => value.try_into::<raw::Policy>().map(drop),
+        Section::PolicyRules => value.try_into::<raw::RouteMatch>().map(drop),
     }
 }
 

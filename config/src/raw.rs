@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +210,15 @@ pub(crate) struct HeaderOps {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct Policy {
+    pub name: Option<String>,
+    pub listener: Option<String>,
+    pub action: Option<String>,
+    pub rules: Option<Vec<RouteMatch>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct PeerMatch {
     pub spiffe_ids: Option<Vec<String>>,
     pub trust_domains: Option<Vec<String>>,
@@ -357,10 +368,12 @@ pub(crate) enum Section {
     ControlEnrollment,
     Telemetry,
     ControlWorkloadApi,
+    Policies,
+    PolicyRules,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 26] = [
+    pub(crate) const ALL: [Section; 28] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -387,6 +400,8 @@ impl Section {
         Section::ClusterTls,
         Section::Verify,
         Section::Identity,
+        Section::Policies,
+        Section::PolicyRules,
     ];
 
     /// The accepted field names.
@@ -418,6 +433,8 @@ impl Section {
             Section::ControlEnrollment => fields::<ControlEnrollment>(),
             Section::Telemetry => fields::<Telemetry>(),
             Section::ControlWorkloadApi => fields::<ControlWorkloadApi>(),
+            Section::Policies => fields::<Policy>(),
+            Section::PolicyRules => fields::<RouteMatch>(),
         }
     }
 
@@ -450,11 +467,16 @@ impl Section {
             Section::ControlEnrollment => "[control.enrollment]",
             Section::Telemetry => "[telemetry]",
             Section::ControlWorkloadApi => "[control.workload_api]",
+            Section::Policies => "[[policies]]",
+            Section::PolicyRules => "[[policies.rules]]",
         }
     }
 
     /// A valid `field = value` line for `field`, shown in hints when a value has the wrong type.
     pub(crate) fn example(self, field: &str) -> Option<&'static str> {
+        if self == Section::PolicyRules {
+            return Section::RouteMatch.example(field);
+        }
         Some(match (self, field) {
             (Section::Top, "version") => "version = 1",
             (Section::Top, "admin") => {
@@ -480,6 +502,15 @@ impl Section {
             }
             (Section::Top, "control") => {
                 "put the control-plane settings under a [control] header, e.g. [control.enrollment] then address = \"127.0.0.1:15012\" on the next line"
+            }
+            (Section::Top, "policies") => {
+                "declare each policy under its own [[policies]] header (double brackets), with its fields on the lines below"
+            }
+            (Section::Policies, "name") => "name = \"only-frontends\"",
+            (Section::Policies, "listener") => "listener = \"ingress\"",
+            (Section::Policies, "action") => "action = \"allow\"",
+            (Section::Policies, "rules") => {
+                "rules = [{ peer = { trust_domains = [\"example.test\"] }, methods = [\"GET\"] }]"
             }
             (Section::Control, "trust_domain") => "trust_domain = \"example.org\"",
             (Section::Control, "enrollment") => {
@@ -642,7 +673,8 @@ mod tests {
                 "telemetry",
                 "listeners",
                 "routes",
-                "clusters"
+                "clusters",
+                "policies"
             ]
         );
     }
@@ -685,6 +717,8 @@ mod tests {
         check::<DirectResponse>(Section::DirectResponse);
         check::<Redirect>(Section::Redirect);
         check::<HeaderOps>(Section::HeaderOps);
+        check::<Policy>(Section::Policies);
+        check::<RouteMatch>(Section::PolicyRules);
         for field in Section::Top.fields() {
             assert!(
                 Section::Top.example(field).is_some(),
@@ -729,6 +763,8 @@ mod tests {
             Section::ControlEnrollment => "### `[control.enrollment]`",
             Section::Telemetry => "## `[telemetry]`",
             Section::ControlWorkloadApi => "### `[control.workload_api]`",
+            Section::Policies => "## `[[policies]]`",
+            Section::PolicyRules => "### `[[policies.rules]]`",
         }
     }
 
@@ -923,7 +959,9 @@ mod tests {
                 | Section::HeaderMatch
                 | Section::DirectResponse
                 | Section::Redirect
-                | Section::HeaderOps => continue,
+                | Section::HeaderOps
+                | Section::Policies
+                | Section::PolicyRules => continue,
             };
             for (field, default) in field_rows(&doc, section) {
                 let actual = &object[field.as_str()];

@@ -32,6 +32,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// In file order; [`WeightedCluster::cluster_index`] indexes into these.
     pub clusters: Vec<Cluster>,
+    /// Authorization policies (`[[policies]]`), in file order.
+    pub policies: Vec<Policy>,
 }
 
 impl Config {
@@ -512,6 +514,44 @@ impl PeerMatch {
                     .any(|d| d.as_str() == id.trust_domain_name()))
             && (self.path_prefixes.is_empty()
                 || self.path_prefixes.iter().any(|p| id.path_has_prefix(p)))
+    }
+}
+
+/// Who may call what through one listener (`[[policies]]`), in the manner of Istio's
+/// AuthorizationPolicy: any matching `deny` policy refuses; otherwise, when the listener has
+/// `allow` policies, one of them must match; `audit` policies only log what they match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Unique among policies.
+    pub name: String,
+    /// Name of the listener the policy guards.
+    pub listener: String,
+    /// Index of that listener in [`Config::listeners`].
+    pub listener_index: usize,
+    pub action: PolicyAction,
+    /// The policy matches a request (or connection) when any rule does; a rule matches when
+    /// every part given in it does (an empty rule matches everything). Never empty.
+    pub rules: Vec<RouteMatch>,
+}
+
+/// What a matching [`Policy`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+    /// Logs the decision (target `meshgate::audit`) and changes nothing.
+    Audit,
+}
+
+impl PolicyAction {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyAction::Allow => "allow",
+            PolicyAction::Deny => "deny",
+            PolicyAction::Audit => "audit",
+        }
     }
 }
 

@@ -16,13 +16,14 @@ use crate::raw;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
-    ClusterTls, Config, Listener, ListenerTls, PeerMatch, Protocol, Route, RouteAction, RouteMatch,
-    RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle,
-    UpstreamVerify, WeightedCluster,
+    ClusterTls, Config, Listener, ListenerTls, PeerMatch, Policy, Protocol, Route, RouteAction,
+    RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion,
+    TrustBundle, UpstreamVerify, WeightedCluster,
 };
 
 mod control;
 mod http;
+mod policy;
 
 /// The only file format version this release reads.
 pub(crate) const VERSION: u32 = 1;
@@ -255,6 +256,19 @@ impl Validator {
             })
             .collect();
 
+        // Policies are not referred to by name; the check is for uniqueness and syntax.
+        self.names(
+            "policies",
+            "policy",
+            raw.policies.iter().map(|p| p.name.as_deref()),
+        );
+        let policies: Vec<Option<Policy>> = raw
+            .policies
+            .into_iter()
+            .enumerate()
+            .map(|(index, policy)| self.policy(index, policy, &listener_names, &bindings.listeners))
+            .collect();
+
         self.bind_routes(&mut listeners, &bindings);
         self.default_routes(&mut listeners, &bindings, &route_names);
         self.listener_addresses(&listeners, admin.as_ref());
@@ -271,6 +285,7 @@ impl Validator {
             listeners: listeners.into_iter().collect::<Option<_>>()?,
             routes: routes.into_iter().collect::<Option<_>>()?,
             clusters: clusters.into_iter().collect::<Option<_>>()?,
+            policies: policies.into_iter().collect::<Option<_>>()?,
         };
         Some(config)
     }
@@ -2100,6 +2115,7 @@ fn name_example(kind: &str) -> &'static str {
     match kind {
         "listener" => "name = \"tcp-in\"",
         "route" => "name = \"default\"",
+        "policy" => "name = \"only-frontends\"",
         _ => "name = \"echo\"",
     }
 }
