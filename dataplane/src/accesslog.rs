@@ -63,6 +63,9 @@ pub struct Record {
     pub x_forwarded_for: Option<String>,
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
+    /// Why the gateway answered or closed itself, in Envoy's words (e.g.
+    /// `rbac_access_denied_matched_policy[NAME]`); `None`: nothing to add.
+    pub response_code_details: Option<String>,
     pub shard: usize,
 }
 
@@ -334,6 +337,7 @@ struct JsonRecord<'a> {
     x_forwarded_for: Option<&'a str>,
     user_agent: Option<&'a str>,
     request_id: Option<&'a str>,
+    response_code_details: Option<&'a str>,
     authority: Option<&'a str>,
     downstream_peer_spiffe_id: Option<&'a str>,
     tls_version: Option<&'a str>,
@@ -362,6 +366,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             x_forwarded_for: r.x_forwarded_for.as_deref(),
             user_agent: r.user_agent.as_deref(),
             request_id: r.request_id.as_deref(),
+            response_code_details: r.response_code_details.as_deref(),
             authority: r.authority.as_deref(),
             downstream_peer_spiffe_id: r.downstream_peer_spiffe_id.as_deref(),
             tls_version: r.tls_version,
@@ -424,6 +429,7 @@ mod tests {
             x_forwarded_for: None,
             user_agent: None,
             request_id: None,
+            response_code_details: None,
             shard: 1,
         }
     }

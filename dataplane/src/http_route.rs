@@ -15,6 +15,7 @@ use meshgate_config::{
     sni_matches,
 };
 
+use crate::authz::ListenerPolicies;
 use crate::http1::{Limits, RequestHead};
 use crate::metrics::{HttpRouteStats, ShardStats};
 use crate::tls::spiffe::SpiffeId;
@@ -35,9 +36,10 @@ impl HttpRoutes {
             listeners: config
                 .listeners
                 .iter()
-                .map(|l| {
+                .enumerate()
+                .map(|(index, l)| {
                     matches!(l.protocol, Protocol::Http | Protocol::Https)
-                        .then(|| ListenerRoutes::new(config, l, stats))
+                        .then(|| ListenerRoutes::new(config, index, l, stats))
                 })
                 .collect(),
         }
@@ -60,11 +62,14 @@ pub struct ListenerRoutes {
     pub idle_timeout: Duration,
     /// Requests that no route took, or that were refused before routing.
     pub unrouted: Arc<HttpRouteStats>,
+    /// The listener's `[[policies]]`; `None` when it has none.
+    pub policies: Option<Box<ListenerPolicies>>,
 }
 
 impl ListenerRoutes {
     fn new(
         config: &Config,
+        listener_index: usize,
         listener: &meshgate_config::Listener,
         stats: &ShardStats,
     ) -> ListenerRoutes {
@@ -91,6 +96,7 @@ impl ListenerRoutes {
             request_timeout: http.map_or(Duration::from_secs(30), |h| h.request_timeout),
             idle_timeout: listener.idle_timeout,
             unrouted: stats.http_route(&listener.name, HttpRouteStats::NO_ROUTE, &[]),
+            policies: ListenerPolicies::compile(config, listener_index, true, stats).map(Box::new),
         }
     }
 
@@ -125,16 +131,7 @@ pub struct RequestView<'a> {
 pub struct CompiledRoute {
     /// Index in `config.routes`.
     pub index: usize,
-    hosts: Box<[String]>,
-    path: Option<PathMatcher>,
-    methods: Box<[String]>,
-    headers: Box<[HeaderMatcher]>,
-    /// `https`: TLS server names (empty: any).
-    sni: Box<[String]>,
-    /// `https` with client auth: the identities allowed.
-    peer: Option<PeerMatch>,
-    /// No `match`: takes everything.
-    catch_all: bool,
+    matcher: Matcher,
     pub request_edits: Edits,
     pub response_edits: Edits,
     /// (matched prefix, replacement); for an exact match the prefix is the whole path.
@@ -153,6 +150,21 @@ pub struct Overrides {
     pub forwarded_proto: bool,
     pub request_id: bool,
     pub client_cert: bool,
+}
+
+/// A compiled `[routes.match]` (also the shape of a `[[policies.rules]]` entry).
+#[derive(Debug)]
+pub struct Matcher {
+    hosts: Box<[String]>,
+    path: Option<PathMatcher>,
+    methods: Box<[String]>,
+    headers: Box<[HeaderMatcher]>,
+    /// `https`: TLS server names (empty: any).
+    sni: Box<[String]>,
+    /// `https` with client auth: the identities allowed.
+    peer: Option<PeerMatch>,
+    /// No conditions: takes everything.
+    catch_all: bool,
 }
 
 #[derive(Debug)]
@@ -207,22 +219,21 @@ impl Edits {
     }
 }
 
-impl CompiledRoute {
-    fn new(
-        index: usize,
-        route: &meshgate_config::Route,
-        listener: &str,
-        stats: &ShardStats,
-    ) -> CompiledRoute {
-        let empty = RouteMatch {
-            sni: Vec::new(),
-            peer: None,
-            hosts: Vec::new(),
-            path: None,
-            methods: Vec::new(),
-            headers: Vec::new(),
+impl Matcher {
+    /// `m` compiled; `None`: no conditions (matches everything). `owner` names the route or
+    /// policy in the error logged for a pattern that does not compile.
+    pub fn new(m: Option<&RouteMatch>, owner: &str) -> Matcher {
+        let Some(m) = m else {
+            return Matcher {
+                hosts: Box::default(),
+                path: None,
+                methods: Box::default(),
+                headers: Box::default(),
+                sni: Box::default(),
+                peer: None,
+                catch_all: true,
+            };
         };
-        let m = route.matcher.as_ref().unwrap_or(&empty);
         let path = m.path.as_ref().map(|p| match p {
             PathMatch::Prefix(p) => PathMatcher::Prefix(p.clone()),
             PathMatch::Exact(p) => PathMatcher::Exact(p.clone()),
@@ -232,7 +243,7 @@ impl CompiledRoute {
             {
                 Ok(re) => PathMatcher::Regex(re),
                 Err(e) => {
-                    tracing::error!(route = %route.name, error = %e, "path regex does not compile; the route matches nothing");
+                    tracing::error!(owner = %owner, error = %e, "path regex does not compile; it matches nothing");
                     PathMatcher::Never
                 }
             },
@@ -251,58 +262,25 @@ impl CompiledRoute {
                     {
                         Ok(re) => HeaderKind::Regex(re),
                         Err(e) => {
-                            tracing::error!(route = %route.name, error = %e, "header regex does not compile; the route matches nothing");
+                            tracing::error!(owner = %owner, error = %e, "header regex does not compile; it matches nothing");
                             HeaderKind::Never
                         }
                     },
                 },
             })
             .collect();
-        let http = route.http.as_ref();
-        let request_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.request_headers));
-        let response_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.response_headers));
-        let prefix_rewrite = http.and_then(|h| h.prefix_rewrite.as_ref()).and_then(|to| {
-            let from = match m.path.as_ref()? {
-                PathMatch::Prefix(p) | PathMatch::Exact(p) => p.clone(),
-                PathMatch::Regex(_) => return None,
-            };
-            Some((from, to.clone()))
-        });
-        let overrides = Overrides {
-            forwarded_for: request_edits.takes_over("x-forwarded-for"),
-            forwarded_proto: request_edits.takes_over("x-forwarded-proto"),
-            request_id: request_edits.takes_over("x-request-id"),
-            client_cert: request_edits.takes_over("x-forwarded-client-cert"),
-        };
-        CompiledRoute {
-            index,
+        Matcher {
             hosts: m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             path,
             methods: m.methods.clone().into_boxed_slice(),
             headers,
             sni: m.sni.clone().into_boxed_slice(),
             peer: m.peer.clone(),
-            catch_all: route.matcher.is_none(),
-            request_edits,
-            response_edits,
-            prefix_rewrite,
-            host_rewrite: http
-                .and_then(|h| h.host_rewrite.as_ref())
-                .map(|h| h.as_bytes().into()),
-            timeout: http.map_or(Duration::from_secs(15), |h| h.timeout),
-            stats: stats.http_route(
-                listener,
-                &route.name,
-                match &route.action {
-                    RouteAction::Forward { clusters } => clusters,
-                    _ => &[],
-                },
-            ),
-            overrides,
+            catch_all: false,
         }
     }
 
-    /// Whether this route takes `req`: every part of its match must hold.
+    /// Whether `req` meets every condition.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
         if self.catch_all {
             return true;
@@ -329,6 +307,68 @@ impl CompiledRoute {
             Some(PathMatcher::Never) => false,
         };
         path_ok && self.headers.iter().all(|h| h.matches(req))
+    }
+}
+
+impl CompiledRoute {
+    fn new(
+        index: usize,
+        route: &meshgate_config::Route,
+        listener: &str,
+        stats: &ShardStats,
+    ) -> CompiledRoute {
+        let empty = RouteMatch {
+            sni: Vec::new(),
+            peer: None,
+            hosts: Vec::new(),
+            path: None,
+            methods: Vec::new(),
+            headers: Vec::new(),
+        };
+        let m = route.matcher.as_ref().unwrap_or(&empty);
+        let matcher = Matcher::new(route.matcher.as_ref(), &route.name);
+        let http = route.http.as_ref();
+        let request_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.request_headers));
+        let response_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.response_headers));
+        let prefix_rewrite = http.and_then(|h| h.prefix_rewrite.as_ref()).and_then(|to| {
+            let from = match m.path.as_ref()? {
+                PathMatch::Prefix(p) | PathMatch::Exact(p) => p.clone(),
+                PathMatch::Regex(_) => return None,
+            };
+            Some((from, to.clone()))
+        });
+        let overrides = Overrides {
+            forwarded_for: request_edits.takes_over("x-forwarded-for"),
+            forwarded_proto: request_edits.takes_over("x-forwarded-proto"),
+            request_id: request_edits.takes_over("x-request-id"),
+            client_cert: request_edits.takes_over("x-forwarded-client-cert"),
+        };
+        CompiledRoute {
+            index,
+            matcher,
+            request_edits,
+            response_edits,
+            prefix_rewrite,
+            host_rewrite: http
+                .and_then(|h| h.host_rewrite.as_ref())
+                .map(|h| h.as_bytes().into()),
+            timeout: http.map_or(Duration::from_secs(15), |h| h.timeout),
+            stats: stats.http_route(
+                listener,
+                &route.name,
+                match &route.action {
+                    RouteAction::Forward { clusters } => clusters,
+                    _ => &[],
+                },
+            ),
+            overrides,
+        }
+    }
+
+    /// Whether this route takes `req`: every part of its match must hold.
+    #[inline]
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matcher.matches(req)
     }
 
     /// The path to send upstream after `prefix_rewrite`, when the route has one.

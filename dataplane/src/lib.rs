@@ -7,6 +7,7 @@
 
 pub mod accesslog;
 pub mod admin;
+mod authz;
 pub mod balance;
 pub mod error;
 pub mod gateway;

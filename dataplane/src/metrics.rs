@@ -218,6 +218,8 @@ pub struct ShardStats {
     http: RwLock<BTreeMap<HttpKey, Arc<RequestStats>>>,
     /// TCP connections per (listener, cluster).
     tcp: RwLock<BTreeMap<(String, String), Arc<TcpStats>>>,
+    /// Calls refused by `[[policies]]` per (listener, policy); bounded by the config's names.
+    authz: RwLock<BTreeMap<(String, String), Arc<Counter>>>,
     /// Istio-compatible series, with `[telemetry] istio_compat` only.
     istio: Option<Arc<IstioShard>>,
     /// The shard's runtime idle-time counter (ns) and when the shard started, set once by the
@@ -729,6 +731,34 @@ impl ShardStats {
         }
     }
 
+    /// The refusal counter of (`listener`, `policy`), created on first use.
+    pub fn authz_denied(&self, listener: &str, policy: &str) -> Arc<Counter> {
+        let key = (listener.to_owned(), policy.to_owned());
+        if let Some(c) = self
+            .authz
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return c.clone();
+        }
+        self.authz
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    fn authz_snapshot(&self) -> Vec<((String, String), u64)> {
+        self.authz
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get()))
+            .collect()
+    }
+
     /// Called by the shard when it starts, with its runtime's idle-time counter.
     pub fn set_idle_counter(&self, idle: Arc<crate::rt::IdleClock>) {
         let _ = self.runtime.set((idle, Instant::now()));
@@ -1104,6 +1134,26 @@ impl Collector for Exporter {
             });
             family(&mut enc, name, help, MetricType::Counter, series)?;
         }
+        let authz: Vec<_> = s.shards.iter().map(|ss| ss.authz_snapshot()).collect();
+        let series = authz.iter().enumerate().flat_map(|(shard, ss)| {
+            ss.iter().map(move |((listener, policy), n)| {
+                (
+                    vec![
+                        ("listener", listener.clone()),
+                        ("policy", policy.clone()),
+                        ("shard", shard.to_string()),
+                    ],
+                    ConstCounter::new(*n),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "meshgate_authz_denied",
+            "Requests (http/https listeners) and connections (others) refused by [[policies]], by the deny policy that matched (\"-\": the listener has allow policies and none matched)",
+            MetricType::Counter,
+            series,
+        )?;
         let series = lsnap.iter().enumerate().flat_map(|(shard, ss)| {
             ss.iter().map(move |(name, l)| {
                 (

@@ -80,6 +80,9 @@ pub struct ShardInit {
 pub struct ListenerRt {
     pub stats: Arc<ListenerStats>,
     pub conns: Arc<AtomicU32>,
+    /// `[[policies]]` of a `tcp`/`tls`/`tls-passthrough` listener, checked per connection
+    /// (`http`/`https` listeners check per request, in [`crate::http_route`]); `None`: none.
+    pub policies: Option<Box<crate::authz::ListenerPolicies>>,
 }
 
 /// One generation's state on one shard. Connections hold an `Rc` to the generation they
@@ -122,9 +125,16 @@ impl ShardGen {
                 .listeners
                 .iter()
                 .zip(&plan.conns)
-                .map(|(l, conns)| ListenerRt {
+                .enumerate()
+                .map(|(index, (l, conns))| ListenerRt {
                     stats: stats.listener(&l.name),
                     conns: conns.clone(),
+                    policies: if matches!(l.protocol, Protocol::Http | Protocol::Https) {
+                        None
+                    } else {
+                        crate::authz::ListenerPolicies::compile(config, index, false, stats)
+                            .map(Box::new)
+                    },
                 })
                 .collect(),
             clusters: config

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use meshgate_config::{ClientAuth, RouteAction};
 
 use crate::accesslog::Record;
+use crate::authz;
 use crate::error::ProxyErrorKind;
 use crate::http_route::{CompiledRoute, Edits, ListenerRoutes, RequestView, host_without_port};
 use crate::http1::{
@@ -318,6 +319,8 @@ struct LogFields {
     user_agent: Option<String>,
     x_forwarded_for: Option<String>,
     request_id: Option<String>,
+    /// Why the gateway answered itself, in Envoy's words (e.g. an RBAC refusal).
+    response_code_details: Option<String>,
 }
 
 impl Exchange {
@@ -689,6 +692,23 @@ fn plan<'r, R, W>(
             response: LocalResp {
                 head_only,
                 ..LocalResp::status(421, version, keep_alive)
+            },
+            keep_alive,
+        };
+    }
+    if let Some(policies) = &routes.policies
+        && let Err(denied) = policies.check_request(&view, conn.peer)
+    {
+        if let Some(log) = ex.log.as_mut() {
+            log.response_code_details = Some(denied.details());
+        }
+        return Plan::Local {
+            route: None,
+            flags: "-",
+            response: LocalResp {
+                head_only,
+                body: authz::DENIED_BODY,
+                ..LocalResp::status(403, version, keep_alive)
             },
             keep_alive,
         };
@@ -1895,6 +1915,7 @@ fn finish(
         x_forwarded_for: fields.and_then(|f| f.x_forwarded_for.clone()),
         user_agent: fields.and_then(|f| f.user_agent.clone()),
         request_id: fields.and_then(|f| f.request_id.clone()),
+        response_code_details: fields.and_then(|f| f.response_code_details.clone()),
         shard: guard.shard.id,
     });
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use meshgate_config::{Protocol, RouteAction};
 
 use crate::accesslog::Record;
+use crate::authz;
 use crate::error::ProxyError;
 use crate::listen::ConnGuard;
 use crate::metrics::ConnectionRecord;
@@ -70,7 +71,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(listener = %listener.name, %peer, error = %e, "no usable ClientHello; closing");
-                    log(&guard, peer, None, "-", None, &Seen::default(), 0, 0);
+                    log(&guard, peer, None, "-", None, &Seen::default(), 0, 0, None);
                     return;
                 }
                 Err(rt::Elapsed) => {
@@ -115,6 +116,22 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         }
     };
 
+    // authz::check
+    if let Some(policies) = &snap.listeners[guard.listener].policies {
+        let caller = authz::Caller {
+            client: peer,
+            peer: seen.peer.as_ref(),
+            sni: seen.sni.as_deref(),
+        };
+        if let Err(denied) = policies.check_connection(&caller) {
+            tracing::debug!(listener = %listener.name, %peer, policy = ?denied.policy, "refused by policy; closing");
+            let details = denied.details();
+            log(&guard, peer, None, "-", None, &seen, 0, 0, Some(details));
+            close(down).await;
+            return;
+        }
+    }
+
     // route::resolve
     let route_idx = match listener.protocol {
         Protocol::Tcp => listener.routes.first().copied(),
@@ -129,7 +146,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
     let Some(route_idx) = route_idx else {
         lstats.no_route.inc();
         tracing::debug!(listener = %listener.name, %peer, sni = ?seen.sni, peer_id = ?seen.peer, "no route; closing");
-        log(&guard, peer, None, "NR", None, &seen, 0, 0);
+        log(&guard, peer, None, "NR", None, &seen, 0, 0, None);
         close(down).await;
         return;
     };
@@ -242,6 +259,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
         &seen,
         received.get(),
         sent.get(),
+        None,
     );
 }
 
@@ -292,6 +310,7 @@ fn log(
     seen: &Seen,
     received: u64,
     sent: u64,
+    details: Option<String>,
 ) {
     let Some(log) = &guard.shard.access_log else {
         return;
@@ -320,6 +339,7 @@ fn log(
         x_forwarded_for: None,
         user_agent: None,
         request_id: None,
+        response_code_details: details,
         shard: guard.shard.id,
     });
 }
