@@ -425,3 +425,103 @@ fn hundred_reloads_under_http_and_tcp_load_drop_nothing_and_rollback_restores() 
     );
     assert!(canary.requests.load(Ordering::Acquire) > 0);
 }
+
+/// One request on a keep-alive connection; the body (the upstream's name).
+fn keepalive_get(s: &mut TcpStream, path: &str) -> String {
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).expect("read");
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().expect("length"))
+                })
+                .expect("content-length");
+            if body.len() >= len {
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                return body[..len].to_owned();
+            }
+        }
+    }
+}
+
+#[test]
+fn open_http_connections_take_the_reloaded_routes_on_their_next_request() {
+    use meshgate_testkit::{HttpUpstream, http_tcp_config};
+    let (stable, canary) = (HttpUpstream::start("stable"), HttpUpstream::start("canary"));
+    let echo = EchoServer::start();
+    let (admin, http, tcp) = (addr(free_port()), addr(free_port()), addr(free_port()));
+    let config = |canary_weight| {
+        http_tcp_config(
+            admin,
+            http,
+            tcp,
+            (stable.addr, canary.addr, canary_weight),
+            echo.addr,
+            "",
+        )
+    };
+    let mg = Meshgate::start(bin(), &config(0), admin).expect("start");
+    let mut h1 = connect(http);
+    assert_eq!(keepalive_get(&mut h1, "/app/x"), "stable");
+
+    // All of the app's traffic to the canary (weight 99 of 100 is the most the helper
+    // writes, so check the split over many requests on the same connection).
+    std::fs::write(&mg.config_path, config(99)).expect("write");
+    let (code, out, err) = reload_cmd(&mg);
+    assert_eq!(code, 0, "{out}{err}");
+    let to_canary = (0..100)
+        .filter(|_| keepalive_get(&mut h1, "/app/x") == "canary")
+        .count();
+    assert_eq!(to_canary, 99, "the open connection kept the old routes");
+
+    // HTTP/2 (h2c prior knowledge): h2load sends 20 requests, 5 a second, over one
+    // connection (curl 7.88 cannot reuse an h2c connection); the config goes back to
+    // all-stable while it runs, and that one connection's requests reach stable again.
+    let (stable_before, canary_before) = (
+        stable.requests.load(Ordering::SeqCst),
+        canary.requests.load(Ordering::SeqCst),
+    );
+    let h2load = Command::new("h2load")
+        .args(["-n", "20", "-c", "1", "-m", "1", "--rps", "5"])
+        .arg(format!("http://{http}/app/x"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("h2load (nghttp2-client) is installed");
+    // Reload once the canary has had a few of the connection's requests.
+    assert!(wait_until(Duration::from_secs(10), || canary
+        .requests
+        .load(Ordering::SeqCst)
+        >= canary_before + 3));
+    std::fs::write(&mg.config_path, config(0)).expect("write");
+    let (code, out, err) = reload_cmd(&mg);
+    assert_eq!(code, 0, "{out}{err}");
+    let out = h2load.wait_with_output().expect("h2load");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("20 total, 20 started, 20 done, 20 succeeded"),
+        "{report}"
+    );
+    assert!(report.contains("1 total client"), "{report}");
+    let to_stable = stable.requests.load(Ordering::SeqCst) - stable_before;
+    let to_canary = canary.requests.load(Ordering::SeqCst) - canary_before;
+    assert_eq!(to_stable + to_canary, 20);
+    assert!(
+        to_stable >= 3 && to_canary >= 3,
+        "one HTTP/2 connection did not follow the reload: {to_stable} to stable, {to_canary} to canary"
+    );
+    // The keep-alive connection opened before both reloads follows them too.
+    assert_eq!(keepalive_get(&mut h1, "/app/x"), "stable");
+}

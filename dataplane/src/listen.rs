@@ -116,6 +116,29 @@ impl ConnGuard {
     }
 }
 
+impl ConnGuard {
+    /// The generation a new request on this connection uses (HTTP keep-alive and HTTP/2): the
+    /// shard's current one when it still has this connection's listener at the same index with
+    /// the same name, protocol and address, so route, cluster and policy changes apply to open
+    /// connections as they do to new ones; else the generation the connection started on.
+    /// One `RefCell` borrow and a pointer compare per request.
+    pub fn request_snap(&self) -> Rc<ShardGen> {
+        if let Some(current) = self.shard.current()
+            && !Rc::ptr_eq(&current, &self.snap)
+            && let (Some(now), Some(was)) = (
+                current.config.listeners.get(self.listener),
+                self.snap.config.listeners.get(self.listener),
+            )
+            && now.name == was.name
+            && now.protocol == was.protocol
+            && now.address == was.address
+        {
+            return current;
+        }
+        self.snap.clone()
+    }
+}
+
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let l = &self.snap.listeners[self.listener];

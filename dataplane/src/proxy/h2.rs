@@ -179,7 +179,8 @@ async fn stream(
         state.client_resets.set(state.client_resets.get() + 1);
         return;
     }
-    let snap = guard.snap.clone();
+    // Each stream takes the current generation's routes, clusters and policies.
+    let snap = guard.request_snap();
     let Some(routes) = snap.http.listener(guard.listener) else {
         return;
     };

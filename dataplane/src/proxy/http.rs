@@ -223,11 +223,6 @@ async fn serve_conn<R: HttpRead, W: ClientOut>(
     tls: Option<Rc<TlsInfo>>,
     h2c: Option<H2cHandoff<R, W>>,
 ) {
-    let snap = guard.snap.clone();
-    let Some(routes) = snap.http.listener(guard.listener) else {
-        tracing::error!(listener = %snap.listener_names[guard.listener], "http listener without compiled routes; closing");
-        return;
-    };
     let mut conn = Conn {
         rd,
         wr,
@@ -238,23 +233,35 @@ async fn serve_conn<R: HttpRead, W: ClientOut>(
         tls,
         proto: "HTTP/1.1",
     };
-    let lstats = &*snap.listeners[guard.listener].stats;
     let draining = &guard.shard.shared.draining;
     let linger = loop {
         // Waiting for a request is all an idle connection does: this future stays small. The
         // work on a request (and its state across awaits) is boxed, for that request only.
-        let head_deadline = (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
-        let read = read_head(&mut conn, routes, head_deadline, draining, lstats).await;
+        let read = {
+            let snap = guard.request_snap();
+            let Some(routes) = snap.http.listener(guard.listener) else {
+                tracing::error!(listener = %snap.listener_names[guard.listener], "http listener without compiled routes; closing");
+                break false;
+            };
+            let lstats = &*snap.listeners[guard.listener].stats;
+            let head_deadline =
+                (conn.served == 0).then(|| guard.accepted_at + routes.request_timeout);
+            read_head(&mut conn, routes, head_deadline, draining, lstats).await
+        };
         if matches!(read.result, Err(HeadError::H2Preface))
             && let Some(h2c) = h2c
         {
             // Nothing of the HTTP/1 loop stays alive in its state while HTTP/2 runs.
             drop(read);
-            let next = h2c(guard, conn.rd, conn.wr, conn.buf, peer);
-            drop(snap);
-            next.await;
+            h2c(guard, conn.rd, conn.wr, conn.buf, peer).await;
             return;
         }
+        // Each request takes the generation current when its head arrived: route, cluster
+        // and policy changes apply to open connections too (see `ConnGuard::request_snap`).
+        let snap = guard.request_snap();
+        let Some(routes) = snap.http.listener(guard.listener) else {
+            break false;
+        };
         match Box::pin(request(&guard, &snap, routes, &mut conn, read)).await {
             Next::KeepAlive => {}
             Next::Close { linger } => break linger,
