@@ -625,8 +625,13 @@ fn smuggling_and_malformed_requests_get_400_and_a_close() {
     }
     // A good request afterwards, so nginx's log is flushed past the refused ones.
     assert_eq!(curl(&[&gw.url("/after")]).status, 200);
+    // nginx writes its log line after the response: wait for it.
+    assert!(
+        wait_until(Duration::from_secs(5), || ng.log().contains("/after")),
+        "{}",
+        ng.log()
+    );
     let log = ng.log();
-    assert!(log.contains("/after"), "{log}");
     assert!(
         !log.contains("smuggle"),
         "the origin saw a refused request:\n{log}"
