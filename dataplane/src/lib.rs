@@ -10,6 +10,7 @@ pub mod admin;
 pub mod balance;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod http1;
 mod http_route;
 mod listen;
