@@ -382,3 +382,83 @@ path = "{}"
         std::fs::read_to_string(&log_path).unwrap_or_default()
     );
 }
+
+#[test]
+fn tls_clusters_are_health_checked_over_tls_with_their_verification() {
+    use meshgate_testkit::http::{TlsOrigin, nginx_or_skip};
+    use meshgate_testkit::pki::{LeafSpec, TestPki};
+    let Some(nginx) =
+        nginx_or_skip("tls_clusters_are_health_checked_over_tls_with_their_verification")
+    else {
+        return;
+    };
+    let pki = TestPki::new();
+    let (ocert, okey) = pki
+        .example
+        .leaf(&LeafSpec::svid("spiffe://example.test/origin"))
+        .expect("origin cert")
+        .write_pem(pki.dir.path(), "origin")
+        .expect("write");
+    let ca = pki.bundle(&pki.example, "ca");
+    let origin = TlsOrigin::start(&nginx, &ocert, &okey, &ca);
+    let (gcert, gkey) = pki.svid(&pki.example, "gateway-id", "/gateway");
+    let cluster = |name: &str, id: &str| {
+        format!(
+            r#"
+[[clusters]]
+name = "{name}"
+endpoints = ["{o}"]
+[clusters.tls]
+verify = {{ spiffe_ids = ["spiffe://example.test/{id}"] }}
+trust_bundle = "{ca}"
+identity = {{ cert = "{gcert}", key = "{gkey}" }}
+[clusters.health_check]
+path = "/healthz"
+interval = "200ms"
+timeout = "150ms"
+unhealthy_threshold = 1
+"#,
+            o = origin.addr,
+            ca = ca.display(),
+            gcert = gcert.display(),
+            gkey = gkey.display(),
+        )
+    };
+    let text = config(
+        addr(free_port()),
+        addr(free_port()),
+        &format!("endpoints = [\"{}\"]", origin.addr),
+        &(cluster("good", "origin") + &cluster("wrong", "someone-else")),
+    );
+    let admin: SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("address = \""))
+        .and_then(|a| a.trim_end_matches('"').parse().ok())
+        .expect("admin address");
+    let mg = Meshgate::start(bin(), &text, admin).expect("start");
+    let checks = |cluster: &str, result: &str| {
+        metric_sum(
+            &mg.metrics(),
+            "meshgate_endpoint_health_checks_total",
+            &[("cluster", cluster), ("result", result)],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || checks("good", "passed") >= 2.0
+            && checks("wrong", "failed") >= 2.0),
+        "{}",
+        mg.log()
+    );
+    // nginx answered the verified, client-authenticated check (any status but 200 fails).
+    assert_eq!(checks("good", "failed"), 0.0);
+    assert_eq!(checks("wrong", "passed"), 0.0);
+    let m = mg.metrics();
+    assert_eq!(
+        metric_sum(&m, "meshgate_endpoint_healthy", &[("cluster", "good")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "meshgate_endpoint_healthy", &[("cluster", "wrong")]),
+        0.0
+    );
+}
