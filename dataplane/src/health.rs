@@ -250,10 +250,7 @@ impl Registry {
             .endpoints
             .iter()
             .map(|&a| {
-                let e = map
-                    .entry((cluster.name.clone(), a))
-                    .or_insert_with(Arc::default)
-                    .clone();
+                let e = map.entry((cluster.name.clone(), a)).or_default().clone();
                 if cluster.health_check.is_none() {
                     e.state.fetch_and(!UNHEALTHY, Relaxed);
                 }
