@@ -462,3 +462,30 @@ unhealthy_threshold = 1
         0.0
     );
 }
+
+#[test]
+fn tcp_maglev_on_source_ip_keeps_a_client_on_one_endpoint() {
+    let ups: Vec<HttpUpstream> = (0..3)
+        .map(|i| HttpUpstream::start(&format!("u{i}")))
+        .collect();
+    let (admin, tcp) = (addr(free_port()), addr(free_port()));
+    let eps: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    let text = meshgate_testkit::tcp_config(admin, tcp, &[ups[0].addr], "").replace(
+        &format!("endpoints = [\"{}\"]", ups[0].addr),
+        &format!(
+            "endpoints = [{}]\nbalance = \"maglev\"\nhash_on = \"source_ip\"",
+            eps.join(", ")
+        ),
+    );
+    let _mg = Meshgate::start(bin(), &text, admin).expect("start");
+    // HTTP through the TCP listener: each upstream answers with its name. Fresh connections
+    // (both shards) from one source IP all reach one endpoint; round robin would spread them.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let mut s = connect(tcp);
+        let (status, _, body) = keep_alive_get(&mut s, "/", &[]);
+        assert_eq!(status, 200);
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
