@@ -380,7 +380,12 @@ impl LeastRequest {
     /// slow one is chosen only when it is not the busier one.
     fn pick(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let a = (0..4).map(|_| self.draw()).find(|&i| usable(i))?;
-        let Some(b) = (0..4).map(|_| self.draw()).find(|&i| i != a && usable(i)) else {
+        let n = self.weights.len();
+        let Some(b) = (0..4)
+            .map(|_| self.draw())
+            .find(|&i| i != a && usable(i))
+            .or_else(|| (1..n).map(|d| (a + d) % n).find(|&i| usable(i)))
+        else {
             return Some(a);
         };
         // active_a / w_a <= active_b / w_b, without division.
