@@ -2,7 +2,7 @@
 //!
 //! `listen::accept` -> read head (`http1::parse_request_resumable`, header-read timeout) ->
 //! normalise path -> `route::resolve` ([`crate::http_route`]) -> direct response / redirect, or
-//! `balance::pick` (weighted cluster, round-robin endpoint) -> `upstream::connect` (the shard's
+//! `balance::pick` (weighted cluster, endpoint by the cluster's policy) -> `upstream::connect` (the shard's
 //! keep-alive [`crate::pool`], else a new connection) -> send head, stream the request body and
 //! the response both ways at once -> access log + metrics -> next request (keep-alive) or close.
 //!
