@@ -351,6 +351,8 @@ fn embedded_default_serves_https_from_its_local_ca() {
     assert_eq!(routes.as_array().map(Vec::len), Some(1), "{routes}");
     assert_eq!(routes[0]["action"]["direct_response"]["status"], 200);
     assert_eq!(json(&endpoints)[0]["endpoint"], "127.0.0.1:15002");
+    assert_eq!(json(&endpoints)[0]["healthy"], true);
+    assert_eq!(json(&endpoints)[0]["weight"], 1);
     let secrets = json(&secrets);
     assert_eq!(secrets[0]["kind"], "cert", "{secrets}");
     assert_eq!(secrets[0]["uris"][0], "spiffe://meshgate.local/gateway");

@@ -35,32 +35,7 @@ fn meshgate(args: &[&str]) -> (i32, String, String) {
 
 /// Send one keep-alive request on `s` and read its response head and body; returns the head.
 fn keep_alive_get(s: &mut TcpStream, path: &str) -> String {
-    write!(s, "GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").expect("write");
-    let mut got = Vec::new();
-    let mut b = [0u8; 4096];
-    loop {
-        let n = s.read(&mut b).expect("read");
-        assert!(
-            n > 0,
-            "closed before a response: {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        got.extend_from_slice(&b[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                return head.to_ascii_lowercase();
-            }
-        }
-    }
+    meshgate_testkit::keep_alive_get(s, path, &[]).1
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use meshgate_testkit::http::{Nginx, curl, field, nginx_or_skip};
+use meshgate_testkit::http::{Nginx, TlsOrigin, curl, field, nginx_or_skip};
 use meshgate_testkit::pki::{LeafSpec, TestPki};
 use meshgate_testkit::{Meshgate, free_port, metric_sum, wait_until};
 
@@ -418,84 +418,6 @@ fn https_bodies_stream_both_ways_and_local_identity_serves() {
     assert_eq!(r.status, 200);
     assert_eq!(field(&r.body, "xfcc"), "", "{}", r.body);
     assert_eq!(field(&r.body, "xfp"), "http");
-}
-
-/// nginx serving HTTPS at a fresh port with `cert`/`key`, requiring a client certificate
-/// from `client_ca`, answering with what it verified.
-struct TlsOrigin {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl TlsOrigin {
-    fn start(nginx: &Path, cert: &Path, key: &Path, client_ca: &Path) -> TlsOrigin {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
-        let addr = addr(free_port());
-        let conf = format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/tmp/body;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
-  server {{
-    listen {addr} ssl;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_client_certificate {ca};
-    ssl_verify_client on;
-    location / {{
-      return 200 "tls-origin verify=$ssl_client_verify sni=$ssl_server_name conn=$connection uri=$request_uri\n";
-    }}
-  }}
-}}
-"#,
-            d = d.display(),
-            cert = cert.display(),
-            key = key.display(),
-            ca = client_ca.display(),
-        );
-        std::fs::write(d.join("nginx.conf"), conf).expect("write conf");
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(d)
-            .arg("-c")
-            .arg(d.join("nginx.conf"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn nginx");
-        let mut o = TlsOrigin {
-            child,
-            addr,
-            _dir: dir,
-        };
-        if !wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(o.addr).is_ok()
-        }) {
-            let _ = o.child.kill();
-            panic!("TLS nginx did not start");
-        }
-        o
-    }
-}
-
-impl Drop for TlsOrigin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -36,11 +36,11 @@ pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
-    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
-    HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
-    PeerMatch, Policy, PolicyAction, Protocol, Route, RouteAction, RouteHttp, RouteMatch,
-    RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle,
-    UpstreamVerify, WeightedCluster, sni_matches,
+    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig, HashOn,
+    HeaderMatch, HeaderOps, HeaderValueMatch, HealthCheck, HealthCheckKind, Listener, ListenerHttp,
+    ListenerTls, OutlierDetection, PathMatch, PeerMatch, Policy, PolicyAction, Protocol, Route,
+    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -323,9 +323,13 @@ endpoints = ["127.0.0.1:15002"]
             [Cluster {
                 name: "echo".into(),
                 endpoints: vec![addr("127.0.0.1:15002")],
+                endpoint_weights: vec![1],
                 connect_timeout: Duration::from_secs(5),
                 balance: Balance::RoundRobin,
+                hash_on: None,
                 tls: None,
+                health_check: None,
+                outlier_detection: None,
             }]
         );
     }
@@ -519,7 +523,7 @@ endpoints = ["10.0.0.3:80"]
         );
         assert_eq!(
             error_at(&errors, "clusters[0].endpoints[1]").message,
-            "expected a string, found integer 8080"
+            "expected a string or a table { address, weight }, found integer 8080"
         );
         assert_eq!(
             error_at(&errors, "runtime.pin").message,

@@ -360,13 +360,21 @@ impl Loader<'_> {
                             );
                         }
                         Section::Policies => self.clean_policy_rules(&mut table, &item_path),
-                        Section::Clusters => self.clean_subtable(
-                            &mut table,
-                            ("tls", Section::ClusterTls),
-                            &item_path,
-                            &[("verify", Section::Verify), ("identity", Section::Identity)],
-                            &[],
-                        ),
+                        Section::Clusters => {
+                            self.clean_subtable(
+                                &mut table,
+                                ("tls", Section::ClusterTls),
+                                &item_path,
+                                &[("verify", Section::Verify), ("identity", Section::Identity)],
+                                &[],
+                            );
+                            for sub in [
+                                ("health_check", Section::HealthCheck),
+                                ("outlier_detection", Section::OutlierDetection),
+                            ] {
+                                self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
+                            }
+                        }
                         _ => {}
                     }
                     *item = Value::Table(self.clean(table, section, &item_path));
@@ -654,6 +662,8 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::ClusterTls => value.try_into::<raw::ClusterTls>().map(drop),
         Section::Verify => value.try_into::<raw::Verify>().map(drop),
         Section::Identity => value.try_into::<raw::Identity>().map(drop),
+        Section::HealthCheck => value.try_into::<raw::HealthCheck>().map(drop),
+        Section::OutlierDetection => value.try_into::<raw::OutlierDetection>().map(drop),
         Section::ListenerHttp => value.try_into::<raw::ListenerHttp>().map(drop),
         Section::PathMatch => value.try_into::<raw::PathMatch>().map(drop),
         Section::HeaderMatch => value.try_into::<raw::HeaderMatch>().map(drop),

@@ -236,10 +236,84 @@ pub(crate) struct WeightedCluster {
 #[serde(deny_unknown_fields)]
 pub(crate) struct Cluster {
     pub name: Option<String>,
-    pub endpoints: Option<Vec<String>>,
+    pub endpoints: Option<Vec<Endpoint>>,
     pub connect_timeout: Option<Duration>,
     pub balance: Option<String>,
+    pub hash_on: Option<HashOn>,
     pub tls: Option<ClusterTls>,
+    pub health_check: Option<HealthCheck>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// An entry of `endpoints`: `"IP:PORT"` or `{ address = "IP:PORT", weight = 3 }`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Endpoint {
+    Address(String),
+    Weighted {
+        address: Option<String>,
+        weight: Option<i64>,
+    },
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EndpointVisitor;
+        impl<'de> Visitor<'de> for EndpointVisitor {
+            type Value = Endpoint;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a table { address, weight }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Endpoint, E> {
+                Ok(Endpoint::Address(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Endpoint, A::Error> {
+                let (mut address, mut weight) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "address" => address = Some(map.next_value::<String>()?),
+                        "weight" => weight = Some(map.next_value::<i64>()?),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["address", "weight"]));
+                        }
+                    }
+                }
+                Ok(Endpoint::Weighted { address, weight })
+            }
+        }
+        deserializer.deserialize_any(EndpointVisitor)
+    }
+}
+
+/// `hash_on`: `"peer_identity"`, `"source_ip"` or `{ header = "x-user" }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum HashOn {
+    Name(String),
+    Header { header: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HealthCheck {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub expected_statuses: Option<Vec<i64>>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub healthy_threshold: Option<i64>,
+    pub unhealthy_threshold: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OutlierDetection {
+    pub consecutive_5xx: Option<i64>,
+    pub consecutive_gateway_failures: Option<i64>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<i64>,
+    pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +431,8 @@ pub(crate) enum Section {
     ClusterTls,
     Verify,
     Identity,
+    HealthCheck,
+    OutlierDetection,
     ListenerHttp,
     PathMatch,
     HeaderMatch,
@@ -373,7 +449,7 @@ pub(crate) enum Section {
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 28] = [
+    pub(crate) const ALL: [Section; 30] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -402,6 +478,8 @@ impl Section {
         Section::Identity,
         Section::Policies,
         Section::PolicyRules,
+        Section::HealthCheck,
+        Section::OutlierDetection,
     ];
 
     /// The accepted field names.
@@ -422,6 +500,8 @@ impl Section {
             Section::ClusterTls => fields::<ClusterTls>(),
             Section::Verify => fields::<Verify>(),
             Section::Identity => fields::<Identity>(),
+            Section::HealthCheck => fields::<HealthCheck>(),
+            Section::OutlierDetection => fields::<OutlierDetection>(),
             Section::ListenerHttp => fields::<ListenerHttp>(),
             Section::PathMatch => fields::<PathMatch>(),
             Section::HeaderMatch => fields::<HeaderMatch>(),
@@ -456,6 +536,8 @@ impl Section {
             Section::ClusterTls => "[clusters.tls]",
             Section::Verify => "[clusters.tls.verify]",
             Section::Identity => "[clusters.tls.identity]",
+            Section::HealthCheck => "[clusters.health_check]",
+            Section::OutlierDetection => "[clusters.outlier_detection]",
             Section::ListenerHttp => "[listeners.http]",
             Section::PathMatch => "[routes.match.path]",
             Section::HeaderMatch => "[routes.match] headers entries",
@@ -555,6 +637,29 @@ impl Section {
             (Section::Clusters, "endpoints") => "endpoints = [\"127.0.0.1:15002\", \"[::1]:8080\"]",
             (Section::Clusters, "connect_timeout") => "connect_timeout = \"5s\"",
             (Section::Clusters, "balance") => "balance = \"round_robin\"",
+            (Section::Clusters, "hash_on") => "hash_on = { header = \"x-user\" }",
+            (Section::Clusters, "health_check") => {
+                "health_check = { kind = \"http\", path = \"/healthz\", interval = \"5s\" }"
+            }
+            (Section::Clusters, "outlier_detection") => {
+                "outlier_detection = { consecutive_5xx = 5, base_ejection_time = \"30s\" }"
+            }
+            (Section::HealthCheck, "kind") => "kind = \"http\"",
+            (Section::HealthCheck, "path") => "path = \"/healthz\"",
+            (Section::HealthCheck, "host") => "host = \"backend.example.test\"",
+            (Section::HealthCheck, "expected_statuses") => "expected_statuses = [200, 204]",
+            (Section::HealthCheck, "interval") => "interval = \"5s\"",
+            (Section::HealthCheck, "timeout") => "timeout = \"1s\"",
+            (Section::HealthCheck, "healthy_threshold") => "healthy_threshold = 2",
+            (Section::HealthCheck, "unhealthy_threshold") => "unhealthy_threshold = 3",
+            (Section::OutlierDetection, "consecutive_5xx") => "consecutive_5xx = 5",
+            (Section::OutlierDetection, "consecutive_gateway_failures") => {
+                "consecutive_gateway_failures = 5"
+            }
+            (Section::OutlierDetection, "base_ejection_time") => "base_ejection_time = \"30s\"",
+            (Section::OutlierDetection, "max_ejection_time") => "max_ejection_time = \"5m\"",
+            (Section::OutlierDetection, "max_ejection_percent") => "max_ejection_percent = 10",
+            (Section::OutlierDetection, "interval") => "interval = \"10s\"",
             (Section::Listeners, "default_route") => "default_route = \"fallback\"",
             (Section::Listeners, "handshake_timeout") => "handshake_timeout = \"10s\"",
             (Section::Listeners, "tls") => {
@@ -659,7 +764,16 @@ mod tests {
     fn fields_are_read_from_serde() {
         assert_eq!(
             fields::<Cluster>(),
-            ["name", "endpoints", "connect_timeout", "balance", "tls"]
+            [
+                "name",
+                "endpoints",
+                "connect_timeout",
+                "balance",
+                "hash_on",
+                "tls",
+                "health_check",
+                "outlier_detection"
+            ]
         );
         assert_eq!(fields::<Route>()[4], "match");
         assert_eq!(
@@ -711,6 +825,8 @@ mod tests {
         check::<ClusterTls>(Section::ClusterTls);
         check::<Verify>(Section::Verify);
         check::<Identity>(Section::Identity);
+        check::<HealthCheck>(Section::HealthCheck);
+        check::<OutlierDetection>(Section::OutlierDetection);
         check::<ListenerHttp>(Section::ListenerHttp);
         check::<PathMatch>(Section::PathMatch);
         check::<HeaderMatch>(Section::HeaderMatch);
@@ -752,6 +868,8 @@ mod tests {
             Section::ClusterTls => "### `[clusters.tls]`",
             Section::Verify => "#### `verify`",
             Section::Identity => "#### `identity`",
+            Section::HealthCheck => "### `[clusters.health_check]`",
+            Section::OutlierDetection => "### `[clusters.outlier_detection]`",
             Section::ListenerHttp => "### `[listeners.http]`",
             Section::PathMatch => "#### `path`",
             Section::HeaderMatch => "#### `headers` entries",
@@ -925,6 +1043,9 @@ mod tests {
                 crate::parse(&text, "minimal control").unwrap_or_else(|err| panic!("{err}"));
             serde_json::to_value(&control).unwrap_or_default()
         };
+        let checks = format!("{MINIMAL}\n[clusters.health_check]\n[clusters.outlier_detection]\n");
+        let checks = crate::parse(&checks, "minimal checks").unwrap_or_else(|err| panic!("{err}"));
+        let checks_json = serde_json::to_value(&checks).unwrap_or_default();
         let (control, enrollment, workload) = (
             control_json(""),
             control_json("[control.enrollment]\n"),
@@ -945,6 +1066,8 @@ mod tests {
                 Section::ControlEnrollment => &enrollment["control"]["enrollment"],
                 Section::Telemetry => &json["telemetry"],
                 Section::ControlWorkloadApi => &workload["control"]["workload_api"],
+                Section::HealthCheck => &checks_json["clusters"][0]["health_check"],
+                Section::OutlierDetection => &checks_json["clusters"][0]["outlier_detection"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

@@ -587,12 +587,104 @@ pub struct Cluster {
     pub name: String,
     /// Non-empty, no duplicates, port != 0, not an unspecified or multicast IP.
     pub endpoints: Vec<SocketAddr>,
+    /// Relative weight of each endpoint (same index as `endpoints`), `1..=10000`; 1 when the
+    /// entry is a plain address.
+    pub endpoint_weights: Vec<u32>,
     /// Time allowed for the upstream TCP connect; `> 0`.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub connect_timeout: Duration,
     pub balance: Balance,
+    /// What `maglev` hashes; `Some` exactly when `balance` is `maglev`.
+    pub hash_on: Option<HashOn>,
     /// Upstream TLS origination; `None`: plain TCP to the endpoints.
     pub tls: Option<ClusterTls>,
+    /// Active health checking; `None`: endpoints are healthy unless ejected.
+    pub health_check: Option<HealthCheck>,
+    /// Passive outlier detection; `None`: no ejection.
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl Cluster {
+    /// True when any endpoint weight differs from the others.
+    pub fn weighted(&self) -> bool {
+        self.endpoint_weights.windows(2).any(|w| w[0] != w[1])
+    }
+}
+
+/// What a consistent-hash cluster hashes to choose an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// The value of this request header (lowercase name); HTTP routes only.
+    Header(String),
+    /// The downstream peer's verified SPIFFE ID (mTLS listeners).
+    PeerIdentity,
+    /// The downstream client's IP address.
+    SourceIp,
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Header(h) => write!(f, "header {h}"),
+            HashOn::PeerIdentity => f.write_str("peer_identity"),
+            HashOn::SourceIp => f.write_str("source_ip"),
+        }
+    }
+}
+
+/// How an endpoint is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// A TCP connect (and, for TLS clusters, a verified handshake) succeeds.
+    Tcp,
+    /// `GET path` answers with one of `expected_statuses`.
+    Http,
+}
+
+/// `[clusters.health_check]`: active health checking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    /// Request path of `http` checks; starts with `/`.
+    pub path: String,
+    /// `Host` header of `http` checks; `None`: the endpoint's address.
+    pub host: Option<String>,
+    /// Statuses that count as healthy (`http`), each in `100..=599`.
+    pub expected_statuses: Vec<u16>,
+    /// Time between two checks of one endpoint; `> 0`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub interval: Duration,
+    /// Time one check may take (connect, TLS, request and response); `> 0`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// `[clusters.outlier_detection]`: passive ejection of failing endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses that eject an endpoint; 0: off.
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway failures (connect failure, reset, 502/503/504) that eject; 0: off.
+    pub consecutive_gateway_failures: u32,
+    /// Ejection time of a first ejection; the n-th consecutive ejection lasts n times this.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub max_ejection_time: Duration,
+    /// At most this share of the cluster's endpoints is ejected at once (at least one always
+    /// may be).
+    pub max_ejection_percent: u32,
+    /// How often ejections are reviewed: ejected endpoints whose time is up return, and an
+    /// endpoint that stayed in for a whole interval has its ejection multiplier lowered.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub interval: Duration,
 }
 
 /// `[clusters.tls]`: TLS (or mTLS, with `identity`) to the endpoints.
@@ -633,7 +725,12 @@ pub struct TlsIdentity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
+    /// Round robin (smooth weighted round robin when endpoint weights differ).
     RoundRobin,
+    /// Power of two choices on active requests per endpoint (per shard), divided by weight.
+    LeastRequest,
+    /// Consistent hashing (Maglev) on `hash_on`.
+    Maglev,
 }
 
 impl Balance {
@@ -641,6 +738,8 @@ impl Balance {
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
+            Balance::LeastRequest => "least_request",
+            Balance::Maglev => "maglev",
         }
     }
 }

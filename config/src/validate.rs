@@ -15,12 +15,13 @@ use crate::pem::{self, FileError};
 use crate::raw;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::types::{
-    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, ClientAuth, Cluster,
     ClusterTls, Config, Listener, ListenerTls, PeerMatch, Policy, Protocol, Route, RouteAction,
     RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion,
     TrustBundle, UpstreamVerify, WeightedCluster,
 };
 
+mod balance;
 mod control;
 mod http;
 mod policy;
@@ -269,6 +270,7 @@ impl Validator {
             .map(|(index, policy)| self.policy(index, policy, &listener_names, &bindings.listeners))
             .collect();
 
+        self.route_hashing(&listeners, &routes, &clusters);
         self.bind_routes(&mut listeners, &bindings);
         self.default_routes(&mut listeners, &bindings, &route_names);
         self.listener_addresses(&listeners, admin.as_ref());
@@ -787,82 +789,36 @@ impl Validator {
             DEFAULT_CONNECT_TIMEOUT,
             true,
         );
-        let balance = match raw.balance.as_deref() {
-            None | Some("round_robin") => Some(Balance::RoundRobin),
-            Some(other) => {
-                let mut hint = match nearest(other, &["round_robin"]) {
-                    Some(near) => format!("did you mean \"{near}\"? "),
-                    None => String::new(),
-                };
-                hint.push_str("write balance = \"round_robin\" or leave the field out");
-                self.error(
-                    format!("{path}.balance"),
-                    format!(
-                        "balance `{other}` is not supported in this release; allowed values: \
-                         \"round_robin\""
-                    ),
-                    hint,
-                );
-                None
-            }
-        };
+        let balance = self.balance(&path, raw.balance.as_deref());
+        let hash_on = self.hash_on(&path, balance, raw.hash_on);
         let tls = match raw.tls {
             None => Some(None),
             Some(tls) => self.cluster_tls(&format!("{path}.tls"), tls).map(Some),
         };
+        let health_check = match raw.health_check {
+            None => Some(None),
+            Some(hc) => self
+                .health_check(&format!("{path}.health_check"), hc)
+                .map(Some),
+        };
+        let outlier_detection = match raw.outlier_detection {
+            None => Some(None),
+            Some(od) => self
+                .outlier_detection(&format!("{path}.outlier_detection"), od)
+                .map(Some),
+        };
+        let (endpoints, endpoint_weights) = endpoints?;
         Some(Cluster {
             name: raw.name?,
-            endpoints: endpoints?,
+            endpoints,
+            endpoint_weights,
             connect_timeout: connect_timeout?,
             balance: balance?,
+            hash_on: hash_on?,
             tls: tls?,
+            health_check: health_check?,
+            outlier_detection: outlier_detection?,
         })
-    }
-
-    fn endpoints(&mut self, cluster_path: &str, list: &[String]) -> Option<Vec<SocketAddr>> {
-        let mut endpoints = Vec::with_capacity(list.len());
-        let mut ok = true;
-        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
-        for (index, text) in list.iter().enumerate() {
-            let path = format!("{cluster_path}.endpoints[{index}]");
-            let Some(address) = self.address(&path, text, AddressUse::Endpoint) else {
-                ok = false;
-                continue;
-            };
-            let ip = address.ip().to_canonical();
-            let problem = if address.port() == 0 {
-                Some(format!("endpoint {address} has port 0"))
-            } else if ip.is_unspecified() {
-                Some(format!(
-                    "endpoint {address} has the unspecified IP {ip}, which cannot be connected to"
-                ))
-            } else if ip.is_multicast() {
-                Some(format!("endpoint {address} is a multicast address"))
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                self.error(
-                    path,
-                    problem,
-                    "use the upstream's own IP and port, e.g. \"127.0.0.1:8080\"",
-                );
-                ok = false;
-                continue;
-            }
-            if let Some(first) = seen.get(&address) {
-                self.error(
-                    path,
-                    format!("duplicate endpoint {address} (same as endpoints[{first}])"),
-                    "list each endpoint once; remove this entry",
-                );
-                ok = false;
-                continue;
-            }
-            seen.insert(address, index);
-            endpoints.push(address);
-        }
-        ok.then_some(endpoints)
     }
 
     fn route(

@@ -1,4 +1,5 @@
-//! The admin API: `/ready`, `/live`, `/metrics`, `/config_dump`, `/status`.
+//! The admin API: `/ready`, `/live`, `/metrics`, `/config_dump`, `/status`, `/clusters` (every
+//! endpoint with its weight, health and ejection state).
 //!
 //! Runs on its own plain OS threads (one per admin socket: loopback TCP and/or a Unix socket),
 //! never on a shard: a slow scrape can not stall traffic, and traffic can not stall a scrape.
@@ -305,6 +306,7 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         ("GET" | "HEAD", "/config_dump") => Response::json(&*state.shared.current().config),
         ("GET" | "HEAD", "/status") => Response::json(&status(state)),
         ("GET" | "HEAD", "/certs") => Response::json(&state.stats.certs()),
+        ("GET" | "HEAD", "/clusters") => Response::json(&state.stats.health.current_status()),
         ("POST", "/reload") => control(state, ControlAction::Reload),
         ("POST", "/drain") => match control(state, ControlAction::Drain) {
             r if r.status == 200 => Response::json(&drain_status(state)),
@@ -347,7 +349,7 @@ fn route(state: &AdminState, method: &str, target: &str) -> Response {
         }
         _ => Response::text(
             404,
-            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /config/history[/ID], POST /reload, POST /config/rollback[?to=ID], POST /drain\n"
+            "not found; endpoints: /ready /live /metrics /config_dump /status /certs /clusters /config/history[/ID], POST /reload, POST /config/rollback[?to=ID], POST /drain\n"
                 .to_string(),
         ),
     }

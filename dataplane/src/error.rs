@@ -28,6 +28,8 @@ pub enum ProxyErrorKind {
     Io { blame: Blame, source: io::Error },
     #[error("no data moved for the idle timeout")]
     IdleTimeout,
+    #[error("no healthy endpoint in the cluster")]
+    NoHealthyUpstream,
     #[error("{0}")]
     Internal(&'static str),
 }
@@ -65,6 +67,7 @@ impl ProxyError {
             ProxyErrorKind::UpstreamConnect { .. } => Blame::Upstream,
             ProxyErrorKind::Io { blame, .. } => *blame,
             ProxyErrorKind::IdleTimeout => Blame::Downstream,
+            ProxyErrorKind::NoHealthyUpstream => Blame::Upstream,
             ProxyErrorKind::Internal(_) => Blame::Internal,
         }
     }
@@ -97,6 +100,7 @@ impl ProxyError {
             }
             | ProxyErrorKind::Internal(_) => "NR",
             ProxyErrorKind::IdleTimeout => "SI",
+            ProxyErrorKind::NoHealthyUpstream => "UH",
         }
     }
 }

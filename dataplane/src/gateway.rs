@@ -398,6 +398,11 @@ impl Gateway {
                 .iter()
                 .map(|l| self.shared.conns(&l.name))
                 .collect(),
+            lb: config
+                .clusters
+                .iter()
+                .map(|c| crate::balance::SharedLb::build(c, self.stats.health.cluster(c)))
+                .collect(),
             listener_tls,
             cluster_tls,
         });
@@ -442,6 +447,7 @@ impl Gateway {
             let _ = tx.send(ShardMsg::Commit { generation });
         }
         self.stats.set_certs(certs);
+        self.stats.health.set_current(&config.clusters);
         let applied_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())

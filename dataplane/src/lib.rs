@@ -11,6 +11,7 @@ mod authz;
 pub mod balance;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod http1;
 mod http_route;
 mod listen;

@@ -829,6 +829,8 @@ pub struct Stats {
     verify: Mutex<BTreeMap<String, Arc<VerifyCounts>>>,
     /// Certificates and bundle roots loaded by the current generation.
     certs: Mutex<Vec<CertInfo>>,
+    /// Endpoint health and ejections, by cluster and endpoint; kept across reloads.
+    pub health: crate::health::Registry,
 }
 
 /// A loaded certificate, as `GET /certs` and the expiry gauge report it: one a listener serves
@@ -874,6 +876,7 @@ impl Stats {
             access_log,
             verify: Mutex::new(BTreeMap::new()),
             certs: Mutex::new(Vec::new()),
+            health: crate::health::Registry::default(),
             shards: (0..shards)
                 .map(|_| {
                     Arc::new(ShardStats {
@@ -1451,9 +1454,60 @@ impl Collector for Exporter {
                 )
             }),
         )?;
+        encode_health(&mut enc, s)?;
         encode_istio(&mut enc, s)?;
         Ok(())
     }
+}
+
+/// Endpoint health, ejections and health-check results (`crate::health`).
+fn encode_health(enc: &mut DescriptorEncoder<'_>, s: &Stats) -> Result<(), std::fmt::Error> {
+    let eps = s.health.current_status();
+    let labels = |e: &crate::health::EndpointStatus| {
+        vec![
+            ("cluster", e.cluster.clone()),
+            ("endpoint", e.endpoint.to_string()),
+        ]
+    };
+    family(
+        enc,
+        "meshgate_endpoint_healthy",
+        "1 when the endpoint may get traffic (passing its health checks and not ejected), else 0",
+        MetricType::Gauge,
+        eps.iter().map(|e| {
+            (
+                labels(e),
+                ConstGauge::new(i64::from(e.healthy && !e.ejected)),
+            )
+        }),
+    )?;
+    family(
+        enc,
+        "meshgate_endpoint_ejections",
+        "Times outlier detection ejected the endpoint",
+        MetricType::Counter,
+        eps.iter()
+            .filter(|e| e.outlier_detection)
+            .map(|e| (labels(e), ConstCounter::new(e.ejections))),
+    )?;
+    family(
+        enc,
+        "meshgate_endpoint_health_checks",
+        "Active health checks of the endpoint, by result",
+        MetricType::Counter,
+        eps.iter().filter(|e| e.health_checked).flat_map(|e| {
+            [
+                ("passed", e.health_checks_passed),
+                ("failed", e.health_checks_failed),
+            ]
+            .map(|(result, n)| {
+                let mut l = labels(e);
+                l.push(("result", result.to_string()));
+                (l, ConstCounter::new(n))
+            })
+        }),
+    )?;
+    Ok(())
 }
 
 /// Istio's standard metrics, with its label names, summed over shards.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use meshgate_config::{Config, Protocol, RouteAction};
 
 use crate::accesslog::AccessLog;
-use crate::balance::{RoundRobin, WeightedPicker};
+use crate::balance::{EndpointPicker, SharedLb, WeightedPicker};
 use crate::gateway::{Shared, StartError, bind_hint};
 use crate::listen;
 use crate::metrics::{ClusterStats, ListenerStats, ShardStats, TcpRouteStats};
@@ -41,6 +41,8 @@ pub struct Plan {
     pub listener_tls: Vec<Option<Arc<ListenerTlsState>>>,
     /// TLS origination state per cluster (`Some` for clusters with `[clusters.tls]`).
     pub cluster_tls: Vec<Option<Arc<ClusterTlsState>>>,
+    /// Endpoint health and Maglev tables per cluster, shared by the shards.
+    pub lb: Vec<SharedLb>,
 }
 
 pub type Ack = std::sync::mpsc::Sender<(usize, Result<(), StartError>)>;
@@ -101,8 +103,13 @@ pub struct ShardGen {
     pub cluster_tls: Vec<Option<Arc<ClusterTlsState>>>,
     /// One weighted picker per route (same index as `config.routes`).
     pub route_pickers: Vec<WeightedPicker>,
-    /// One round robin per cluster (same index as `config.clusters`).
-    pub endpoint_rr: Vec<RoundRobin>,
+    /// Endpoint choice per cluster (same index as `config.clusters`): see
+    /// [`EndpointPicker::pick`] / [`EndpointPicker::pick_excluding`].
+    pub balancers: Vec<EndpointPicker>,
+    /// What the shards share per cluster (health, Maglev table); same index.
+    pub lb: Vec<SharedLb>,
+    /// Per route (same index as `config.routes`): the request header its clusters hash on.
+    pub route_hash_header: Vec<Option<Box<str>>>,
     /// Names as shared strings for access-log records (same indexes as in `config`).
     pub listener_names: Vec<Arc<str>>,
     pub route_names: Vec<Arc<str>>,
@@ -155,10 +162,27 @@ impl ShardGen {
                     _ => WeightedPicker::new(&[1]),
                 })
                 .collect(),
-            endpoint_rr: config
+            balancers: config
                 .clusters
                 .iter()
-                .map(|c| RoundRobin::new(c.endpoints.len(), shard_id))
+                .zip(&plan.lb)
+                .map(|(c, lb)| EndpointPicker::new(c, lb, shard_id))
+                .collect(),
+            lb: plan.lb.clone(),
+            route_hash_header: config
+                .routes
+                .iter()
+                .map(|r| match &r.action {
+                    RouteAction::Forward { clusters } => {
+                        clusters.iter().find_map(|t| {
+                            match config.clusters.get(t.cluster_index)?.hash_on.as_ref()? {
+                                meshgate_config::HashOn::Header(h) => Some(h.as_str().into()),
+                                _ => None,
+                            }
+                        })
+                    }
+                    _ => None,
+                })
                 .collect(),
             listener_names: config
                 .listeners
@@ -252,6 +276,8 @@ pub async fn run(init: ShardInit) {
     init.stats.set_idle_counter(rt::idle_counter());
     let mut serving: HashMap<String, Serving> = HashMap::new();
     let mut prepared: Option<Prepared> = None;
+    // Shard 0 runs the health checks of the generation in force (docs/ARCHITECTURE.md).
+    let mut health_tasks: Vec<rt::JoinHandle<()>> = Vec::new();
 
     let deadline = loop {
         match init.rx.recv().await {
@@ -268,7 +294,17 @@ pub async fn run(init: ShardInit) {
                 }
             }
             Some(ShardMsg::Commit { generation }) => match prepared.take() {
-                Some(p) if p.generation == generation => commit(&shard, p, &mut serving),
+                Some(p) if p.generation == generation => {
+                    commit(&shard, p, &mut serving);
+                    if init.id == 0 {
+                        for t in health_tasks.drain(..) {
+                            t.cancel();
+                        }
+                        if let Some(snap) = shard.current() {
+                            health_tasks = crate::health::spawn_tasks(&snap);
+                        }
+                    }
+                }
                 other => {
                     tracing::error!(
                         shard = init.id,
@@ -302,6 +338,9 @@ pub async fn run(init: ShardInit) {
     };
     // Closing the listening sockets makes new connections to this shard's sockets fail at once.
     drop(prepared);
+    for t in health_tasks.drain(..) {
+        t.cancel();
+    }
     for (_, s) in serving.drain() {
         s.task.cancel();
     }

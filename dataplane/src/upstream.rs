@@ -1,15 +1,18 @@
 //! `upstream::connect`: open a connection to an endpoint of the chosen cluster.
 //!
-//! Round robin over the cluster's endpoints; a refused or timed-out attempt moves on to the next
-//! endpoint, up to one attempt per endpoint (at most [`MAX_ATTEMPTS`]), each bounded by the
-//! cluster's `connect_timeout`. Failures are counted per cluster; a connection that is open
+//! The cluster's [`EndpointPicker`](crate::balance::EndpointPicker) chooses (round robin, least
+//! request or Maglev on `key`, skipping unhealthy and ejected endpoints); a refused or timed-out
+//! attempt moves on to another endpoint, up to one attempt per endpoint (at most
+//! [`MAX_ATTEMPTS`]), each bounded by the cluster's `connect_timeout`. No usable endpoint:
+//! [`ProxyErrorKind::NoHealthyUpstream`](crate::error::ProxyErrorKind) (flag `UH`). Failures are counted per cluster; a connection that is open
 //! holds a [`UpstreamGuard`] so the active gauge is right however the connection ends.
 
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, ProxyErrorKind};
+use crate::health::Outcome;
 use crate::rt;
 use crate::shard::ShardGen;
 
@@ -28,43 +31,60 @@ pub struct Upstream {
 pub struct UpstreamGuard {
     snap: Rc<ShardGen>,
     pub cluster: usize,
+    /// Index of the endpoint in the cluster (counted in flight for `least_request`).
+    pub endpoint_index: usize,
 }
 
 impl Drop for UpstreamGuard {
     fn drop(&mut self) {
         self.snap.clusters[self.cluster].active.dec();
+        self.snap.balancers[self.cluster].end(self.endpoint_index);
     }
 }
 
-/// Connect to cluster `cluster`, trying endpoints in round-robin order.
-pub async fn connect(snap: &Rc<ShardGen>, cluster: usize) -> Result<Upstream, ProxyError> {
+/// Connect to cluster `cluster`; `key`: the connection's hash key for a `maglev` cluster
+/// ([`EndpointPicker::hash_key`](crate::balance::EndpointPicker::hash_key)).
+pub async fn connect(
+    snap: &Rc<ShardGen>,
+    cluster: usize,
+    key: Option<u64>,
+) -> Result<Upstream, ProxyError> {
     let cfg = &snap.config.clusters[cluster];
     let stats = &snap.clusters[cluster];
+    let picker = &snap.balancers[cluster];
     let attempts = cfg.endpoints.len().clamp(1, MAX_ATTEMPTS);
     let mut last = None;
-    for _ in 0..attempts {
-        let Some(&endpoint) = cfg.endpoints.get(snap.endpoint_rr[cluster].pick()) else {
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    for attempt in 0..attempts {
+        let Some(index) = picker.pick_excluding(key, &tried[..attempt]) else {
             break;
         };
+        tried[attempt] = index;
+        let endpoint = cfg.endpoints[index];
         match rt::timeout(cfg.connect_timeout, rt::TcpStream::connect(endpoint)).await {
             Ok(Ok(stream)) => {
                 stats.connects.inc();
                 stats.active.inc();
+                picker.begin_owned(index);
+                picker.report(index, Outcome::Connected);
                 return Ok(Upstream {
                     stream,
                     endpoint,
                     guard: UpstreamGuard {
                         snap: snap.clone(),
                         cluster,
+                        endpoint_index: index,
                     },
                 });
             }
             Ok(Err(e)) => {
+                picker.report(index, Outcome::GatewayFailure);
                 stats.connect_failures.inc();
                 tracing::debug!(cluster = %cfg.name, %endpoint, error = %e, "upstream connect failed");
                 last = Some(ProxyError::upstream_connect(endpoint, e));
             }
             Err(rt::Elapsed) => {
+                picker.report(index, Outcome::GatewayFailure);
                 stats.connect_failures.inc();
                 stats.connect_timeouts.inc();
                 tracing::debug!(cluster = %cfg.name, %endpoint, "upstream connect timed out");
@@ -75,5 +95,7 @@ pub async fn connect(snap: &Rc<ShardGen>, cluster: usize) -> Result<Upstream, Pr
             }
         }
     }
-    Err(last.unwrap_or_else(|| ProxyError::internal("cluster has no endpoints")))
+    Err(last.unwrap_or(ProxyError {
+        kind: ProxyErrorKind::NoHealthyUpstream,
+    }))
 }

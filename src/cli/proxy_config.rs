@@ -1,6 +1,6 @@
 //! `meshgate proxy-config listeners|routes|clusters|endpoints|secrets`: what the running gateway
 //! has loaded (the generation in force, not the file on disk), as `istioctl proxy-config` shows
-//! it for Envoy. Read from the admin API's `/config_dump`, `/status` and `/certs`.
+//! it for Envoy. Read from the admin API's `/config_dump`, `/status`, `/clusters` and `/certs`.
 
 use clap::{Args, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
@@ -33,7 +33,8 @@ pub enum What {
     Routes,
     /// Clusters: endpoints, balancing, upstream TLS.
     Clusters,
-    /// Every endpoint of every cluster with its connection counters.
+    /// Every endpoint of every cluster with its weight, health and ejection state, and its
+    /// cluster's connection counters.
     Endpoints,
     /// Loaded certificates and trust-bundle roots: SPIFFE ID, serial, expiry.
     Secrets,
@@ -43,7 +44,7 @@ pub fn run(args: ProxyConfigArgs) -> u8 {
     let addr = AdminAddr::parse(&args.admin);
     let path = match args.what {
         What::Listeners | What::Routes | What::Clusters => "/config_dump",
-        What::Endpoints => "/status",
+        What::Endpoints => "/clusters",
         What::Secrets => "/certs",
     };
     let body = match admin_client::fetch(&addr, path) {
@@ -85,19 +86,14 @@ fn select(doc: &Value, what: What, name: Option<&str>) -> Vec<Value> {
         What::Routes => list("routes"),
         What::Clusters => list("clusters"),
         What::Endpoints => {
-            let mut out = Vec::new();
-            for c in list("clusters").iter().filter(|c| named(c, "name")) {
-                for ep in c["endpoints"].as_array().into_iter().flatten() {
-                    out.push(serde_json::json!({
-                        "cluster": c["name"],
-                        "endpoint": ep,
-                        "cluster_active": c["active"],
-                        "cluster_connects": c["connects"],
-                        "cluster_connect_failures": c["connect_failures"],
-                    }));
-                }
-            }
-            return out;
+            // `/clusters`: one object per endpoint.
+            return doc
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| named(e, "cluster"))
+                .cloned()
+                .collect();
         }
         What::Secrets => {
             return doc
@@ -179,17 +175,41 @@ fn table(what: What, rows: &[Value]) -> String {
             t.set_header([
                 "cluster",
                 "endpoint",
-                "cluster: open",
-                "connects",
-                "connect failures",
+                "weight",
+                "health",
+                "ejections",
+                "checks passed/failed",
             ]);
             for e in rows {
+                let health = match (e["healthy"].as_bool(), e["ejected"].as_bool()) {
+                    (_, Some(true)) => format!(
+                        "EJECTED ({}s left)",
+                        e["ejected_for_seconds"]
+                            .as_f64()
+                            .map_or(0, |s| s.ceil() as u64)
+                    ),
+                    (Some(false), _) => "UNHEALTHY".into(),
+                    _ => "healthy".into(),
+                };
                 t.add_row([
                     text(&e["cluster"]),
                     text(&e["endpoint"]),
-                    text(&e["cluster_active"]),
-                    text(&e["cluster_connects"]),
-                    text(&e["cluster_connect_failures"]),
+                    text(&e["weight"]),
+                    health,
+                    if e["outlier_detection"].as_bool() == Some(true) {
+                        text(&e["ejections"])
+                    } else {
+                        "-".into()
+                    },
+                    if e["health_checked"].as_bool() == Some(true) {
+                        format!(
+                            "{}/{}",
+                            text(&e["health_checks_passed"]),
+                            text(&e["health_checks_failed"])
+                        )
+                    } else {
+                        "-".into()
+                    },
                 ]);
             }
         }

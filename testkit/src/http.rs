@@ -1,6 +1,7 @@
 //! HTTP test peers shared by the integration tests: nginx as an origin (two servers,
 //! `stable` and `canary`, echoing what the gateway sent), curl with `-i` parsed into a
-//! [`Resp`], and the echo line's fields.
+//! [`Resp`], the echo line's fields, and [`TlsOrigin`] (nginx serving HTTPS with client
+//! authentication).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
@@ -229,4 +230,83 @@ pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
         .and_then(|n| rest.find(&format!(" {n}=")))
         .unwrap_or_else(|| rest.find('\n').unwrap_or(rest.len()));
     &rest[..end]
+}
+
+/// nginx serving HTTPS at a fresh port with `cert`/`key`, requiring a client certificate
+/// from `client_ca`, answering with what it verified.
+#[derive(Debug)]
+pub struct TlsOrigin {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsOrigin {
+    pub fn start(nginx: &Path, cert: &Path, key: &Path, client_ca: &Path) -> TlsOrigin {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        let addr = addr(free_port());
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  server {{
+    listen {addr} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {ca};
+    ssl_verify_client on;
+    location / {{
+      return 200 "tls-origin verify=$ssl_client_verify sni=$ssl_server_name conn=$connection uri=$request_uri\n";
+    }}
+  }}
+}}
+"#,
+            d = d.display(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = client_ca.display(),
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut o = TlsOrigin {
+            child,
+            addr,
+            _dir: dir,
+        };
+        if !wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(o.addr).is_ok()
+        }) {
+            let _ = o.child.kill();
+            panic!("TLS nginx did not start");
+        }
+        o
+    }
+}
+
+impl Drop for TlsOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -198,14 +198,16 @@ impl Drop for EchoServer {
     }
 }
 
-/// An HTTP/1.1 origin on 127.0.0.1: every request (bodies are not expected) gets `200` with
-/// the server's `name` as body; connections are kept alive. One thread per connection.
+/// An HTTP/1.1 origin on 127.0.0.1: every request (bodies are not expected) gets `200` (or
+/// the status set with [`HttpUpstream::set_status`]) with the server's `name` as body;
+/// connections are kept alive. One thread per connection.
 #[derive(Debug)]
 pub struct HttpUpstream {
     pub addr: SocketAddr,
     pub name: String,
     /// Requests answered so far.
     pub requests: Arc<AtomicUsize>,
+    status: Arc<std::sync::atomic::AtomicU16>,
     stop: Arc<AtomicBool>,
 }
 
@@ -221,7 +223,13 @@ impl HttpUpstream {
         let addr = l.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (st, reqs, body) = (stop.clone(), requests.clone(), name.to_string());
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (st, reqs, body, code) = (
+            stop.clone(),
+            requests.clone(),
+            name.to_string(),
+            status.clone(),
+        );
         thread::Builder::new()
             .name("http-upstream".into())
             .spawn(move || {
@@ -230,10 +238,10 @@ impl HttpUpstream {
                         break;
                     }
                     let Ok(c) = conn else { continue };
-                    let (reqs, body) = (reqs.clone(), body.clone());
+                    let (reqs, body, code) = (reqs.clone(), body.clone(), code.clone());
                     let _ = thread::Builder::new()
                         .stack_size(64 * 1024)
-                        .spawn(move || serve_http(c, &reqs, &body, delay));
+                        .spawn(move || serve_http(c, &reqs, &body, delay, &code));
                 }
             })
             .expect("spawn http upstream");
@@ -241,12 +249,24 @@ impl HttpUpstream {
             addr,
             name: name.to_string(),
             requests,
+            status,
             stop,
         }
     }
+
+    /// Answer every request from now on with `status` (e.g. 500 to fail health checks).
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Release);
+    }
 }
 
-fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Duration) {
+fn serve_http(
+    mut c: TcpStream,
+    requests: &AtomicUsize,
+    body: &str,
+    delay: Duration,
+    status: &std::sync::atomic::AtomicU16,
+) {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -256,8 +276,10 @@ fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Durat
             if !delay.is_zero() {
                 thread::sleep(delay);
             }
+            let code = status.load(Ordering::Acquire);
+            let reason = if code == 200 { "OK" } else { "Status" };
             let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             );
             if c.write_all(resp.as_bytes()).is_err() {
@@ -375,11 +397,16 @@ print(json.dumps(out))
 
 /// GET `path` from `addr` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// `method path` (no body) to `addr` over HTTP/1.1 on a new connection; returns (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
@@ -390,6 +417,51 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .and_then(|c| c.parse().ok())
         .context("no status code")?;
     Ok((code, body.to_string()))
+}
+
+/// Send one keep-alive `GET path` with `headers` on `s` and read its response (framed by
+/// content-length); returns (status, lowercase head, body).
+pub fn keep_alive_get(
+    s: &mut TcpStream,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: t\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = s.read(&mut b).expect("read");
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let head = head.to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                return (status, head, body[..len].to_owned());
+            }
+        }
+    }
 }
 
 /// A tiny HTTP/1.1 origin on 127.0.0.1: every connection gets a 200 with `body` and is closed.

@@ -2,7 +2,7 @@
 //!
 //! `listen::accept` -> read head (`http1::parse_request_resumable`, header-read timeout) ->
 //! normalise path -> `route::resolve` ([`crate::http_route`]) -> direct response / redirect, or
-//! `balance::pick` (weighted cluster, round-robin endpoint) -> `upstream::connect` (the shard's
+//! `balance::pick` (weighted cluster, endpoint by the cluster's policy) -> `upstream::connect` (the shard's
 //! keep-alive [`crate::pool`], else a new connection) -> send head, stream the request body and
 //! the response both ways at once -> access log + metrics -> next request (keep-alive) or close.
 //!
@@ -444,6 +444,14 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
         draining,
         &mut ex,
     );
+    // A consistent-hash cluster's key, read while the head is still there.
+    let header_hash = match &planned {
+        Plan::Forward { route, .. } => snap.route_hash_header[route.index]
+            .as_deref()
+            .and_then(|h| head.header(&conn.buf, h))
+            .map(crate::balance::hash_bytes),
+        Plan::Local { .. } => None,
+    };
     // The head's bytes are no longer needed: what follows is body or the next request.
     conn.buf.drain(..head_len);
     let body_done = head_body_done(&head);
@@ -481,6 +489,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
                 version: head.version(),
                 keep_alive: head.keep_alive(),
                 decoder: head.body_decoder(&Limits::default()),
+                header_hash,
             };
             let next = forward(guard, snap, routes, route, conn, req, upstream_head, &ex).await;
             (next, Some(route))
@@ -869,6 +878,8 @@ struct ReqInfo {
     version: Version,
     keep_alive: bool,
     decoder: BodyDecoder,
+    /// Hash of the header a `maglev` cluster of the route hashes on, when present.
+    header_hash: Option<u64>,
 }
 
 /// Why an upstream attempt failed.
@@ -882,6 +893,8 @@ enum UpFail {
     Timeout,
     /// A response the codec refuses.
     Protocol,
+    /// Every endpoint of the cluster is unhealthy or ejected.
+    NoHealthy,
 }
 
 impl UpFail {
@@ -889,6 +902,7 @@ impl UpFail {
         match self {
             UpFail::ConnectTimeout | UpFail::Timeout => 504,
             UpFail::ConnectRefused | UpFail::Closed | UpFail::Protocol => 502,
+            UpFail::NoHealthy => 503,
         }
     }
 
@@ -905,6 +919,8 @@ impl UpFail {
             (UpFail::Timeout, true) => "UT,URX",
             (UpFail::Protocol, false) => "UPE",
             (UpFail::Protocol, true) => "UPE,URX",
+            (UpFail::NoHealthy, false) => "UH",
+            (UpFail::NoHealthy, true) => "UH,URX",
         }
     }
 }
@@ -976,11 +992,26 @@ async fn forward<R: HttpRead, W: ClientOut>(
     let mut head_bytes = upstream_head;
     let mut retried = false;
     let mut attempt = 0;
+    let picker = &snap.balancers[cluster];
+    let key = picker.hash_key(
+        req.header_hash,
+        conn.peer,
+        conn.tls.as_deref().and_then(|t| t.peer.as_ref()),
+    );
+    let mut last_index = None;
     let fail = loop {
         attempt += 1;
-        let Some(&endpoint) = ccfg.endpoints.get(snap.endpoint_rr[cluster].pick()) else {
-            break UpFail::ConnectRefused;
+        // A retry goes to another endpoint when there is one.
+        let tried = last_index.as_slice();
+        let Some(index) = picker
+            .pick_excluding(key, tried)
+            .or_else(|| (!tried.is_empty()).then(|| picker.pick(key)).flatten())
+        else {
+            break UpFail::NoHealthy;
         };
+        last_index = Some(index);
+        let endpoint = ccfg.endpoints[index];
+        let _in_flight = picker.begin(index);
         ex.upstream_host.set(Some(endpoint));
         let key = PoolKey::new(endpoint, cluster_tls);
         let mut up = match guard.shard.http_pool.take(&key, cstats) {
@@ -989,6 +1020,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
                 match pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await {
                     Ok(up) => up,
                     Err(e) => {
+                        picker.report(index, crate::health::Outcome::GatewayFailure);
                         let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
                         // Nothing was sent: any request may go to the next endpoint.
                         if attempt < 2 {
@@ -1008,6 +1040,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         head_bytes = back;
         if sent.is_err() {
             drop(up);
+            picker.report(index, crate::health::Outcome::GatewayFailure);
             if retry_idempotent && attempt < 2 {
                 retried = true;
                 continue;
@@ -1041,6 +1074,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         .await;
         match joined {
             Joined::Done { resp, req_complete } => {
+                picker.report(index, crate::health::Outcome::Status(resp.status));
                 ex.answer(resp.status, if retried { "URX" } else { "-" });
                 if req_complete && resp.upstream_reusable {
                     guard.shard.http_pool.put(key, up);
@@ -1079,6 +1113,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
             }
             Joined::RespFailed(RespFail::Upstream(f)) => {
                 drop(up);
+                picker.report(index, crate::health::Outcome::GatewayFailure);
                 if shared.responded.get() {
                     // The response had started: all that is left is to cut the connection.
                     ex.answer(shared.status.get(), f.flags(retried));

@@ -171,7 +171,8 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
     let sent = Cell::new(0);
     let mut upstream_host = None;
     let outcome: Result<(), ProxyError> = async {
-        let up = upstream::connect(&snap, cluster).await?;
+        let key = snap.balancers[cluster].hash_key(None, peer, seen.peer.as_ref());
+        let up = upstream::connect(&snap, cluster, key).await?;
         upstream_host = Some(up.endpoint);
         let guard_up = up.guard;
         let mut up_conn = match snap.cluster_tls.get(cluster).and_then(|s| s.clone()) {
