@@ -32,12 +32,12 @@ use std::path::Path;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
-    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
-    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
-    HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
-    PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
-    ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
-    WeightedCluster, sni_matches,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, CircuitBreakers,
+    ClientAuth, Cluster, ClusterTls, Config, ControlConfig, ControlEnrollmentConfig,
+    ControlWorkloadApiConfig, HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp,
+    ListenerTls, PathMatch, PeerMatch, Protocol, RetryBudget, RetryOn, RetryPolicy, Route,
+    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -323,6 +323,8 @@ endpoints = ["127.0.0.1:15002"]
                 connect_timeout: Duration::from_secs(5),
                 balance: Balance::RoundRobin,
                 tls: None,
+                circuit_breakers: CircuitBreakers::default(),
+                retry_budget: RetryBudget::default(),
             }]
         );
     }

@@ -335,6 +335,7 @@ impl Loader<'_> {
                                 ("redirect", Section::Redirect),
                                 ("request_headers", Section::HeaderOps),
                                 ("response_headers", Section::HeaderOps),
+                                ("retry", Section::RouteRetry),
                             ] {
                                 self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
                             }
@@ -358,13 +359,21 @@ impl Loader<'_> {
                                 &[],
                             );
                         }
-                        Section::Clusters => self.clean_subtable(
-                            &mut table,
-                            ("tls", Section::ClusterTls),
-                            &item_path,
-                            &[("verify", Section::Verify), ("identity", Section::Identity)],
-                            &[],
-                        ),
+                        Section::Clusters => {
+                            self.clean_subtable(
+                                &mut table,
+                                ("tls", Section::ClusterTls),
+                                &item_path,
+                                &[("verify", Section::Verify), ("identity", Section::Identity)],
+                                &[],
+                            );
+                            for sub in [
+                                ("circuit_breakers", Section::CircuitBreakers),
+                                ("retry_budget", Section::RetryBudget),
+                            ] {
+                                self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
+                            }
+                        }
                         _ => {}
                     }
                     *item = Value::Table(self.clean(table, section, &item_path));
@@ -632,6 +641,9 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::Control => value.try_into::<raw::Control>().map(drop),
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
         Section::Telemetry => value.try_into::<raw::Telemetry>().map(drop),
+        Section::RouteRetry => value.try_into::<raw::RouteRetry>().map(drop),
+        Section::CircuitBreakers => value.try_into::<raw::CircuitBreakers>().map(drop),
+        Section::RetryBudget => value.try_into::<raw::RetryBudget>().map(drop),
         Section::ControlWorkloadApi => value.try_into::<raw::ControlWorkloadApi>().map(drop),
     }
 }

@@ -153,6 +153,18 @@ pub(crate) struct Route {
     pub prefix_rewrite: Option<String>,
     pub host_rewrite: Option<String>,
     pub timeout: Option<Duration>,
+    pub retry: Option<RouteRetry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteRetry {
+    pub attempts: Option<i64>,
+    pub on: Option<Vec<String>>,
+    pub status_codes: Option<Vec<i64>>,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Option<Duration>,
+    pub backoff_max: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +241,23 @@ pub(crate) struct Cluster {
     pub connect_timeout: Option<Duration>,
     pub balance: Option<String>,
     pub tls: Option<ClusterTls>,
+    pub circuit_breakers: Option<CircuitBreakers>,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CircuitBreakers {
+    pub max_connections: Option<i64>,
+    pub max_pending_requests: Option<i64>,
+    pub max_requests: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetryBudget {
+    pub budget_percent: Option<i64>,
+    pub min_retry_concurrency: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,10 +386,13 @@ pub(crate) enum Section {
     ControlEnrollment,
     Telemetry,
     ControlWorkloadApi,
+    RouteRetry,
+    CircuitBreakers,
+    RetryBudget,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 26] = [
+    pub(crate) const ALL: [Section; 29] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -383,10 +415,13 @@ impl Section {
         Section::DirectResponse,
         Section::Redirect,
         Section::HeaderOps,
+        Section::RouteRetry,
         Section::Clusters,
         Section::ClusterTls,
         Section::Verify,
         Section::Identity,
+        Section::CircuitBreakers,
+        Section::RetryBudget,
     ];
 
     /// The accepted field names.
@@ -418,6 +453,9 @@ impl Section {
             Section::ControlEnrollment => fields::<ControlEnrollment>(),
             Section::Telemetry => fields::<Telemetry>(),
             Section::ControlWorkloadApi => fields::<ControlWorkloadApi>(),
+            Section::RouteRetry => fields::<RouteRetry>(),
+            Section::CircuitBreakers => fields::<CircuitBreakers>(),
+            Section::RetryBudget => fields::<RetryBudget>(),
         }
     }
 
@@ -450,6 +488,9 @@ impl Section {
             Section::ControlEnrollment => "[control.enrollment]",
             Section::Telemetry => "[telemetry]",
             Section::ControlWorkloadApi => "[control.workload_api]",
+            Section::RouteRetry => "[routes.retry]",
+            Section::CircuitBreakers => "[clusters.circuit_breakers]",
+            Section::RetryBudget => "[clusters.retry_budget]",
         }
     }
 
@@ -615,6 +656,26 @@ impl Section {
             (Section::HeaderOps, "add") => "add = { x-env = \"prod\" }",
             (Section::HeaderOps, "set") => "set = { x-team = \"web\" }",
             (Section::HeaderOps, "remove") => "remove = [\"x-debug\"]",
+            (Section::Routes, "retry") => {
+                "retry = { attempts = 3, on = [\"connect-failure\", \"reset\", \"gateway-error\"] }"
+            }
+            (Section::RouteRetry, "attempts") => "attempts = 3",
+            (Section::RouteRetry, "on") => "on = [\"connect-failure\", \"reset\", \"5xx\"]",
+            (Section::RouteRetry, "status_codes") => "status_codes = [503, 429]",
+            (Section::RouteRetry, "per_try_timeout") => "per_try_timeout = \"2s\"",
+            (Section::RouteRetry, "backoff_base") => "backoff_base = \"25ms\"",
+            (Section::RouteRetry, "backoff_max") => "backoff_max = \"250ms\"",
+            (Section::Clusters, "circuit_breakers") => {
+                "circuit_breakers = { max_requests = 1024, max_pending_requests = 1024 }"
+            }
+            (Section::Clusters, "retry_budget") => {
+                "retry_budget = { budget_percent = 20, min_retry_concurrency = 3 }"
+            }
+            (Section::CircuitBreakers, "max_connections") => "max_connections = 1024",
+            (Section::CircuitBreakers, "max_pending_requests") => "max_pending_requests = 1024",
+            (Section::CircuitBreakers, "max_requests") => "max_requests = 1024",
+            (Section::RetryBudget, "budget_percent") => "budget_percent = 20",
+            (Section::RetryBudget, "min_retry_concurrency") => "min_retry_concurrency = 3",
             _ => return None,
         })
     }
@@ -628,7 +689,15 @@ mod tests {
     fn fields_are_read_from_serde() {
         assert_eq!(
             fields::<Cluster>(),
-            ["name", "endpoints", "connect_timeout", "balance", "tls"]
+            [
+                "name",
+                "endpoints",
+                "connect_timeout",
+                "balance",
+                "tls",
+                "circuit_breakers",
+                "retry_budget"
+            ]
         );
         assert_eq!(fields::<Route>()[4], "match");
         assert_eq!(
@@ -685,6 +754,9 @@ mod tests {
         check::<DirectResponse>(Section::DirectResponse);
         check::<Redirect>(Section::Redirect);
         check::<HeaderOps>(Section::HeaderOps);
+        check::<RouteRetry>(Section::RouteRetry);
+        check::<CircuitBreakers>(Section::CircuitBreakers);
+        check::<RetryBudget>(Section::RetryBudget);
         for field in Section::Top.fields() {
             assert!(
                 Section::Top.example(field).is_some(),
@@ -729,6 +801,9 @@ mod tests {
             Section::ControlEnrollment => "### `[control.enrollment]`",
             Section::Telemetry => "## `[telemetry]`",
             Section::ControlWorkloadApi => "### `[control.workload_api]`",
+            Section::RouteRetry => "### `[routes.retry]`",
+            Section::CircuitBreakers => "### `[clusters.circuit_breakers]`",
+            Section::RetryBudget => "### `[clusters.retry_budget]`",
         }
     }
 
@@ -909,6 +984,9 @@ mod tests {
                 Section::ControlEnrollment => &enrollment["control"]["enrollment"],
                 Section::Telemetry => &json["telemetry"],
                 Section::ControlWorkloadApi => &workload["control"]["workload_api"],
+                Section::RouteRetry => &http_json["routes"][0]["http"]["retry"],
+                Section::CircuitBreakers => &json["clusters"][0]["circuit_breakers"],
+                Section::RetryBudget => &json["clusters"][0]["retry_budget"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

@@ -23,6 +23,7 @@ use crate::types::{
 
 mod control;
 mod http;
+mod retry;
 
 /// The only file format version this release reads.
 pub(crate) const VERSION: u32 = 1;
@@ -795,12 +796,17 @@ impl Validator {
             None => Some(None),
             Some(tls) => self.cluster_tls(&format!("{path}.tls"), tls).map(Some),
         };
+        let circuit_breakers =
+            self.circuit_breakers(&format!("{path}.circuit_breakers"), raw.circuit_breakers);
+        let retry_budget = self.retry_budget(&format!("{path}.retry_budget"), raw.retry_budget);
         Some(Cluster {
             name: raw.name?,
             endpoints: endpoints?,
             connect_timeout: connect_timeout?,
             balance: balance?,
             tls: tls?,
+            circuit_breakers: circuit_breakers?,
+            retry_budget: retry_budget?,
         })
     }
 
