@@ -276,6 +276,101 @@ impl Drop for HttpUpstream {
     }
 }
 
+/// What a [`FaultyUpstream`] does with each request head it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Reset the connection (SO_LINGER 0, then close): the client sees ECONNRESET and no
+    /// response byte.
+    Reset,
+    /// Answer with this status (body: the status as text), keeping the connection alive.
+    Status(u16),
+}
+
+/// An HTTP/1.1 origin on 127.0.0.1 that fails every request the way [`Fault`] says, `delay`
+/// after its head arrived. `requests` counts heads on arrival. One thread per connection.
+#[derive(Debug)]
+pub struct FaultyUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultyUpstream {
+    pub fn start(fault: Fault, delay: Duration) -> FaultyUpstream {
+        let l = listen_loopback(4096).expect("bind faulty upstream");
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (st, reqs) = (stop.clone(), requests.clone());
+        thread::Builder::new()
+            .name("faulty-upstream".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    if st.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(c) = conn else { continue };
+                    let reqs = reqs.clone();
+                    let _ = thread::Builder::new()
+                        .stack_size(64 * 1024)
+                        .spawn(move || serve_faulty(c, &reqs, fault, delay));
+                }
+            })
+            .expect("spawn faulty upstream");
+        FaultyUpstream {
+            addr,
+            requests,
+            stop,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
+}
+
+fn serve_faulty(mut c: TcpStream, requests: &AtomicUsize, fault: Fault, delay: Duration) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            requests.fetch_add(1, Ordering::AcqRel);
+            if !delay.is_zero() {
+                thread::sleep(delay);
+            }
+            match fault {
+                Fault::Reset => {
+                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                    return;
+                }
+                Fault::Status(code) => {
+                    let body = format!("{code}\n");
+                    let resp = format!(
+                        "HTTP/1.1 {code} Failing\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+impl Drop for FaultyUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
 /// One sample of a parsed exposition.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -373,12 +468,27 @@ print(json.dumps(out))
 
 /// GET `path` from `addr` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// `method` `path` to `addr` over HTTP/1.1 on a new connection, with `body` (sent with a
+/// content-length, in the same write as the head); returns (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
-    )?;
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n").into_bytes();
+    if let Some(body) = body {
+        write!(req, "content-length: {}\r\n", body.len())?;
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&req)?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
