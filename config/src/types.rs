@@ -458,7 +458,7 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// The conditions that allow a retry, as written (deduplicated, file order).
     pub on: Vec<RetryOn>,
-    /// Statuses retried with `retriable-status-codes`; 100..=599.
+    /// Statuses retried with `retriable-status-codes`; 400..=599.
     pub status_codes: Vec<u16>,
     /// Each attempt's limit, from the request sent in full until the response head;
     /// `None`: only the route's `timeout`.

@@ -201,7 +201,7 @@ impl Validator {
         let mut ok = true;
         for (index, code) in list.into_iter().enumerate() {
             match u16::try_from(code) {
-                Ok(c) if (200..=599).contains(&c) => {
+                Ok(c) if (400..=599).contains(&c) => {
                     if !out.contains(&c) {
                         out.push(c);
                     }
