@@ -21,9 +21,11 @@
 //!
 //! Failures before any response byte: connect refused 502 `UF`, connect timeout 504 `UF,UT`,
 //! upstream closed 502 `UC`, bad response 502 `UPE`, no response within the route timeout 504
-//! `UT`. A connect failure is retried once on the next endpoint (nothing was sent); a failure
-//! after sending is retried once only for an idempotent method with an empty body and no
-//! response byte received; the flag then gets `URX`.
+//! `UT`, a circuit breaker's limit 503 `UO`. Retries follow the route's `[routes.retry]` and
+//! the cluster's retry budget ([`crate::retry`]): a connect failure may be retried for any
+//! request (nothing was sent); once the head went out, only an idempotent request without a
+//! body, and never after the response head reached the client. The last failure of several
+//! attempts gets `URX`.
 
 use std::borrow::Cow;
 use std::cell::Cell;
