@@ -1,16 +1,16 @@
 //! Retries, retry budgets and circuit breakers of the HTTP gateway, end to end: the real
-//! `meshgate` binary in front of real origins on 127.0.0.1 (testkit's `HttpUpstream` and
-//! `FaultyUpstream`: an origin that resets connections with SO_LINGER 0, or answers a fixed
-//! status, optionally after a delay), driven over real sockets.
+//! `meshgate` binary in front of real origins on 127.0.0.1 (testkit's `HttpUpstream`, healthy
+//! or failing: resetting connections with SO_LINGER 0, or answering a fixed status, optionally
+//! after a delay), driven over real sockets.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meshgate_testkit::http::curl;
 use meshgate_testkit::{
-    Fault, FaultyUpstream, HttpUpstream, Meshgate, free_port, http_get, http_request, metric_sum,
-    wait_until,
+    Fault, HttpUpstream, Meshgate, free_port, http_get, http_request, metric_sum, wait_until,
 };
 
 fn bin() -> &'static Path {
@@ -80,7 +80,7 @@ impl Gw {
 
 #[test]
 fn a_resetting_endpoint_is_retried_for_get_but_not_for_a_post_that_was_sent() {
-    let reset = FaultyUpstream::start(Fault::Reset, Duration::ZERO);
+    let reset = HttpUpstream::start_failing(Fault::Reset, Duration::ZERO);
     let healthy = HttpUpstream::start("healthy");
     let dead = addr(free_port());
     // No [routes.retry]: the default policy (2 attempts on connect-failure and reset).
@@ -141,8 +141,20 @@ endpoints = ["{dead}", "{healthy}"]
         "{retried:?}"
     );
 
+    // HTTP/2 clients' requests take the same attempt loop.
+    let url = format!("http://{}/h2/1", gw.web);
+    let before = reset.count();
+    for _ in 0..4 {
+        let r = curl(&["--http2-prior-knowledge", &url]);
+        assert_eq!((r.status, r.body.as_str()), (200, "healthy"), "{r:?}");
+    }
+    assert!(
+        reset.count() > before,
+        "HTTP/2 requests met the resetting endpoint too"
+    );
+
     // A POST whose head and body went to the resetting endpoint is not sent again.
-    let (resets_before, healthy_before) = (reset.count(), healthy.requests.load(ORD));
+    let (resets_before, healthy_before) = (reset.count(), healthy.count());
     let (mut ok, mut failed) = (0, 0);
     for i in 0..8 {
         let (status, _) = http_request(gw.web, "POST", &format!("/post/{i}"), Some(b"order=1"))
@@ -156,7 +168,7 @@ endpoints = ["{dead}", "{healthy}"]
     assert!(failed >= 1, "some POSTs went to the resetting endpoint");
     assert_eq!(reset.count() - resets_before, failed);
     assert_eq!(
-        healthy.requests.load(ORD) - healthy_before,
+        healthy.count() - healthy_before,
         ok,
         "the healthy origin received nothing of the POSTs that failed"
     );
@@ -190,11 +202,9 @@ endpoints = ["{dead}", "{healthy}"]
     );
 }
 
-const ORD: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Acquire;
-
 #[test]
 fn a_503_is_retried_only_when_the_policy_lists_it() {
-    let failing = FaultyUpstream::start(Fault::Status(503), Duration::ZERO);
+    let failing = HttpUpstream::start_failing(Fault::Status(503), Duration::ZERO);
     let healthy = HttpUpstream::start("healthy");
     let gw = Gw::start(
         1,
@@ -306,7 +316,7 @@ endpoints = ["{slow}", "{fast}"]
     }
     // Round robin: each retry takes the fast endpoint's turn, so every request tries the slow
     // one first.
-    let slow_seen = slow.requests.load(ORD);
+    let slow_seen = slow.count();
     assert!(slow_seen >= 3, "{slow_seen}");
     assert_eq!(
         gw.metric(
@@ -321,7 +331,7 @@ endpoints = ["{slow}", "{fast}"]
 fn the_retry_budget_bounds_concurrent_retries() {
     // Every answer is a 503 after 500 ms, so the first failures of 20 concurrent requests
     // arrive together, long before any retry ends.
-    let failing = FaultyUpstream::start(Fault::Status(503), Duration::from_millis(500));
+    let failing = HttpUpstream::start_failing(Fault::Status(503), Duration::from_millis(500));
     let gw = Gw::start(
         1,
         &format!(
@@ -404,10 +414,7 @@ circuit_breakers = {{ max_connections = 1 }}
     let held: Vec<_> = (0..2)
         .map(|i| thread::spawn(move || http_get(web, &format!("/r/{i}")).map(|r| r.0).ok()))
         .collect();
-    assert!(wait_until(Duration::from_secs(5), || slow
-        .requests
-        .load(ORD)
-        == 2));
+    assert!(wait_until(Duration::from_secs(5), || slow.count() == 2));
     let started = Instant::now();
     let (status, _) = gw.get("/r/over");
     assert_eq!(status, 503);
@@ -424,20 +431,13 @@ circuit_breakers = {{ max_connections = 1 }}
     for h in held {
         assert_eq!(h.join().expect("client"), Some(200));
     }
-    assert_eq!(
-        slow.requests.load(ORD),
-        2,
-        "the refused request reached nobody"
-    );
+    assert_eq!(slow.count(), 2, "the refused request reached nobody");
     // Room again once they finished.
     let (status, _) = gw.get("/r/after");
     assert_eq!(status, 200);
 
     let first = thread::spawn(move || http_get(web, "/c/1").map(|r| r.0).ok());
-    assert!(wait_until(Duration::from_secs(5), || slow2
-        .requests
-        .load(ORD)
-        == 1));
+    assert!(wait_until(Duration::from_secs(5), || slow2.count() == 1));
     let (status, _) = gw.get("/c/2");
     assert_eq!(
         status, 503,

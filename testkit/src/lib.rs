@@ -207,6 +207,16 @@ pub struct HttpUpstream {
     stop: Arc<AtomicBool>,
 }
 
+/// How an [`HttpUpstream`] fails every request instead of answering 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Reset the connection (SO_LINGER 0, then close) once the head arrived: the client sees
+    /// ECONNRESET and no response byte.
+    Reset,
+    /// Answer with this status (body: the status as text), keeping the connection alive.
+    Status(u16),
+}
+
 impl HttpUpstream {
     pub fn start(name: &str) -> HttpUpstream {
         Self::start_with_delay(name, Duration::ZERO)
@@ -215,6 +225,15 @@ impl HttpUpstream {
     /// Like [`HttpUpstream::start`], answering each request `delay` after its head arrived
     /// (`requests` counts it on arrival).
     pub fn start_with_delay(name: &str, delay: Duration) -> HttpUpstream {
+        Self::spawn(name, delay, None)
+    }
+
+    /// An origin that fails every request as `fault` says, `delay` after its head arrived.
+    pub fn start_failing(fault: Fault, delay: Duration) -> HttpUpstream {
+        Self::spawn("failing", delay, Some(fault))
+    }
+
+    fn spawn(name: &str, delay: Duration, fault: Option<Fault>) -> HttpUpstream {
         let l = listen_loopback(4096).expect("bind http upstream");
         let addr = l.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,7 +250,7 @@ impl HttpUpstream {
                     let (reqs, body) = (reqs.clone(), body.clone());
                     let _ = thread::Builder::new()
                         .stack_size(64 * 1024)
-                        .spawn(move || serve_http(c, &reqs, &body, delay));
+                        .spawn(move || serve_http(c, &reqs, &body, delay, fault));
                 }
             })
             .expect("spawn http upstream");
@@ -242,9 +261,20 @@ impl HttpUpstream {
             stop,
         }
     }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
 }
 
-fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Duration) {
+fn serve_http(
+    mut c: TcpStream,
+    requests: &AtomicUsize,
+    body: &str,
+    delay: Duration,
+    fault: Option<Fault>,
+) {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -254,10 +284,19 @@ fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Durat
             if !delay.is_zero() {
                 thread::sleep(delay);
             }
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let resp = match fault {
+                None => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                ),
+                Some(Fault::Status(code)) => {
+                    format!("HTTP/1.1 {code} Failing\r\ncontent-length: 4\r\n\r\n{code}\n")
+                }
+                Some(Fault::Reset) => {
+                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                    return;
+                }
+            };
             if c.write_all(resp.as_bytes()).is_err() {
                 return;
             }
@@ -270,101 +309,6 @@ fn serve_http(mut c: TcpStream, requests: &AtomicUsize, body: &str, delay: Durat
 }
 
 impl Drop for HttpUpstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect(self.addr); // wake the accept loop
-    }
-}
-
-/// What a [`FaultyUpstream`] does with each request head it reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Reset the connection (SO_LINGER 0, then close): the client sees ECONNRESET and no
-    /// response byte.
-    Reset,
-    /// Answer with this status (body: the status as text), keeping the connection alive.
-    Status(u16),
-}
-
-/// An HTTP/1.1 origin on 127.0.0.1 that fails every request the way [`Fault`] says, `delay`
-/// after its head arrived. `requests` counts heads on arrival. One thread per connection.
-#[derive(Debug)]
-pub struct FaultyUpstream {
-    pub addr: SocketAddr,
-    pub requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
-
-impl FaultyUpstream {
-    pub fn start(fault: Fault, delay: Duration) -> FaultyUpstream {
-        let l = listen_loopback(4096).expect("bind faulty upstream");
-        let addr = l.local_addr().expect("local addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let (st, reqs) = (stop.clone(), requests.clone());
-        thread::Builder::new()
-            .name("faulty-upstream".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    if st.load(Ordering::Acquire) {
-                        break;
-                    }
-                    let Ok(c) = conn else { continue };
-                    let reqs = reqs.clone();
-                    let _ = thread::Builder::new()
-                        .stack_size(64 * 1024)
-                        .spawn(move || serve_faulty(c, &reqs, fault, delay));
-                }
-            })
-            .expect("spawn faulty upstream");
-        FaultyUpstream {
-            addr,
-            requests,
-            stop,
-        }
-    }
-
-    /// Requests received so far.
-    pub fn count(&self) -> usize {
-        self.requests.load(Ordering::Acquire)
-    }
-}
-
-fn serve_faulty(mut c: TcpStream, requests: &AtomicUsize, fault: Fault, delay: Duration) {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.drain(..end + 4);
-            requests.fetch_add(1, Ordering::AcqRel);
-            if !delay.is_zero() {
-                thread::sleep(delay);
-            }
-            match fault {
-                Fault::Reset => {
-                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
-                    return;
-                }
-                Fault::Status(code) => {
-                    let body = format!("{code}\n");
-                    let resp = format!(
-                        "HTTP/1.1 {code} Failing\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if c.write_all(resp.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        match c.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-impl Drop for FaultyUpstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = TcpStream::connect(self.addr); // wake the accept loop
