@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use meshgate_testkit::http::curl;
 use meshgate_testkit::{
-    Fault, HttpUpstream, Meshgate, free_port, http_get, http_request, metric_sum, wait_until,
+    Fault, HttpUpstream, Meshgate, access_log_records, free_port, http_get, http_request,
+    metric_sum, wait_until,
 };
 
 fn bin() -> &'static Path {
@@ -62,12 +63,9 @@ impl Gw {
     /// Access-log records of `path`, once `n` of them are written.
     fn records(&self, path: &str, n: usize) -> Vec<serde_json::Value> {
         let read = || -> Vec<serde_json::Value> {
-            std::fs::read_to_string(&self.log)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|r| r["path"] == path)
-                .collect()
+            let mut all = access_log_records(&self.log);
+            all.retain(|r| r["path"] == path);
+            all
         };
         wait_until(Duration::from_secs(5), || read().len() >= n);
         read()

@@ -471,6 +471,15 @@ pub fn http_origin(body: &'static str) -> SocketAddr {
     a
 }
 
+/// The JSON access-log records written to `path` so far (lines not yet complete are skipped).
+pub fn access_log_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose
 /// labels contain every `label=value` in `labels`.
 pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
