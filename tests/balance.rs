@@ -184,7 +184,7 @@ fn maglev_keeps_a_header_on_one_endpoint_and_a_removal_moves_about_one_nth() {
     // Reload without u2: its keys move, almost no other key does.
     let rest: Vec<&HttpUpstream> = ups.iter().filter(|u| u.name != "u2").collect();
     std::fs::write(&mg.config_path, config(admin, http, &list(&rest), "")).expect("write");
-    let (code, body) = http_request(admin, "POST", "/reload").expect("reload");
+    let (code, body) = http_request(admin, "POST", "/reload", Some(b"")).expect("reload");
     assert_eq!(code, 200, "{body}");
     let after = map(2);
     let on_removed = before.values().filter(|v| *v == "u2").count();
@@ -369,7 +369,7 @@ path = "{}"
     assert!(wait_until(Duration::from_secs(5), || {
         healthy(&mg, a.addr) == 0.0 && healthy(&mg, b.addr) == 0.0
     }));
-    let (status, body) = http_request(http, "GET", "/x").expect("request");
+    let (status, body) = http_request(http, "GET", "/x", None).expect("request");
     assert_eq!(status, 503, "{body}");
     assert!(
         wait_until(Duration::from_secs(5), || {

@@ -35,12 +35,13 @@ use std::path::Path;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, LoadError};
 pub use types::{
-    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
-    ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig, HashOn,
-    HeaderMatch, HeaderOps, HeaderValueMatch, HealthCheck, HealthCheckKind, Listener, ListenerHttp,
-    ListenerTls, OutlierDetection, PathMatch, PeerMatch, Policy, PolicyAction, Protocol, Route,
-    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
-    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, CircuitBreakers,
+    ClientAuth, Cluster, ClusterTls, Config, ControlConfig, ControlEnrollmentConfig,
+    ControlWorkloadApiConfig, HashOn, HeaderMatch, HeaderOps, HeaderValueMatch, HealthCheck,
+    HealthCheckKind, Listener, ListenerHttp, ListenerTls, OutlierDetection, PathMatch, PeerMatch,
+    Policy, PolicyAction, Protocol, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
+    RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity,
+    TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -330,6 +331,8 @@ endpoints = ["127.0.0.1:15002"]
                 tls: None,
                 health_check: None,
                 outlier_detection: None,
+                circuit_breakers: CircuitBreakers::default(),
+                retry_budget: RetryBudget::default(),
             }]
         );
     }

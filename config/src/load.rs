@@ -336,6 +336,7 @@ impl Loader<'_> {
                                 ("redirect", Section::Redirect),
                                 ("request_headers", Section::HeaderOps),
                                 ("response_headers", Section::HeaderOps),
+                                ("retry", Section::RouteRetry),
                             ] {
                                 self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
                             }
@@ -371,6 +372,8 @@ impl Loader<'_> {
                             for sub in [
                                 ("health_check", Section::HealthCheck),
                                 ("outlier_detection", Section::OutlierDetection),
+                                ("circuit_breakers", Section::CircuitBreakers),
+                                ("retry_budget", Section::RetryBudget),
                             ] {
                                 self.clean_subtable(&mut table, sub, &item_path, &[], &[]);
                             }
@@ -674,6 +677,9 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::Control => value.try_into::<raw::Control>().map(drop),
         Section::ControlEnrollment => value.try_into::<raw::ControlEnrollment>().map(drop),
         Section::Telemetry => value.try_into::<raw::Telemetry>().map(drop),
+        Section::RouteRetry => value.try_into::<raw::RouteRetry>().map(drop),
+        Section::CircuitBreakers => value.try_into::<raw::CircuitBreakers>().map(drop),
+        Section::RetryBudget => value.try_into::<raw::RetryBudget>().map(drop),
         Section::ControlWorkloadApi => value.try_into::<raw::ControlWorkloadApi>().map(drop),
         Section::Policies => value.try_into::<raw::Policy>().map(drop),
         Section::PolicyRules => value.try_into::<raw::RouteMatch>().map(drop),

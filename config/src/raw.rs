@@ -155,6 +155,18 @@ pub(crate) struct Route {
     pub prefix_rewrite: Option<String>,
     pub host_rewrite: Option<String>,
     pub timeout: Option<Duration>,
+    pub retry: Option<RouteRetry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteRetry {
+    pub attempts: Option<i64>,
+    pub on: Option<Vec<String>>,
+    pub status_codes: Option<Vec<i64>>,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Option<Duration>,
+    pub backoff_max: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +255,8 @@ pub(crate) struct Cluster {
     pub tls: Option<ClusterTls>,
     pub health_check: Option<HealthCheck>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub circuit_breakers: Option<CircuitBreakers>,
+    pub retry_budget: Option<RetryBudget>,
 }
 
 /// An entry of `endpoints`: `"IP:PORT"` or `{ address = "IP:PORT", weight = 3 }`.
@@ -307,6 +321,14 @@ pub(crate) struct HealthCheck {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct CircuitBreakers {
+    pub max_connections: Option<i64>,
+    pub max_pending_requests: Option<i64>,
+    pub max_requests: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct OutlierDetection {
     pub consecutive_5xx: Option<i64>,
     pub consecutive_gateway_failures: Option<i64>,
@@ -314,6 +336,13 @@ pub(crate) struct OutlierDetection {
     pub max_ejection_time: Option<Duration>,
     pub max_ejection_percent: Option<i64>,
     pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetryBudget {
+    pub budget_percent: Option<i64>,
+    pub min_retry_concurrency: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -446,10 +475,13 @@ pub(crate) enum Section {
     ControlWorkloadApi,
     Policies,
     PolicyRules,
+    RouteRetry,
+    CircuitBreakers,
+    RetryBudget,
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 30] = [
+    pub(crate) const ALL: [Section; 33] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -472,6 +504,7 @@ impl Section {
         Section::DirectResponse,
         Section::Redirect,
         Section::HeaderOps,
+        Section::RouteRetry,
         Section::Clusters,
         Section::ClusterTls,
         Section::Verify,
@@ -480,6 +513,8 @@ impl Section {
         Section::PolicyRules,
         Section::HealthCheck,
         Section::OutlierDetection,
+        Section::CircuitBreakers,
+        Section::RetryBudget,
     ];
 
     /// The accepted field names.
@@ -515,6 +550,9 @@ impl Section {
             Section::ControlWorkloadApi => fields::<ControlWorkloadApi>(),
             Section::Policies => fields::<Policy>(),
             Section::PolicyRules => fields::<RouteMatch>(),
+            Section::RouteRetry => fields::<RouteRetry>(),
+            Section::CircuitBreakers => fields::<CircuitBreakers>(),
+            Section::RetryBudget => fields::<RetryBudget>(),
         }
     }
 
@@ -551,6 +589,9 @@ impl Section {
             Section::ControlWorkloadApi => "[control.workload_api]",
             Section::Policies => "[[policies]]",
             Section::PolicyRules => "[[policies.rules]]",
+            Section::RouteRetry => "[routes.retry]",
+            Section::CircuitBreakers => "[clusters.circuit_breakers]",
+            Section::RetryBudget => "[clusters.retry_budget]",
         }
     }
 
@@ -751,6 +792,26 @@ impl Section {
             (Section::HeaderOps, "add") => "add = { x-env = \"prod\" }",
             (Section::HeaderOps, "set") => "set = { x-team = \"web\" }",
             (Section::HeaderOps, "remove") => "remove = [\"x-debug\"]",
+            (Section::Routes, "retry") => {
+                "retry = { attempts = 3, on = [\"connect-failure\", \"reset\", \"gateway-error\"] }"
+            }
+            (Section::RouteRetry, "attempts") => "attempts = 3",
+            (Section::RouteRetry, "on") => "on = [\"connect-failure\", \"reset\", \"5xx\"]",
+            (Section::RouteRetry, "status_codes") => "status_codes = [503, 429]",
+            (Section::RouteRetry, "per_try_timeout") => "per_try_timeout = \"2s\"",
+            (Section::RouteRetry, "backoff_base") => "backoff_base = \"25ms\"",
+            (Section::RouteRetry, "backoff_max") => "backoff_max = \"250ms\"",
+            (Section::Clusters, "circuit_breakers") => {
+                "circuit_breakers = { max_requests = 1024, max_pending_requests = 1024 }"
+            }
+            (Section::Clusters, "retry_budget") => {
+                "retry_budget = { budget_percent = 20, min_retry_concurrency = 3 }"
+            }
+            (Section::CircuitBreakers, "max_connections") => "max_connections = 1024",
+            (Section::CircuitBreakers, "max_pending_requests") => "max_pending_requests = 1024",
+            (Section::CircuitBreakers, "max_requests") => "max_requests = 1024",
+            (Section::RetryBudget, "budget_percent") => "budget_percent = 20",
+            (Section::RetryBudget, "min_retry_concurrency") => "min_retry_concurrency = 3",
             _ => return None,
         })
     }
@@ -772,7 +833,9 @@ mod tests {
                 "hash_on",
                 "tls",
                 "health_check",
-                "outlier_detection"
+                "outlier_detection",
+                "circuit_breakers",
+                "retry_budget"
             ]
         );
         assert_eq!(fields::<Route>()[4], "match");
@@ -835,6 +898,9 @@ mod tests {
         check::<HeaderOps>(Section::HeaderOps);
         check::<Policy>(Section::Policies);
         check::<RouteMatch>(Section::PolicyRules);
+        check::<RouteRetry>(Section::RouteRetry);
+        check::<CircuitBreakers>(Section::CircuitBreakers);
+        check::<RetryBudget>(Section::RetryBudget);
         for field in Section::Top.fields() {
             assert!(
                 Section::Top.example(field).is_some(),
@@ -883,6 +949,9 @@ mod tests {
             Section::ControlWorkloadApi => "### `[control.workload_api]`",
             Section::Policies => "## `[[policies]]`",
             Section::PolicyRules => "### `[[policies.rules]]`",
+            Section::RouteRetry => "### `[routes.retry]`",
+            Section::CircuitBreakers => "### `[clusters.circuit_breakers]`",
+            Section::RetryBudget => "### `[clusters.retry_budget]`",
         }
     }
 
@@ -1068,6 +1137,9 @@ mod tests {
                 Section::ControlWorkloadApi => &workload["control"]["workload_api"],
                 Section::HealthCheck => &checks_json["clusters"][0]["health_check"],
                 Section::OutlierDetection => &checks_json["clusters"][0]["outlier_detection"],
+                Section::RouteRetry => &http_json["routes"][0]["http"]["retry"],
+                Section::CircuitBreakers => &json["clusters"][0]["circuit_breakers"],
+                Section::RetryBudget => &json["clusters"][0]["retry_budget"],
                 Section::Routes
                 | Section::WeightedClusters
                 | Section::ListenerTls

@@ -448,6 +448,75 @@ pub struct RouteHttp {
     /// Time the upstream gets to deliver the whole response (all attempts); then 504.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub timeout: Duration,
+    /// `[routes.retry]`: when a failed attempt is tried again (forward routes).
+    pub retry: RetryPolicy,
+}
+
+/// `[routes.retry]`: Envoy's retry policy. Without the table: 2 attempts on connect failure
+/// and reset (what the gateway always did), Envoy's backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Total tries, the first one included (`1`: never retry); 1..=10.
+    pub attempts: u32,
+    /// The conditions that allow a retry, as written (deduplicated, file order).
+    pub on: Vec<RetryOn>,
+    /// Statuses retried with `retriable-status-codes`; 400..=599.
+    pub status_codes: Vec<u16>,
+    /// Each attempt's limit, from the request sent in full until the response head;
+    /// `None`: only the route's `timeout`.
+    #[serde(serialize_with = "crate::duration::serialize_option")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retry n waits a uniform random time in `[0, min(backoff_max, backoff_base * 2^(n-1)))`.
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub backoff_base: Duration,
+    #[serde(serialize_with = "crate::duration::serialize")]
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Whether `on` lists `what`.
+    pub fn on(&self, what: RetryOn) -> bool {
+        self.on.contains(&what)
+    }
+}
+
+/// One `[routes.retry] on` condition (Envoy's `retry_on` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The connection (or TLS handshake) failed or timed out: nothing was sent.
+    ConnectFailure,
+    /// The upstream closed or reset the connection, or sent nothing within
+    /// `per_try_timeout`, before a response head.
+    Reset,
+    /// Any 5xx response, plus everything `connect-failure` and `reset` cover.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503 and 504 responses, plus everything `connect-failure` and `reset` cover.
+    GatewayError,
+    /// The statuses listed in `status_codes`.
+    RetriableStatusCodes,
+}
+
+impl RetryOn {
+    pub const ALL: [RetryOn; 5] = [
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::FiveXx,
+        RetryOn::GatewayError,
+        RetryOn::RetriableStatusCodes,
+    ];
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOn::ConnectFailure => "connect-failure",
+            RetryOn::Reset => "reset",
+            RetryOn::FiveXx => "5xx",
+            RetryOn::GatewayError => "gateway-error",
+            RetryOn::RetriableStatusCodes => "retriable-status-codes",
+        }
+    }
 }
 
 /// Header edits: names are lowercase tokens, never a field the proxy manages itself (Host,
@@ -602,6 +671,10 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     /// Passive outlier detection; `None`: no ejection.
     pub outlier_detection: Option<OutlierDetection>,
+    /// `[clusters.circuit_breakers]`: process-wide limits (HTTP routes); unlimited when absent.
+    pub circuit_breakers: CircuitBreakers,
+    /// `[clusters.retry_budget]`: how many retries may run at once (HTTP routes).
+    pub retry_budget: RetryBudget,
 }
 
 impl Cluster {
@@ -685,6 +758,44 @@ pub struct OutlierDetection {
     /// endpoint that stayed in for a whole interval has its ejection multiplier lowered.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub interval: Duration,
+}
+
+/// `[clusters.circuit_breakers]`: Envoy's thresholds, counted for the whole process; a request
+/// over a limit gets 503 with response flag `UO`. `None`: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CircuitBreakers {
+    /// Upstream connections open to the cluster (in use or idle in the pool).
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a new upstream connection to be established.
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the cluster.
+    pub max_requests: Option<u32>,
+}
+
+impl CircuitBreakers {
+    pub fn any(&self) -> bool {
+        self.max_connections.is_some()
+            || self.max_pending_requests.is_some()
+            || self.max_requests.is_some()
+    }
+}
+
+/// `[clusters.retry_budget]`: Envoy's retry budget, applied by each shard to its own requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetryBudget {
+    /// Retries in progress may be at most this percentage of the requests in flight; 0..=100.
+    pub budget_percent: u32,
+    /// ... but at least this many retries may always run.
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+        }
+    }
 }
 
 /// `[clusters.tls]`: TLS (or mTLS, with `identity`) to the endpoints.

@@ -25,6 +25,7 @@ mod balance;
 mod control;
 mod http;
 mod policy;
+mod retry;
 
 /// The only file format version this release reads.
 pub(crate) const VERSION: u32 = 1;
@@ -808,6 +809,9 @@ impl Validator {
                 .map(Some),
         };
         let (endpoints, endpoint_weights) = endpoints?;
+        let circuit_breakers =
+            self.circuit_breakers(&format!("{path}.circuit_breakers"), raw.circuit_breakers);
+        let retry_budget = self.retry_budget(&format!("{path}.retry_budget"), raw.retry_budget);
         Some(Cluster {
             name: raw.name?,
             endpoints,
@@ -818,6 +822,8 @@ impl Validator {
             tls: tls?,
             health_check: health_check?,
             outlier_detection: outlier_detection?,
+            circuit_breakers: circuit_breakers?,
+            retry_budget: retry_budget?,
         })
     }
 

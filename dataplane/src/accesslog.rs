@@ -52,6 +52,9 @@ pub struct Record {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
+    /// HTTP: upstream attempts made (Envoy's `UPSTREAM_REQUEST_ATTEMPT_COUNT`); `None` when
+    /// none was made, and for TCP.
+    pub upstream_request_attempt_count: Option<u32>,
     pub upstream_cluster: Option<Arc<str>>,
     pub downstream_remote_address: SocketAddr,
     pub downstream_local_address: Option<SocketAddr>,
@@ -328,6 +331,7 @@ struct JsonRecord<'a> {
     bytes_sent: u64,
     duration: u128,
     upstream_host: Option<String>,
+    upstream_request_attempt_count: Option<u32>,
     upstream_cluster: Option<&'a str>,
     downstream_remote_address: String,
     downstream_local_address: Option<String>,
@@ -357,6 +361,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             bytes_sent: r.bytes_sent,
             duration: r.duration.as_millis(),
             upstream_host: r.upstream_host.map(|a| a.to_string()),
+            upstream_request_attempt_count: r.upstream_request_attempt_count,
             upstream_cluster: r.upstream_cluster.as_deref(),
             downstream_remote_address: r.downstream_remote_address.to_string(),
             downstream_local_address: r.downstream_local_address.map(|a| a.to_string()),
@@ -418,6 +423,7 @@ mod tests {
             bytes_received: i,
             bytes_sent: 2 * i,
             upstream_host: Some("127.0.0.1:8080".parse().expect("literal")),
+            upstream_request_attempt_count: Some(2),
             upstream_cluster: Some("echo".into()),
             downstream_remote_address: "127.0.0.1:50000".parse().expect("literal"),
             downstream_local_address: None,
@@ -456,6 +462,7 @@ mod tests {
         assert_eq!(v["response_flags"], "-");
         assert_eq!(v["bytes_received"], 1);
         assert_eq!(v["upstream_host"], "127.0.0.1:8080");
+        assert_eq!(v["upstream_request_attempt_count"], 2);
         assert_eq!(v["upstream_cluster"], "echo");
         assert_eq!(v["duration"], 42);
         assert_eq!(v["shard"], 1);

@@ -92,6 +92,18 @@ impl RoundRobin {
         self.next.set(if i + 1 >= self.n { 0 } else { i + 1 });
         i
     }
+
+    /// The next endpoint other than those in `tried` (a retry); when every endpoint was
+    /// tried, simply the next one.
+    pub fn pick_except(&self, tried: &[usize]) -> usize {
+        for _ in 0..self.n {
+            let i = self.pick();
+            if !tried.contains(&i) {
+                return i;
+            }
+        }
+        self.pick()
+    }
 }
 
 /// What one cluster's pickers share across shards for a generation: the endpoints' health

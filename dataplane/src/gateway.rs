@@ -57,6 +57,8 @@ pub struct Shared {
     current: RwLock<Arc<Generation>>,
     /// Open connections per listener name, across all shards (for `max_connections`).
     listener_conns: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    /// Circuit-breaker counts per cluster name, across all shards and reloads.
+    breakers: Mutex<HashMap<String, Arc<crate::retry::Breaker>>>,
 }
 
 impl Shared {
@@ -79,6 +81,20 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .entry(name.to_string())
             .or_default()
+            .clone()
+    }
+
+    /// The circuit-breaker counts of cluster `name`; `shards`: each shard's counters of it.
+    fn breaker(
+        &self,
+        name: &str,
+        shards: impl FnOnce() -> Box<[Arc<crate::metrics::ClusterStats>]>,
+    ) -> Arc<crate::retry::Breaker> {
+        self.breakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(crate::retry::Breaker::new(shards())))
             .clone()
     }
 }
@@ -193,6 +209,7 @@ impl Gateway {
                 applied_unix: 0,
             })),
             listener_conns: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
         });
         let mut shards = Vec::with_capacity(count);
         for id in 0..count {
@@ -402,6 +419,19 @@ impl Gateway {
                 .clusters
                 .iter()
                 .map(|c| crate::balance::SharedLb::build(c, self.stats.health.cluster(c)))
+                .collect(),
+            breakers: config
+                .clusters
+                .iter()
+                .map(|c| {
+                    self.shared.breaker(&c.name, || {
+                        self.stats
+                            .shards
+                            .iter()
+                            .map(|s| s.cluster(&c.name))
+                            .collect()
+                    })
+                })
                 .collect(),
             listener_tls,
             cluster_tls,

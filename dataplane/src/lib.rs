@@ -18,6 +18,7 @@ mod listen;
 pub mod metrics;
 mod pool;
 mod proxy;
+pub mod retry;
 pub mod rt;
 mod shard;
 pub mod tls;

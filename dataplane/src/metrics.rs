@@ -204,6 +204,16 @@ pub struct ClusterStats {
     pub bytes_sent: Counter,
     /// Bytes read from upstream endpoints.
     pub bytes_received: Counter,
+    /// HTTP requests in flight to the cluster on this shard (the retry budget's base).
+    pub rq_active: Gauge,
+    /// Of those, requests that retried (the retry budget's count).
+    pub retries_active: Gauge,
+    /// HTTP retries by reason (`retry::RETRY_REASONS`).
+    pub retries: [Counter; 4],
+    /// Retries the cluster's retry budget refused.
+    pub retry_budget_exhausted: Counter,
+    /// Requests refused by a circuit breaker, by limit (`retry::LIMIT_NAMES`).
+    pub overflow: [Counter; 3],
 }
 
 /// One shard's counters, keyed by listener and cluster *name* so they carry over config
@@ -1003,6 +1013,65 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+/// Retries, retry-budget refusals and circuit-breaker overflows per cluster and shard.
+fn cluster_retry_families(
+    enc: &mut DescriptorEncoder<'_>,
+    csnap: &[Vec<(String, Arc<ClusterStats>)>],
+) -> Result<(), std::fmt::Error> {
+    use crate::retry::{LIMIT_NAMES, RETRY_REASONS};
+    let labelled = |names: &'static [&'static str],
+                    key: &'static str,
+                    get: fn(&ClusterStats) -> &[Counter]| {
+        csnap.iter().enumerate().flat_map(move |(shard, ss)| {
+            ss.iter().flat_map(move |(cluster, c)| {
+                names
+                    .iter()
+                    .zip(get(c))
+                    .filter(|(_, n)| n.get() > 0)
+                    .map(move |(label, n)| {
+                        (
+                            vec![
+                                ("cluster", cluster.clone()),
+                                (key, (*label).to_string()),
+                                ("shard", shard.to_string()),
+                            ],
+                            ConstCounter::new(n.get()),
+                        )
+                    })
+            })
+        })
+    };
+    family(
+        enc,
+        "meshgate_http_retries",
+        "HTTP requests tried again on another attempt, by cluster and reason (connect-failure, reset, per-try-timeout, status)",
+        MetricType::Counter,
+        labelled(&RETRY_REASONS, "reason", |c| &c.retries),
+    )?;
+    family(
+        enc,
+        "meshgate_cluster_upstream_overflow",
+        "HTTP requests refused with 503 UO by a circuit breaker, by cluster and limit",
+        MetricType::Counter,
+        labelled(&LIMIT_NAMES, "limit", |c| &c.overflow),
+    )?;
+    let series = csnap.iter().enumerate().flat_map(|(shard, ss)| {
+        ss.iter().map(move |(cluster, c)| {
+            (
+                vec![("cluster", cluster.clone()), ("shard", shard.to_string())],
+                ConstCounter::new(c.retry_budget_exhausted.get()),
+            )
+        })
+    });
+    family(
+        enc,
+        "meshgate_http_retry_budget_exhausted",
+        "HTTP retries not made because the cluster's retry budget was spent (the failure went to the client)",
+        MetricType::Counter,
+        series,
+    )
+}
+
 impl Collector for Exporter {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = &self.stats;
@@ -1322,6 +1391,7 @@ impl Collector for Exporter {
             MetricType::Gauge,
             series,
         )?;
+        cluster_retry_families(&mut enc, &csnap)?;
         let hsnap: Vec<HttpSnapshot> = s.shards.iter().map(|ss| ss.http_snapshot()).collect();
         let series = hsnap.iter().enumerate().flat_map(|(shard, ss)| {
             ss.iter().flat_map(move |((listener, route, cluster), h)| {

@@ -37,6 +37,8 @@ pub struct Plan {
     pub addrs: Vec<SocketAddr>,
     /// Cross-shard open-connection count per listener of `config` (for `max_connections`).
     pub conns: Vec<Arc<AtomicU32>>,
+    /// Circuit-breaker counts per cluster of `config` (shared by every shard).
+    pub breakers: Vec<Arc<crate::retry::Breaker>>,
     /// TLS termination state per listener (`Some` for `tls` listeners), same index as listeners.
     pub listener_tls: Vec<Option<Arc<ListenerTlsState>>>,
     /// TLS origination state per cluster (`Some` for clusters with `[clusters.tls]`).
@@ -97,6 +99,8 @@ pub struct ShardGen {
     pub listeners: Vec<ListenerRt>,
     /// Same index as `config.clusters`.
     pub clusters: Vec<Arc<ClusterStats>>,
+    /// Same index as `config.clusters`: circuit-breaker counts (process-wide).
+    pub breakers: Vec<Arc<crate::retry::Breaker>>,
     /// Same index as `config.listeners`; `Some` for `tls` listeners.
     pub listener_tls: Vec<Option<Arc<ListenerTlsState>>>,
     /// Same index as `config.clusters`; `Some` for clusters that originate TLS.
@@ -149,6 +153,7 @@ impl ShardGen {
                 .iter()
                 .map(|c| stats.cluster(&c.name))
                 .collect(),
+            breakers: plan.breakers.clone(),
             listener_tls: plan.listener_tls.clone(),
             cluster_tls: plan.cluster_tls.clone(),
             route_pickers: config

@@ -207,8 +207,19 @@ pub struct HttpUpstream {
     pub name: String,
     /// Requests answered so far.
     pub requests: Arc<AtomicUsize>,
+    /// The status answered now (200, or a failure's; see [`HttpUpstream::set_status`]).
     status: Arc<std::sync::atomic::AtomicU16>,
     stop: Arc<AtomicBool>,
+}
+
+/// How an [`HttpUpstream`] fails every request instead of answering 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Reset the connection (SO_LINGER 0, then close) once the head arrived: the client sees
+    /// ECONNRESET and no response byte.
+    Reset,
+    /// Answer with this status (body: the status as text), keeping the connection alive.
+    Status(u16),
 }
 
 impl HttpUpstream {
@@ -219,11 +230,25 @@ impl HttpUpstream {
     /// Like [`HttpUpstream::start`], answering each request `delay` after its head arrived
     /// (`requests` counts it on arrival).
     pub fn start_with_delay(name: &str, delay: Duration) -> HttpUpstream {
+        Self::spawn(name, delay, None)
+    }
+
+    /// An origin that fails every request as `fault` says, `delay` after its head arrived.
+    pub fn start_failing(fault: Fault, delay: Duration) -> HttpUpstream {
+        Self::spawn("failing", delay, Some(fault))
+    }
+
+    fn spawn(name: &str, delay: Duration, fault: Option<Fault>) -> HttpUpstream {
         let l = listen_loopback(4096).expect("bind http upstream");
         let addr = l.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
-        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let initial = match fault {
+            Some(Fault::Status(code)) => code,
+            _ => 200,
+        };
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(initial));
+        let reset = fault == Some(Fault::Reset);
         let (st, reqs, body, code) = (
             stop.clone(),
             requests.clone(),
@@ -241,7 +266,7 @@ impl HttpUpstream {
                     let (reqs, body, code) = (reqs.clone(), body.clone(), code.clone());
                     let _ = thread::Builder::new()
                         .stack_size(64 * 1024)
-                        .spawn(move || serve_http(c, &reqs, &body, delay, &code));
+                        .spawn(move || serve_http(c, &reqs, &body, delay, reset, &code));
                 }
             })
             .expect("spawn http upstream");
@@ -254,9 +279,15 @@ impl HttpUpstream {
         }
     }
 
-    /// Answer every request from now on with `status` (e.g. 500 to fail health checks).
+    /// Answer every request from now on with `status` (e.g. 500 to fail health checks; 200
+    /// answers with the name again).
     pub fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::Release);
+    }
+
+    /// Requests received so far.
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
     }
 }
 
@@ -265,6 +296,7 @@ fn serve_http(
     requests: &AtomicUsize,
     body: &str,
     delay: Duration,
+    reset: bool,
     status: &std::sync::atomic::AtomicU16,
 ) {
     let mut buf = Vec::with_capacity(4096);
@@ -276,12 +308,17 @@ fn serve_http(
             if !delay.is_zero() {
                 thread::sleep(delay);
             }
-            let code = status.load(Ordering::Acquire);
-            let reason = if code == 200 { "OK" } else { "Status" };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            if reset {
+                let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                return;
+            }
+            let resp = match status.load(Ordering::Acquire) {
+                200 => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                ),
+                code => format!("HTTP/1.1 {code} Failing\r\ncontent-length: 4\r\n\r\n{code}\n"),
+            };
             if c.write_all(resp.as_bytes()).is_err() {
                 return;
             }
@@ -397,17 +434,27 @@ print(json.dumps(out))
 
 /// GET `path` from `addr` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_request(addr, "GET", path)
+    http_request(addr, "GET", path, None)
 }
 
-/// `method path` (no body) to `addr` over HTTP/1.1 on a new connection; returns (status, body).
-pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+/// `method` `path` to `addr` over HTTP/1.1 on a new connection, with `body` (sent with a
+/// content-length, in the same write as the head); returns (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    )?;
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n").into_bytes();
+    if let Some(body) = body {
+        write!(req, "content-length: {}\r\n", body.len())?;
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&req)?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
@@ -489,6 +536,15 @@ pub fn http_origin(body: &'static str) -> SocketAddr {
         }
     });
     a
+}
+
+/// The JSON access-log records written to `path` so far (lines not yet complete are skipped).
+pub fn access_log_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose

@@ -14,7 +14,8 @@ use super::{
 };
 use crate::raw;
 use crate::types::{
-    HeaderMatch, HeaderOps, HeaderValueMatch, ListenerHttp, PathMatch, RouteAction, RouteHttp,
+    HeaderMatch, HeaderOps, HeaderValueMatch, ListenerHttp, PathMatch, RetryPolicy, RouteAction,
+    RouteHttp,
 };
 
 /// Fields the proxy writes itself; a route may not add, set or remove them.
@@ -216,6 +217,7 @@ impl Validator {
         let prefix_rewrite = raw.prefix_rewrite.take();
         let host_rewrite = raw.host_rewrite.take();
         let timeout = raw.timeout.take();
+        let retry = raw.retry.take();
         match protocol {
             Some("http" | "https") => {}
             Some(p) => {
@@ -225,6 +227,7 @@ impl Validator {
                     ("prefix_rewrite", prefix_rewrite.is_some()),
                     ("host_rewrite", host_rewrite.is_some()),
                     ("timeout", timeout.is_some()),
+                    ("retry", retry.is_some()),
                 ];
                 let mut ok = true;
                 for (field, _) in given.iter().filter(|(_, set)| *set) {
@@ -315,12 +318,21 @@ impl Validator {
             DEFAULT_ROUTE_TIMEOUT,
             true,
         );
+        let retry = match retry {
+            None => Some(RetryPolicy::default_policy()),
+            Some(_) if !forwards => {
+                self.not_forwarding(&format!("{path}.retry"), "retry");
+                None
+            }
+            Some(raw) => self.route_retry(&format!("{path}.retry"), raw, timeout),
+        };
         Some(Some(RouteHttp {
             request_headers: request_headers?,
             response_headers: response_headers?,
             prefix_rewrite: prefix_rewrite?,
             host_rewrite: host_rewrite?,
             timeout: timeout?,
+            retry: retry?,
         }))
     }
 

@@ -21,9 +21,11 @@
 //!
 //! Failures before any response byte: connect refused 502 `UF`, connect timeout 504 `UF,UT`,
 //! upstream closed 502 `UC`, bad response 502 `UPE`, no response within the route timeout 504
-//! `UT`. A connect failure is retried once on the next endpoint (nothing was sent); a failure
-//! after sending is retried once only for an idempotent method with an empty body and no
-//! response byte received; the flag then gets `URX`.
+//! `UT`, a circuit breaker's limit 503 `UO`. Retries follow the route's `[routes.retry]` and
+//! the cluster's retry budget ([`crate::retry`]): a connect failure may be retried for any
+//! request (nothing was sent); once the head went out, only an idempotent request without a
+//! body, and never after the response head reached the client. The last failure of several
+//! attempts gets `URX`.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -55,6 +57,7 @@ use crate::listen::ConnGuard;
 use crate::metrics::{ClusterStats, ListenerStats, RequestRecord};
 use crate::pool::{self, PoolKey, UpConn};
 use crate::proxy::http_io::{HttpRead, HttpWrite, tls_split};
+use crate::retry::{Attempts, Failure, Limit};
 use crate::rt;
 use crate::rt::IoBuf;
 use crate::shard::ShardGen;
@@ -314,6 +317,8 @@ struct Exchange {
     route: Cell<Option<usize>>,
     cluster: Cell<Option<usize>>,
     upstream_host: Cell<Option<SocketAddr>>,
+    /// Upstream attempts made (0: none).
+    attempts: Cell<u32>,
     /// Filled only when an access log is configured.
     log: Option<LogFields>,
 }
@@ -342,6 +347,7 @@ impl Exchange {
             route: Cell::new(None),
             cluster: Cell::new(None),
             upstream_host: Cell::new(None),
+            attempts: Cell::new(0),
             log: None,
         }
     }
@@ -895,14 +901,21 @@ enum UpFail {
     Protocol,
     /// Every endpoint of the cluster is unhealthy or ejected.
     NoHealthy,
+    /// No response head within the route's `per_try_timeout`.
+    PerTryTimeout,
+    /// A response whose status the retry policy retries, and a retry was granted (the
+    /// response is dropped, never relayed).
+    RetryStatus,
+    /// A circuit breaker of the cluster refused the request.
+    Overflow,
 }
 
 impl UpFail {
     fn status(self) -> u16 {
         match self {
-            UpFail::ConnectTimeout | UpFail::Timeout => 504,
-            UpFail::ConnectRefused | UpFail::Closed | UpFail::Protocol => 502,
-            UpFail::NoHealthy => 503,
+            UpFail::ConnectTimeout | UpFail::Timeout | UpFail::PerTryTimeout => 504,
+            UpFail::ConnectRefused | UpFail::Closed | UpFail::Protocol | UpFail::RetryStatus => 502,
+            UpFail::NoHealthy | UpFail::Overflow => 503,
         }
     }
 
@@ -921,11 +934,44 @@ impl UpFail {
             (UpFail::Protocol, true) => "UPE,URX",
             (UpFail::NoHealthy, false) => "UH",
             (UpFail::NoHealthy, true) => "UH,URX",
+            (UpFail::PerTryTimeout, false) => "UT",
+            (UpFail::PerTryTimeout, true) => "UT,URX",
+            (UpFail::RetryStatus, _) => "URX",
+            (UpFail::Overflow, _) => "UO",
         }
     }
 }
 
-/// `balance::pick` -> `upstream::connect` -> exchange, with at most one retry.
+/// The policy of routes without `http` settings (none reach here; a safe fallback).
+static DEFAULT_RETRY: std::sync::LazyLock<meshgate_config::RetryPolicy> =
+    std::sync::LazyLock::new(meshgate_config::RetryPolicy::default_policy);
+
+/// A circuit breaker refused the request: 503 `UO`, nothing sent upstream.
+async fn overflow<R: HttpRead, W: ClientOut>(
+    conn: &mut Conn<R, W>,
+    meters: &Meters<'_>,
+    cstats: &ClusterStats,
+    limit: Limit,
+    req: &ReqInfo,
+    body_done: bool,
+) -> Next {
+    cstats.overflow[limit as usize].inc();
+    meters
+        .ex
+        .answer(UpFail::Overflow.status(), UpFail::Overflow.flags(false));
+    let keep = req.keep_alive && body_done;
+    let ok = local(conn, meters, req.version, keep, None).await;
+    if ok && keep {
+        Next::KeepAlive
+    } else {
+        Next::Close {
+            linger: ok && !body_done,
+        }
+    }
+}
+
+/// `balance::pick` -> `upstream::connect` -> exchange, retried as the route's
+/// `[routes.retry]` and the cluster's retry budget allow (`crate::retry`).
 #[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
 async fn forward<R: HttpRead, W: ClientOut>(
     guard: &ConnGuard,
@@ -988,43 +1034,68 @@ async fn forward<R: HttpRead, W: ClientOut>(
             }
         }
     }
-    let retry_idempotent = req.method.is_idempotent() && body_done;
+    // Retries: a request whose head went upstream is sent again only when it is idempotent
+    // and has no body (nothing to replay); one refused at connect always may be.
+    let policy = snap.config.routes[route.index]
+        .http
+        .as_ref()
+        .map_or(&*DEFAULT_RETRY, |h| &h.retry);
+    let breaker = &*snap.breakers[cluster];
+    let limits = &ccfg.circuit_breakers;
+    let _in_flight = match breaker.request(limits) {
+        Ok(slot) => slot,
+        Err(limit) => return overflow(conn, &meters, cstats, limit, &req, body_done).await,
+    };
+    let attempts = Attempts::new(
+        policy,
+        ccfg.retry_budget,
+        cstats,
+        req.method.is_idempotent() && body_done,
+    );
     let mut head_bytes = upstream_head;
-    let mut retried = false;
-    let mut attempt = 0;
     let picker = &snap.balancers[cluster];
-    let key = picker.hash_key(
+    let hash_key = picker.hash_key(
         req.header_hash,
         conn.peer,
         conn.tls.as_deref().and_then(|t| t.peer.as_ref()),
     );
-    let mut last_index = None;
     let fail = loop {
-        attempt += 1;
-        // A retry goes to another endpoint when there is one.
-        let tried = last_index.as_slice();
-        let Some(index) = picker
-            .pick_excluding(key, tried)
-            .or_else(|| (!tried.is_empty()).then(|| picker.pick(key)).flatten())
-        else {
+        // The balancer's choice; a retry goes to an endpoint not tried yet where there is one.
+        let Some(index) = attempts.endpoint(picker, hash_key) else {
             break UpFail::NoHealthy;
         };
-        last_index = Some(index);
         let endpoint = ccfg.endpoints[index];
         let _in_flight = picker.begin(index);
+        ex.attempts.set(attempts.made() as u32);
         ex.upstream_host.set(Some(endpoint));
+        // The route timeout covers every attempt.
+        let timeout = match attempts.time_left(Instant::now()) {
+            None => route.timeout,
+            Some(left) if left.is_zero() => break UpFail::Timeout,
+            Some(left) => left,
+        };
         let key = PoolKey::new(endpoint, cluster_tls);
         let mut up = match guard.shard.http_pool.take(&key, cstats) {
             Some(up) => up,
             None => {
-                match pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await {
+                let pending = match breaker.connect(limits) {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        cstats.overflow[limit as usize].inc();
+                        break UpFail::Overflow;
+                    }
+                };
+                let connected =
+                    pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await;
+                drop(pending);
+                match connected {
                     Ok(up) => up,
                     Err(e) => {
                         picker.report(index, crate::health::Outcome::GatewayFailure);
                         let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
                         // Nothing was sent: any request may go to the next endpoint.
-                        if attempt < 2 {
-                            retried = true;
+                        if attempts.retry(Failure::ConnectFailure) {
+                            attempts.backoff().await;
                             continue;
                         }
                         break if timed_out {
@@ -1041,8 +1112,8 @@ async fn forward<R: HttpRead, W: ClientOut>(
         if sent.is_err() {
             drop(up);
             picker.report(index, crate::health::Outcome::GatewayFailure);
-            if retry_idempotent && attempt < 2 {
-                retried = true;
+            if attempts.retry(Failure::Reset) {
+                attempts.backoff().await;
                 continue;
             }
             break UpFail::Closed;
@@ -1050,15 +1121,19 @@ async fn forward<R: HttpRead, W: ClientOut>(
         meters.upstream_out(head_bytes.len());
         let shared = ExShared::default();
         if body_done {
-            shared.req_done_at.set(Some(Instant::now()));
+            let now = Instant::now();
+            shared.req_done_at.set(Some(now));
+            attempts.sent(now, route.timeout);
         }
         let rctx = RespCtx {
             method: req.method,
             version: req.version,
             client_keep_alive: req.keep_alive,
             edits: &route.response_edits,
-            timeout: route.timeout,
+            timeout,
             draining: &guard.shard.shared.draining,
+            per_try: attempts.per_try_timeout(),
+            retry: Some(&attempts),
         };
         let joined = exchange(
             conn,
@@ -1075,7 +1150,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         match joined {
             Joined::Done { resp, req_complete } => {
                 picker.report(index, crate::health::Outcome::Status(resp.status));
-                ex.answer(resp.status, if retried { "URX" } else { "-" });
+                ex.answer(resp.status, if attempts.exhausted() { "URX" } else { "-" });
                 if req_complete && resp.upstream_reusable {
                     guard.shard.http_pool.put(key, up);
                 } else {
@@ -1116,23 +1191,29 @@ async fn forward<R: HttpRead, W: ClientOut>(
                 picker.report(index, crate::health::Outcome::GatewayFailure);
                 if shared.responded.get() {
                     // The response had started: all that is left is to cut the connection.
-                    ex.answer(shared.status.get(), f.flags(retried));
+                    ex.answer(shared.status.get(), f.flags(attempts.retried()));
                     return Next::Close { linger: false };
                 }
-                if f == UpFail::Closed && !shared.got_bytes.get() && retry_idempotent && attempt < 2
-                {
-                    retried = true;
+                let again = match f {
+                    // Decided by the relay, which saw the status.
+                    UpFail::RetryStatus => true,
+                    UpFail::Closed => attempts.retry(Failure::Reset),
+                    UpFail::PerTryTimeout => attempts.retry(Failure::PerTryTimeout),
+                    _ => false,
+                };
+                if again {
+                    attempts.backoff().await;
                     continue;
                 }
                 let req_done = shared.req_done_at.get().is_some();
-                ex.answer(f.status(), f.flags(retried));
+                ex.answer(f.status(), f.flags(attempts.retried()));
                 let ok = local(conn, &meters, req.version, req.keep_alive && req_done, None).await;
                 return after_local(ok, req_done);
             }
         }
     };
     // Nothing was received from any upstream: answer for it.
-    ex.answer(fail.status(), fail.flags(retried));
+    ex.answer(fail.status(), fail.flags(attempts.retried()));
     let ok = local(
         conn,
         &meters,
@@ -1313,6 +1394,10 @@ pub(crate) struct RespCtx<'a> {
     pub(crate) edits: &'a Edits,
     pub(crate) timeout: Duration,
     pub(crate) draining: &'a AtomicBool,
+    /// `[routes.retry] per_try_timeout`: the limit until the response head.
+    pub(crate) per_try: Option<Duration>,
+    /// Decides whether a response status is retried instead of relayed.
+    pub(crate) retry: Option<&'a Attempts<'a>>,
 }
 
 struct RespOk {
@@ -1358,6 +1443,13 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                     if head.status() == 101 || head.is_tunnel() {
                         // Never asked for: requests go upstream without Upgrade.
                         return Err(RespFail::Upstream(UpFail::Protocol));
+                    }
+                    if let Some(attempts) = cx.retry
+                        && head.status() >= 400
+                        && attempts.retry(Failure::Status(head.status()))
+                    {
+                        // Dropped unread with its connection; the next attempt answers.
+                        return Err(RespFail::Upstream(UpFail::RetryStatus));
                     }
                     break (head, consumed);
                 }
@@ -1664,12 +1756,22 @@ async fn read_upstream<U: HttpRead>(
     shared: &ExShared,
 ) -> Result<Option<U::Buf>, RespFail> {
     loop {
-        let wait = match shared.req_done_at.get() {
-            Some(at) => (at + cx.timeout).saturating_duration_since(Instant::now()),
-            None => RESPONSE_WAIT_SLICE,
+        let (wait, fail) = match shared.req_done_at.get() {
+            Some(at) => {
+                let now = Instant::now();
+                let route = (at + cx.timeout).saturating_duration_since(now);
+                match cx.per_try.filter(|_| !shared.responded.get()) {
+                    Some(per_try) if at + per_try < at + cx.timeout => (
+                        (at + per_try).saturating_duration_since(now),
+                        UpFail::PerTryTimeout,
+                    ),
+                    _ => (route, UpFail::Timeout),
+                }
+            }
+            None => (RESPONSE_WAIT_SLICE, UpFail::Timeout),
         };
         if wait.is_zero() {
-            return Err(RespFail::Upstream(UpFail::Timeout));
+            return Err(RespFail::Upstream(fail));
         }
         match rt::timeout(wait, up.recv_buf()).await {
             Err(rt::Elapsed) => {} // re-check the deadline
@@ -1946,6 +2048,7 @@ fn finish(
         bytes_received: ex.received.get(),
         bytes_sent: ex.sent.get(),
         upstream_host: ex.upstream_host.get(),
+        upstream_request_attempt_count: Some(ex.attempts.get()).filter(|&n| n > 0),
         upstream_cluster: ex.cluster.get().map(|c| snap.cluster_names[c].clone()),
         downstream_remote_address: peer,
         downstream_local_address: None,

@@ -329,6 +329,7 @@ fn log(
         bytes_received: received,
         bytes_sent: sent,
         upstream_host,
+        upstream_request_attempt_count: None,
         upstream_cluster: target.map(|(_, c)| snap.cluster_names[c].clone()),
         downstream_remote_address: peer,
         downstream_local_address: None,
