@@ -35,7 +35,7 @@ pub use types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, Balance, ClientAuth, Cluster,
     ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
     HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
-    PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
+    PeerMatch, Protocol, QueryMatch, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
     ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
     WeightedCluster, sni_matches,
 };

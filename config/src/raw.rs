@@ -153,6 +153,7 @@ pub(crate) struct Route {
     pub prefix_rewrite: Option<String>,
     pub host_rewrite: Option<String>,
     pub timeout: Option<Duration>,
+    pub upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +165,7 @@ pub(crate) struct RouteMatch {
     pub path: Option<PathMatch>,
     pub methods: Option<Vec<String>>,
     pub headers: Option<Vec<HeaderMatch>>,
+    pub query: Option<Vec<QueryMatch>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +179,16 @@ pub(crate) struct PathMatch {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HeaderMatch {
+    pub name: Option<String>,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+/// `[[routes.match.query]]`: the same value conditions as a header entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueryMatch {
     pub name: Option<String>,
     pub exact: Option<String>,
     pub regex: Option<String>,
@@ -349,6 +361,7 @@ pub(crate) enum Section {
     ListenerHttp,
     PathMatch,
     HeaderMatch,
+    QueryMatch,
     DirectResponse,
     Redirect,
     HeaderOps,
@@ -360,7 +373,7 @@ pub(crate) enum Section {
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 26] = [
+    pub(crate) const ALL: [Section; 27] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -380,6 +393,7 @@ impl Section {
         Section::PeerMatch,
         Section::PathMatch,
         Section::HeaderMatch,
+        Section::QueryMatch,
         Section::DirectResponse,
         Section::Redirect,
         Section::HeaderOps,
@@ -410,6 +424,7 @@ impl Section {
             Section::ListenerHttp => fields::<ListenerHttp>(),
             Section::PathMatch => fields::<PathMatch>(),
             Section::HeaderMatch => fields::<HeaderMatch>(),
+            Section::QueryMatch => fields::<QueryMatch>(),
             Section::DirectResponse => fields::<DirectResponse>(),
             Section::Redirect => fields::<Redirect>(),
             Section::HeaderOps => fields::<HeaderOps>(),
@@ -442,6 +457,7 @@ impl Section {
             Section::ListenerHttp => "[listeners.http]",
             Section::PathMatch => "[routes.match.path]",
             Section::HeaderMatch => "[routes.match] headers entries",
+            Section::QueryMatch => "[[routes.match.query]]",
             Section::DirectResponse => "[routes.direct_response]",
             Section::Redirect => "[routes.redirect]",
             Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
@@ -595,12 +611,14 @@ impl Section {
             (Section::Routes, "prefix_rewrite") => "prefix_rewrite = \"/v2/\"",
             (Section::Routes, "host_rewrite") => "host_rewrite = \"backend.internal\"",
             (Section::Routes, "timeout") => "timeout = \"15s\"",
+            (Section::Routes, "upgrades") => "upgrades = [\"websocket\"]",
             (Section::RouteMatch, "hosts") => "hosts = [\"api.example.test\", \"*.example.test\"]",
             (Section::RouteMatch, "path") => "path = { prefix = \"/api/\" }",
             (Section::RouteMatch, "methods") => "methods = [\"GET\", \"HEAD\"]",
             (Section::RouteMatch, "headers") => {
                 "headers = [{ name = \"x-canary\", exact = \"1\" }]"
             }
+            (Section::RouteMatch, "query") => "query = [{ name = \"debug\", present = true }]",
             (Section::PathMatch, "prefix") => "prefix = \"/api/\"",
             (Section::PathMatch, "exact") => "exact = \"/healthz\"",
             (Section::PathMatch, "regex") => "regex = \"^/v[0-9]+/\"",
@@ -608,6 +626,10 @@ impl Section {
             (Section::HeaderMatch, "exact") => "exact = \"1\"",
             (Section::HeaderMatch, "regex") => "regex = \"^(alpha|beta)$\"",
             (Section::HeaderMatch, "present") => "present = true",
+            (Section::QueryMatch, "name") => "name = \"version\"",
+            (Section::QueryMatch, "exact") => "exact = \"2\"",
+            (Section::QueryMatch, "regex") => "regex = \"^v[0-9]+$\"",
+            (Section::QueryMatch, "present") => "present = true",
             (Section::DirectResponse, "status") => "status = 200",
             (Section::DirectResponse, "body") => "body = \"ok\\n\"",
             (Section::Redirect, "location") => "location = \"https://example.test/\"",
@@ -682,6 +704,7 @@ mod tests {
         check::<ListenerHttp>(Section::ListenerHttp);
         check::<PathMatch>(Section::PathMatch);
         check::<HeaderMatch>(Section::HeaderMatch);
+        check::<QueryMatch>(Section::QueryMatch);
         check::<DirectResponse>(Section::DirectResponse);
         check::<Redirect>(Section::Redirect);
         check::<HeaderOps>(Section::HeaderOps);
@@ -721,6 +744,7 @@ mod tests {
             Section::ListenerHttp => "### `[listeners.http]`",
             Section::PathMatch => "#### `path`",
             Section::HeaderMatch => "#### `headers` entries",
+            Section::QueryMatch => "#### `query` entries",
             Section::DirectResponse => "### `direct_response`",
             Section::Redirect => "### `redirect`",
             Section::HeaderOps => "### `request_headers` and `response_headers`",
@@ -921,6 +945,7 @@ mod tests {
                 | Section::Identity
                 | Section::PathMatch
                 | Section::HeaderMatch
+                | Section::QueryMatch
                 | Section::DirectResponse
                 | Section::Redirect
                 | Section::HeaderOps => continue,

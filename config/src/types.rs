@@ -393,6 +393,8 @@ pub struct RouteMatch {
     pub methods: Vec<String>,
     /// `http` listeners: every entry must match.
     pub headers: Vec<HeaderMatch>,
+    /// `http` listeners: every entry must match a parameter of the query string.
+    pub query: Vec<QueryMatch>,
 }
 
 /// How a route matches the request path (the normalised path, without the query).
@@ -430,6 +432,18 @@ pub enum HeaderValueMatch {
     Present(bool),
 }
 
+/// One query-parameter condition of a route match (`[[routes.match.query]]`). Names and
+/// values are compared percent-decoded (`+` read as a space, as in HTML forms); with several
+/// parameters of that name, any of them may match. A parameter without `=` has an empty value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueryMatch {
+    /// Parameter name, case-sensitive.
+    pub name: String,
+    /// The same conditions as a header entry: exact value, regex, present or absent.
+    #[serde(flatten)]
+    pub value: HeaderValueMatch,
+}
+
 /// How a route of an `http` listener edits the requests and responses it forwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteHttp {
@@ -446,6 +460,9 @@ pub struct RouteHttp {
     /// Time the upstream gets to deliver the whole response (all attempts); then 504.
     #[serde(serialize_with = "crate::duration::serialize")]
     pub timeout: Duration,
+    /// Protocols an HTTP/1.1 `Upgrade` request may switch to through this route (lowercase
+    /// tokens; default `["websocket"]`). Others go upstream as plain requests, without Upgrade.
+    pub upgrades: Vec<String>,
 }
 
 /// Header edits: names are lowercase tokens, never a field the proxy manages itself (Host,

@@ -1583,6 +1583,7 @@ impl Validator {
             path: http.path,
             methods: http.methods,
             headers: http.headers,
+            query: http.query,
         })
     }
 

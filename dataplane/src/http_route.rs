@@ -15,9 +15,11 @@ use meshgate_config::{
     sni_matches,
 };
 
-use crate::http1::{Limits, RequestHead};
+use crate::http1::{Limits, RequestHead, split_query};
 use crate::metrics::{HttpRouteStats, ShardStats};
 use crate::tls::spiffe::SpiffeId;
+
+mod query;
 
 /// Size limit of a compiled route regex; the config crate validates with the same limit.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -129,6 +131,7 @@ pub struct CompiledRoute {
     path: Option<PathMatcher>,
     methods: Box<[String]>,
     headers: Box<[HeaderMatcher]>,
+    query: Box<[query::QueryMatcher]>,
     /// `https`: TLS server names (empty: any).
     sni: Box<[String]>,
     /// `https` with client auth: the identities allowed.
@@ -144,6 +147,8 @@ pub struct CompiledRoute {
     pub stats: Arc<HttpRouteStats>,
     /// The gateway's own request fields this route sets or removes itself.
     pub overrides: Overrides,
+    /// HTTP/1.1 `Upgrade` protocols this route forwards (lowercase).
+    pub upgrades: Box<[String]>,
 }
 
 /// Gateway-written request fields a route's `request_headers` takes over.
@@ -221,6 +226,7 @@ impl CompiledRoute {
             path: None,
             methods: Vec::new(),
             headers: Vec::new(),
+            query: Vec::new(),
         };
         let m = route.matcher.as_ref().unwrap_or(&empty);
         let path = m.path.as_ref().map(|p| match p {
@@ -258,6 +264,7 @@ impl CompiledRoute {
                 },
             })
             .collect();
+        let query = query::compile(&m.query, &route.name);
         let http = route.http.as_ref();
         let request_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.request_headers));
         let response_edits = http.map_or_else(Edits::default, |h| Edits::new(&h.response_headers));
@@ -280,6 +287,7 @@ impl CompiledRoute {
             path,
             methods: m.methods.clone().into_boxed_slice(),
             headers,
+            query,
             sni: m.sni.clone().into_boxed_slice(),
             peer: m.peer.clone(),
             catch_all: route.matcher.is_none(),
@@ -299,6 +307,7 @@ impl CompiledRoute {
                 },
             ),
             overrides,
+            upgrades: http.map_or_else(Box::default, |h| h.upgrades.clone().into_boxed_slice()),
         }
     }
 
@@ -328,7 +337,10 @@ impl CompiledRoute {
             Some(PathMatcher::Regex(re)) => re.is_match(req.path),
             Some(PathMatcher::Never) => false,
         };
-        path_ok && self.headers.iter().all(|h| h.matches(req))
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req))
+            && (self.query.is_empty()
+                || query::all_match(&self.query, split_query(req.head.path_bytes(req.buf)).1))
     }
 
     /// The path to send upstream after `prefix_rewrite`, when the route has one.

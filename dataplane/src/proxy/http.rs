@@ -60,6 +60,8 @@ use crate::shard::ShardGen;
 use crate::tls;
 use crate::tls::spiffe::{SpiffeId, svid_identity};
 
+mod upgrade;
+
 /// Header edits per list: the config's 32 plus the gateway's own fields.
 const MAX_EDITS: usize = 37;
 /// Longest `x-request-id` kept from a client.
@@ -464,6 +466,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
         Plan::Forward {
             route,
             upstream_head,
+            upgrade,
         } => {
             ex.route.set(Some(route.index));
             let req = ReqInfo {
@@ -471,6 +474,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
                 version: head.version(),
                 keep_alive: head.keep_alive(),
                 decoder: head.body_decoder(&Limits::default()),
+                upgrade,
             };
             let next = forward(guard, snap, routes, route, conn, req, upstream_head, &ex).await;
             (next, Some(route))
@@ -617,6 +621,8 @@ enum Plan<'r> {
     Forward {
         route: &'r CompiledRoute,
         upstream_head: Vec<u8>,
+        /// The protocol the request switches to, when its Upgrade is forwarded.
+        upgrade: Option<&'r str>,
     },
 }
 
@@ -793,6 +799,12 @@ fn plan<'r, R, W>(
     {
         edits.set("x-request-id", id);
     }
+    // WebSocket and other upgrades the route allows (HTTP/1.1 clients only).
+    let upgrade = if head.is_upgrade() && conn.proto == "HTTP/1.1" {
+        upgrade::allowed(&route.upgrades, head, buf)
+    } else {
+        None
+    };
     // An HTTP/1.0 request may come without Host; upstreams want one: the address the client
     // connected to.
     let fallback_host = (route.host_rewrite.is_none() && head.host(buf).is_none())
@@ -809,7 +821,11 @@ fn plan<'r, R, W>(
                 .as_deref()
                 .or(fallback_host.as_deref().map(str::as_bytes)),
             framing: None,
-            connection: Some(ConnectionHeader::Persist),
+            connection: Some(if upgrade.is_some() {
+                ConnectionHeader::Upgrade
+            } else {
+                ConnectionHeader::Persist
+            }),
         },
         &mut upstream_head,
     );
@@ -817,6 +833,7 @@ fn plan<'r, R, W>(
         Ok(()) => Plan::Forward {
             route,
             upstream_head,
+            upgrade,
         },
         // A path that cannot be sent (a raw '#' in the query) is the client's fault; an edit
         // that cannot be written is ours.
@@ -837,11 +854,13 @@ fn plan<'r, R, W>(
 }
 
 /// What the forwarding stage needs of the request once its head bytes are gone.
-struct ReqInfo {
+struct ReqInfo<'r> {
     method: Method,
     version: Version,
     keep_alive: bool,
     decoder: BodyDecoder,
+    /// Forwarded with its Upgrade field (to this protocol).
+    upgrade: Option<&'r str>,
 }
 
 /// Why an upstream attempt failed.
@@ -890,7 +909,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
     routes: &ListenerRoutes,
     route: &CompiledRoute,
     conn: &mut Conn<R, W>,
-    mut req: ReqInfo,
+    mut req: ReqInfo<'_>,
     upstream_head: Vec<u8>,
     ex: &Exchange,
 ) -> Next {
@@ -999,6 +1018,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
             edits: &route.response_edits,
             timeout: route.timeout,
             draining: &guard.shard.shared.draining,
+            upgrade: req.upgrade,
         };
         let joined = exchange(
             conn,
@@ -1015,6 +1035,14 @@ async fn forward<R: HttpRead, W: ClientOut>(
         match joined {
             Joined::Done { resp, req_complete } => {
                 ex.answer(resp.status, if retried { "URX" } else { "-" });
+                if resp.upgraded {
+                    let relayed =
+                        upgrade::tunnel(conn, &mut up, routes.idle_timeout, cstats, &meters).await;
+                    if let Err(e) = relayed {
+                        tracing::debug!(peer = %conn.peer, error = %e, "upgraded connection ended");
+                    }
+                    return Next::Close { linger: false };
+                }
                 if req_complete && resp.upstream_reusable {
                     guard.shard.http_pool.put(key, up);
                 } else {
@@ -1251,6 +1279,8 @@ pub(crate) struct RespCtx<'a> {
     pub(crate) edits: &'a Edits,
     pub(crate) timeout: Duration,
     pub(crate) draining: &'a AtomicBool,
+    /// The request asked to switch to this protocol (HTTP/1.1 upgrade the route allows).
+    pub(crate) upgrade: Option<&'a str>,
 }
 
 struct RespOk {
@@ -1259,6 +1289,8 @@ struct RespOk {
     keep_down: bool,
     /// The upstream connection ended this response cleanly and may go back to the pool.
     upstream_reusable: bool,
+    /// A 101 went to the client: both connections are a byte relay from here.
+    upgraded: bool,
 }
 
 enum RespFail {
@@ -1293,6 +1325,10 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                     continue;
                 }
                 Ok(Parsed::Complete { head, consumed }) => {
+                    if head.status() == 101 && cx.upgrade.is_some() {
+                        return upgrade::switched(down, &head, rbuf, consumed, cx, shared, meters)
+                            .await;
+                    }
                     if head.status() == 101 || head.is_tunnel() {
                         // Never asked for: requests go upstream without Upgrade.
                         return Err(RespFail::Upstream(UpFail::Protocol));
@@ -1425,6 +1461,7 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
         status,
         keep_down,
         upstream_reusable,
+        upgraded: false,
     })
 }
 
@@ -1502,6 +1539,12 @@ pub(crate) trait ClientOut {
     ) -> io::Result<usize>;
     /// The response is complete.
     async fn end(&mut self) -> io::Result<()>;
+    /// Bytes after a protocol switch (HTTP/1 only, where a 101 turns the connection into a
+    /// byte relay).
+    async fn raw_owned<B: IoBuf>(&mut self, b: B) -> (io::Result<()>, B) {
+        let res = self.body(b.as_slice(), false).await.map(drop);
+        (res, b)
+    }
     /// Stop sending on the connection (HTTP/1 lingering close).
     async fn shutdown(&mut self) -> io::Result<()>;
 }
@@ -1564,6 +1607,10 @@ impl<W: HttpWrite> ClientOut for W {
 
     async fn end(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    async fn raw_owned<B: IoBuf>(&mut self, b: B) -> (io::Result<()>, B) {
+        self.write_all_owned(b).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
