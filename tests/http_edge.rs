@@ -262,6 +262,18 @@ endpoints = ["{ws}"]
     );
 }
 
+/// The gateway with one route on listener `web` to `origin`: (gateway, listener address).
+fn one_origin(origin: SocketAddr) -> (Meshgate, SocketAddr) {
+    let (admin, web) = (addr(free_port()), addr(free_port()));
+    let routes = "[[routes]]\nname = \"all\"\nlistener = \"web\"\ncluster = \"o\"\n";
+    let clusters = format!("[[clusters]]\nname = \"o\"\nendpoints = [\"{origin}\"]\n");
+    let config = upstream_config(admin, web, routes, &clusters);
+    (
+        Meshgate::start(bin(), &config, admin).expect("gateway starts"),
+        web,
+    )
+}
+
 fn upstream_config(admin: SocketAddr, web: SocketAddr, routes: &str, clusters: &str) -> String {
     format!(
         r#"version = 1
@@ -349,18 +361,7 @@ fn chunked_trailers_pass_both_ways() {
         b"x-checksum: abc\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\nx-sum: 42\r\nx-status: done\r\n\r\n",
     );
-    let (admin, web) = (addr(free_port()), addr(free_port()));
-    let routes = "[[routes]]\nname = \"all\"\nlistener = \"web\"\ncluster = \"o\"\n";
-    let clusters = format!(
-        "[[clusters]]\nname = \"o\"\nendpoints = [\"{}\"]\n",
-        origin.addr
-    );
-    let mg = Meshgate::start(
-        bin(),
-        &upstream_config(admin, web, routes, &clusters),
-        admin,
-    )
-    .expect("gateway starts");
+    let (mg, web) = one_origin(origin.addr);
     let mut c = TcpStream::connect(web).expect("connect");
     c.write_all(
         b"POST /upload HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n",
@@ -408,18 +409,7 @@ fn every_smuggling_input_gets_400_and_reaches_no_origin() {
         b"\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
     );
-    let (admin, web) = (addr(free_port()), addr(free_port()));
-    let routes = "[[routes]]\nname = \"all\"\nlistener = \"web\"\ncluster = \"o\"\n";
-    let clusters = format!(
-        "[[clusters]]\nname = \"o\"\nendpoints = [\"{}\"]\n",
-        origin.addr
-    );
-    let mg = Meshgate::start(
-        bin(),
-        &upstream_config(admin, web, routes, &clusters),
-        admin,
-    )
-    .expect("gateway starts");
+    let (mg, web) = one_origin(origin.addr);
     const H: &str = "host: 127.0.0.1\r\n";
     let post = |fields: &str, body: &str| format!("POST /s HTTP/1.1\r\n{H}{fields}\r\n{body}");
     let chunked = |body: &str| post("transfer-encoding: chunked\r\n", body);
@@ -626,18 +616,7 @@ fn h2_with_fields(web: SocketAddr, n: usize) -> String {
 #[test]
 fn header_limits_431_on_http1_and_http2() {
     let origin = HttpUpstream::start("origin");
-    let (admin, web) = (addr(free_port()), addr(free_port()));
-    let routes = "[[routes]]\nname = \"all\"\nlistener = \"web\"\ncluster = \"o\"\n";
-    let clusters = format!(
-        "[[clusters]]\nname = \"o\"\nendpoints = [\"{}\"]\n",
-        origin.addr
-    );
-    let mg = Meshgate::start(
-        bin(),
-        &upstream_config(admin, web, routes, &clusters),
-        admin,
-    )
-    .expect("gateway starts");
+    let (mg, web) = one_origin(origin.addr);
     // HTTP/1.1: 100 fields pass, 101 get 431, and so does a 70 KiB head.
     assert!(
         h1_with_fields(web, 100).starts_with("HTTP/1.1 200 "),
@@ -885,18 +864,7 @@ endpoints = ["{o}"]
 #[test]
 fn slowloris_trickling_a_head_is_cut_at_the_header_read_timeout() {
     let origin = HttpUpstream::start("origin");
-    let (admin, web) = (addr(free_port()), addr(free_port()));
-    let routes = "[[routes]]\nname = \"all\"\nlistener = \"web\"\ncluster = \"o\"\n";
-    let clusters = format!(
-        "[[clusters]]\nname = \"o\"\nendpoints = [\"{}\"]\n",
-        origin.addr
-    );
-    let _mg = Meshgate::start(
-        bin(),
-        &upstream_config(admin, web, routes, &clusters),
-        admin,
-    )
-    .expect("gateway starts");
+    let (_mg, web) = one_origin(origin.addr);
     // One byte every 100 ms, forever: the 2 s request_timeout counts from accept, not from
     // the last byte, so the trickle does not keep the connection.
     let mut c = TcpStream::connect(web).expect("connect");

@@ -184,6 +184,26 @@ enum HeaderKind {
     Never,
 }
 
+impl HeaderKind {
+    /// A header or query value condition, its regex compiled.
+    fn new(value: &HeaderValueMatch, route: &str) -> HeaderKind {
+        match value {
+            HeaderValueMatch::Exact(v) => HeaderKind::Exact(v.as_bytes().into()),
+            HeaderValueMatch::Present(p) => HeaderKind::Present(*p),
+            HeaderValueMatch::Regex(r) => match regex::bytes::RegexBuilder::new(r)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
+                Ok(re) => HeaderKind::Regex(re),
+                Err(e) => {
+                    tracing::error!(route, error = %e, "header or query regex does not compile; the route matches nothing");
+                    HeaderKind::Never
+                }
+            },
+        }
+    }
+}
+
 /// Header edits as the codec takes them (names lowercase, values bytes).
 #[derive(Debug, Default)]
 pub struct Edits {
@@ -248,20 +268,7 @@ impl CompiledRoute {
             .iter()
             .map(|h| HeaderMatcher {
                 name: h.name.to_ascii_lowercase(),
-                kind: match &h.value {
-                    HeaderValueMatch::Exact(v) => HeaderKind::Exact(v.as_bytes().into()),
-                    HeaderValueMatch::Present(p) => HeaderKind::Present(*p),
-                    HeaderValueMatch::Regex(r) => match regex::bytes::RegexBuilder::new(r)
-                        .size_limit(REGEX_SIZE_LIMIT)
-                        .build()
-                    {
-                        Ok(re) => HeaderKind::Regex(re),
-                        Err(e) => {
-                            tracing::error!(route = %route.name, error = %e, "header regex does not compile; the route matches nothing");
-                            HeaderKind::Never
-                        }
-                    },
-                },
+                kind: HeaderKind::new(&h.value, &route.name),
             })
             .collect();
         let query = query::compile(&m.query, &route.name);

@@ -8,9 +8,11 @@
 
 use std::borrow::Cow;
 
-use meshgate_config::{HeaderValueMatch, QueryMatch};
+#[cfg(test)]
+use meshgate_config::HeaderValueMatch;
+use meshgate_config::QueryMatch;
 
-use super::{HeaderKind, REGEX_SIZE_LIMIT};
+use super::HeaderKind;
 
 /// One compiled `[[routes.match.query]]` entry.
 #[derive(Debug)]
@@ -24,20 +26,7 @@ pub(super) fn compile(list: &[QueryMatch], route: &str) -> Box<[QueryMatcher]> {
     list.iter()
         .map(|q| QueryMatcher {
             name: q.name.as_bytes().into(),
-            kind: match &q.value {
-                HeaderValueMatch::Exact(v) => HeaderKind::Exact(v.as_bytes().into()),
-                HeaderValueMatch::Present(p) => HeaderKind::Present(*p),
-                HeaderValueMatch::Regex(r) => match regex::bytes::RegexBuilder::new(r)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                {
-                    Ok(re) => HeaderKind::Regex(re),
-                    Err(e) => {
-                        tracing::error!(route, error = %e, "query regex does not compile; the route matches nothing");
-                        HeaderKind::Never
-                    }
-                },
-            },
+            kind: HeaderKind::new(&q.value, route),
         })
         .collect()
 }
@@ -105,6 +94,8 @@ fn decode(s: &[u8]) -> Cow<'_, [u8]> {
 
 #[cfg(test)]
 mod tests {
+    use meshgate_config::HeaderValueMatch;
+
     use super::*;
 
     fn matcher(name: &str, value: HeaderValueMatch) -> Box<[QueryMatcher]> {

@@ -17,7 +17,9 @@
 //! before anything goes upstream, so a malformed request that arrives in one piece reaches no
 //! origin. Requests go upstream as HTTP/1.1 with the normalised path; a request body is sent
 //! with the framing it arrived with (validated wire bytes); a chunked response to an HTTP/1.0
-//! client is de-chunked and close-delimited.
+//! client is de-chunked and close-delimited. An HTTP/1.1 upgrade the route allows (WebSocket)
+//! keeps its Upgrade field; after the upstream's 101 the connection is a byte relay
+//! ([`upgrade`]).
 //!
 //! Failures before any response byte: connect refused 502 `UF`, connect timeout 504 `UF,UT`,
 //! upstream closed 502 `UC`, bad response 502 `UPE`, no response within the route timeout 504
@@ -1330,7 +1332,7 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                             .await;
                     }
                     if head.status() == 101 || head.is_tunnel() {
-                        // Never asked for: requests go upstream without Upgrade.
+                        // Never asked for: only upgrades the route allows go upstream.
                         return Err(RespFail::Upstream(UpFail::Protocol));
                     }
                     break (head, consumed);

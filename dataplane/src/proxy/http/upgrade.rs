@@ -151,3 +151,44 @@ impl<W: ClientOut> HttpWrite for ToClient<'_, W> {
         self.0.shutdown().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http1::{Limits, Parsed, parse_request};
+
+    fn allowed_for(request: &str, route: &[&str]) -> Option<String> {
+        let route: Vec<String> = route.iter().map(|s| (*s).to_owned()).collect();
+        let buf = request.as_bytes();
+        let Ok(Parsed::Complete { head, .. }) = parse_request(buf, &Limits::default()) else {
+            panic!("parse {request:?}");
+        };
+        allowed(&route, &head, buf).map(str::to_owned)
+    }
+
+    #[test]
+    fn only_single_allowed_protocols_without_a_body_upgrade() {
+        let ws = "GET / HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade: WebSocket\r\n\r\n";
+        assert_eq!(
+            allowed_for(ws, &["websocket"]).as_deref(),
+            Some("websocket")
+        );
+        assert_eq!(allowed_for(ws, &[]), None);
+        assert_eq!(allowed_for(ws, &["x-other"]), None);
+        // Without `Connection: upgrade`, in HTTP/1.0, with several protocols or a body: no.
+        let cases = [
+            "GET / HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.0\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket, x-other\r\n\r\n",
+            "POST / HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 1\r\n\r\nx",
+            "GET / HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+        ];
+        for request in cases {
+            assert_eq!(
+                allowed_for(request, &["websocket", "x-other"]),
+                None,
+                "{request}"
+            );
+        }
+    }
+}
