@@ -8,8 +8,6 @@
 
 use std::borrow::Cow;
 
-#[cfg(test)]
-use meshgate_config::HeaderValueMatch;
 use meshgate_config::QueryMatch;
 
 use super::HeaderKind;
