@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meshgate_testkit::http::raw;
 use meshgate_testkit::pki::TestPki;
 use meshgate_testkit::{
     HttpUpstream, Meshgate, RawOrigin, free_port, metric_sum, spiffe_python, wait_until,
@@ -90,25 +91,6 @@ impl Drop for WsServer {
     }
 }
 
-/// Raw bytes to `to`; everything answered until the peer closes (or 5 s pass).
-fn raw(to: SocketAddr, request: &[u8]) -> (String, bool) {
-    let mut s = TcpStream::connect(to).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(request).expect("send");
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 65536];
-    let closed = loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break true,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
-            Err(_) => break false,
-        }
-    };
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
 /// Read from `s` until `out` ends with `end` (or fail after 5 s).
 fn read_until(s: &mut TcpStream, end: &[u8]) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -129,15 +111,26 @@ fn read_until(s: &mut TcpStream, end: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn websocket_upgrades_relay_both_ways_on_http_and_https_with_an_idle_timeout() {
-    let ws = WsServer::start();
-    let pki = TestPki::new();
-    let (cert, key) = pki.gateway();
-    let root = pki.bundle(&pki.example, "root");
-    let (admin, web, secure) = (addr(free_port()), addr(free_port()), addr(free_port()));
-    let config = format!(
-        r#"version = 1
+/// The gateway with an `http` listener `web` and an `https` listener `secure` (example.test's
+/// gateway certificate, no client auth), both with `idle_timeout`, then `rest` (routes and
+/// clusters).
+struct Gateway {
+    mg: Meshgate,
+    web: SocketAddr,
+    secure: SocketAddr,
+    /// The example.test root, to verify `secure` as `gateway.example.test`.
+    root: PathBuf,
+    _pki: TestPki,
+}
+
+impl Gateway {
+    fn start(idle_timeout: &str, rest: &str) -> Gateway {
+        let pki = TestPki::new();
+        let (cert, key) = pki.gateway();
+        let root = pki.bundle(&pki.example, "root");
+        let (admin, web, secure) = (addr(free_port()), addr(free_port()), addr(free_port()));
+        let config = format!(
+            r#"version = 1
 [admin]
 address = "{admin}"
 [runtime]
@@ -148,16 +141,43 @@ drain_timeout = "1s"
 name = "web"
 address = "{web}"
 protocol = "http"
-idle_timeout = "2s"
+idle_timeout = "{idle_timeout}"
 
 [[listeners]]
 name = "secure"
 address = "{secure}"
 protocol = "https"
-idle_timeout = "2s"
+idle_timeout = "{idle_timeout}"
 [listeners.tls]
 certificates = [{{ cert = "{cert}", key = "{key}" }}]
+{rest}"#,
+            cert = s(&cert),
+            key = s(&key),
+        );
+        let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
+        Gateway {
+            mg,
+            web,
+            secure,
+            root,
+            _pki: pki,
+        }
+    }
+}
 
+#[test]
+fn websocket_upgrades_relay_both_ways_on_http_and_https_with_an_idle_timeout() {
+    let ws = WsServer::start();
+    let Gateway {
+        mg,
+        web,
+        secure,
+        root,
+        _pki,
+    } = Gateway::start(
+        "2s",
+        &format!(
+            r#"
 [[routes]]
 name = "no-upgrade"
 listener = "web"
@@ -177,13 +197,11 @@ cluster = "ws"
 
 [[clusters]]
 name = "ws"
-endpoints = ["{ws}"]
+endpoints = ["{}"]
 "#,
-        cert = s(&cert),
-        key = s(&key),
-        ws = ws.addr,
+            ws.addr
+        ),
     );
-    let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
     let ws_py = script("ws.py");
     let ws_py = s(&ws_py);
 
@@ -789,43 +807,21 @@ fn split_98_2_over_10000_requests_and_changed_by_sighup_under_load() {
 #[test]
 fn python_h2_and_httpx_clients_work_through_the_gateway() {
     let origin = HttpUpstream::start("origin");
-    let pki = TestPki::new();
-    let (cert, key) = pki.gateway();
-    let root = pki.bundle(&pki.example, "root");
-    let (admin, web, secure) = (addr(free_port()), addr(free_port()), addr(free_port()));
-    let config = format!(
-        r#"version = 1
-[admin]
-address = "{admin}"
-[runtime]
-cores = 2
-[[listeners]]
-name = "web"
-address = "{web}"
-protocol = "http"
-[[listeners]]
-name = "secure"
-address = "{secure}"
-protocol = "https"
-[listeners.tls]
-certificates = [{{ cert = "{cert}", key = "{key}" }}]
-[[routes]]
-name = "web"
-listener = "web"
-cluster = "o"
-[[routes]]
-name = "secure"
-listener = "secure"
-cluster = "o"
-[[clusters]]
-name = "o"
-endpoints = ["{o}"]
-"#,
-        cert = s(&cert),
-        key = s(&key),
-        o = origin.addr,
+    let Gateway {
+        mg,
+        web,
+        secure,
+        root,
+        _pki,
+    } = Gateway::start(
+        "60s",
+        &format!(
+            "[[routes]]\nname = \"web\"\nlistener = \"web\"\ncluster = \"o\"\n\
+             [[routes]]\nname = \"secure\"\nlistener = \"secure\"\ncluster = \"o\"\n\
+             [[clusters]]\nname = \"o\"\nendpoints = [\"{}\"]\n",
+            origin.addr
+        ),
     );
-    let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
     let py = script("h2clients.py");
     let py = s(&py);
     let expect = |what: &str, (ok, out, err): (bool, String, String), n: usize| {

@@ -3,6 +3,7 @@
 //! [`Resp`], and the echo line's fields.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,4 +230,24 @@ pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
         .and_then(|n| rest.find(&format!(" {n}=")))
         .unwrap_or_else(|| rest.find('\n').unwrap_or(rest.len()));
     &rest[..end]
+}
+
+/// Raw bytes to `gw` on a new connection; everything it answers until it closes (or 5 s
+/// pass), and whether it closed. For requests curl is too polite to send.
+pub fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let closed = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
