@@ -64,11 +64,13 @@ struct WsServer {
 }
 
 impl WsServer {
-    fn start() -> WsServer {
+    /// `tls`: serve WebSocket over TLS with this (certificate, key).
+    fn start(tls: Option<&(PathBuf, PathBuf)>) -> WsServer {
         let addr = addr(free_port());
         let mut child = Command::new(spiffe_python())
             .arg(script("ws.py"))
             .args(["server", &addr.port().to_string()])
+            .args(tls.iter().flat_map(|(c, k)| [c.as_os_str(), k.as_os_str()]))
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the websocket server");
@@ -167,7 +169,12 @@ certificates = [{{ cert = "{cert}", key = "{key}" }}]
 
 #[test]
 fn websocket_upgrades_relay_both_ways_on_http_and_https_with_an_idle_timeout() {
-    let ws = WsServer::start();
+    let ws = WsServer::start(None);
+    // A second origin that speaks WebSocket over TLS, reached through a [clusters.tls] cluster.
+    let origin_pki = TestPki::new();
+    let origin_cert = origin_pki.server("ws-origin", &["origin.example.test"]);
+    let origin_root = origin_pki.bundle(&origin_pki.example, "origin-root");
+    let wss_origin = WsServer::start(Some(&origin_cert));
     let Gateway {
         mg,
         web,
@@ -186,6 +193,12 @@ cluster = "ws"
 upgrades = []
 
 [[routes]]
+name = "to-tls"
+listener = "web"
+match = {{ path = {{ prefix = "/tls" }} }}
+cluster = "ws-tls"
+
+[[routes]]
 name = "ws"
 listener = "web"
 cluster = "ws"
@@ -198,8 +211,17 @@ cluster = "ws"
 [[clusters]]
 name = "ws"
 endpoints = ["{}"]
+
+[[clusters]]
+name = "ws-tls"
+endpoints = ["{}"]
+[clusters.tls]
+verify = {{ dns_names = ["origin.example.test"] }}
+trust_bundle = "{}"
 "#,
-            ws.addr
+            ws.addr,
+            wss_origin.addr,
+            s(&origin_root),
         ),
     );
     let ws_py = script("ws.py");
@@ -221,6 +243,13 @@ endpoints = ["{}"]
         s(&root),
         "gateway.example.test",
     ]);
+    assert!(
+        ok && out.trim() == "echoed 200",
+        "{out}\n{err}\n{}",
+        mg.log()
+    );
+    // Plain client, TLS upstream (verified by DNS name): the relay runs over the rustls session.
+    let (ok, out, err) = python(&[ws_py, "client", &format!("ws://{web}/tls")]);
     assert!(
         ok && out.trim() == "echoed 200",
         "{out}\n{err}\n{}",

@@ -1,7 +1,9 @@
 """WebSocket peers for tests/http_edge.rs (python `websockets`, sync API).
 
-    ws.py server PORT          echo server: greets each connection with "welcome", then echoes
-                               every message (text or binary) back; prints "ready" when listening
+    ws.py server PORT [CERT KEY]
+                               echo server (TLS with CERT KEY): greets each connection with
+                               "welcome", then echoes every message (text or binary) back;
+                               prints "ready" when listening
     ws.py client URL [CA SNI [CERT KEY]]
                                connects through the gateway, checks the greeting and 200 echoes
                                (text and binary, up to 256 KiB), prints "echoed N"
@@ -19,7 +21,7 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 
-def server(port):
+def server(port, cert=None, key=None):
     def echo(ws):
         ws.send("welcome")
         try:
@@ -28,7 +30,11 @@ def server(port):
         except ConnectionClosed:
             pass
 
-    with serve(echo, "127.0.0.1", port, max_size=1 << 20) as srv:
+    ctx = None
+    if cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+    with serve(echo, "127.0.0.1", port, max_size=1 << 20, ssl=ctx) as srv:
         print("ready", flush=True)
         srv.serve_forever()
 
@@ -78,7 +84,7 @@ def idle(url, seconds):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "server":
-        server(int(sys.argv[2]))
+        server(int(sys.argv[2]), *sys.argv[3:])
     elif mode == "client":
         client(*sys.argv[2:])
     elif mode == "idle":
