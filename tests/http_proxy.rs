@@ -11,7 +11,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgate_testkit::http::{BIG, Nginx, curl, field, nginx_or_skip, tool};
+use meshgate_testkit::http::{BIG, Nginx, curl, field, nginx_or_skip, raw, tool};
 use meshgate_testkit::{Fnv, Meshgate, fill_pseudo_random, free_port, metric_sum, wait_until};
 
 fn bin() -> &'static Path {
@@ -193,25 +193,6 @@ endpoints = ["{silent}"]
         });
         found.unwrap_or_else(|| panic!("no access-log record for {path}: {:?}", self.records()))
     }
-}
-
-/// Raw bytes to the gateway; everything it answers until it closes (or 5 s pass).
-fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
-    let mut s = TcpStream::connect(gw).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(request).expect("send");
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 65536];
-    let closed = loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break true,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
-            Err(_) => break false,
-        }
-    };
-    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 fn checksum(path: &Path) -> (usize, u64) {

@@ -556,3 +556,96 @@ fn http_fields_on_other_listeners() {
         "routes whole connections",
     );
 }
+
+/// One forward route on the http listener with `extra` lines, and the error/valid helpers.
+fn one_route(extra: &str) -> String {
+    format!(
+        "version = 1\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+         [[routes]]\nname = \"r\"\nlistener = \"web\"\ncluster = \"c\"\n{extra}\n\
+         [[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n"
+    )
+}
+
+#[test]
+fn query_matches_and_upgrades() {
+    let config = valid(&one_route(
+        "upgrades = [\"WebSocket\", \"x-custom\"]\n[[routes.match.query]]\nname = \"version\"\nexact = \"2\"\n\
+         [[routes.match.query]]\nname = \"v\"\nregex = \"^[0-9]+$\"\n[[routes.match.query]]\nname = \"debug\"\npresent = false\n",
+    ));
+    let route = &config.routes[0];
+    let query = &route.matcher.as_ref().expect("match").query;
+    assert_eq!(query.len(), 3);
+    assert_eq!(query[0].name, "version");
+    assert_eq!(query[0].value, HeaderValueMatch::Exact("2".into()));
+    assert_eq!(query[2].value, HeaderValueMatch::Present(false));
+    let http = route.http.as_ref().expect("http");
+    assert_eq!(http.upgrades, ["websocket", "x-custom"]);
+    // Default: WebSocket only.
+    let config = valid(&one_route(""));
+    assert_eq!(
+        config.routes[0].http.as_ref().expect("http").upgrades,
+        ["websocket"]
+    );
+    // `[]` turns upgrades off.
+    let config = valid(&one_route("upgrades = []"));
+    assert!(
+        config.routes[0]
+            .http
+            .as_ref()
+            .expect("http")
+            .upgrades
+            .is_empty()
+    );
+
+    only_error(
+        &one_route("[[routes.match.query]]\nexact = \"2\"\n"),
+        "routes[0].match.query[0].name",
+        "missing",
+    );
+    only_error(
+        &one_route("[[routes.match.query]]\nname = \"v\"\n"),
+        "routes[0].match.query[0].exact",
+        "none of exact, regex and present",
+    );
+    only_error(
+        &one_route("[[routes.match.query]]\nname = \"v\"\nexact = \"1\"\npresent = true\n"),
+        "routes[0].match.query[0]",
+        "more than one",
+    );
+    only_error(
+        &one_route("[[routes.match.query]]\nname = \"v\"\nregex = \"(\"\n"),
+        "routes[0].match.query[0].regex",
+        "invalid regular expression",
+    );
+    only_error(
+        &one_route("[[routes.match.query]]\nname = \"v\"\nexact = \"1\"\nvalue = \"1\"\n"),
+        "routes[0].match.query[0].value",
+        "`name`, `exact`, `regex`, `present`",
+    );
+    only_error(
+        &one_route("upgrades = [\"h2c\"]"),
+        "routes[0].upgrades[0]",
+        "never forwarded",
+    );
+    only_error(
+        &one_route("upgrades = [\"a b\"]"),
+        "routes[0].upgrades[0]",
+        "invalid",
+    );
+    only_error(
+        &one_route("upgrades = [\"websocket\", \"WEBSOCKET\"]"),
+        "routes[0].upgrades[1]",
+        "twice",
+    );
+    // Query matches are for HTTP requests; upgrades only for routes that forward.
+    let tcp = "version = 1\n[[listeners]]\nname = \"t\"\naddress = \"127.0.0.1:0\"\nprotocol = \"tls-passthrough\"\n\
+               [[routes]]\nname = \"r\"\nlistener = \"t\"\ncluster = \"c\"\nupgrades = []\nmatch = { query = [{ name = \"a\", present = true }] }\n\
+               [[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n";
+    let errs = errors(tcp);
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.contains(&"routes[0].match.query"), "{}", dump(&errs));
+    assert!(paths.contains(&"routes[0].upgrades"), "{}", dump(&errs));
+    let direct = "version = 1\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nprotocol = \"http\"\n\
+                  [[routes]]\nname = \"r\"\nlistener = \"web\"\ndirect_response = { status = 200 }\nupgrades = [\"websocket\"]\n";
+    only_error(direct, "routes[0].upgrades", "answers itself");
+}

@@ -39,9 +39,9 @@ pub use types::{
     ClientAuth, Cluster, ClusterTls, Config, ControlConfig, ControlEnrollmentConfig,
     ControlWorkloadApiConfig, HashOn, HeaderMatch, HeaderOps, HeaderValueMatch, HealthCheck,
     HealthCheckKind, Listener, ListenerHttp, ListenerTls, OutlierDetection, PathMatch, PeerMatch,
-    Policy, PolicyAction, Protocol, RetryBudget, RetryOn, RetryPolicy, Route, RouteAction,
-    RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity,
-    TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    Policy, PolicyAction, Protocol, QueryMatch, RetryBudget, RetryOn, RetryPolicy, Route,
+    RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).

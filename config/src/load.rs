@@ -329,7 +329,10 @@ impl Loader<'_> {
                                 ("match", Section::RouteMatch),
                                 &item_path,
                                 &[("peer", Section::PeerMatch), ("path", Section::PathMatch)],
-                                &[("headers", Section::HeaderMatch)],
+                                &[
+                                    ("headers", Section::HeaderMatch),
+                                    ("query", Section::QueryMatch),
+                                ],
                             );
                             for sub in [
                                 ("direct_response", Section::DirectResponse),
@@ -406,7 +409,10 @@ impl Loader<'_> {
                     Section::PolicyRules,
                     &item_path,
                     &[("peer", Section::PeerMatch), ("path", Section::PathMatch)],
-                    &[("headers", Section::HeaderMatch)],
+                    &[
+                        ("headers", Section::HeaderMatch),
+                        ("query", Section::QueryMatch),
+                    ],
                 ));
             }
         }
@@ -670,6 +676,7 @@ fn try_field(section: Section, key: &str, value: &Value) -> Result<(), toml::de:
         Section::ListenerHttp => value.try_into::<raw::ListenerHttp>().map(drop),
         Section::PathMatch => value.try_into::<raw::PathMatch>().map(drop),
         Section::HeaderMatch => value.try_into::<raw::HeaderMatch>().map(drop),
+        Section::QueryMatch => value.try_into::<raw::QueryMatch>().map(drop),
         Section::DirectResponse => value.try_into::<raw::DirectResponse>().map(drop),
         Section::Redirect => value.try_into::<raw::Redirect>().map(drop),
         Section::HeaderOps => value.try_into::<raw::HeaderOps>().map(drop),

@@ -156,6 +156,7 @@ pub(crate) struct Route {
     pub host_rewrite: Option<String>,
     pub timeout: Option<Duration>,
     pub retry: Option<RouteRetry>,
+    pub upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +179,7 @@ pub(crate) struct RouteMatch {
     pub path: Option<PathMatch>,
     pub methods: Option<Vec<String>>,
     pub headers: Option<Vec<HeaderMatch>>,
+    pub query: Option<Vec<QueryMatch>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +193,16 @@ pub(crate) struct PathMatch {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HeaderMatch {
+    pub name: Option<String>,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+/// `[[routes.match.query]]`: the same value conditions as a header entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueryMatch {
     pub name: Option<String>,
     pub exact: Option<String>,
     pub regex: Option<String>,
@@ -465,6 +477,7 @@ pub(crate) enum Section {
     ListenerHttp,
     PathMatch,
     HeaderMatch,
+    QueryMatch,
     DirectResponse,
     Redirect,
     HeaderOps,
@@ -481,7 +494,7 @@ pub(crate) enum Section {
 }
 
 impl Section {
-    pub(crate) const ALL: [Section; 33] = [
+    pub(crate) const ALL: [Section; 34] = [
         Section::Top,
         Section::Admin,
         Section::Runtime,
@@ -501,6 +514,7 @@ impl Section {
         Section::PeerMatch,
         Section::PathMatch,
         Section::HeaderMatch,
+        Section::QueryMatch,
         Section::DirectResponse,
         Section::Redirect,
         Section::HeaderOps,
@@ -540,6 +554,7 @@ impl Section {
             Section::ListenerHttp => fields::<ListenerHttp>(),
             Section::PathMatch => fields::<PathMatch>(),
             Section::HeaderMatch => fields::<HeaderMatch>(),
+            Section::QueryMatch => fields::<QueryMatch>(),
             Section::DirectResponse => fields::<DirectResponse>(),
             Section::Redirect => fields::<Redirect>(),
             Section::HeaderOps => fields::<HeaderOps>(),
@@ -579,6 +594,7 @@ impl Section {
             Section::ListenerHttp => "[listeners.http]",
             Section::PathMatch => "[routes.match.path]",
             Section::HeaderMatch => "[routes.match] headers entries",
+            Section::QueryMatch => "[[routes.match.query]]",
             Section::DirectResponse => "[routes.direct_response]",
             Section::Redirect => "[routes.redirect]",
             Section::HeaderOps => "[routes.request_headers] / [routes.response_headers]",
@@ -772,12 +788,14 @@ impl Section {
             (Section::Routes, "prefix_rewrite") => "prefix_rewrite = \"/v2/\"",
             (Section::Routes, "host_rewrite") => "host_rewrite = \"backend.internal\"",
             (Section::Routes, "timeout") => "timeout = \"15s\"",
+            (Section::Routes, "upgrades") => "upgrades = [\"websocket\"]",
             (Section::RouteMatch, "hosts") => "hosts = [\"api.example.test\", \"*.example.test\"]",
             (Section::RouteMatch, "path") => "path = { prefix = \"/api/\" }",
             (Section::RouteMatch, "methods") => "methods = [\"GET\", \"HEAD\"]",
             (Section::RouteMatch, "headers") => {
                 "headers = [{ name = \"x-canary\", exact = \"1\" }]"
             }
+            (Section::RouteMatch, "query") => "query = [{ name = \"debug\", present = true }]",
             (Section::PathMatch, "prefix") => "prefix = \"/api/\"",
             (Section::PathMatch, "exact") => "exact = \"/healthz\"",
             (Section::PathMatch, "regex") => "regex = \"^/v[0-9]+/\"",
@@ -785,6 +803,10 @@ impl Section {
             (Section::HeaderMatch, "exact") => "exact = \"1\"",
             (Section::HeaderMatch, "regex") => "regex = \"^(alpha|beta)$\"",
             (Section::HeaderMatch, "present") => "present = true",
+            (Section::QueryMatch, "name") => "name = \"version\"",
+            (Section::QueryMatch, "exact") => "exact = \"2\"",
+            (Section::QueryMatch, "regex") => "regex = \"^v[0-9]+$\"",
+            (Section::QueryMatch, "present") => "present = true",
             (Section::DirectResponse, "status") => "status = 200",
             (Section::DirectResponse, "body") => "body = \"ok\\n\"",
             (Section::Redirect, "location") => "location = \"https://example.test/\"",
@@ -893,6 +915,7 @@ mod tests {
         check::<ListenerHttp>(Section::ListenerHttp);
         check::<PathMatch>(Section::PathMatch);
         check::<HeaderMatch>(Section::HeaderMatch);
+        check::<QueryMatch>(Section::QueryMatch);
         check::<DirectResponse>(Section::DirectResponse);
         check::<Redirect>(Section::Redirect);
         check::<HeaderOps>(Section::HeaderOps);
@@ -939,6 +962,7 @@ mod tests {
             Section::ListenerHttp => "### `[listeners.http]`",
             Section::PathMatch => "#### `path`",
             Section::HeaderMatch => "#### `headers` entries",
+            Section::QueryMatch => "#### `query` entries",
             Section::DirectResponse => "### `direct_response`",
             Section::Redirect => "### `redirect`",
             Section::HeaderOps => "### `request_headers` and `response_headers`",
@@ -1152,6 +1176,7 @@ mod tests {
                 | Section::Identity
                 | Section::PathMatch
                 | Section::HeaderMatch
+                | Section::QueryMatch
                 | Section::DirectResponse
                 | Section::Redirect
                 | Section::HeaderOps

@@ -395,6 +395,8 @@ pub struct RouteMatch {
     pub methods: Vec<String>,
     /// `http` listeners: every entry must match.
     pub headers: Vec<HeaderMatch>,
+    /// `http` listeners: every entry must match a parameter of the query string.
+    pub query: Vec<QueryMatch>,
 }
 
 /// How a route matches the request path (the normalised path, without the query).
@@ -432,6 +434,18 @@ pub enum HeaderValueMatch {
     Present(bool),
 }
 
+/// One query-parameter condition of a route match (`[[routes.match.query]]`). Names and
+/// values are compared percent-decoded (`+` read as a space, as in HTML forms); with several
+/// parameters of that name, any of them may match. A parameter without `=` has an empty value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueryMatch {
+    /// Parameter name, case-sensitive.
+    pub name: String,
+    /// The same conditions as a header entry: exact value, regex, present or absent.
+    #[serde(flatten)]
+    pub value: HeaderValueMatch,
+}
+
 /// How a route of an `http` listener edits the requests and responses it forwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteHttp {
@@ -450,6 +464,9 @@ pub struct RouteHttp {
     pub timeout: Duration,
     /// `[routes.retry]`: when a failed attempt is tried again (forward routes).
     pub retry: RetryPolicy,
+    /// Protocols an HTTP/1.1 `Upgrade` request may switch to through this route (lowercase
+    /// tokens; default `["websocket"]`). Others go upstream as plain requests, without Upgrade.
+    pub upgrades: Vec<String>,
 }
 
 /// `[routes.retry]`: Envoy's retry policy. Without the table: 2 attempts on connect failure

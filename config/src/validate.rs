@@ -1560,6 +1560,7 @@ impl Validator {
             path: http.path,
             methods: http.methods,
             headers: http.headers,
+            query: http.query,
         })
     }
 

@@ -16,9 +16,11 @@ use meshgate_config::{
 };
 
 use crate::authz::ListenerPolicies;
-use crate::http1::{Limits, RequestHead};
+use crate::http1::{Limits, RequestHead, split_query};
 use crate::metrics::{HttpRouteStats, ShardStats};
 use crate::tls::spiffe::SpiffeId;
+
+mod query;
 
 /// Size limit of a compiled route regex; the config crate validates with the same limit.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -141,6 +143,8 @@ pub struct CompiledRoute {
     pub stats: Arc<HttpRouteStats>,
     /// The gateway's own request fields this route sets or removes itself.
     pub overrides: Overrides,
+    /// HTTP/1.1 `Upgrade` protocols this route forwards (lowercase).
+    pub upgrades: Box<[String]>,
 }
 
 /// Gateway-written request fields a route's `request_headers` takes over.
@@ -159,6 +163,7 @@ pub struct Matcher {
     path: Option<PathMatcher>,
     methods: Box<[String]>,
     headers: Box<[HeaderMatcher]>,
+    query: Box<[query::QueryMatcher]>,
     /// `https`: TLS server names (empty: any).
     sni: Box<[String]>,
     /// `https` with client auth: the identities allowed.
@@ -189,6 +194,26 @@ enum HeaderKind {
     Regex(regex::bytes::Regex),
     Present(bool),
     Never,
+}
+
+impl HeaderKind {
+    /// A header or query value condition, its regex compiled.
+    fn new(value: &HeaderValueMatch, route: &str) -> HeaderKind {
+        match value {
+            HeaderValueMatch::Exact(v) => HeaderKind::Exact(v.as_bytes().into()),
+            HeaderValueMatch::Present(p) => HeaderKind::Present(*p),
+            HeaderValueMatch::Regex(r) => match regex::bytes::RegexBuilder::new(r)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
+                Ok(re) => HeaderKind::Regex(re),
+                Err(e) => {
+                    tracing::error!(route, error = %e, "header or query regex does not compile; the route matches nothing");
+                    HeaderKind::Never
+                }
+            },
+        }
+    }
 }
 
 /// Header edits as the codec takes them (names lowercase, values bytes).
@@ -229,6 +254,7 @@ impl Matcher {
                 path: None,
                 methods: Box::default(),
                 headers: Box::default(),
+                query: Box::default(),
                 sni: Box::default(),
                 peer: None,
                 catch_all: true,
@@ -253,20 +279,7 @@ impl Matcher {
             .iter()
             .map(|h| HeaderMatcher {
                 name: h.name.to_ascii_lowercase(),
-                kind: match &h.value {
-                    HeaderValueMatch::Exact(v) => HeaderKind::Exact(v.as_bytes().into()),
-                    HeaderValueMatch::Present(p) => HeaderKind::Present(*p),
-                    HeaderValueMatch::Regex(r) => match regex::bytes::RegexBuilder::new(r)
-                        .size_limit(REGEX_SIZE_LIMIT)
-                        .build()
-                    {
-                        Ok(re) => HeaderKind::Regex(re),
-                        Err(e) => {
-                            tracing::error!(owner = %owner, error = %e, "header regex does not compile; it matches nothing");
-                            HeaderKind::Never
-                        }
-                    },
-                },
+                kind: HeaderKind::new(&h.value, owner),
             })
             .collect();
         Matcher {
@@ -274,6 +287,7 @@ impl Matcher {
             path,
             methods: m.methods.clone().into_boxed_slice(),
             headers,
+            query: query::compile(&m.query, owner),
             sni: m.sni.clone().into_boxed_slice(),
             peer: m.peer.clone(),
             catch_all: false,
@@ -306,7 +320,10 @@ impl Matcher {
             Some(PathMatcher::Regex(re)) => re.is_match(req.path),
             Some(PathMatcher::Never) => false,
         };
-        path_ok && self.headers.iter().all(|h| h.matches(req))
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req))
+            && (self.query.is_empty()
+                || query::all_match(&self.query, split_query(req.head.path_bytes(req.buf)).1))
     }
 }
 
@@ -324,6 +341,7 @@ impl CompiledRoute {
             path: None,
             methods: Vec::new(),
             headers: Vec::new(),
+            query: Vec::new(),
         };
         let m = route.matcher.as_ref().unwrap_or(&empty);
         let matcher = Matcher::new(route.matcher.as_ref(), &route.name);
@@ -362,6 +380,7 @@ impl CompiledRoute {
                 },
             ),
             overrides,
+            upgrades: http.map_or_else(Box::default, |h| h.upgrades.clone().into_boxed_slice()),
         }
     }
 

@@ -4,6 +4,7 @@
 //! authentication).
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -309,4 +310,24 @@ impl Drop for TlsOrigin {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Raw bytes to `gw` on a new connection; everything it answers until it closes (or 5 s
+/// pass), and whether it closed. For requests curl is too polite to send.
+pub fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(gw).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let closed = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
 }

@@ -7,6 +7,8 @@
 //! - [`http_get`]: a tiny blocking HTTP client for admin endpoints.
 //! - [`http_origin`]: a tiny HTTP/1.1 origin that answers every request with a fixed body.
 //! - [`HttpUpstream`]: a keep-alive HTTP/1.1 origin that answers every request with its name.
+//! - [`RawOrigin`]: an origin that records every byte it receives and answers with fixed bytes
+//!   (smuggling tests: "the origin received nothing"; trailers: what exactly arrived).
 //! - [`prometheus_parse`]: /metrics parsed by the real Prometheus parser (`prometheus_client`).
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`rss_bytes`], [`fd_count`], [`raise_nofile_limit`]: what a process holds, for leak tests.
@@ -545,6 +547,57 @@ pub fn access_log_records(path: &Path) -> Vec<serde_json::Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// A TCP origin on 127.0.0.1 that records every byte any connection sends it and, each time
+/// the bytes since its last answer contain `until`, writes `response` (keep-alive).
+#[derive(Debug, Clone)]
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl RawOrigin {
+    pub fn start(until: &'static [u8], response: &'static [u8]) -> RawOrigin {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let all = received.clone();
+        thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let all = all.clone();
+                thread::spawn(move || {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if let Ok(mut a) = all.lock() {
+                                    a.extend_from_slice(&buf[..n]);
+                                }
+                                pending.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                        while let Some(end) = pending.windows(until.len()).position(|w| w == until)
+                        {
+                            pending.drain(..end + until.len());
+                            if c.write_all(response).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawOrigin { addr, received }
+    }
+
+    /// Every byte received so far, from all connections, in arrival order per connection.
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
 }
 
 /// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::raw;
 use crate::types::{
-    HeaderMatch, HeaderOps, HeaderValueMatch, ListenerHttp, PathMatch, RetryPolicy, RouteAction,
-    RouteHttp,
+    HeaderMatch, HeaderOps, HeaderValueMatch, ListenerHttp, PathMatch, QueryMatch, RetryPolicy,
+    RouteAction, RouteHttp,
 };
 
 /// Fields the proxy writes itself; a route may not add, set or remove them.
@@ -36,6 +36,9 @@ const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
+/// The protocol routes may upgrade to when `upgrades` is not set.
+const DEFAULT_UPGRADE: &str = "websocket";
+
 /// Redirect statuses.
 const REDIRECT_STATUSES: [u16; 5] = [301, 302, 303, 307, 308];
 const DEFAULT_REDIRECT_STATUS: u16 = 302;
@@ -47,6 +50,7 @@ pub(super) struct HttpMatch {
     pub path: Option<PathMatch>,
     pub methods: Vec<String>,
     pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
 }
 
 impl Validator {
@@ -218,6 +222,7 @@ impl Validator {
         let host_rewrite = raw.host_rewrite.take();
         let timeout = raw.timeout.take();
         let retry = raw.retry.take();
+        let upgrades = raw.upgrades.take();
         match protocol {
             Some("http" | "https") => {}
             Some(p) => {
@@ -228,6 +233,7 @@ impl Validator {
                     ("host_rewrite", host_rewrite.is_some()),
                     ("timeout", timeout.is_some()),
                     ("retry", retry.is_some()),
+                    ("upgrades", upgrades.is_some()),
                 ];
                 let mut ok = true;
                 for (field, _) in given.iter().filter(|(_, set)| *set) {
@@ -326,6 +332,14 @@ impl Validator {
             }
             Some(raw) => self.route_retry(&format!("{path}.retry"), raw, timeout),
         };
+        let upgrades = match upgrades {
+            None => Some(vec![DEFAULT_UPGRADE.to_owned()]),
+            Some(list) if !forwards && !list.is_empty() => {
+                self.not_forwarding(&format!("{path}.upgrades"), "upgrades");
+                None
+            }
+            Some(list) => self.upgrades(&format!("{path}.upgrades"), list),
+        };
         Some(Some(RouteHttp {
             request_headers: request_headers?,
             response_headers: response_headers?,
@@ -333,6 +347,7 @@ impl Validator {
             host_rewrite: host_rewrite?,
             timeout: timeout?,
             retry: retry?,
+            upgrades: upgrades?,
         }))
     }
 
@@ -462,6 +477,7 @@ impl Validator {
         let path_match = raw.path.take();
         let methods = raw.methods.take();
         let headers = raw.headers.take();
+        let query = raw.query.take();
         match protocol {
             Some("http" | "https") => {}
             Some(p) => {
@@ -470,6 +486,7 @@ impl Validator {
                     ("path", path_match.is_some()),
                     ("methods", methods.is_some()),
                     ("headers", headers.is_some()),
+                    ("query", query.is_some()),
                 ];
                 let mut ok = true;
                 for (field, _) in given.iter().filter(|(_, set)| *set) {
@@ -504,11 +521,13 @@ impl Validator {
         };
         let methods = self.methods(&format!("{path}.methods"), methods.unwrap_or_default());
         let headers = self.header_matches(&format!("{path}.headers"), headers.unwrap_or_default());
+        let query = self.query_matches(&format!("{path}.query"), query.unwrap_or_default());
         let out = HttpMatch {
             hosts: hosts?,
             path: path_match?,
             methods: methods?,
             headers: headers?,
+            query: query?,
         };
         ok.then_some(out)
     }
@@ -669,55 +688,137 @@ impl Validator {
                 }
                 Some(name) => Some(name.to_ascii_lowercase()),
             };
-            let given = [
-                entry.exact.is_some(),
-                entry.regex.is_some(),
-                entry.present.is_some(),
-            ]
-            .into_iter()
-            .filter(|g| *g)
-            .count();
-            let value = if given != 1 {
-                let (at, message) = if given == 0 {
-                    (
-                        format!("{entry_path}.exact"),
-                        "header entry says nothing about the value: none of exact, regex and \
-                         present is set",
-                    )
-                } else {
-                    (
-                        entry_path.clone(),
-                        "header entry sets more than one of exact, regex and present",
-                    )
-                };
-                self.error(
-                    at,
-                    message,
-                    "set exactly one: { name = \"x-canary\", exact = \"1\" }, { name = \"x-env\", \
-                     regex = \"^(dev|test)$\" } or { name = \"x-debug\", present = true }",
-                );
-                None
-            } else if let Some(exact) = entry.exact {
-                match value_problem(&exact) {
-                    None => Some(HeaderValueMatch::Exact(exact)),
-                    Some(problem) => {
-                        self.error(
-                            format!("{entry_path}.exact"),
-                            format!("{exact:?} can never match: {problem}"),
-                            "field values are compared without surrounding whitespace",
-                        );
-                        None
-                    }
-                }
-            } else if let Some(regex) = entry.regex {
-                self.regex(&format!("{entry_path}.regex"), &regex)
-                    .then_some(HeaderValueMatch::Regex(regex))
-            } else {
-                entry.present.map(HeaderValueMatch::Present)
-            };
+            let value = self.value_condition(
+                &entry_path,
+                "header",
+                "{ name = \"x-canary\", exact = \"1\" }, { name = \"x-env\", regex = \
+                 \"^(dev|test)$\" } or { name = \"x-debug\", present = true }",
+                (entry.exact, entry.regex, entry.present),
+            );
             match (name, value) {
                 (Some(name), Some(value)) => out.push(HeaderMatch { name, value }),
                 _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// The value part of a header or query entry: exactly one of exact, regex and present.
+    fn value_condition(
+        &mut self,
+        entry_path: &str,
+        what: &str,
+        examples: &str,
+        (exact, regex, present): (Option<String>, Option<String>, Option<bool>),
+    ) -> Option<HeaderValueMatch> {
+        let given = [exact.is_some(), regex.is_some(), present.is_some()]
+            .into_iter()
+            .filter(|g| *g)
+            .count();
+        if given != 1 {
+            let (at, message) = if given == 0 {
+                (
+                    format!("{entry_path}.exact"),
+                    format!(
+                        "{what} entry says nothing about the value: none of exact, regex and \
+                         present is set"
+                    ),
+                )
+            } else {
+                (
+                    entry_path.to_owned(),
+                    format!("{what} entry sets more than one of exact, regex and present"),
+                )
+            };
+            self.error(at, message, format!("set exactly one: {examples}"));
+            return None;
+        }
+        if let Some(exact) = exact {
+            // Query values are compared decoded, so any text can occur in one.
+            return match (what, value_problem(&exact)) {
+                ("header", Some(problem)) => {
+                    self.error(
+                        format!("{entry_path}.exact"),
+                        format!("{exact:?} can never match: {problem}"),
+                        "field values are compared without surrounding whitespace",
+                    );
+                    None
+                }
+                _ => Some(HeaderValueMatch::Exact(exact)),
+            };
+        }
+        if let Some(regex) = regex {
+            return self
+                .regex(&format!("{entry_path}.regex"), &regex)
+                .then_some(HeaderValueMatch::Regex(regex));
+        }
+        present.map(HeaderValueMatch::Present)
+    }
+
+    fn query_matches(&mut self, path: &str, list: Vec<raw::QueryMatch>) -> Option<Vec<QueryMatch>> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (index, entry) in list.into_iter().enumerate() {
+            let entry_path = format!("{path}[{index}]");
+            let name = match entry.name {
+                Some(name) if !name.is_empty() => Some(name),
+                _ => {
+                    self.error(
+                        format!("{entry_path}.name"),
+                        "missing or empty `name`",
+                        "name the query parameter (decoded, case-sensitive), e.g. \
+                         [[routes.match.query]] name = \"version\" then exact = \"2\"",
+                    );
+                    None
+                }
+            };
+            let value = self.value_condition(
+                &entry_path,
+                "query",
+                "{ name = \"version\", exact = \"2\" }, { name = \"v\", regex = \"^[0-9]+$\" } \
+                 or { name = \"debug\", present = true }",
+                (entry.exact, entry.regex, entry.present),
+            );
+            match (name, value) {
+                (Some(name), Some(value)) => out.push(QueryMatch { name, value }),
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn upgrades(&mut self, path: &str, list: Vec<String>) -> Option<Vec<String>> {
+        let mut out: Vec<String> = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (index, name) in list.into_iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            let problem = if !is_token(&name) {
+                Some((
+                    format!("invalid upgrade protocol {name:?}"),
+                    "protocols are tokens as sent in the Upgrade field, e.g. \"websocket\"",
+                ))
+            } else if lower == "h2c" {
+                Some((
+                    "`h2c` is never forwarded: cleartext HTTP/2 reaches the gateway with prior \
+                     knowledge, and upgrading an upstream connection to it is not supported"
+                        .to_owned(),
+                    "remove \"h2c\"; HTTP/2 clients connect with prior knowledge (or ALPN on \
+                     https listeners)",
+                ))
+            } else if out.contains(&lower) {
+                Some((
+                    format!("upgrade protocol {name:?} is listed twice"),
+                    "list each protocol once",
+                ))
+            } else {
+                None
+            };
+            match problem {
+                Some((message, hint)) => {
+                    self.error(format!("{path}[{index}]"), message, hint);
+                    ok = false;
+                }
+                None => out.push(lower),
             }
         }
         ok.then_some(out)

@@ -121,7 +121,8 @@ impl Validator {
             && raw.hosts.is_none()
             && raw.path.is_none()
             && raw.methods.is_none()
-            && raw.headers.is_none();
+            && raw.headers.is_none()
+            && raw.query.is_none();
         if empty {
             return Some(RouteMatch {
                 sni: Vec::new(),
@@ -130,6 +131,7 @@ impl Validator {
                 path: None,
                 methods: Vec::new(),
                 headers: Vec::new(),
+                query: Vec::new(),
             });
         }
         if listener.is_some_and(|l| l.tcp) {

@@ -17,7 +17,9 @@
 //! before anything goes upstream, so a malformed request that arrives in one piece reaches no
 //! origin. Requests go upstream as HTTP/1.1 with the normalised path; a request body is sent
 //! with the framing it arrived with (validated wire bytes); a chunked response to an HTTP/1.0
-//! client is de-chunked and close-delimited.
+//! client is de-chunked and close-delimited. An HTTP/1.1 upgrade the route allows (WebSocket)
+//! keeps its Upgrade field; after the upstream's 101 the connection is a byte relay
+//! ([`upgrade`]).
 //!
 //! Failures before any response byte: connect refused 502 `UF`, connect timeout 504 `UF,UT`,
 //! upstream closed 502 `UC`, bad response 502 `UPE`, no response within the route timeout 504
@@ -63,6 +65,8 @@ use crate::rt::IoBuf;
 use crate::shard::ShardGen;
 use crate::tls;
 use crate::tls::spiffe::{SpiffeId, svid_identity};
+
+mod upgrade;
 
 /// Header edits per list: the config's 32 plus the gateway's own fields.
 const MAX_EDITS: usize = 37;
@@ -488,6 +492,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
         Plan::Forward {
             route,
             upstream_head,
+            upgrade,
         } => {
             ex.route.set(Some(route.index));
             let req = ReqInfo {
@@ -496,6 +501,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
                 keep_alive: head.keep_alive(),
                 decoder: head.body_decoder(&Limits::default()),
                 header_hash,
+                upgrade,
             };
             let next = forward(guard, snap, routes, route, conn, req, upstream_head, &ex).await;
             (next, Some(route))
@@ -642,6 +648,8 @@ enum Plan<'r> {
     Forward {
         route: &'r CompiledRoute,
         upstream_head: Vec<u8>,
+        /// The protocol the request switches to, when its Upgrade is forwarded.
+        upgrade: Option<&'r str>,
     },
 }
 
@@ -835,6 +843,12 @@ fn plan<'r, R, W>(
     {
         edits.set("x-request-id", id);
     }
+    // WebSocket and other upgrades the route allows (HTTP/1.1 clients only).
+    let upgrade = if head.is_upgrade() && conn.proto == "HTTP/1.1" {
+        upgrade::allowed(&route.upgrades, head, buf)
+    } else {
+        None
+    };
     // An HTTP/1.0 request may come without Host; upstreams want one: the address the client
     // connected to.
     let fallback_host = (route.host_rewrite.is_none() && head.host(buf).is_none())
@@ -851,7 +865,11 @@ fn plan<'r, R, W>(
                 .as_deref()
                 .or(fallback_host.as_deref().map(str::as_bytes)),
             framing: None,
-            connection: Some(ConnectionHeader::Persist),
+            connection: Some(if upgrade.is_some() {
+                ConnectionHeader::Upgrade
+            } else {
+                ConnectionHeader::Persist
+            }),
         },
         &mut upstream_head,
     );
@@ -859,6 +877,7 @@ fn plan<'r, R, W>(
         Ok(()) => Plan::Forward {
             route,
             upstream_head,
+            upgrade,
         },
         // A path that cannot be sent (a raw '#' in the query) is the client's fault; an edit
         // that cannot be written is ours.
@@ -879,13 +898,15 @@ fn plan<'r, R, W>(
 }
 
 /// What the forwarding stage needs of the request once its head bytes are gone.
-struct ReqInfo {
+struct ReqInfo<'r> {
     method: Method,
     version: Version,
     keep_alive: bool,
     decoder: BodyDecoder,
     /// Hash of the header a `maglev` cluster of the route hashes on, when present.
     header_hash: Option<u64>,
+    /// Forwarded with its Upgrade field (to this protocol).
+    upgrade: Option<&'r str>,
 }
 
 /// Why an upstream attempt failed.
@@ -952,7 +973,7 @@ async fn overflow<R: HttpRead, W: ClientOut>(
     meters: &Meters<'_>,
     cstats: &ClusterStats,
     limit: Limit,
-    req: &ReqInfo,
+    req: &ReqInfo<'_>,
     body_done: bool,
 ) -> Next {
     cstats.overflow[limit as usize].inc();
@@ -979,7 +1000,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
     routes: &ListenerRoutes,
     route: &CompiledRoute,
     conn: &mut Conn<R, W>,
-    mut req: ReqInfo,
+    mut req: ReqInfo<'_>,
     upstream_head: Vec<u8>,
     ex: &Exchange,
 ) -> Next {
@@ -1134,6 +1155,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
             draining: &guard.shard.shared.draining,
             per_try: attempts.per_try_timeout(),
             retry: Some(&attempts),
+            upgrade: req.upgrade,
         };
         let joined = exchange(
             conn,
@@ -1151,6 +1173,14 @@ async fn forward<R: HttpRead, W: ClientOut>(
             Joined::Done { resp, req_complete } => {
                 picker.report(index, crate::health::Outcome::Status(resp.status));
                 ex.answer(resp.status, if attempts.exhausted() { "URX" } else { "-" });
+                if resp.upgraded {
+                    let relayed =
+                        upgrade::tunnel(conn, &mut up, routes.idle_timeout, cstats, &meters).await;
+                    if let Err(e) = relayed {
+                        tracing::debug!(peer = %conn.peer, error = %e, "upgraded connection ended");
+                    }
+                    return Next::Close { linger: false };
+                }
                 if req_complete && resp.upstream_reusable {
                     guard.shard.http_pool.put(key, up);
                 } else {
@@ -1398,6 +1428,8 @@ pub(crate) struct RespCtx<'a> {
     pub(crate) per_try: Option<Duration>,
     /// Decides whether a response status is retried instead of relayed.
     pub(crate) retry: Option<&'a Attempts<'a>>,
+    /// The request asked to switch to this protocol (HTTP/1.1 upgrade the route allows).
+    pub(crate) upgrade: Option<&'a str>,
 }
 
 struct RespOk {
@@ -1406,6 +1438,8 @@ struct RespOk {
     keep_down: bool,
     /// The upstream connection ended this response cleanly and may go back to the pool.
     upstream_reusable: bool,
+    /// A 101 went to the client: both connections are a byte relay from here.
+    upgraded: bool,
 }
 
 enum RespFail {
@@ -1440,8 +1474,12 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                     continue;
                 }
                 Ok(Parsed::Complete { head, consumed }) => {
+                    if head.status() == 101 && cx.upgrade.is_some() {
+                        return upgrade::switched(down, &head, rbuf, consumed, cx, shared, meters)
+                            .await;
+                    }
                     if head.status() == 101 || head.is_tunnel() {
-                        // Never asked for: requests go upstream without Upgrade.
+                        // Never asked for: only upgrades the route allows go upstream.
                         return Err(RespFail::Upstream(UpFail::Protocol));
                     }
                     if let Some(attempts) = cx.retry
@@ -1579,6 +1617,7 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
         status,
         keep_down,
         upstream_reusable,
+        upgraded: false,
     })
 }
 
@@ -1656,6 +1695,12 @@ pub(crate) trait ClientOut {
     ) -> io::Result<usize>;
     /// The response is complete.
     async fn end(&mut self) -> io::Result<()>;
+    /// Bytes after a protocol switch (HTTP/1 only, where a 101 turns the connection into a
+    /// byte relay).
+    async fn raw_owned<B: IoBuf>(&mut self, b: B) -> (io::Result<()>, B) {
+        let res = self.body(b.as_slice(), false).await.map(drop);
+        (res, b)
+    }
     /// Stop sending on the connection (HTTP/1 lingering close).
     async fn shutdown(&mut self) -> io::Result<()>;
 }
@@ -1718,6 +1763,10 @@ impl<W: HttpWrite> ClientOut for W {
 
     async fn end(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    async fn raw_owned<B: IoBuf>(&mut self, b: B) -> (io::Result<()>, B) {
+        self.write_all_owned(b).await
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {

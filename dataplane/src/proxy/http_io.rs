@@ -40,6 +40,29 @@ pub(crate) trait HttpWrite {
     async fn shutdown_write(&mut self) -> io::Result<()>;
 }
 
+impl<T: HttpRead> HttpRead for &mut T {
+    type Buf = T::Buf;
+    #[inline]
+    async fn recv_buf(&mut self) -> io::Result<Option<T::Buf>> {
+        T::recv_buf(self).await
+    }
+}
+
+impl<T: HttpWrite> HttpWrite for &mut T {
+    #[inline]
+    async fn write_all_owned<B: IoBuf>(&mut self, buf: B) -> (io::Result<()>, B) {
+        T::write_all_owned(self, buf).await
+    }
+    #[inline]
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        T::write_all(self, buf).await
+    }
+    #[inline]
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        T::shutdown_write(self).await
+    }
+}
+
 impl HttpRead for rt::ReadHalf {
     type Buf = rt::RecvBuf;
     #[inline]

@@ -22,6 +22,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Blame, ProxyError};
 use crate::metrics::Counter;
+use crate::proxy::http_io::{HttpRead, HttpWrite};
 use crate::rt;
 use crate::tls::stream::{ClientTlsStream, ServerTlsStream};
 
@@ -99,7 +100,7 @@ pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<()
 /// the idle timeout. One timer per connection, re-armed only when it fires: nothing per chunk.
 /// Takes the future pinned by the caller: an `async fn` that pinned its argument itself would
 /// store it twice (argument and local), and this state lives as long as the connection.
-async fn with_idle_clock<F>(mut f: Pin<&mut F>, idle: &Idle) -> Result<(), ProxyError>
+pub(crate) async fn with_idle_clock<F>(mut f: Pin<&mut F>, idle: &Idle) -> Result<(), ProxyError>
 where
     F: Future<Output = Result<(), ProxyError>>,
 {
@@ -117,9 +118,13 @@ where
 /// Copy `from` -> `to` until EOF (then half-close `to`) or an error (zero-copy path). The idle
 /// timeout is applied around both directions by [`with_idle_clock`], so a send stuck on a peer
 /// that stopped reading ends the connection too.
-async fn pump(
-    mut from: rt::ReadHalf,
-    mut to: rt::WriteHalf,
+///
+/// Generic over the byte streams so an HTTP/1.1 connection that switched protocols (WebSocket,
+/// `proxy::http`'s upgrade) relays through the same loop; the TCP path instantiates it with the
+/// runtime's socket halves, as before.
+pub(crate) async fn pump<R: HttpRead, W: HttpWrite>(
+    mut from: R,
+    mut to: W,
     reader_blame: Blame,
     [read_counter, write_counter]: [&Counter; 2],
     moved: &Cell<u64>,
