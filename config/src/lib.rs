@@ -36,8 +36,8 @@ pub use types::{
     ClusterTls, Config, ControlConfig, ControlEnrollmentConfig, ControlWorkloadApiConfig,
     HeaderMatch, HeaderOps, HeaderValueMatch, Listener, ListenerHttp, ListenerTls, PathMatch,
     PeerMatch, Protocol, Route, RouteAction, RouteHttp, RouteMatch, RuntimeConfig,
-    ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify,
-    WeightedCluster, sni_matches,
+    ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion, TrustBundle, UpstreamProtocol,
+    UpstreamVerify, WeightedCluster, sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -323,6 +323,7 @@ endpoints = ["127.0.0.1:15002"]
                 connect_timeout: Duration::from_secs(5),
                 balance: Balance::RoundRobin,
                 tls: None,
+                protocol: UpstreamProtocol::Http1,
             }]
         );
     }
@@ -429,6 +430,7 @@ endpoints = ["10.0.0.3:80"]
         assert_eq!(json["listeners"][2]["address"], "127.0.0.1:15001");
         assert_eq!(json["clusters"][1]["connect_timeout"], "5s");
         assert_eq!(json["clusters"][1]["balance"], "round_robin");
+        assert_eq!(json["clusters"][1]["protocol"], "http1");
         assert_eq!(
             json["routes"][2]["action"]["forward"]["clusters"][0]["cluster"],
             "echo"

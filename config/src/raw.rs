@@ -229,6 +229,7 @@ pub(crate) struct Cluster {
     pub connect_timeout: Option<Duration>,
     pub balance: Option<String>,
     pub tls: Option<ClusterTls>,
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,6 +525,7 @@ impl Section {
             (Section::Clusters, "endpoints") => "endpoints = [\"127.0.0.1:15002\", \"[::1]:8080\"]",
             (Section::Clusters, "connect_timeout") => "connect_timeout = \"5s\"",
             (Section::Clusters, "balance") => "balance = \"round_robin\"",
+            (Section::Clusters, "protocol") => "protocol = \"http2\"",
             (Section::Listeners, "default_route") => "default_route = \"fallback\"",
             (Section::Listeners, "handshake_timeout") => "handshake_timeout = \"10s\"",
             (Section::Listeners, "tls") => {
@@ -628,7 +630,14 @@ mod tests {
     fn fields_are_read_from_serde() {
         assert_eq!(
             fields::<Cluster>(),
-            ["name", "endpoints", "connect_timeout", "balance", "tls"]
+            [
+                "name",
+                "endpoints",
+                "connect_timeout",
+                "balance",
+                "tls",
+                "protocol"
+            ]
         );
         assert_eq!(fields::<Route>()[4], "match");
         assert_eq!(

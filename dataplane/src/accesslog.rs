@@ -63,6 +63,8 @@ pub struct Record {
     pub x_forwarded_for: Option<String>,
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
+    /// gRPC requests: the `grpc-status` the client was given.
+    pub grpc_status: Option<u16>,
     pub shard: usize,
 }
 
@@ -337,6 +339,8 @@ struct JsonRecord<'a> {
     authority: Option<&'a str>,
     downstream_peer_spiffe_id: Option<&'a str>,
     tls_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<u16>,
     shard: usize,
 }
 
@@ -365,6 +369,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             authority: r.authority.as_deref(),
             downstream_peer_spiffe_id: r.downstream_peer_spiffe_id.as_deref(),
             tls_version: r.tls_version,
+            grpc_status: r.grpc_status,
             shard: r.shard,
         }
     }
@@ -424,6 +429,7 @@ mod tests {
             x_forwarded_for: None,
             user_agent: None,
             request_id: None,
+            grpc_status: None,
             shard: 1,
         }
     }

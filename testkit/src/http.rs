@@ -230,3 +230,94 @@ pub fn field<'a>(body: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| rest.find('\n').unwrap_or(rest.len()));
     &rest[..end]
 }
+
+/// nginx as an HTTP/2 origin: `listen ADDR http2` (nginx 1.22: prior-knowledge h2c on a plain
+/// listener) or, with `tls = Some((cert, key))`, `listen ADDR ssl http2` (ALPN h2). It answers
+/// `proto=$server_protocol conn=$connection uri=$request_uri` and logs
+/// `$server_protocol $connection $connection_requests "$request" $status` per request.
+/// `keepalive_requests`: requests per connection before nginx sends GOAWAY.
+#[derive(Debug)]
+pub struct NginxH2 {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+}
+
+impl NginxH2 {
+    pub fn start(nginx: &Path, tls: Option<(&Path, &Path)>, keepalive_requests: u32) -> NginxH2 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        let addr = addr(free_port());
+        let listen = match tls {
+            None => format!("listen {addr} http2;"),
+            Some((cert, key)) => format!(
+                "listen {addr} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            ),
+        };
+        let conf = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+  log_format h2 '$server_protocol $connection $connection_requests "$request" $status';
+  access_log {d}/access.log h2;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  keepalive_requests {keepalive_requests};
+  server {{
+    {listen}
+    location / {{
+      return 200 "proto=$server_protocol conn=$connection uri=$request_uri\n";
+    }}
+  }}
+}}
+"#,
+            d = d.display(),
+        );
+        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let mut n = NginxH2 { child, dir, addr };
+        if !wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(n.addr).is_ok()
+        }) {
+            let _ = n.child.kill();
+            panic!(
+                "nginx (http2) did not start:\n{}",
+                std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        n
+    }
+
+    /// The access log's lines so far (complete lines only).
+    pub fn log_lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+        complete.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for NginxH2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

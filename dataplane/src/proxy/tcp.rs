@@ -320,6 +320,7 @@ fn log(
         x_forwarded_for: None,
         user_agent: None,
         request_id: None,
+        grpc_status: None,
         shard: guard.shard.id,
     });
 }
