@@ -272,7 +272,7 @@ pub async fn connect(
             (UpRead::Plain(rd), UpWrite::Plain(wr))
         }
         UpStream::Tls(stream) => {
-            let (rd, wr) = tls_split(stream);
+            let (rd, wr) = tls_split(*stream);
             (UpRead::Tls(rd), UpWrite::Tls(wr))
         }
     };
@@ -290,7 +290,8 @@ pub async fn connect(
 #[derive(Debug)]
 pub enum UpStream {
     Plain(rt::TcpStream),
-    Tls(ClientTlsStream<rt::TcpStream>),
+    /// Boxed: a rustls session is large and plain streams are the common case.
+    Tls(Box<ClientTlsStream<rt::TcpStream>>),
 }
 
 impl futures_io::AsyncRead for UpStream {
@@ -301,7 +302,7 @@ impl futures_io::AsyncRead for UpStream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            UpStream::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -314,7 +315,7 @@ impl futures_io::AsyncWrite for UpStream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            UpStream::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
     fn poll_flush(
@@ -323,7 +324,7 @@ impl futures_io::AsyncWrite for UpStream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            UpStream::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_flush(cx),
         }
     }
     fn poll_close(
@@ -332,7 +333,7 @@ impl futures_io::AsyncWrite for UpStream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Plain(s) => std::pin::Pin::new(s).poll_close(cx),
-            UpStream::Tls(s) => std::pin::Pin::new(s).poll_close(cx),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_close(cx),
         }
     }
 }
@@ -394,7 +395,7 @@ pub async fn connect_io(
                         false,
                     ));
                 }
-                Ok(UpStream::Tls(stream))
+                Ok(UpStream::Tls(Box::new(stream)))
             }
         },
         Ok(Err(e)) => {
