@@ -1042,6 +1042,120 @@ pub(crate) fn grpc_trailers(code: u16, message: &'static str) -> HeaderMap {
 mod tests {
     use super::*;
 
+    /// Sleep-poll `f` on the shard for up to 5 s.
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            if Instant::now() >= end {
+                return false;
+            }
+            rt::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// An HTTP/2 server on this shard allowing `max` concurrent streams per connection; it
+    /// answers 200 once `release` is set. Counts the connections it accepted.
+    fn h2_server(max: u32, accepted: Rc<Cell<usize>>, release: Rc<Cell<bool>>) -> SocketAddr {
+        let opts = rt::ListenOptions {
+            reuseport: false,
+            backlog: 64,
+        };
+        let listener =
+            rt::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &opts).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(rt::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted.set(accepted.get() + 1);
+                let release = release.clone();
+                drop(rt::spawn(async move {
+                    let mut builder = h2::server::Builder::new();
+                    builder.max_concurrent_streams(max);
+                    let Ok(mut conn) = builder.handshake::<_, Bytes>(TokioIo::new(stream)).await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) =
+                        poll_fn(|cx| conn.poll_accept(cx)).await
+                    {
+                        let release = release.clone();
+                        drop(rt::spawn(async move {
+                            until(|| release.get()).await;
+                            let _ = respond.send_response(http::Response::new(()), true);
+                        }));
+                    }
+                }));
+            }
+        }));
+        addr
+    }
+
+    #[test]
+    fn streams_respect_the_peers_limit_then_queue_at_the_connection_cap() {
+        rt::block_on(256, async {
+            let accepted = Rc::new(Cell::new(0));
+            let release = Rc::new(Cell::new(false));
+            let addr = h2_server(2, accepted.clone(), release.clone());
+            let stats = Arc::new(ClusterStats::default());
+            let pool = H2Pool::new();
+            let key = PoolKey::plain(addr);
+            let target = Target {
+                endpoint: addr,
+                connect_timeout: Duration::from_secs(2),
+                stats: &stats,
+                tls: None,
+            };
+            let mut open = Vec::new();
+            for i in 0..12 {
+                let c = pool.acquire(&key, &target).await.expect("connection");
+                // The peer's SETTINGS (2 streams) have arrived before the next pick.
+                assert!(until(|| c.send.current_max_send_streams() == 2).await);
+                let mut send = c.send.clone();
+                poll_fn(|cx| send.poll_ready(cx)).await.expect("ready");
+                let req = Request::builder()
+                    .uri(format!("http://{addr}/{i}"))
+                    .body(())
+                    .expect("request");
+                let (resp, _) = send.send_request(req, true).expect("stream");
+                open.push((StreamSlot::new(c), resp));
+            }
+            // 2 streams on each of the first connections, then another connection, up to the
+            // cap of 4; past it, streams queue on the least busy one (3 each).
+            assert!(until(|| accepted.get() == MAX_CONNS_PER_KEY).await);
+            let mut conns: Vec<*const H2Conn> =
+                open.iter().map(|(s, _)| Rc::as_ptr(&s.0)).collect();
+            conns.sort();
+            conns.dedup();
+            assert_eq!(conns.len(), MAX_CONNS_PER_KEY);
+            for (slot, _) in &open {
+                assert_eq!(slot.0.streams.get(), 3);
+            }
+            assert_eq!(stats.connects.get(), MAX_CONNS_PER_KEY as u64);
+            // Every stream, queued or not, is answered once the server lets go.
+            release.set(true);
+            for (slot, resp) in open {
+                let resp = rt::timeout(Duration::from_secs(5), resp)
+                    .await
+                    .expect("answered in time")
+                    .expect("response");
+                assert_eq!(resp.status(), 200);
+                drop(slot);
+            }
+            let c = pool.acquire(&key, &target).await.expect("connection");
+            assert_eq!(
+                c.active.get(),
+                0,
+                "finished streams leave the connection idle"
+            );
+            assert_eq!(
+                accepted.get(),
+                MAX_CONNS_PER_KEY,
+                "no new connection when idle ones exist"
+            );
+        })
+        .expect("ring");
+    }
+
     #[test]
     fn grpc_timeout_units() {
         assert_eq!(
