@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshgate_testkit::grpc::{Code, GrpcClient, GrpcServer, raw_call, stream_message};
-use meshgate_testkit::http::{NginxH2, curl, nginx_or_skip, tool};
+use meshgate_testkit::http::{NginxH2, curl, curl_version, nginx_or_skip, tool};
 use meshgate_testkit::pki::{LeafSpec, TestPki};
 use meshgate_testkit::{Meshgate, access_log_record, fill_pseudo_random, free_port, metric_sum};
 
@@ -240,22 +240,6 @@ fn grpc_calls_statuses_and_deadlines_through_the_gateway() {
         (1.0..=2.0).contains(&connects),
         "{connects} upstream connections"
     );
-}
-
-/// curl `-w` the HTTP version and `args`: (exit code, version, body).
-fn curl_version(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_version}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    (
-        out.status.code().unwrap_or(-1),
-        version.to_owned(),
-        body.to_owned(),
-    )
 }
 
 /// Distinct nginx connection numbers in its log lines.

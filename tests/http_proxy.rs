@@ -181,11 +181,7 @@ endpoints = ["{silent}"]
 
     /// Access-log records (JSON objects) so far.
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        meshgate_testkit::access_log_records(&self.log)
     }
 
     /// The access-log record of the request to `path`, waiting for the writer.

@@ -125,11 +125,7 @@ endpoints = ["{canary}"]
     }
 
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        meshgate_testkit::access_log_records(&self.log)
     }
 
     fn record(&self, path: &str) -> serde_json::Value {
