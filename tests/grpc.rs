@@ -334,6 +334,28 @@ trust_bundle = "{ca}"
     assert_eq!((code, version.as_str()), (0, "2"), "{body}\n{}", mg.log());
     assert!(body.starts_with("proto=HTTP/2.0 "), "{body}");
 
+    // `expect: 100-continue` from an HTTP/2 client: the gateway answers 100 once the upstream
+    // stream is open (curl would otherwise wait 10 s before sending the body).
+    let body_file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(body_file.path(), vec![b'x'; 256 * 1024]).expect("write body");
+    let data = format!("@{}", body_file.path().display());
+    let started = std::time::Instant::now();
+    let out = Command::new("curl")
+        .args(["-sS", "-v", "--max-time", "20", "--expect100-timeout", "10"])
+        .args(["--http2-prior-knowledge", "-H", "expect: 100-continue"])
+        .args(["--data-binary", &data, &format!("http://{web}/expect")])
+        .output()
+        .expect("curl");
+    let verbose = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{verbose}");
+    assert!(verbose.contains("< HTTP/2 100"), "{verbose}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("proto=HTTP/2.0 "));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
     // Many requests, many downstream connections, few upstream connections.
     if let Some(h2load) = tool("h2load") {
         let out = Command::new(h2load)
@@ -360,7 +382,7 @@ trust_bundle = "{ca}"
         assert_eq!(r.status, 200, "{r:?}");
     }
     let lines = h2c.log_lines();
-    assert!(lines.len() >= 52, "{} log lines", lines.len());
+    assert!(lines.len() >= 53, "{} log lines", lines.len());
     assert!(
         lines.iter().all(|l| l.starts_with("HTTP/2.0 ")),
         "{lines:?}"
