@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meshgate_testkit::http::{BIG, Nginx, curl, field, nginx_or_skip, tool};
+use meshgate_testkit::http::{BIG, Nginx, curl, curl_version, field, nginx_or_skip, tool};
 use meshgate_testkit::{Fnv, Meshgate, free_port};
 
 fn bin() -> &'static Path {
@@ -81,22 +81,6 @@ endpoints = ["{canary}"]
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.web)
     }
-}
-
-/// `curl -w %{http_version}` for `args`: (exit code, version, stdout).
-fn curl_version(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_version}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    (
-        out.status.code().unwrap_or(-1),
-        version.to_owned(),
-        body.to_owned(),
-    )
 }
 
 #[test]

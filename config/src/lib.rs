@@ -41,7 +41,8 @@ pub use types::{
     HealthCheckKind, Listener, ListenerHttp, ListenerTls, OutlierDetection, PathMatch, PeerMatch,
     Policy, PolicyAction, Protocol, QueryMatch, RetryBudget, RetryOn, RetryPolicy, Route,
     RouteAction, RouteHttp, RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig,
-    TlsIdentity, TlsVersion, TrustBundle, UpstreamVerify, WeightedCluster, sni_matches,
+    TlsIdentity, TlsVersion, TrustBundle, UpstreamProtocol, UpstreamVerify, WeightedCluster,
+    sni_matches,
 };
 
 /// The configuration `meshgate run` uses when no `--config` is given (`config/examples/default.toml`).
@@ -333,6 +334,7 @@ endpoints = ["127.0.0.1:15002"]
                 outlier_detection: None,
                 circuit_breakers: CircuitBreakers::default(),
                 retry_budget: RetryBudget::default(),
+                protocol: UpstreamProtocol::Http1,
             }]
         );
     }
@@ -439,6 +441,7 @@ endpoints = ["10.0.0.3:80"]
         assert_eq!(json["listeners"][2]["address"], "127.0.0.1:15001");
         assert_eq!(json["clusters"][1]["connect_timeout"], "5s");
         assert_eq!(json["clusters"][1]["balance"], "round_robin");
+        assert_eq!(json["clusters"][1]["protocol"], "http1");
         assert_eq!(
             json["routes"][2]["action"]["forward"]["clusters"][0]["cluster"],
             "echo"

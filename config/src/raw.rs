@@ -269,6 +269,7 @@ pub(crate) struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     pub circuit_breakers: Option<CircuitBreakers>,
     pub retry_budget: Option<RetryBudget>,
+    pub protocol: Option<String>,
 }
 
 /// An entry of `endpoints`: `"IP:PORT"` or `{ address = "IP:PORT", weight = 3 }`.
@@ -717,6 +718,7 @@ impl Section {
             (Section::OutlierDetection, "max_ejection_time") => "max_ejection_time = \"5m\"",
             (Section::OutlierDetection, "max_ejection_percent") => "max_ejection_percent = 10",
             (Section::OutlierDetection, "interval") => "interval = \"10s\"",
+            (Section::Clusters, "protocol") => "protocol = \"http2\"",
             (Section::Listeners, "default_route") => "default_route = \"fallback\"",
             (Section::Listeners, "handshake_timeout") => "handshake_timeout = \"10s\"",
             (Section::Listeners, "tls") => {
@@ -857,7 +859,8 @@ mod tests {
                 "health_check",
                 "outlier_detection",
                 "circuit_breakers",
-                "retry_budget"
+                "retry_budget",
+                "protocol"
             ]
         );
         assert_eq!(fields::<Route>()[4], "match");

@@ -541,3 +541,49 @@ fn federated_trust_bundles_take_no_file() {
     let e = error_at(&errors, "listeners[0].tls.trust_bundles[1].bundle");
     assert!(e.to_string().contains("federated"), "{}", dump(&errors));
 }
+
+#[test]
+fn http2_clusters_over_tls_offer_h2() {
+    let setup = Setup::new();
+    // The backend cluster offers alpn = ["h2"] already; without alpn, http2 defaults it.
+    let text = TLS_LISTENER
+        .replace("alpn = [\"h2\"]\nverify", "verify")
+        .replace(
+            "name = \"backend\"\nendpoints = [\"127.0.0.1:15003\"]",
+            "name = \"backend\"\nendpoints = [\"127.0.0.1:15003\"]\nprotocol = \"http2\"",
+        );
+    let config = setup.valid(&text);
+    assert_eq!(config.clusters[1].protocol, crate::UpstreamProtocol::Http2);
+    assert_eq!(config.clusters[0].protocol, crate::UpstreamProtocol::Http1);
+    let tls = config.clusters[1]
+        .tls
+        .as_ref()
+        .unwrap_or_else(|| panic!("tls"));
+    assert_eq!(tls.alpn, ["h2"]);
+    // An ALPN list without h2 cannot carry HTTP/2.
+    let text = text.replace(
+        "verify = { spiffe",
+        "alpn = [\"http/1.1\"]\nverify = { spiffe",
+    );
+    let errors = setup.errors(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].path, "clusters[1].tls.alpn", "{}", errors[0]);
+    assert!(errors[0].message.contains("h2"), "{}", errors[0]);
+    // Unknown protocols are named with the allowed values and the nearest one.
+    let text = TLS_LISTENER.replace(
+        "name = \"echo\"\nendpoints = [\"127.0.0.1:15002\"]",
+        "name = \"echo\"\nendpoints = [\"127.0.0.1:15002\"]\nprotocol = \"http3\"",
+    );
+    let errors = setup.errors(&text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].path, "clusters[0].protocol", "{}", errors[0]);
+    assert!(
+        errors[0]
+            .hint
+            .as_deref()
+            .unwrap_or("")
+            .contains("did you mean"),
+        "{}",
+        errors[0]
+    );
+}

@@ -692,6 +692,31 @@ pub struct Cluster {
     pub circuit_breakers: CircuitBreakers,
     /// `[clusters.retry_budget]`: how many retries may run at once (HTTP routes).
     pub retry_budget: RetryBudget,
+    /// What `http`/`https` routes speak to the endpoints (`tcp`/`tls` routes copy bytes and
+    /// ignore it).
+    pub protocol: UpstreamProtocol,
+}
+
+/// The HTTP version spoken to a cluster's endpoints (`[[clusters]] protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over a per-shard keep-alive pool.
+    #[serde(rename = "http1")]
+    Http1,
+    /// HTTP/2: prior knowledge (h2c) on plain TCP, ALPN `h2` with `[clusters.tls]`; a few
+    /// multiplexed connections per endpoint and identity.
+    #[serde(rename = "http2")]
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::Http2 => "http2",
+        }
+    }
 }
 
 impl Cluster {

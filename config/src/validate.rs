@@ -18,7 +18,7 @@ use crate::types::{
     AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, ClientAuth, Cluster,
     ClusterTls, Config, Listener, ListenerTls, PeerMatch, Policy, Protocol, Route, RouteAction,
     RouteMatch, RuntimeConfig, ServerCertificate, TelemetryConfig, TlsIdentity, TlsVersion,
-    TrustBundle, UpstreamVerify, WeightedCluster,
+    TrustBundle, UpstreamProtocol, UpstreamVerify, WeightedCluster,
 };
 
 mod balance;
@@ -792,10 +792,11 @@ impl Validator {
         );
         let balance = self.balance(&path, raw.balance.as_deref());
         let hash_on = self.hash_on(&path, balance, raw.hash_on);
-        let tls = match raw.tls {
+        let mut tls = match raw.tls {
             None => Some(None),
             Some(tls) => self.cluster_tls(&format!("{path}.tls"), tls).map(Some),
         };
+        let protocol = self.upstream_protocol(&path, raw.protocol.as_deref(), &mut tls);
         let health_check = match raw.health_check {
             None => Some(None),
             Some(hc) => self
@@ -824,7 +825,54 @@ impl Validator {
             outlier_detection: outlier_detection?,
             circuit_breakers: circuit_breakers?,
             retry_budget: retry_budget?,
+            protocol: protocol?,
         })
+    }
+
+    /// `[[clusters]] protocol`. HTTP/2 over TLS is chosen by ALPN: `alpn` defaults to
+    /// `["h2"]` there and, when given, must offer `h2`.
+    fn upstream_protocol(
+        &mut self,
+        cluster_path: &str,
+        raw: Option<&str>,
+        tls: &mut Option<Option<ClusterTls>>,
+    ) -> Option<UpstreamProtocol> {
+        let protocol = match raw {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("http2") => UpstreamProtocol::Http2,
+            Some(other) => {
+                let mut hint = match nearest(other, &["http1", "http2"]) {
+                    Some(near) => format!("did you mean \"{near}\"? "),
+                    None => String::new(),
+                };
+                hint.push_str("write protocol = \"http1\" or protocol = \"http2\"");
+                self.error(
+                    format!("{cluster_path}.protocol"),
+                    format!("unknown upstream protocol `{other}`; allowed: \"http1\", \"http2\""),
+                    hint,
+                );
+                return None;
+            }
+        };
+        if protocol == UpstreamProtocol::Http2
+            && let Some(Some(tls)) = tls.as_mut()
+        {
+            if tls.alpn.is_empty() {
+                tls.alpn = vec!["h2".to_owned()];
+            } else if !tls.alpn.iter().any(|p| p == "h2") {
+                self.error(
+                    format!("{cluster_path}.tls.alpn"),
+                    format!(
+                        "protocol = \"http2\" over TLS needs ALPN \"h2\", but alpn is {:?}",
+                        tls.alpn
+                    ),
+                    "add \"h2\" to alpn (e.g. alpn = [\"h2\"]) or leave alpn out, or use \
+                     protocol = \"http1\"",
+                );
+                return None;
+            }
+        }
+        Some(protocol)
     }
 
     fn route(

@@ -69,6 +69,8 @@ pub struct Record {
     /// Why the gateway answered or closed itself, in Envoy's words (e.g.
     /// `rbac_access_denied_matched_policy[NAME]`); `None`: nothing to add.
     pub response_code_details: Option<String>,
+    /// gRPC requests: the `grpc-status` the client was given.
+    pub grpc_status: Option<u16>,
     pub shard: usize,
 }
 
@@ -345,6 +347,8 @@ struct JsonRecord<'a> {
     authority: Option<&'a str>,
     downstream_peer_spiffe_id: Option<&'a str>,
     tls_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<u16>,
     shard: usize,
 }
 
@@ -375,6 +379,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             authority: r.authority.as_deref(),
             downstream_peer_spiffe_id: r.downstream_peer_spiffe_id.as_deref(),
             tls_version: r.tls_version,
+            grpc_status: r.grpc_status,
             shard: r.shard,
         }
     }
@@ -436,6 +441,7 @@ mod tests {
             user_agent: None,
             request_id: None,
             response_code_details: None,
+            grpc_status: None,
             shard: 1,
         }
     }

@@ -266,64 +266,138 @@ pub async fn connect(
     stats: &Arc<ClusterStats>,
     tls: Option<&ClusterTlsState>,
 ) -> Result<UpConn, ProxyError> {
+    let (rd, wr) = match connect_io(endpoint, timeout, stats, tls, b"http/1.1").await? {
+        UpStream::Plain(stream) => {
+            let (rd, wr) = stream.into_split();
+            (UpRead::Plain(rd), UpWrite::Plain(wr))
+        }
+        UpStream::Tls(stream) => {
+            let (rd, wr) = tls_split(*stream);
+            (UpRead::Tls(rd), UpWrite::Tls(wr))
+        }
+    };
+    stats.connects.inc();
+    stats.active.inc();
+    Ok(UpConn {
+        rd,
+        wr,
+        reused: false,
+        stats: stats.clone(),
+    })
+}
+
+/// An upstream connection as one byte stream (what the HTTP/2 client runs over).
+#[derive(Debug)]
+pub enum UpStream {
+    Plain(rt::TcpStream),
+    /// Boxed: a rustls session is large and plain streams are the common case.
+    Tls(Box<ClientTlsStream<rt::TcpStream>>),
+}
+
+impl futures_io::AsyncRead for UpStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl futures_io::AsyncWrite for UpStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpStream::Plain(s) => std::pin::Pin::new(s).poll_close(cx),
+            UpStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
+
+/// TCP connect and, with `tls`, the verified TLS handshake, within `timeout`. `protocol`: the
+/// ALPN ID the connection must speak; a TLS upstream that picks another is refused (an
+/// upstream that picks none is taken for HTTP/1.1 only). Failures are counted under `stats`;
+/// success is counted by the caller.
+pub async fn connect_io(
+    endpoint: SocketAddr,
+    timeout: Duration,
+    stats: &Arc<ClusterStats>,
+    tls: Option<&ClusterTlsState>,
+    protocol: &[u8],
+) -> Result<UpStream, ProxyError> {
     let deadline = Instant::now() + timeout;
     match rt::timeout(timeout, rt::TcpStream::connect(endpoint)).await {
-        Ok(Ok(stream)) => {
-            let (rd, wr) = match tls {
-                None => {
-                    let (rd, wr) = stream.into_split();
-                    (UpRead::Plain(rd), UpWrite::Plain(wr))
-                }
-                Some(tls) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let handshake = crate::tls::stream::connect(
-                        stream,
-                        tls.client_config.clone(),
-                        tls.server_name.clone(),
-                    );
-                    let failed = |what: String, timed_out: bool| {
-                        stats.connect_failures.inc();
-                        if timed_out {
-                            stats.connect_timeouts.inc();
-                        }
-                        tracing::debug!(%endpoint, problem = %what, "upstream TLS failed");
-                        let kind = if timed_out {
-                            io::ErrorKind::TimedOut
-                        } else {
-                            io::ErrorKind::ConnectionRefused
-                        };
-                        ProxyError::upstream_connect(endpoint, io::Error::new(kind, what))
-                    };
-                    let stream = match rt::timeout(left, handshake).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return Err(failed(format!("TLS: {e}"), false)),
-                        Err(rt::Elapsed) => {
-                            return Err(failed("TLS handshake timed out".to_owned(), true));
-                        }
-                    };
-                    let alpn = stream.get_ref().1.alpn_protocol();
-                    if alpn.is_some_and(|p| p != b"http/1.1") {
-                        return Err(failed(
-                            format!(
-                                "upstream chose ALPN {:?}; HTTP routes speak http/1.1 upstream",
-                                String::from_utf8_lossy(alpn.unwrap_or_default())
-                            ),
-                            false,
-                        ));
+        Ok(Ok(stream)) => match tls {
+            None => Ok(UpStream::Plain(stream)),
+            Some(tls) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let handshake = crate::tls::stream::connect(
+                    stream,
+                    tls.client_config.clone(),
+                    tls.server_name.clone(),
+                );
+                let failed = |what: String, timed_out: bool| {
+                    stats.connect_failures.inc();
+                    if timed_out {
+                        stats.connect_timeouts.inc();
                     }
-                    let (rd, wr) = tls_split(stream);
-                    (UpRead::Tls(rd), UpWrite::Tls(wr))
+                    tracing::debug!(%endpoint, problem = %what, "upstream TLS failed");
+                    let kind = if timed_out {
+                        io::ErrorKind::TimedOut
+                    } else {
+                        io::ErrorKind::ConnectionRefused
+                    };
+                    ProxyError::upstream_connect(endpoint, io::Error::new(kind, what))
+                };
+                let stream = match rt::timeout(left, handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return Err(failed(format!("TLS: {e}"), false)),
+                    Err(rt::Elapsed) => {
+                        return Err(failed("TLS handshake timed out".to_owned(), true));
+                    }
+                };
+                let alpn = stream.get_ref().1.alpn_protocol();
+                let refused = match alpn {
+                    Some(p) => p != protocol,
+                    None => protocol != b"http/1.1",
+                };
+                if refused {
+                    return Err(failed(
+                        format!(
+                            "upstream chose ALPN {:?}; this cluster speaks {} upstream",
+                            String::from_utf8_lossy(alpn.unwrap_or_default()),
+                            String::from_utf8_lossy(protocol),
+                        ),
+                        false,
+                    ));
                 }
-            };
-            stats.connects.inc();
-            stats.active.inc();
-            Ok(UpConn {
-                rd,
-                wr,
-                reused: false,
-                stats: stats.clone(),
-            })
-        }
+                Ok(UpStream::Tls(Box::new(stream)))
+            }
+        },
         Ok(Err(e)) => {
             stats.connect_failures.inc();
             tracing::debug!(%endpoint, error = %e, "upstream connect failed");

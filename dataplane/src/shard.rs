@@ -246,6 +246,8 @@ pub struct Shard {
     pub open: Cell<u64>,
     /// Idle upstream HTTP/1.1 connections of this shard (all generations).
     pub http_pool: crate::pool::Pool,
+    /// Upstream HTTP/2 connections of this shard (all generations).
+    pub h2_pool: crate::proxy::h2_upstream::H2Pool,
 }
 
 impl Shard {
@@ -277,6 +279,7 @@ pub async fn run(init: ShardInit) {
         current: RefCell::new(None),
         open: Cell::new(0),
         http_pool: crate::pool::Pool::new(),
+        h2_pool: crate::proxy::h2_upstream::H2Pool::new(),
     });
     init.stats.set_idle_counter(rt::idle_counter());
     let mut serving: HashMap<String, Serving> = HashMap::new();

@@ -38,6 +38,57 @@ pub fn nginx_or_skip(test: &str) -> Option<PathBuf> {
 
 pub const BIG: usize = 8 * 1024 * 1024;
 
+/// The start of a test nginx's config in `d`: one foreground worker, its pid, error log and
+/// temp paths under `d`, up to the open `http {` block.
+fn conf_head(d: &Path, connections: u32) -> String {
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections {connections}; }}
+http {{
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;"#,
+        d = d.display()
+    )
+}
+
+/// Write `conf` to `d/nginx.conf` and start nginx on it, quiet.
+fn spawn_nginx(nginx: &Path, d: &Path, conf: &str) -> Child {
+    std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
+    Command::new(nginx)
+        .arg("-p")
+        .arg(d)
+        .arg("-c")
+        .arg(d.join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nginx")
+}
+
+/// `curl -sS -w %{http_version} ARGS`: (exit code, HTTP version, body).
+pub fn curl_version(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_version}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (
+        out.status.code().unwrap_or(-1),
+        version.to_owned(),
+        body.to_owned(),
+    )
+}
+
 /// nginx as the origin: two servers, `stable` and `canary`, each answering `/` with a line
 /// that echoes what the gateway sent, serving an 8 MiB file, a chunked copy of it, PUT
 /// uploads and a 204.
@@ -88,20 +139,9 @@ impl Nginx {
             d = d.display()
         );
         let conf = format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 4096; }}
-http {{
+            r#"{head}
   log_format mg '$server_port $connection "$request" $status';
   access_log {d}/access.log mg;
-  client_body_temp_path {d}/tmp/body;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
   keepalive_requests 100000;
   keepalive_timeout 75s;
   server {{
@@ -116,19 +156,10 @@ http {{
   }}
 }}
 "#,
+            head = conf_head(d, 4096),
             d = d.display()
         );
-        std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(d)
-            .arg("-c")
-            .arg(d.join("nginx.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nginx");
+        let child = spawn_nginx(nginx, d, &conf);
         let mut n = Nginx {
             child,
             dir,
@@ -330,4 +361,75 @@ pub fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
         }
     };
     (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// nginx as an HTTP/2 origin: `listen ADDR http2` (nginx 1.22: prior-knowledge h2c on a plain
+/// listener) or, with `tls = Some((cert, key))`, `listen ADDR ssl http2` (ALPN h2). It answers
+/// `proto=$server_protocol conn=$connection uri=$request_uri` and logs
+/// `$server_protocol $connection $connection_requests "$request" $status` per request.
+/// `keepalive_requests`: requests per connection before nginx sends GOAWAY.
+#[derive(Debug)]
+pub struct NginxH2 {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+}
+
+impl NginxH2 {
+    pub fn start(nginx: &Path, tls: Option<(&Path, &Path)>, keepalive_requests: u32) -> NginxH2 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        let addr = addr(free_port());
+        let listen = match tls {
+            None => format!("listen {addr} http2;"),
+            Some((cert, key)) => format!(
+                "listen {addr} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            ),
+        };
+        let conf = format!(
+            r#"{head}
+  log_format h2 '$server_protocol $connection $connection_requests "$request" $status';
+  access_log {d}/access.log h2;
+  keepalive_requests {keepalive_requests};
+  server {{
+    {listen}
+    location / {{
+      return 200 "proto=$server_protocol conn=$connection uri=$request_uri\n";
+    }}
+  }}
+}}
+"#,
+            head = conf_head(d, 1024),
+            d = d.display(),
+        );
+        let child = spawn_nginx(nginx, d, &conf);
+        let mut n = NginxH2 { child, dir, addr };
+        if !wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(n.addr).is_ok()
+        }) {
+            let _ = n.child.kill();
+            panic!(
+                "nginx (http2) did not start:\n{}",
+                std::fs::read_to_string(n.dir.path().join("error.log")).unwrap_or_default()
+            );
+        }
+        n
+    }
+
+    /// The access log's lines so far (complete lines only).
+    pub fn log_lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+        complete.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for NginxH2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -16,6 +16,8 @@
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
 
 pub mod cli;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod http;
 pub mod pki;
 pub mod tlsload;
@@ -540,10 +542,12 @@ pub fn http_origin(body: &'static str) -> SocketAddr {
     a
 }
 
-/// The JSON access-log records written to `path` so far (lines not yet complete are skipped).
+/// The JSON records of an access log file so far (complete lines only: the writer may be
+/// mid-record).
 pub fn access_log_records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
@@ -598,6 +602,19 @@ impl RawOrigin {
     pub fn received(&self) -> Vec<u8> {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
+}
+
+/// The first access-log record for which `want` holds, waiting up to 5 s for the writer.
+pub fn access_log_record(
+    path: &Path,
+    mut want: impl FnMut(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        found = access_log_records(path).into_iter().find(|r| want(r));
+        found.is_some()
+    });
+    found
 }
 
 /// Read a counter or gauge value from Prometheus text: sum of all series of `name` whose

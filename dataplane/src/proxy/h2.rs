@@ -61,8 +61,6 @@ pub const MAX_CLIENT_RESETS: u32 = 200;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the accept loop looks at idle time and drains.
 const TICK: Duration = Duration::from_secs(1);
-/// Largest DATA frame payload handed to h2 at once.
-const MAX_DATA_CHUNK: usize = 16 * 1024;
 
 /// Serve one HTTP/2 connection. `prefix`: bytes already read from `io` (the preface, when the
 /// HTTP/1 loop recognised it).
@@ -185,6 +183,15 @@ async fn stream(
         return;
     };
     let (parts, body) = req.into_parts();
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| super::h2_upstream::is_grpc_content_type(v.as_bytes()));
+    let grpc_timeout = parts
+        .headers
+        .get("grpc-timeout")
+        .filter(|_| grpc)
+        .and_then(|v| super::h2_upstream::parse_grpc_timeout(v.as_bytes()));
     let mut buf = Vec::with_capacity(256);
     let chunked = write_head(&parts, !body.is_end_stream(), &mut buf);
     let mut conn = Conn {
@@ -192,12 +199,16 @@ async fn stream(
             recv: body,
             chunked,
             done: false,
+            trailers: None,
         },
         wr: H2Out {
             respond,
             send: None,
             started: false,
             peer_reset: false,
+            grpc,
+            grpc_status: None,
+            grpc_timeout,
         },
         buf,
         progress: HeadProgress::default(),
@@ -230,8 +241,8 @@ async fn stream(
 }
 
 /// The stream's request as an HTTP/1.1 head for the codec. Connection-specific fields (not
-/// allowed in HTTP/2, which h2 refuses anyway), `expect` (no interim responses on this path)
-/// and `host` (the `:authority` stands for it) are left out. Returns whether a body without
+/// allowed in HTTP/2, which h2 refuses anyway), `expect` other than `100-continue` (the one
+/// interim response relayed) and `host` (the `:authority` stands for it) are left out. Returns whether a body without
 /// content-length is sent chunked.
 fn write_head(parts: &http::request::Parts, has_body: bool, out: &mut Vec<u8>) -> bool {
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -261,7 +272,8 @@ fn write_head(parts: &http::request::Parts, has_body: bool, out: &mut Vec<u8>) -
                 | "upgrade"
                 | "te"
                 | "expect"
-        ) || (n == "host" && authority.is_some())
+        ) && !(n == "expect" && value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            || (n == "host" && authority.is_some())
         {
             continue;
         }
@@ -285,6 +297,8 @@ struct H2Body {
     /// Frame each DATA payload as a chunk and end with the last chunk.
     chunked: bool,
     done: bool,
+    /// The client's trailer fields, once the body ended with them.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl HttpRead for H2Body {
@@ -314,6 +328,8 @@ impl HttpRead for H2Body {
                 Some(Err(e)) => return Err(io::Error::other(e)),
                 None => {
                     self.done = true;
+                    // Trailers (if any) follow the last DATA frame.
+                    self.trailers = self.recv.trailers().await.ok().flatten();
                     if self.chunked {
                         return Ok(Some(b"0\r\n\r\n".to_vec()));
                     }
@@ -321,6 +337,10 @@ impl HttpRead for H2Body {
                 }
             }
         }
+    }
+
+    fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        self.trailers.take()
     }
 }
 
@@ -333,6 +353,12 @@ struct H2Out {
     started: bool,
     /// The client reset the stream.
     peer_reset: bool,
+    /// A gRPC request: the gateway's own errors go out as gRPC statuses.
+    grpc: bool,
+    /// The `grpc-status` sent (response head of a trailers-only response, or trailers).
+    grpc_status: Option<u16>,
+    /// The client's `grpc-timeout` (route edits may remove it from what goes upstream).
+    grpc_timeout: Option<Duration>,
 }
 
 impl H2Out {
@@ -349,6 +375,9 @@ impl H2Out {
     }
 
     fn start(&mut self, resp: Response<()>, end: bool) -> io::Result<()> {
+        if let Some(code) = grpc_status_of(resp.headers()) {
+            self.grpc_status = Some(code);
+        }
         match self.respond.send_response(resp, end) {
             Ok(send) => {
                 self.started = true;
@@ -360,34 +389,15 @@ impl H2Out {
     }
 
     /// Send `data` within the client's flow-control window.
-    async fn data(&mut self, mut data: Bytes, end: bool) -> io::Result<usize> {
+    async fn data(&mut self, data: Bytes, end: bool) -> io::Result<usize> {
         let total = data.len();
         let Some(mut send) = self.send.take() else {
             return Err(io::ErrorKind::BrokenPipe.into());
         };
-        while !data.is_empty() {
-            send.reserve_capacity(data.len().min(MAX_DATA_CHUNK));
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(self.fail(e)),
-                None => return Err(io::ErrorKind::BrokenPipe.into()),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            let last = end && data.is_empty();
-            if let Err(e) = send.send_data(chunk, last) {
-                return Err(self.fail(e));
-            }
+        if let Err(e) = super::h2_upstream::send_flow(&mut send, data, end).await {
+            return Err(self.fail(e));
         }
-        if end {
-            if total == 0
-                && let Err(e) = send.send_data(Bytes::new(), true)
-            {
-                return Err(self.fail(e));
-            }
-        } else {
+        if !end {
             self.send = Some(send);
         }
         Ok(total)
@@ -427,6 +437,9 @@ impl ClientOut for H2Out {
     type Head = Response<()>;
 
     async fn local(&mut self, r: &LocalResp<'_>) -> io::Result<usize> {
+        if self.grpc && r.status >= 400 {
+            return self.grpc_local(r.status);
+        }
         let body = r.body_or_reason();
         let no_body = matches!(r.status, 204 | 304);
         let mut resp = Response::new(());
@@ -467,8 +480,12 @@ impl ClientOut for H2Out {
     }
 
     async fn interim_continue(&mut self) -> io::Result<usize> {
-        // Requests go upstream without `expect`; nothing to relay.
-        Ok(0)
+        let mut resp = Response::new(());
+        *resp.status_mut() = StatusCode::CONTINUE;
+        match self.respond.send_informational(resp) {
+            Ok(()) => Ok(0),
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     fn prepare_head(
@@ -537,9 +554,57 @@ impl ClientOut for H2Out {
         Ok(())
     }
 
+    async fn trailers(&mut self, trailers: http::HeaderMap) -> io::Result<usize> {
+        if let Some(code) = grpc_status_of(&trailers) {
+            self.grpc_status = Some(code);
+        }
+        let Some(mut send) = self.send.take() else {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        };
+        match send.send_trailers(trailers) {
+            Ok(()) => Ok(0),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn grpc_status(&self) -> Option<u16> {
+        self.grpc_status
+    }
+
+    fn grpc_timeout(&self) -> Option<Duration> {
+        self.grpc_timeout
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+impl H2Out {
+    /// The gateway's own error `status` as a gRPC client understands it (as Envoy answers):
+    /// HTTP 200, `content-type: application/grpc`, and `grpc-status`/`grpc-message` in a
+    /// trailers-only response.
+    fn grpc_local(&mut self, status: u16) -> io::Result<usize> {
+        let (code, message) = super::h2_upstream::grpc_status_for(status);
+        let mut resp = Response::new(());
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
+        self.start(resp, true)?;
+        Ok(0)
+    }
+}
+
+/// The `grpc-status` among `headers`, if any.
+fn grpc_status_of(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// tokio's `AsyncRead`/`AsyncWrite` (what h2 takes) over a runtime stream (`futures_io`),
@@ -548,6 +613,16 @@ pub(crate) struct TokioIo<T> {
     io: T,
     prefix: Vec<u8>,
     at: usize,
+}
+
+impl<T> TokioIo<T> {
+    pub(crate) fn new(io: T) -> Self {
+        TokioIo {
+            io,
+            prefix: Vec::new(),
+            at: 0,
+        }
+    }
 }
 
 impl<T: futures_io::AsyncRead + Unpin> tokio::io::AsyncRead for TokioIo<T> {
@@ -666,8 +741,8 @@ mod tests {
         assert!(chunked);
         assert_eq!(
             head,
-            "POST /v1/items?x=1 HTTP/1.1\r\nhost: api.example.test:8443\r\nx-a: 1\r\nx-a: 2\r\n\
-             transfer-encoding: chunked\r\n\r\n"
+            "POST /v1/items?x=1 HTTP/1.1\r\nhost: api.example.test:8443\r\n\
+             expect: 100-continue\r\nx-a: 1\r\nx-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let req = http::Request::builder()
             .method("PUT")

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use meshgate_config::{ClientAuth, RouteAction};
+use meshgate_config::{ClientAuth, RouteAction, UpstreamProtocol};
 
 use crate::accesslog::Record;
 use crate::authz;
@@ -213,7 +213,7 @@ pub(crate) struct TlsInfo {
     sni: Option<String>,
     version: Option<&'static str>,
     /// The verified client identity.
-    peer: Option<SpiffeId>,
+    pub(crate) peer: Option<SpiffeId>,
     /// `x-forwarded-client-cert` for requests of this connection (with a verified peer).
     xfcc: Option<String>,
     /// The listener verifies clients: a request must name the host it connected for (SNI).
@@ -311,18 +311,20 @@ pub(crate) enum Next {
 
 /// One request's record, for the access log and the counters. Shared by the stages of the
 /// request (and the two directions of an exchange), so what changes is in cells.
-struct Exchange {
+pub(crate) struct Exchange {
     start_time: SystemTime,
-    started: Instant,
+    pub(crate) started: Instant,
     status: Cell<u16>,
     flags: Cell<&'static str>,
     received: Cell<u64>,
     sent: Cell<u64>,
     route: Cell<Option<usize>>,
     cluster: Cell<Option<usize>>,
-    upstream_host: Cell<Option<SocketAddr>>,
+    pub(crate) upstream_host: Cell<Option<SocketAddr>>,
     /// Upstream attempts made (0: none).
     attempts: Cell<u32>,
+    /// The gRPC status the client was given (HTTP/2 gRPC requests).
+    grpc_status: Cell<Option<u16>>,
     /// Filled only when an access log is configured.
     log: Option<LogFields>,
 }
@@ -352,38 +354,39 @@ impl Exchange {
             cluster: Cell::new(None),
             upstream_host: Cell::new(None),
             attempts: Cell::new(0),
+            grpc_status: Cell::new(None),
             log: None,
         }
     }
 
-    fn answer(&self, status: u16, flags: &'static str) {
+    pub(crate) fn answer(&self, status: u16, flags: &'static str) {
         self.status.set(status);
         self.flags.set(flags);
     }
 }
 
 /// Byte counters of one request: the listener's, the cluster's and the exchange's own.
-struct Meters<'a> {
+pub(crate) struct Meters<'a> {
     listener: &'a ListenerStats,
     cluster: Option<&'a ClusterStats>,
     ex: &'a Exchange,
 }
 
 impl Meters<'_> {
-    fn client_in(&self, n: usize) {
+    pub(crate) fn client_in(&self, n: usize) {
         self.listener.bytes_in.add(n as u64);
         self.ex.received.set(self.ex.received.get() + n as u64);
     }
-    fn client_out(&self, n: usize) {
+    pub(crate) fn client_out(&self, n: usize) {
         self.listener.bytes_out.add(n as u64);
         self.ex.sent.set(self.ex.sent.get() + n as u64);
     }
-    fn upstream_out(&self, n: usize) {
+    pub(crate) fn upstream_out(&self, n: usize) {
         if let Some(c) = self.cluster {
             c.bytes_sent.add(n as u64);
         }
     }
-    fn upstream_in(&self, n: usize) {
+    pub(crate) fn upstream_in(&self, n: usize) {
         if let Some(c) = self.cluster {
             c.bytes_received.add(n as u64);
         }
@@ -429,6 +432,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
             tracing::debug!(listener = %snap.listener_names[guard.listener], peer = %conn.peer, error = %e, "request refused");
             ex.answer(e.status(), e.response_flag().unwrap_or("-"));
             local(conn, &meters, Version::Http11, false, None).await;
+            ex.grpc_status.set(conn.wr.grpc_status());
             finish(
                 guard,
                 snap,
@@ -507,6 +511,7 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
             (next, Some(route))
         }
     };
+    ex.grpc_status.set(conn.wr.grpc_status());
     finish(
         guard,
         snap,
@@ -898,20 +903,20 @@ fn plan<'r, R, W>(
 }
 
 /// What the forwarding stage needs of the request once its head bytes are gone.
-struct ReqInfo<'r> {
-    method: Method,
-    version: Version,
-    keep_alive: bool,
-    decoder: BodyDecoder,
+pub(crate) struct ReqInfo<'r> {
+    pub(crate) method: Method,
+    pub(crate) version: Version,
+    pub(crate) keep_alive: bool,
+    pub(crate) decoder: BodyDecoder,
     /// Hash of the header a `maglev` cluster of the route hashes on, when present.
-    header_hash: Option<u64>,
+    pub(crate) header_hash: Option<u64>,
     /// Forwarded with its Upgrade field (to this protocol).
     upgrade: Option<&'r str>,
 }
 
 /// Why an upstream attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UpFail {
+pub(crate) enum UpFail {
     ConnectRefused,
     ConnectTimeout,
     /// Closed or reset before the response was complete.
@@ -932,7 +937,7 @@ enum UpFail {
 }
 
 impl UpFail {
-    fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             UpFail::ConnectTimeout | UpFail::Timeout | UpFail::PerTryTimeout => 504,
             UpFail::ConnectRefused | UpFail::Closed | UpFail::Protocol | UpFail::RetryStatus => 502,
@@ -941,7 +946,7 @@ impl UpFail {
     }
 
     /// Envoy flags; `retried`: a retry was made and this is how the last attempt failed.
-    fn flags(self, retried: bool) -> &'static str {
+    pub(crate) fn flags(self, retried: bool) -> &'static str {
         match (self, retried) {
             (UpFail::ConnectRefused, false) => "UF",
             (UpFail::ConnectRefused, true) => "UF,URX",
@@ -1067,6 +1072,21 @@ async fn forward<R: HttpRead, W: ClientOut>(
         Ok(slot) => slot,
         Err(limit) => return overflow(conn, &meters, cstats, limit, &req, body_done).await,
     };
+    if ccfg.protocol == UpstreamProtocol::Http2 {
+        let fwd = super::h2_upstream::forward_cluster(
+            guard,
+            snap,
+            routes,
+            route,
+            cluster,
+            conn,
+            &mut req,
+            &upstream_head,
+            ex,
+            &meters,
+        );
+        return Box::pin(fwd).await;
+    }
     let attempts = Attempts::new(
         policy,
         ccfg.retry_budget,
@@ -1399,7 +1419,7 @@ fn decode_run(decoder: &mut BodyDecoder, input: &[u8]) -> Result<usize, H1Error>
 }
 
 /// [`decode_run`] that also appends the de-chunked payload to `out`.
-fn decode_payload(
+pub(crate) fn decode_payload(
     decoder: &mut BodyDecoder,
     input: &[u8],
     out: &mut Vec<u8>,
@@ -1701,6 +1721,17 @@ pub(crate) trait ClientOut {
         let res = self.body(b.as_slice(), false).await.map(drop);
         (res, b)
     }
+    /// End a response whose body went without a length with trailer fields (HTTP/2
+    /// upstreams: gRPC's status). HTTP/1: the last chunk of a chunked body, with them.
+    async fn trailers(&mut self, trailers: http::HeaderMap) -> io::Result<usize>;
+    /// The gRPC status this client was given, for the access log.
+    fn grpc_status(&self) -> Option<u16> {
+        None
+    }
+    /// A gRPC request's `grpc-timeout`, as the client sent it.
+    fn grpc_timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Stop sending on the connection (HTTP/1 lingering close).
     async fn shutdown(&mut self) -> io::Result<()>;
 }
@@ -1769,6 +1800,20 @@ impl<W: HttpWrite> ClientOut for W {
         self.write_all_owned(b).await
     }
 
+    async fn trailers(&mut self, trailers: http::HeaderMap) -> io::Result<usize> {
+        let mut fields = Vec::with_capacity(64);
+        for (name, value) in &trailers {
+            fields.extend_from_slice(name.as_str().as_bytes());
+            fields.extend_from_slice(b": ");
+            fields.extend_from_slice(value.as_bytes());
+            fields.extend_from_slice(b"\r\n");
+        }
+        let mut out = Vec::with_capacity(fields.len() + 8);
+        crate::http1::write_last_chunk(&mut out, Some(&fields));
+        let n = out.len();
+        self.write_all_owned(out).await.0.map(|()| n)
+    }
+
     async fn shutdown(&mut self) -> io::Result<()> {
         self.shutdown_write().await
     }
@@ -1832,7 +1877,7 @@ async fn read_upstream<U: HttpRead>(
 
 /// Answer the client with the exchange's status (an error or a refusal; no body but the
 /// status line). Returns whether the write worked.
-async fn local<R: HttpRead, W: ClientOut>(
+pub(crate) async fn local<R: HttpRead, W: ClientOut>(
     conn: &mut Conn<R, W>,
     meters: &Meters<'_>,
     version: Version,
@@ -2110,6 +2155,7 @@ fn finish(
         user_agent: fields.and_then(|f| f.user_agent.clone()),
         request_id: fields.and_then(|f| f.request_id.clone()),
         response_code_details: fields.and_then(|f| f.response_code_details.clone()),
+        grpc_status: ex.grpc_status.get(),
         shard: guard.shard.id,
     });
 }

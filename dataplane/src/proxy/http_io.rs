@@ -29,6 +29,10 @@ pub(crate) trait HttpRead {
     type Buf: Deref<Target = [u8]> + IoBuf;
     /// The next bytes; `Ok(None)` at end of stream.
     async fn recv_buf(&mut self) -> io::Result<Option<Self::Buf>>;
+    /// Trailer fields that ended the body (an HTTP/2 client's), once it ended.
+    fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        None
+    }
 }
 
 /// Sending side of a connection. Every call returns once the bytes are on their way (nothing

@@ -342,6 +342,7 @@ fn log(
         user_agent: None,
         request_id: None,
         response_code_details: details,
+        grpc_status: None,
         shard: guard.shard.id,
     });
 }

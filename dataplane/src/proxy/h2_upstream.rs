@@ -1,0 +1,1222 @@
+//! HTTP/2 to upstreams (`[[clusters]] protocol = "http2"`): the per-shard pool of multiplexed
+//! h2 client connections and the forwarding of one request over a stream, trailers included
+//! (gRPC's `grpc-status` lives there).
+//!
+//! Where it sits: `proxy::http::forward` picks the cluster; for an HTTP/2 cluster it hands the
+//! request here instead of the HTTP/1.1 keep-alive pool. The request arrives as the same
+//! HTTP/1 head every request becomes (route edits applied, `x-forwarded-*` set), is turned into
+//! an `http::Request` (hop-by-hop fields were removed by the codec; `te: trailers` is added for
+//! gRPC), and its body is decoded from its HTTP/1 framing into DATA frames within the upstream's
+//! flow-control window. The response goes back through the same `ClientOut` as an HTTP/1
+//! response: HEADERS/DATA/trailers to an HTTP/2 client, a chunked body (trailers in the last
+//! chunk) to an HTTP/1.1 client.
+//!
+//! The pool ([`H2Pool`], one per shard, `Shard::h2_pool`): connections are keyed like the
+//! HTTP/1 pool ([`PoolKey`]: endpoint + TLS client settings + SNI), so a connection is never
+//! shared across upstream identities. A request takes the first connection of its key with a
+//! free stream (below the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`); when every connection is
+//! full another is opened, up to [`MAX_CONNS_PER_KEY`], after which h2 queues the stream until
+//! one frees. A connection is opened by its own task (connect timeout, TLS with ALPN `h2`,
+//! the h2 handshake), which then drives it; requests that arrive meanwhile wait for that
+//! connection instead of opening their own, and all see its failure at once. A connection that
+//! received GOAWAY (or failed) takes no new requests; its open streams finish. A connection
+//! idle (no open stream) for [`IDLE_TIMEOUT`] is closed.
+//!
+//! gRPC (`content-type: application/grpc*`): `grpc-timeout` is the request's deadline, capped
+//! by the route timeout; a deadline that passes mid-response ends it with `grpc-status: 4`.
+//! The gateway's own failures reach gRPC clients as trailers-only responses (`proxy::h2`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::SendStream;
+use h2::client::{ResponseFuture, SendRequest};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+
+use crate::error::ProxyErrorKind;
+use crate::http_route::{CompiledRoute, ListenerRoutes};
+use crate::http1::{
+    BodyDecoder, H1Error, HeadProgress, Limits, Method, Parsed, RequestHead, ResponseHead, Version,
+    parse_request, parse_response_resumable,
+};
+use crate::listen::ConnGuard;
+use crate::metrics::ClusterStats;
+use crate::pool::PoolKey;
+use crate::proxy::h2::TokioIo;
+use crate::proxy::http::{
+    ClientOut, Conn, Exchange, Meters, Next, ReqInfo, RespCtx, UpFail, decode_payload, local,
+};
+use crate::proxy::http_io::HttpRead;
+use crate::rt;
+use crate::shard::ShardGen;
+use crate::tls::setup::ClusterTlsState;
+
+/// Connections opened per key before streams queue on the existing ones.
+pub const MAX_CONNS_PER_KEY: usize = 4;
+/// An upstream HTTP/2 connection with no open stream for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a connection's task looks at its idle time.
+const TICK: Duration = Duration::from_secs(1);
+/// While the request body is still arriving the response wait re-checks its deadline this
+/// often (the route timeout starts when the request has been sent in full).
+const WAIT_SLICE: Duration = Duration::from_secs(1);
+/// Largest DATA frame payload handed to h2 at once.
+const MAX_DATA_CHUNK: usize = 16 * 1024;
+
+/// One upstream HTTP/2 connection, shared by the requests multiplexed on it.
+#[derive(Debug)]
+pub struct H2Conn {
+    send: SendRequest<Bytes>,
+    /// Streams of ours open on it.
+    active: Cell<usize>,
+    /// GOAWAY received, the connection failed or it was closed: no new streams.
+    draining: Cell<bool>,
+    idle_since: Cell<Instant>,
+    /// Streams ever opened on it (for tests and debugging).
+    pub streams: Cell<u64>,
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        !self.draining.get() && self.active.get() < self.send.current_max_send_streams().max(1)
+    }
+}
+
+/// One stream's hold on its connection: counted as active while it lives.
+struct StreamSlot(Rc<H2Conn>);
+
+impl StreamSlot {
+    fn new(conn: Rc<H2Conn>) -> Self {
+        conn.active.set(conn.active.get() + 1);
+        conn.streams.set(conn.streams.get() + 1);
+        StreamSlot(conn)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.active.set(c.active.get().saturating_sub(1));
+        if c.active.get() == 0 {
+            c.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectFail {
+    Refused,
+    TimedOut,
+}
+
+/// A connection being opened: its outcome, for every request waiting on it.
+#[derive(Debug, Default)]
+struct Opening {
+    done: RefCell<Option<Result<Rc<H2Conn>, ConnectFail>>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    conns: Vec<Rc<H2Conn>>,
+    opening: Option<Rc<Opening>>,
+}
+
+type Map = RefCell<HashMap<PoolKey, Entry>>;
+
+/// A shard's HTTP/2 upstream connections.
+#[derive(Debug, Default)]
+pub struct H2Pool {
+    map: Rc<Map>,
+}
+
+/// What it takes to open a connection for a key.
+struct Target<'a> {
+    endpoint: SocketAddr,
+    connect_timeout: Duration,
+    stats: &'a Arc<ClusterStats>,
+    tls: Option<&'a ClusterTlsState>,
+}
+
+enum Pick {
+    Use(Rc<H2Conn>),
+    Wait(Rc<Opening>),
+}
+
+impl H2Pool {
+    pub fn new() -> Self {
+        H2Pool::default()
+    }
+
+    /// A connection for `key` with a free stream, or a new one.
+    async fn acquire(&self, key: &PoolKey, t: &Target<'_>) -> Result<Rc<H2Conn>, ConnectFail> {
+        let pick = {
+            let mut map = self.map.borrow_mut();
+            let entry = map.entry(key.clone()).or_default();
+            entry.conns.retain(|c| !c.draining.get());
+            if let Some(c) = entry.conns.iter().find(|c| c.has_room()) {
+                Pick::Use(c.clone())
+            } else if let Some(o) = &entry.opening {
+                Pick::Wait(o.clone())
+            } else if entry.conns.len() < MAX_CONNS_PER_KEY {
+                let opening = Rc::new(Opening::default());
+                entry.opening = Some(opening.clone());
+                let task = open(
+                    Rc::downgrade(&self.map),
+                    key.clone(),
+                    opening.clone(),
+                    t.endpoint,
+                    t.connect_timeout,
+                    t.stats.clone(),
+                    t.tls.cloned(),
+                );
+                drop(rt::spawn(task));
+                Pick::Wait(opening)
+            } else {
+                // Every connection is full: h2 queues the stream on the least busy one.
+                let least = entry.conns.iter().min_by_key(|c| c.active.get());
+                Pick::Use(least.cloned().ok_or(ConnectFail::Refused)?)
+            }
+        };
+        match pick {
+            Pick::Use(c) => Ok(c),
+            Pick::Wait(opening) => {
+                poll_fn(|cx| match &*opening.done.borrow() {
+                    Some(r) => Poll::Ready(r.clone()),
+                    None => {
+                        opening.waiters.borrow_mut().push(cx.waker().clone());
+                        Poll::Pending
+                    }
+                })
+                .await
+            }
+        }
+    }
+}
+
+/// The task of one upstream connection: open it (TCP, TLS with ALPN `h2`, the h2 handshake),
+/// publish it to the pool and to the requests waiting for it, then drive it until it ends or
+/// stays idle for [`IDLE_TIMEOUT`].
+async fn open(
+    map: Weak<Map>,
+    key: PoolKey,
+    opening: Rc<Opening>,
+    endpoint: SocketAddr,
+    timeout: Duration,
+    stats: Arc<ClusterStats>,
+    tls: Option<ClusterTlsState>,
+) {
+    let finish = |result: Result<Rc<H2Conn>, ConnectFail>| {
+        if let Some(map) = map.upgrade()
+            && let Some(entry) = map.borrow_mut().get_mut(&key)
+        {
+            entry.opening = None;
+            if let Ok(c) = &result {
+                entry.conns.push(c.clone());
+            }
+        }
+        *opening.done.borrow_mut() = Some(result);
+        for w in opening.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    let up = match crate::pool::connect_io(endpoint, timeout, &stats, tls.as_ref(), b"h2").await {
+        Ok(up) => up,
+        Err(e) => {
+            let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == io::ErrorKind::TimedOut);
+            finish(Err(if timed_out {
+                ConnectFail::TimedOut
+            } else {
+                ConnectFail::Refused
+            }));
+            return;
+        }
+    };
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_send_buffer_size(256 * 1024)
+        .enable_push(false);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let io = TokioIo::new(up);
+    let (send, mut conn) = match rt::timeout(left, builder.handshake::<_, Bytes>(io)).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            stats.connect_failures.inc();
+            tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 handshake failed");
+            finish(Err(ConnectFail::Refused));
+            return;
+        }
+        Err(rt::Elapsed) => {
+            stats.connect_failures.inc();
+            stats.connect_timeouts.inc();
+            tracing::debug!(%endpoint, "upstream HTTP/2 handshake timed out");
+            finish(Err(ConnectFail::TimedOut));
+            return;
+        }
+    };
+    stats.connects.inc();
+    stats.active.inc();
+    let h2c = Rc::new(H2Conn {
+        send,
+        active: Cell::new(0),
+        draining: Cell::new(false),
+        idle_since: Cell::new(Instant::now()),
+        streams: Cell::new(0),
+    });
+    finish(Ok(h2c.clone()));
+    drop(opening);
+    loop {
+        match rt::timeout(TICK, &mut conn).await {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                tracing::debug!(%endpoint, error = %e, "upstream HTTP/2 connection ended");
+                break;
+            }
+            Err(rt::Elapsed) => {}
+        }
+        if h2c.active.get() == 0 && h2c.idle_since.get().elapsed() >= IDLE_TIMEOUT {
+            // No stream of ours is open: closing loses nothing.
+            break;
+        }
+    }
+    h2c.draining.set(true);
+    stats.active.dec();
+    if let Some(map) = map.upgrade() {
+        let mut map = map.borrow_mut();
+        if let Some(entry) = map.get_mut(&key) {
+            entry.conns.retain(|c| !Rc::ptr_eq(c, &h2c));
+            if entry.conns.is_empty() && entry.opening.is_none() {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+/// The cluster and route facts the forwarding needs.
+pub(crate) struct Upstream<'a> {
+    pub pool: &'a H2Pool,
+    pub key: PoolKey,
+    pub endpoint: SocketAddr,
+    pub connect_timeout: Duration,
+    pub stats: &'a Arc<ClusterStats>,
+    pub tls: Option<&'a ClusterTlsState>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Done(Next),
+    /// Nothing of the request reached the upstream: another connection may take it.
+    Refused,
+}
+
+/// Forward one request over HTTP/2. `pick_endpoint`: the next endpoint of the cluster (a
+/// connect failure moves on to it once, as the HTTP/1 path does).
+#[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
+pub(crate) async fn forward<R: HttpRead, W: ClientOut>(
+    mut up: Upstream<'_>,
+    mut pick_endpoint: impl FnMut() -> Option<(SocketAddr, PoolKey)>,
+    conn: &mut Conn<R, W>,
+    req: &mut ReqInfo<'_>,
+    upstream_head: &[u8],
+    rctx: &RespCtx<'_>,
+    client_idle: Duration,
+    ex: &Exchange,
+    meters: &Meters<'_>,
+) -> Next {
+    let body_done = req.decoder.is_done();
+    let grpc_timeout = match build_request(upstream_head, up.tls.is_some()) {
+        Ok(b) => conn.wr.grpc_timeout().or(b.grpc_timeout),
+        Err(status) => {
+            ex.answer(status, "DPE");
+            let ok = local(conn, meters, req.version, false, None).await;
+            return Next::Close { linger: ok };
+        }
+    };
+    let deadline = grpc_timeout.map(|t| ex.started + t.min(rctx.timeout));
+    let mut retried = false;
+    let mut attempt = 0;
+    let fail = loop {
+        attempt += 1;
+        ex.upstream_host.set(Some(up.endpoint));
+        let target = Target {
+            endpoint: up.endpoint,
+            connect_timeout: up.connect_timeout,
+            stats: up.stats,
+            tls: up.tls,
+        };
+        let h2c = match up.pool.acquire(&up.key, &target).await {
+            Ok(c) => c,
+            Err(f) => {
+                if attempt < 2
+                    && let Some((endpoint, key)) = pick_endpoint()
+                {
+                    retried = true;
+                    up.endpoint = endpoint;
+                    up.key = key;
+                    continue;
+                }
+                break match f {
+                    ConnectFail::TimedOut => UpFail::ConnectTimeout,
+                    ConnectFail::Refused => UpFail::ConnectRefused,
+                };
+            }
+        };
+        let Ok(built) = build_request(upstream_head, up.tls.is_some()) else {
+            break UpFail::Protocol;
+        };
+        let one = exchange(
+            h2c,
+            built,
+            conn,
+            req,
+            rctx,
+            client_idle,
+            deadline,
+            ex,
+            meters,
+            retried,
+        )
+        .await;
+        match one {
+            Attempt::Done(next) => return next,
+            Attempt::Refused if attempt < 3 => {
+                retried = true;
+                continue;
+            }
+            Attempt::Refused => break UpFail::Closed,
+        }
+    };
+    ex.answer(fail.status(), fail.flags(retried));
+    let ok = local(conn, meters, req.version, req.keep_alive && body_done, None).await;
+    if ok && req.keep_alive && body_done {
+        Next::KeepAlive
+    } else {
+        Next::Close {
+            linger: ok && !body_done,
+        }
+    }
+}
+
+/// `proxy::http::forward`'s hook for clusters with `protocol = "http2"`: the endpoint, pool
+/// key and response context of this request, then [`forward`].
+#[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
+pub(crate) async fn forward_cluster<R: HttpRead, W: ClientOut>(
+    guard: &ConnGuard,
+    snap: &Rc<ShardGen>,
+    routes: &ListenerRoutes,
+    route: &CompiledRoute,
+    cluster: usize,
+    conn: &mut Conn<R, W>,
+    req: &mut ReqInfo<'_>,
+    upstream_head: &[u8],
+    ex: &Exchange,
+    meters: &Meters<'_>,
+) -> Next {
+    let ccfg = &snap.config.clusters[cluster];
+    let cluster_tls = snap.cluster_tls.get(cluster).and_then(Option::as_deref);
+    // The cluster's balancer (healthy, not ejected endpoints; consistent hashing keys).
+    let picker = &snap.balancers[cluster];
+    let hash_key = picker.hash_key(
+        req.header_hash,
+        conn.peer,
+        conn.tls.as_deref().and_then(|t| t.peer.as_ref()),
+    );
+    let pick = || {
+        let endpoint = *ccfg.endpoints.get(picker.pick(hash_key)?)?;
+        Some((endpoint, PoolKey::new(endpoint, cluster_tls)))
+    };
+    let Some((endpoint, key)) = pick() else {
+        ex.answer(503, "UH");
+        let ok = local(conn, meters, req.version, false, None).await;
+        return Next::Close { linger: ok };
+    };
+    let rctx = RespCtx {
+        method: req.method,
+        version: req.version,
+        client_keep_alive: req.keep_alive,
+        edits: &route.response_edits,
+        timeout: route.timeout,
+        draining: &guard.shard.shared.draining,
+        per_try: None,
+        retry: None,
+        upgrade: None,
+    };
+    let up = Upstream {
+        pool: &guard.shard.h2_pool,
+        key,
+        endpoint,
+        connect_timeout: ccfg.connect_timeout,
+        stats: &snap.clusters[cluster],
+        tls: cluster_tls,
+    };
+    forward(
+        up,
+        pick,
+        conn,
+        req,
+        upstream_head,
+        &rctx,
+        routes.request_timeout,
+        ex,
+        meters,
+    )
+    .await
+}
+
+/// An upstream request and what its fields ask of the gateway.
+#[derive(Debug)]
+struct Built {
+    request: Request<()>,
+    /// A gRPC request's `grpc-timeout`.
+    grpc_timeout: Option<Duration>,
+    /// The client sent `expect: 100-continue` (answered by the gateway, not forwarded).
+    expect_continue: bool,
+}
+
+/// The upstream request from the HTTP/1 head the route produced. Err: the status for a head
+/// that cannot be sent as HTTP/2.
+fn build_request(head_bytes: &[u8], tls: bool) -> Result<Built, u16> {
+    let limits = Limits::default();
+    let head = match parse_request(head_bytes, &limits) {
+        Ok(Parsed::Complete { head, .. }) => head,
+        _ => return Err(500),
+    };
+    to_h2_request(&head, head_bytes, tls)
+}
+
+fn to_h2_request(head: &RequestHead, buf: &[u8], tls: bool) -> Result<Built, u16> {
+    let method = http::Method::from_bytes(head.method_str(buf).as_bytes()).map_err(|_| 400u16)?;
+    let authority = head.host(buf).ok_or(400u16)?;
+    let uri = Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(authority)
+        .path_and_query(head.path(buf))
+        .build()
+        .map_err(|_| 400u16)?;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    let headers = request.headers_mut();
+    let mut grpc = false;
+    let mut grpc_timeout = None;
+    let mut expect_continue = false;
+    for (name, value) in head.headers(buf) {
+        if name.eq_ignore_ascii_case("host") || hop_by_hop(name) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("expect") {
+            expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-type") && is_grpc_content_type(value) {
+            grpc = true;
+        }
+        if name.eq_ignore_ascii_case("grpc-timeout") {
+            grpc_timeout = parse_grpc_timeout(value);
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) else {
+            return Err(400);
+        };
+        headers.append(n, v);
+    }
+    if grpc {
+        // gRPC servers may refuse a request whose client does not announce trailers.
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+    Ok(Built {
+        request,
+        grpc_timeout: grpc_timeout.filter(|_| grpc),
+        expect_continue,
+    })
+}
+
+/// Fields that belong to one HTTP/1 connection (RFC 9113 section 8.2.2); the codec removed
+/// them already, this keeps h2 from refusing anything that slipped through.
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// `application/grpc`, `application/grpc+proto`, `application/grpc;...` (not grpc-web).
+pub(crate) fn is_grpc_content_type(value: &[u8]) -> bool {
+    let Some(rest) = value.strip_prefix(b"application/grpc") else {
+        return false;
+    };
+    matches!(rest.first(), None | Some(b'+' | b';'))
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub(crate) fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The gRPC status for a response the gateway answers itself with HTTP `status`, and its
+/// message (as Envoy maps them; a timeout is `DEADLINE_EXCEEDED`).
+pub(crate) fn grpc_status_for(status: u16) -> (u16, &'static str) {
+    match status {
+        400 | 405 | 411 | 414 | 505 => (13, "request refused by the gateway"),
+        401 => (16, "unauthenticated"),
+        403 => (7, "permission denied"),
+        404 | 501 => (12, "no route for this method"),
+        408 | 504 => (4, "deadline exceeded"),
+        413 | 431 => (8, "request too large"),
+        421 => (14, "misdirected request"),
+        429 | 502 | 503 => (14, "upstream unavailable"),
+        _ => (2, "gateway error"),
+    }
+}
+
+/// State both directions of a stream see.
+#[derive(Default)]
+struct Shared {
+    req_done_at: Cell<Option<Instant>>,
+    /// A body byte of the request was taken from the client (the request cannot be re-sent).
+    body_started: Cell<bool>,
+    responded: Cell<bool>,
+    status: Cell<u16>,
+}
+
+enum PumpEnd {
+    Complete,
+    UpstreamGone,
+}
+
+enum PumpFail {
+    Body(H1Error),
+    ClientGone,
+}
+
+enum RespEnd {
+    Ok {
+        keep_down: bool,
+    },
+    Upstream(UpFail),
+    /// The stream was refused before the upstream processed it (GOAWAY, REFUSED_STREAM).
+    Refused,
+    ClientGone,
+}
+
+/// One attempt: open the stream, then the request body and the response at once.
+#[allow(clippy::too_many_arguments)] // one attempt's context
+async fn exchange<R: HttpRead, W: ClientOut>(
+    h2c: Rc<H2Conn>,
+    built: Built,
+    conn: &mut Conn<R, W>,
+    req: &mut ReqInfo<'_>,
+    rctx: &RespCtx<'_>,
+    client_idle: Duration,
+    deadline: Option<Instant>,
+    ex: &Exchange,
+    meters: &Meters<'_>,
+    retried: bool,
+) -> Attempt {
+    let slot = StreamSlot::new(h2c.clone());
+    let body_done = req.decoder.is_done();
+    let mut send = h2c.send.clone();
+    if let Err(e) = poll_fn(|cx| send.poll_ready(cx)).await {
+        tracing::debug!(error = %e, "upstream HTTP/2 connection cannot take a stream");
+        h2c.draining.set(true);
+        return Attempt::Refused;
+    }
+    let (response, mut stream) = match send.send_request(built.request, body_done) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upstream HTTP/2 stream refused");
+            h2c.draining.set(true);
+            return Attempt::Refused;
+        }
+    };
+    drop(send);
+    let shared = Shared::default();
+    if body_done {
+        shared.req_done_at.set(Some(Instant::now()));
+    }
+    let (method, version) = (req.method, req.version);
+    // The stream is open, so the body has somewhere to go: let the client send it.
+    if built.expect_continue && !body_done && version == Version::Http11 {
+        match conn.wr.interim_continue().await {
+            Ok(n) => meters.client_out(n),
+            Err(_) => {
+                ex.answer(0, "DC");
+                return Attempt::Done(Next::Close { linger: false });
+            }
+        }
+    }
+    let mut pump_end: Option<PumpEnd> = if body_done {
+        Some(PumpEnd::Complete)
+    } else {
+        None
+    };
+    let joined = {
+        let Conn { rd, wr, buf, .. } = &mut *conn;
+        let pump = pump_request(
+            rd,
+            buf,
+            &mut req.decoder,
+            &mut stream,
+            client_idle,
+            &shared,
+            meters,
+        );
+        let relay = relay_response(
+            response, wr, method, version, rctx, deadline, &shared, meters, &h2c,
+        );
+        let mut pump = pin!(pump);
+        let mut relay = pin!(relay);
+        poll_fn(|cx| {
+            if pump_end.is_none() {
+                match pump.as_mut().poll(cx) {
+                    Poll::Ready(Ok(end)) => pump_end = Some(end),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            relay.as_mut().poll(cx).map(Ok)
+        })
+        .await
+    };
+    let req_complete = matches!(pump_end, Some(PumpEnd::Complete));
+    drop(slot);
+    let flags_ok = if retried { "URX" } else { "-" };
+    match joined {
+        Ok(RespEnd::Ok { keep_down }) => {
+            ex.answer(shared.status.get(), flags_ok);
+            Attempt::Done(if keep_down && req_complete {
+                Next::KeepAlive
+            } else {
+                Next::Close {
+                    linger: !req_complete,
+                }
+            })
+        }
+        Ok(RespEnd::Refused) if !shared.body_started.get() && !shared.responded.get() => {
+            Attempt::Refused
+        }
+        Ok(RespEnd::Refused) => {
+            fail_after(conn, ex, meters, req, &shared, UpFail::Closed, retried).await
+        }
+        Ok(RespEnd::Upstream(f)) => fail_after(conn, ex, meters, req, &shared, f, retried).await,
+        Ok(RespEnd::ClientGone) | Err(PumpFail::ClientGone) => {
+            ex.answer(shared.status.get(), "DC");
+            Attempt::Done(Next::Close { linger: false })
+        }
+        Err(PumpFail::Body(e)) => {
+            let flags = e.response_flag().unwrap_or("-");
+            if shared.responded.get() {
+                ex.answer(shared.status.get(), flags);
+            } else {
+                ex.answer(e.status(), flags);
+                local(conn, meters, req.version, false, None).await;
+            }
+            Attempt::Done(Next::Close { linger: true })
+        }
+    }
+}
+
+/// The upstream failed after the stream was opened.
+async fn fail_after<R: HttpRead, W: ClientOut>(
+    conn: &mut Conn<R, W>,
+    ex: &Exchange,
+    meters: &Meters<'_>,
+    req: &ReqInfo<'_>,
+    shared: &Shared,
+    f: UpFail,
+    retried: bool,
+) -> Attempt {
+    if shared.responded.get() {
+        // The response had started: all that is left is to cut it off.
+        ex.answer(shared.status.get(), f.flags(retried));
+        return Attempt::Done(Next::Close { linger: false });
+    }
+    let req_done = shared.req_done_at.get().is_some();
+    ex.answer(f.status(), f.flags(retried));
+    let keep = req.keep_alive && req_done;
+    let ok = local(conn, meters, req.version, keep, None).await;
+    Attempt::Done(if ok && keep {
+        Next::KeepAlive
+    } else {
+        Next::Close {
+            linger: ok && !req_done,
+        }
+    })
+}
+
+/// Send `data` within the peer's flow-control window; `end`: it ends the stream (an empty
+/// DATA frame when there is no data).
+pub(crate) async fn send_flow(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() && end {
+        return send.send_data(data, true);
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len().min(MAX_DATA_CHUNK));
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(e),
+            None => return Err(h2::Error::from(h2::Reason::CANCEL)),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, end && data.is_empty())?;
+    }
+    Ok(())
+}
+
+/// The request body, decoded from its HTTP/1 framing, as DATA frames (and the client's
+/// trailers, when it sent any over HTTP/2).
+async fn pump_request<R: HttpRead>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    decoder: &mut BodyDecoder,
+    stream: &mut SendStream<Bytes>,
+    idle: Duration,
+    shared: &Shared,
+    meters: &Meters<'_>,
+) -> Result<PumpEnd, PumpFail> {
+    let mut payload = Vec::new();
+    loop {
+        payload.clear();
+        let used = decode_payload(decoder, buf, &mut payload).map_err(PumpFail::Body)?;
+        buf.drain(..used);
+        let done = decoder.is_done();
+        if !payload.is_empty() || done {
+            shared.body_started.set(true);
+            let n = payload.len();
+            let trailers = if done { rd.take_trailers() } else { None };
+            let data = Bytes::from(std::mem::take(&mut payload));
+            let end = done && trailers.is_none();
+            if (n > 0 || end) && send_flow(stream, data, end).await.is_err() {
+                return Ok(PumpEnd::UpstreamGone);
+            }
+            if let Some(t) = trailers
+                && stream.send_trailers(t).is_err()
+            {
+                return Ok(PumpEnd::UpstreamGone);
+            }
+            meters.upstream_out(n);
+        }
+        if done {
+            shared.req_done_at.set(Some(Instant::now()));
+            return Ok(PumpEnd::Complete);
+        }
+        let rb = match rt::timeout(idle, rd.recv_buf()).await {
+            Ok(Ok(Some(rb))) => rb,
+            Err(rt::Elapsed) | Ok(Ok(None)) | Ok(Err(_)) => return Err(PumpFail::ClientGone),
+        };
+        meters.client_in(rb.len());
+        buf.extend_from_slice(&rb);
+    }
+}
+
+/// Wait for `fut` within the request's deadlines: the route timeout from the end of the
+/// request, and the gRPC deadline.
+async fn within<F: Future>(
+    fut: F,
+    rctx: &RespCtx<'_>,
+    shared: &Shared,
+    deadline: Option<Instant>,
+) -> Result<F::Output, UpFail> {
+    let mut fut = pin!(fut);
+    loop {
+        let now = Instant::now();
+        let mut wait = match shared.req_done_at.get() {
+            Some(at) => (at + rctx.timeout).saturating_duration_since(now),
+            None => WAIT_SLICE,
+        };
+        if let Some(d) = deadline {
+            wait = wait.min(d.saturating_duration_since(now));
+        }
+        if wait.is_zero() {
+            return Err(UpFail::Timeout);
+        }
+        if let Ok(out) = rt::timeout(wait, fut.as_mut()).await {
+            return Ok(out);
+        }
+    }
+}
+
+/// What an h2 error on the response side means.
+fn classify(e: &h2::Error) -> RespEnd {
+    if e.is_go_away() && e.is_remote() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        RespEnd::Refused
+    } else {
+        RespEnd::Upstream(UpFail::Closed)
+    }
+}
+
+/// The upstream response to the client: head, body (flow-control credit returned as the bytes
+/// leave), trailers.
+#[allow(clippy::too_many_arguments)] // one response's context
+async fn relay_response<W: ClientOut>(
+    response: ResponseFuture,
+    down: &mut W,
+    method: Method,
+    version: Version,
+    rctx: &RespCtx<'_>,
+    deadline: Option<Instant>,
+    shared: &Shared,
+    meters: &Meters<'_>,
+    h2c: &H2Conn,
+) -> RespEnd {
+    let resp = match within(response, rctx, shared, deadline).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upstream HTTP/2 stream failed");
+            if e.is_go_away() {
+                h2c.draining.set(true);
+            }
+            return classify(&e);
+        }
+        Err(f) => return RespEnd::Upstream(f),
+    };
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    if status == 101 {
+        return RespEnd::Upstream(UpFail::Protocol);
+    }
+    shared.status.set(status);
+    let end = body.is_end_stream();
+    let head_only = method == Method::Head || matches!(status, 204 | 304);
+    // To an HTTP/1.1 client a body without a length goes chunked; to HTTP/1.0, close-delimited.
+    let has_length = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+    let chunked = W::FRAMED && !end && !has_length && !head_only;
+    let dechunk = chunked && version == Version::Http10;
+    let mut text = Vec::with_capacity(256);
+    text.extend_from_slice(b"HTTP/1.1 ");
+    text.extend_from_slice(parts.status.as_str().as_bytes());
+    text.push(b' ');
+    text.extend_from_slice(crate::proxy::http::reason(status).as_bytes());
+    text.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if hop_by_hop(name.as_str()) {
+            continue;
+        }
+        text.extend_from_slice(name.as_str().as_bytes());
+        text.extend_from_slice(b": ");
+        text.extend_from_slice(value.as_bytes());
+        text.extend_from_slice(b"\r\n");
+    }
+    if W::FRAMED && end && !has_length && !head_only {
+        text.extend_from_slice(b"content-length: 0\r\n");
+    }
+    if chunked {
+        text.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    text.extend_from_slice(b"\r\n");
+    let limits = Limits::default();
+    let head: ResponseHead =
+        match parse_response_resumable(&text, &limits, method, &mut HeadProgress::default()) {
+            Ok(Parsed::Complete { head, .. }) => head,
+            _ => return RespEnd::Upstream(UpFail::Protocol),
+        };
+    let req_complete = shared.req_done_at.get().is_some();
+    let keep_down = rctx.client_keep_alive
+        && req_complete
+        && !dechunk
+        && !rctx.draining.load(std::sync::atomic::Ordering::Acquire);
+    let prepared = match down.prepare_head(&head, &text, rctx, dechunk, keep_down) {
+        Ok(p) => p,
+        Err(_) => return RespEnd::Upstream(UpFail::Protocol),
+    };
+    let framed_chunks = chunked && !dechunk;
+    let done_now = end || (head_only && W::FRAMED);
+    shared.responded.set(true);
+    match down.send_head(prepared, Vec::new(), done_now).await {
+        Ok(n) => meters.client_out(n),
+        Err(_) => return RespEnd::ClientGone,
+    }
+    if done_now {
+        return RespEnd::Ok { keep_down };
+    }
+    let mut out = Vec::new();
+    loop {
+        let next = match within(body.data(), rctx, shared, deadline).await {
+            Ok(n) => n,
+            Err(f) => {
+                if f == UpFail::Timeout && is_grpc_response(&parts.headers) {
+                    let _ = down.trailers(grpc_trailers(4, "deadline exceeded")).await;
+                }
+                return RespEnd::Upstream(f);
+            }
+        };
+        match next {
+            Some(Ok(data)) => {
+                let n = data.len();
+                meters.upstream_in(n);
+                if n == 0 {
+                    continue;
+                }
+                let sent = if framed_chunks {
+                    out.clear();
+                    crate::http1::write_chunk(&mut out, &data);
+                    down.body(&out, false).await
+                } else {
+                    down.body(&data, false).await
+                };
+                match sent {
+                    Ok(w) => meters.client_out(w),
+                    Err(_) => return RespEnd::ClientGone,
+                }
+                let _ = body.flow_control().release_capacity(n);
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "upstream HTTP/2 response body failed");
+                return RespEnd::Upstream(UpFail::Closed);
+            }
+            None => break,
+        }
+    }
+    let trailers = match within(body.trailers(), rctx, shared, deadline).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) => return RespEnd::Upstream(UpFail::Closed),
+        Err(f) => return RespEnd::Upstream(f),
+    };
+    let ended = match trailers {
+        Some(t) if !W::FRAMED || framed_chunks => down.trailers(t).await,
+        _ if framed_chunks => {
+            out.clear();
+            crate::http1::write_last_chunk(&mut out, None);
+            down.body(&out, true).await
+        }
+        _ => down.body(&[], true).await,
+    };
+    match ended {
+        Ok(n) => meters.client_out(n),
+        Err(_) => return RespEnd::ClientGone,
+    }
+    if down.end().await.is_err() {
+        return RespEnd::ClientGone;
+    }
+    RespEnd::Ok { keep_down }
+}
+
+fn is_grpc_response(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+}
+
+/// `grpc-status` and `grpc-message` trailer fields.
+pub(crate) fn grpc_trailers(code: u16, message: &'static str) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(code));
+    t.insert("grpc-message", HeaderValue::from_static(message));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sleep-poll `f` on the shard for up to 5 s.
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            if Instant::now() >= end {
+                return false;
+            }
+            rt::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// An HTTP/2 server on this shard allowing `max` concurrent streams per connection; it
+    /// answers 200 once `release` is set. Counts the connections it accepted.
+    fn h2_server(max: u32, accepted: Rc<Cell<usize>>, release: Rc<Cell<bool>>) -> SocketAddr {
+        let opts = rt::ListenOptions {
+            reuseport: false,
+            backlog: 64,
+        };
+        let listener =
+            rt::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &opts).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(rt::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted.set(accepted.get() + 1);
+                let release = release.clone();
+                drop(rt::spawn(async move {
+                    let mut builder = h2::server::Builder::new();
+                    builder.max_concurrent_streams(max);
+                    let Ok(mut conn) = builder.handshake::<_, Bytes>(TokioIo::new(stream)).await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) =
+                        poll_fn(|cx| conn.poll_accept(cx)).await
+                    {
+                        let release = release.clone();
+                        drop(rt::spawn(async move {
+                            until(|| release.get()).await;
+                            let _ = respond.send_response(http::Response::new(()), true);
+                        }));
+                    }
+                }));
+            }
+        }));
+        addr
+    }
+
+    #[test]
+    fn streams_respect_the_peers_limit_then_queue_at_the_connection_cap() {
+        rt::block_on(256, async {
+            let accepted = Rc::new(Cell::new(0));
+            let release = Rc::new(Cell::new(false));
+            let addr = h2_server(2, accepted.clone(), release.clone());
+            let stats = Arc::new(ClusterStats::default());
+            let pool = H2Pool::new();
+            let key = PoolKey::plain(addr);
+            let target = Target {
+                endpoint: addr,
+                connect_timeout: Duration::from_secs(2),
+                stats: &stats,
+                tls: None,
+            };
+            let mut open = Vec::new();
+            for i in 0..12 {
+                let c = pool.acquire(&key, &target).await.expect("connection");
+                // The peer's SETTINGS (2 streams) have arrived before the next pick.
+                assert!(until(|| c.send.current_max_send_streams() == 2).await);
+                let mut send = c.send.clone();
+                poll_fn(|cx| send.poll_ready(cx)).await.expect("ready");
+                let req = Request::builder()
+                    .uri(format!("http://{addr}/{i}"))
+                    .body(())
+                    .expect("request");
+                let (resp, _) = send.send_request(req, true).expect("stream");
+                open.push((StreamSlot::new(c), resp));
+            }
+            // 2 streams on each of the first connections, then another connection, up to the
+            // cap of 4; past it, streams queue on the least busy one (3 each).
+            assert!(until(|| accepted.get() == MAX_CONNS_PER_KEY).await);
+            let mut conns: Vec<*const H2Conn> =
+                open.iter().map(|(s, _)| Rc::as_ptr(&s.0)).collect();
+            conns.sort();
+            conns.dedup();
+            assert_eq!(conns.len(), MAX_CONNS_PER_KEY);
+            for (slot, _) in &open {
+                assert_eq!(slot.0.streams.get(), 3);
+            }
+            assert_eq!(stats.connects.get(), MAX_CONNS_PER_KEY as u64);
+            // Every stream, queued or not, is answered once the server lets go.
+            release.set(true);
+            for (slot, resp) in open {
+                let resp = rt::timeout(Duration::from_secs(5), resp)
+                    .await
+                    .expect("answered in time")
+                    .expect("response");
+                assert_eq!(resp.status(), 200);
+                drop(slot);
+            }
+            let c = pool.acquire(&key, &target).await.expect("connection");
+            assert_eq!(
+                c.active.get(),
+                0,
+                "finished streams leave the connection idle"
+            );
+            assert_eq!(
+                accepted.get(),
+                MAX_CONNS_PER_KEY,
+                "no new connection when idle ones exist"
+            );
+        })
+        .expect("ring");
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(
+            parse_grpc_timeout(b"200m"),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(parse_grpc_timeout(b"1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout(b"123456789S"), None, "9 digits");
+        assert_eq!(parse_grpc_timeout(b"S"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+        assert_eq!(parse_grpc_timeout(b"-1S"), None);
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        assert!(is_grpc_content_type(b"application/grpc"));
+        assert!(is_grpc_content_type(b"application/grpc+proto"));
+        assert!(is_grpc_content_type(b"application/grpc;charset=x"));
+        assert!(!is_grpc_content_type(b"application/grpc-web"));
+        assert!(!is_grpc_content_type(b"application/json"));
+    }
+
+    #[test]
+    fn h1_heads_become_h2_requests() {
+        let head = b"POST /pkg.Svc/Call HTTP/1.1\r\nhost: api.example.test\r\n\
+                     content-type: application/grpc\r\ngrpc-timeout: 200m\r\nx-a: 1\r\n\
+                     transfer-encoding: chunked\r\n\r\n";
+        let built = build_request(head, false).expect("request");
+        let (req, timeout) = (built.request, built.grpc_timeout);
+        assert_eq!(
+            req.uri().to_string(),
+            "http://api.example.test/pkg.Svc/Call"
+        );
+        assert_eq!(req.method(), http::Method::POST);
+        assert_eq!(timeout, Some(Duration::from_millis(200)));
+        assert_eq!(req.headers()["te"], "trailers");
+        assert_eq!(req.headers()["x-a"], "1");
+        assert!(!req.headers().contains_key("transfer-encoding"));
+        assert!(!req.headers().contains_key("host"));
+        let built = build_request(
+            b"GET /x HTTP/1.1\r\nhost: h:8443\r\ngrpc-timeout: 1S\r\nexpect: 100-continue\r\n\r\n",
+            true,
+        )
+        .expect("request");
+        assert!(built.expect_continue);
+        let (req, timeout) = (built.request, built.grpc_timeout);
+        assert!(!req.headers().contains_key("expect"));
+        assert_eq!(req.uri().to_string(), "https://h:8443/x");
+        assert_eq!(timeout, None, "only gRPC requests get a deadline from it");
+        assert!(!req.headers().contains_key("te"));
+    }
+}
