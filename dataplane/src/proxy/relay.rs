@@ -384,7 +384,8 @@ mod tests {
             _cx: &mut Context<'_>,
             buf: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            if !std::mem::replace(&mut self.ready, !self.ready) {
+            self.ready = !self.ready;
+            if self.ready {
                 return Poll::Pending;
             }
             let Some(mut chunk) = self.chunks.pop_front() else {
@@ -414,7 +415,8 @@ mod tests {
             _cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            if std::mem::replace(&mut self.block, !self.block) {
+            self.block = !self.block;
+            if !self.block {
                 return Poll::Pending;
             }
             let n = buf.len().min(self.step);
