@@ -877,6 +877,20 @@ mod over_a_transport {
         std::future::poll_fn(|cx| Pin::new(&mut *w).poll_close(cx)).await
     }
 
+    /// The client side of a connection to the gateway over `end`, as `cluster` originates it.
+    async fn dial(
+        end: End,
+        cluster: &ClusterTlsState,
+    ) -> Result<stream::ClientTlsStream<End>, String> {
+        stream::connect(
+            end,
+            cluster.client_config.clone(),
+            cluster.server_name.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     struct Files {
         dir: TempDir,
     }
@@ -984,13 +998,7 @@ mod over_a_transport {
             Ok::<_, String>((secured.sni, secured.alpn, secured.peer, got, eof, stats))
         };
         let client = async {
-            let mut tls = stream::connect(
-                client_end,
-                upstream.client_config.clone(),
-                upstream.server_name.clone(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let mut tls = dial(client_end, &upstream).await?;
             write_all(&mut tls, b"ping")
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1053,13 +1061,7 @@ mod over_a_transport {
                 ))
             };
             let client = async {
-                let mut tls = stream::connect(
-                    client_end,
-                    upstream.client_config.clone(),
-                    upstream.server_name.clone(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let mut tls = dial(client_end, &upstream).await?;
                 let mut left = pause;
                 std::future::poll_fn(|_| {
                     if left == 0 {
