@@ -5,13 +5,15 @@
 //! - plain <-> plain: zero-copy in user space. Each direction receives into a buffer the kernel
 //!   picked from the shard's provided-buffer ring and sends that same buffer on.
 //! - anything with TLS on a side: a poll-driven copy over `futures_io` streams (rustls needs the
-//!   plaintext in its own buffers anyway), one 16 KiB buffer per direction.
+//!   plaintext in its own buffers anyway). Each read lands in the shard's one 16 KiB scratch
+//!   buffer and goes straight to the writer; a direction keeps bytes of its own only while the
+//!   writer pushes back, so an idle TLS connection holds no copy buffer.
 //!
 //! Either way a direction's EOF becomes a half-close on the other side (TLS: close_notify +
 //! FIN) while the other direction keeps flowing, and the connection ends when both directions
 //! have ended, at the first error, or when neither side moved data for `idle_timeout`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
@@ -189,11 +191,27 @@ where
 
 const COPY_BUF: usize = 16 * 1024;
 
+thread_local! {
+    /// The read buffer of every [`Half`] on this shard: a read is handed to the writer before
+    /// the next read starts, so one buffer serves all connections (idle ones hold none).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUF].into_boxed_slice());
+}
+
+/// What one read into [`SCRATCH`] gave.
+enum Step {
+    /// Read (and offered to the writer); read again.
+    Moved,
+    Eof,
+    /// Nothing to read now.
+    Pending,
+}
+
 /// One direction of [`copy_both`].
 struct Half {
-    buf: Box<[u8]>,
+    /// Bytes read that the writer has not taken yet (empty, without capacity, unless the
+    /// writer pushed back).
+    held: Vec<u8>,
     pos: usize,
-    cap: usize,
     eof: bool,
     closed: bool,
     unflushed: bool,
@@ -203,14 +221,46 @@ struct Half {
 impl Half {
     fn new(reader: Blame) -> Half {
         Half {
-            buf: vec![0; COPY_BUF].into_boxed_slice(),
+            held: Vec::new(),
             pos: 0,
-            cap: 0,
             eof: false,
             closed: false,
             unflushed: false,
             reader,
         }
+    }
+
+    /// Offers `data` to `w`; returns how much it took before it pushed back (or all).
+    fn write_some<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        data: &[u8],
+        write_counter: &Counter,
+        moved: &Cell<u64>,
+        idle: &Idle,
+    ) -> Result<usize, ProxyError> {
+        let mut off = 0;
+        while off < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(ProxyError::io(
+                        other(self.reader),
+                        io::ErrorKind::WriteZero.into(),
+                    ));
+                }
+                Poll::Ready(Ok(n)) => {
+                    off += n;
+                    self.unflushed = true;
+                    write_counter.add(n as u64);
+                    moved.set(moved.get() + n as u64);
+                    idle.touch();
+                }
+                Poll::Ready(Err(e)) => return Err(ProxyError::io(other(self.reader), e)),
+                Poll::Pending => break,
+            }
+        }
+        Ok(off)
     }
 
     /// Drive this direction as far as it goes without blocking. Ready(Ok) once the reader hit
@@ -228,27 +278,22 @@ impl Half {
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
-        let werr = |e: io::Error| ProxyError::io(other(self.reader), e);
+        let writer = other(self.reader);
+        let werr = |e: io::Error| ProxyError::io(writer, e);
         loop {
             if self.closed {
                 return Poll::Ready(Ok(()));
             }
-            if self.pos < self.cap {
-                match Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.pos += n;
-                        self.unflushed = true;
-                        write_counter.add(n as u64);
-                        moved.set(moved.get() + n as u64);
-                        idle.touch();
-                        continue;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(werr(e))),
-                    Poll::Pending => return Poll::Pending,
+            if self.pos < self.held.len() {
+                let held = std::mem::take(&mut self.held);
+                let n = self.write_some(cx, w, &held[self.pos..], write_counter, moved, idle);
+                self.held = held;
+                self.pos += n?;
+                if self.pos < self.held.len() {
+                    return Poll::Pending;
                 }
+                self.held.clear();
+                self.pos = 0;
             }
             if self.eof {
                 ready!(Pin::new(&mut *w).poll_flush(cx)).map_err(werr)?;
@@ -257,24 +302,41 @@ impl Half {
                 self.closed = true;
                 return Poll::Ready(Ok(()));
             }
-            match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(n)) => {
-                    self.pos = 0;
-                    self.cap = n;
-                    read_counter.add(n as u64);
-                    idle.touch();
+            let step = SCRATCH.with_borrow_mut(|buf| -> Result<Step, ProxyError> {
+                match Pin::new(&mut *r).poll_read(cx, buf) {
+                    Poll::Ready(Ok(0)) => Ok(Step::Eof),
+                    Poll::Ready(Ok(n)) => {
+                        read_counter.add(n as u64);
+                        idle.touch();
+                        let taken =
+                            self.write_some(cx, w, &buf[..n], write_counter, moved, idle)?;
+                        if taken < n {
+                            self.held.extend_from_slice(&buf[taken..n]);
+                        }
+                        Ok(Step::Moved)
+                    }
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                        Ok(Step::Moved)
+                    }
+                    Poll::Ready(Err(e)) => Err(ProxyError::io(self.reader, e)),
+                    Poll::Pending => Ok(Step::Pending),
                 }
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(ProxyError::io(self.reader, e))),
-                Poll::Pending => {
-                    // Nothing more to read now: push out what the writer buffered.
+            })?;
+            match step {
+                Step::Moved => {}
+                Step::Eof => self.eof = true,
+                Step::Pending => {
+                    // Nothing more to read now: push out what the writer buffered, and let go
+                    // of the memory a push-back made us keep.
                     if self.unflushed {
                         match Pin::new(&mut *w).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.unflushed = false,
                             Poll::Ready(Err(e)) => return Poll::Ready(Err(werr(e))),
                             Poll::Pending => {}
                         }
+                    }
+                    if self.held.is_empty() && self.held.capacity() > 0 {
+                        self.held = Vec::new();
                     }
                     return Poll::Pending;
                 }
@@ -306,4 +368,122 @@ where
         }
     }));
     with_idle_clock(fut, idle).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
+    use super::*;
+
+    /// Gives its chunks one per read, `Pending` between them, then EOF.
+    struct Source {
+        chunks: VecDeque<Vec<u8>>,
+        ready: bool,
+    }
+
+    impl AsyncRead for Source {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            self.ready = !self.ready;
+            if self.ready {
+                return Poll::Pending;
+            }
+            let Some(mut chunk) = self.chunks.pop_front() else {
+                return Poll::Ready(Ok(0));
+            };
+            let n = chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.chunks.push_front(chunk.split_off(n));
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    /// Takes at most `step` bytes per write and pushes back (`Pending`) every other call.
+    #[derive(Default)]
+    struct Sink {
+        got: Vec<u8>,
+        step: usize,
+        block: bool,
+        closed: bool,
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.block = !self.block;
+            if !self.block {
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A copy direction keeps bytes only while the writer pushes back: everything arrives in
+    /// order, and a direction waiting for input holds no buffer.
+    #[test]
+    fn copy_keeps_bytes_only_while_the_writer_pushes_back() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut source = Source {
+            chunks: data.chunks(20_000).map(<[u8]>::to_vec).collect(),
+            ready: false,
+        };
+        let mut sink = Sink {
+            step: 3_000,
+            ..Sink::default()
+        };
+        let counters = [Counter::default(), Counter::default()];
+        let moved = Cell::new(0);
+        let idle = Idle::new(Duration::from_secs(60));
+        let mut half = Half::new(Blame::Downstream);
+        let mut cx = Context::from_waker(Waker::noop());
+        let (mut held_while_busy, mut held_while_waiting) = (0, 0);
+        let mut done = false;
+        for _ in 0..10_000 {
+            let polled = half.poll(
+                &mut cx,
+                &mut source,
+                &mut sink,
+                [&counters[0], &counters[1]],
+                &moved,
+                &idle,
+            );
+            if polled.is_ready() {
+                assert!(matches!(polled, Poll::Ready(Ok(()))));
+                done = true;
+                break;
+            }
+            if half.pos < half.held.len() {
+                held_while_busy = held_while_busy.max(half.held.capacity());
+            } else {
+                held_while_waiting = held_while_waiting.max(half.held.capacity());
+            }
+        }
+        assert!(done, "the copy finished");
+        assert!(sink.closed, "EOF was passed on");
+        assert!(sink.got == data, "every byte, in order");
+        assert_eq!(counters[0].get(), data.len() as u64);
+        assert_eq!(counters[1].get(), data.len() as u64);
+        assert_eq!(moved.get(), data.len() as u64);
+        assert!(held_while_busy > 0, "push-back kept the rest of a read");
+        assert_eq!(held_while_waiting, 0, "waiting for input holds no buffer");
+    }
 }

@@ -94,6 +94,11 @@ pub struct TlsStream<IO, C> {
     conn: C,
     /// The transport reported end of stream.
     eof: bool,
+    /// A TLS 1.3 server's session tickets, queued at the end of the handshake, are held back
+    /// until the first write, flush or close, so they share a send (and a TCP segment) with
+    /// the first response instead of costing one of their own. Safe because no TLS 1.3 client
+    /// waits for tickets before sending; a read that has to wait does not send them.
+    hold_tickets: bool,
 }
 
 impl<IO, C> TlsStream<IO, C> {
@@ -139,6 +144,7 @@ pub async fn accept_versioned<IO: AsyncRead + AsyncWrite + Unpin>(
         io,
         conn,
         eof: false,
+        hold_tickets: false,
     };
     let mut rest = prefix;
     while !rest.is_empty() {
@@ -154,6 +160,7 @@ pub async fn accept_versioned<IO: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
+    stream.hold_tickets = true;
     if let Err(err) = stream.handshake().await {
         return Err((err, stream.conn.protocol_version()));
     }
@@ -172,6 +179,7 @@ pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
         io,
         conn,
         eof: false,
+        hold_tickets: false,
     };
     stream.handshake().await?;
     Ok(stream)
@@ -284,6 +292,15 @@ where
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandshakeError>> {
         loop {
             let mut progressed = false;
+            // Done, and what is queued comes after the handshake (a TLS 1.3 server's tickets):
+            // it goes out with the first write (see `hold_tickets`). Everything of the
+            // handshake itself (a TLS 1.2 server's Finished, a client's Finished) is flushed.
+            if self.hold_tickets && !self.conn.is_handshaking() {
+                if self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+                    return Poll::Ready(Ok(()));
+                }
+                self.hold_tickets = false;
+            }
             match self.poll_write_tls(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
@@ -371,15 +388,17 @@ where
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
             // Key updates and tickets may need answers while reading; put them on the wire
-            // before waiting for more input.
-            match this.poll_write_tls(cx) {
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Ready(Ok(())) => {
-                    if let Poll::Ready(Err(err)) = Pin::new(&mut this.io).poll_flush(cx) {
-                        return Poll::Ready(Err(err));
+            // before waiting for more input (held tickets wait for the first write).
+            if !this.hold_tickets {
+                match this.poll_write_tls(cx) {
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Ready(Ok(())) => {
+                        if let Poll::Ready(Err(err)) = Pin::new(&mut this.io).poll_flush(cx) {
+                            return Poll::Ready(Err(err));
+                        }
                     }
+                    Poll::Pending => {}
                 }
-                Poll::Pending => {}
             }
             match this.poll_read_tls(cx) {
                 Poll::Ready(Ok(_)) => {}
@@ -402,6 +421,7 @@ where
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.hold_tickets = false;
         // Backpressure: do not take more plaintext while earlier records are unsent.
         match this.poll_write_tls(cx) {
             Poll::Ready(Ok(())) => {}
@@ -418,6 +438,7 @@ where
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.hold_tickets = false;
         match this.poll_write_tls(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_flush(cx),
             other => other,
@@ -427,6 +448,7 @@ where
     /// Sends close_notify, flushes, and closes the transport's write side.
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.hold_tickets = false;
         this.conn.send_close_notify();
         match this.poll_write_tls(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_close(cx),

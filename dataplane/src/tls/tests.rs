@@ -877,6 +877,20 @@ mod over_a_transport {
         std::future::poll_fn(|cx| Pin::new(&mut *w).poll_close(cx)).await
     }
 
+    /// The client side of a connection to the gateway over `end`, as `cluster` originates it.
+    async fn dial(
+        end: End,
+        cluster: &ClusterTlsState,
+    ) -> Result<stream::ClientTlsStream<End>, String> {
+        stream::connect(
+            end,
+            cluster.client_config.clone(),
+            cluster.server_name.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     struct Files {
         dir: TempDir,
     }
@@ -984,13 +998,7 @@ mod over_a_transport {
             Ok::<_, String>((secured.sni, secured.alpn, secured.peer, got, eof, stats))
         };
         let client = async {
-            let mut tls = stream::connect(
-                client_end,
-                upstream.client_config.clone(),
-                upstream.server_name.clone(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let mut tls = dial(client_end, &upstream).await?;
             write_all(&mut tls, b"ping")
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1019,6 +1027,81 @@ mod over_a_transport {
                 .rejected_total(Rejection::UnexpectedIdentity),
             0
         );
+    }
+
+    /// A TLS 1.3 server's session tickets wait for its first write (one send instead of two
+    /// on a request/response connection); a read that has to wait does not send them; the
+    /// client still gets them with the response and resumes with one.
+    #[test]
+    fn tls13_tickets_ride_with_the_first_write_and_still_resume() {
+        let files = Files::new();
+        let gateway = listener_state(&files, ClientAuth::None, &[]);
+        let upstream = files.cluster("client");
+        let session = |pause: usize| {
+            let (client_end, server_end) = duplex(1 << 20);
+            let sent = Rc::clone(&server_end.log);
+            let server = async {
+                let mut secured = secure(server_end, &gateway)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let after_handshake = sent.borrow().len();
+                // The client is still pausing: this read waits.
+                let got = read_some(&mut secured.stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let after_read = sent.borrow().len();
+                write_all(&mut secured.stream, b"pong")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let after_write = sent.borrow().len();
+                Ok::<_, String>((
+                    secured.resumed,
+                    got,
+                    [after_handshake, after_read, after_write],
+                ))
+            };
+            let client = async {
+                let mut tls = dial(client_end, &upstream).await?;
+                let mut left = pause;
+                std::future::poll_fn(|_| {
+                    if left == 0 {
+                        return Poll::Ready(());
+                    }
+                    left -= 1;
+                    Poll::Pending
+                })
+                .await;
+                write_all(&mut tls, b"ping")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = read_some(&mut tls).await.map_err(|e| e.to_string())?;
+                let kind = tls.get_ref().1.handshake_kind();
+                Ok::<_, String>((reply, kind))
+            };
+            let (server, client) = join(server, client);
+            (ok(server), ok(client))
+        };
+        let ((resumed, got, [handshake, read, write]), (reply, kind)) = session(5);
+        assert!(!resumed);
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+        assert_eq!(
+            (got.as_slice(), reply.as_slice()),
+            (&b"ping"[..], &b"pong"[..])
+        );
+        assert_eq!(
+            read, handshake,
+            "nothing sent while waiting for the request"
+        );
+        // Tickets (2 x ~250 bytes) + the 4-byte record (22 bytes): well over one record.
+        assert!(
+            write - read > 200,
+            "tickets went out with the reply: {}",
+            write - read
+        );
+        let ((resumed, _, _), (reply, kind)) = session(0);
+        assert!(resumed, "the held tickets reached the client and resume");
+        assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
+        assert_eq!(reply, b"pong");
     }
 
     fn refused(files: &Files, gateway: &ListenerTlsState, identity: &str) -> SecureError {

@@ -145,15 +145,12 @@ impl Scenario for TlsScenario {
     }
     fn start_load(&self, target: SocketAddr, env: &Env) -> Result<Box<dyn Load>> {
         let mtls = self.listener == Listener::Mtls;
-        let cfg = client_config(&env.certs, mtls, self.resume, &[])?;
+        // One config (and session store) per client thread: see `TlsClients`.
+        let cfgs = (0..self.threads)
+            .map(|_| client_config(&env.certs, mtls, self.resume, &[]))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Box::new(TlsClients::start(
-            target,
-            cfg,
-            self.threads,
-            self.mode,
-            self.path,
-            self.body,
-            self.count,
+            target, cfgs, self.mode, self.path, self.body, self.count,
         )?))
     }
 }
