@@ -8,6 +8,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod balance;
+mod bufpool;
 pub mod error;
 pub mod gateway;
 pub mod http1;

@@ -214,7 +214,7 @@ impl Pool {
     pub fn take(&self, key: &PoolKey, stats: &Arc<ClusterStats>) -> Option<UpConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
-        let now = Instant::now();
+        let now = rt::now();
         let found = loop {
             match list.pop_back() {
                 None => break None,
@@ -235,7 +235,7 @@ impl Pool {
 
     /// Keep `conn` for the next request to `key`.
     pub fn put(&self, key: PoolKey, conn: UpConn) {
-        let now = Instant::now();
+        let now = rt::now();
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(key).or_default();
         while list

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use meshgate_config::{ClientAuth, RouteAction};
 
 use crate::accesslog::Record;
+use crate::bufpool;
 use crate::error::ProxyErrorKind;
 use crate::http_route::{CompiledRoute, Edits, ListenerRoutes, RequestView, host_without_port};
 use crate::http1::{
@@ -297,7 +298,8 @@ pub(crate) enum Next {
 /// One request's record, for the access log and the counters. Shared by the stages of the
 /// request (and the two directions of an exchange), so what changes is in cells.
 struct Exchange {
-    start_time: SystemTime,
+    /// The access log's start time is derived from this at the end (`SystemTime::now() -
+    /// elapsed`): one clock read per request less when no log is configured.
     started: Instant,
     status: Cell<u16>,
     flags: Cell<&'static str>,
@@ -323,8 +325,7 @@ struct LogFields {
 impl Exchange {
     fn new() -> Exchange {
         Exchange {
-            start_time: SystemTime::now(),
-            started: Instant::now(),
+            started: rt::now(),
             status: Cell::new(0),
             flags: Cell::new("-"),
             received: Cell::new(0),
@@ -487,8 +488,8 @@ pub(crate) async fn request<R: HttpRead, W: ClientOut>(
         conn.proto,
     );
     if next == Next::KeepAlive && conn.buf.is_empty() {
-        // Idle from here: hold no buffer.
-        conn.buf = Vec::new();
+        // Idle from here: hold no buffer (the shard keeps it for the next request).
+        bufpool::give(std::mem::take(&mut conn.buf));
     }
     next
 }
@@ -533,10 +534,10 @@ async fn read_head<R: HttpRead, W>(
     let mut bytes = 0u64;
     let mut started = !conn.buf.is_empty();
     let mut deadline = match (started, deadline) {
-        (true, None) => Some(Instant::now() + routes.request_timeout),
+        (true, None) => Some(rt::now() + routes.request_timeout),
         (_, d) => d,
     };
-    let idle_until = Instant::now() + routes.idle_timeout;
+    let idle_until = rt::now() + routes.idle_timeout;
     loop {
         if started && conn.served == 0 && conn.tls.is_none() && conn.buf.starts_with(H2_PREFACE) {
             return HeadRead {
@@ -561,7 +562,7 @@ async fn read_head<R: HttpRead, W>(
                 }
             }
         }
-        let now = Instant::now();
+        let now = rt::now();
         let wait = match deadline {
             Some(d) => d.saturating_duration_since(now),
             None => idle_until
@@ -589,10 +590,13 @@ async fn read_head<R: HttpRead, W>(
             Ok(Ok(Some(rb))) => {
                 bytes += rb.len() as u64;
                 lstats.bytes_in.add(rb.len() as u64);
+                if conn.buf.capacity() == 0 {
+                    conn.buf = bufpool::take(rb.len().max(1024));
+                }
                 conn.buf.extend_from_slice(&rb);
                 if !started {
                     started = true;
-                    deadline.get_or_insert_with(|| Instant::now() + routes.request_timeout);
+                    deadline.get_or_insert_with(|| rt::now() + routes.request_timeout);
                 }
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
@@ -797,7 +801,7 @@ fn plan<'r, R, W>(
     // connected to.
     let fallback_host = (route.host_rewrite.is_none() && head.host(buf).is_none())
         .then(|| snap.config.listeners[listener].address.to_string());
-    let mut upstream_head = Vec::with_capacity(buf.len() / 2 + 256);
+    let mut upstream_head = bufpool::take(buf.len() / 2 + 256);
     let encoded = encode_request(
         head,
         buf,
@@ -990,7 +994,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         meters.upstream_out(head_bytes.len());
         let shared = ExShared::default();
         if body_done {
-            shared.req_done_at.set(Some(Instant::now()));
+            shared.req_done_at.set(Some(rt::now()));
         }
         let rctx = RespCtx {
             method: req.method,
@@ -1015,6 +1019,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         match joined {
             Joined::Done { resp, req_complete } => {
                 ex.answer(resp.status, if retried { "URX" } else { "-" });
+                bufpool::give(std::mem::take(&mut head_bytes));
                 if req_complete && resp.upstream_reusable {
                     guard.shard.http_pool.put(key, up);
                 } else {
@@ -1118,8 +1123,8 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     meters: &Meters<'_>,
 ) -> Joined {
     let Conn { rd, wr, buf, .. } = conn;
+    let mut rbuf = bufpool::take(1024);
     let req = pump_request(rd, &mut up.wr, buf, decoder, client_idle, shared, meters);
-    let mut rbuf = Vec::new();
     let resp = relay_response(&mut up.rd, wr, &mut rbuf, rctx, shared, meters);
     let mut req = pin!(req);
     let mut resp = pin!(resp);
@@ -1178,7 +1183,7 @@ async fn pump_request<R: HttpRead, U: HttpWrite>(
             buf.drain(..used);
         }
         if decoder.is_done() {
-            shared.req_done_at.set(Some(Instant::now()));
+            shared.req_done_at.set(Some(rt::now()));
             return Ok(PumpEnd::Complete);
         }
         let rb = match rt::timeout(idle, rd.recv_buf()).await {
@@ -1421,6 +1426,7 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
     if !rbuf.is_empty() {
         upstream_reusable = false;
     }
+    bufpool::give(std::mem::take(rbuf));
     Ok(RespOk {
         status,
         keep_down,
@@ -1546,7 +1552,9 @@ impl<W: HttpWrite> ClientOut for W {
 
     async fn send_head(&mut self, head: Vec<u8>, _: Vec<u8>, _: bool) -> io::Result<usize> {
         let n = head.len();
-        self.write_all_owned(head).await.0.map(|()| n)
+        let (res, head) = self.write_all_owned(head).await;
+        bufpool::give(head);
+        res.map(|()| n)
     }
 
     async fn body(&mut self, b: &[u8], _: bool) -> io::Result<usize> {
@@ -1579,13 +1587,15 @@ fn encode_response_head(
     dechunk: bool,
     keep_down: bool,
 ) -> Result<Vec<u8>, H1Error> {
-    let mut out = Vec::with_capacity(head.head_len() + 128);
-    let edits = EditSet::new(cx.edits);
+    let mut out = bufpool::take(head.head_len() + 128);
+    // Most routes edit no response field: skip filling the edit lists (~3 KB on the stack).
+    let plain = cx.edits.remove.is_empty() && cx.edits.set.is_empty() && cx.edits.add.is_empty();
+    let edits = (!plain).then(|| EditSet::new(cx.edits));
     encode_response(
         head,
         buf,
         &ResponseEdits {
-            headers: edits.headers(),
+            headers: edits.as_ref().map(EditSet::headers).unwrap_or_default(),
             framing: dechunk.then_some(Framing::CloseDelimited),
             connection: Some(ConnectionHeader::for_peer(cx.version, keep_down)),
         },
@@ -1603,7 +1613,7 @@ async fn read_upstream<U: HttpRead>(
 ) -> Result<Option<U::Buf>, RespFail> {
     loop {
         let wait = match shared.req_done_at.get() {
-            Some(at) => (at + cx.timeout).saturating_duration_since(Instant::now()),
+            Some(at) => (at + cx.timeout).saturating_duration_since(rt::now()),
             None => RESPONSE_WAIT_SLICE,
         };
         if wait.is_zero() {
@@ -1872,8 +1882,11 @@ fn finish(
         return;
     };
     let fields = ex.log.as_ref();
+    let start_time = SystemTime::now()
+        .checked_sub(elapsed)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     log.log(Record {
-        start_time: ex.start_time,
+        start_time,
         duration: elapsed,
         protocol: proto,
         method: fields.map(|f| f.method.clone()),
