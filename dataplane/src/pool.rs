@@ -223,7 +223,9 @@ impl Pool {
                 Some(_) => list.clear(),
             }
         };
-        if list.is_empty() {
+        // An emptied plain list stays (its allocation is reused by the next `put`); a TLS key
+        // goes, so that it does not keep a replaced client configuration alive.
+        if list.is_empty() && key.tls.is_some() {
             idle.remove(key);
         }
         drop(idle);

@@ -749,7 +749,7 @@ fn plan<'r, R, W>(
 
     // The gateway's own fields: x-forwarded-for gets the peer appended, x-request-id is kept
     // when sane and made up otherwise.
-    let mut xff = Vec::new();
+    let mut xff = bufpool::take(64);
     for (name, value) in head.headers(buf) {
         if name.eq_ignore_ascii_case("x-forwarded-for") {
             if !xff.is_empty() {
@@ -817,6 +817,7 @@ fn plan<'r, R, W>(
         },
         &mut upstream_head,
     );
+    bufpool::give(xff);
     match encoded {
         Ok(()) => Plan::Forward {
             route,
