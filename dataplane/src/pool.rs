@@ -392,7 +392,9 @@ mod tests {
             drop((got, moved));
             assert_eq!((stats.active.get(), other.active.get()), (0, 0));
             assert_eq!(pool.idle_count(), 0);
-            assert!(pool.idle.borrow().is_empty(), "empty keys are removed");
+            // A plain key keeps its emptied list (no allocation on the next put); only one.
+            assert!(pool.idle.borrow().values().all(VecDeque::is_empty));
+            assert_eq!(pool.idle.borrow().len(), 1);
         });
     }
 }
