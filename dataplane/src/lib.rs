@@ -9,6 +9,7 @@ pub mod accesslog;
 pub mod admin;
 mod authz;
 pub mod balance;
+mod bufpool;
 pub mod error;
 pub mod gateway;
 pub mod health;

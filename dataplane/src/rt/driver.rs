@@ -27,8 +27,48 @@ use super::executor::Remote;
 use super::time::Timers;
 use super::{RingFeatures, RtError};
 
-/// Resources an op keeps alive while the kernel may use them.
-pub(crate) type Keep = Box<dyn Any>;
+/// Resources an op keeps alive while the kernel may use them. Byte vectors (the HTTP heads,
+/// the buffered write queue) are held as they are, not boxed: no allocation per send.
+pub(crate) enum Keep {
+    Bytes(Vec<u8>),
+    Any(Box<dyn Any>),
+}
+
+impl Keep {
+    /// Hold `buf` (a `Vec<u8>` without boxing it).
+    pub(crate) fn new<B: 'static>(buf: B) -> Keep {
+        let mut slot = Some(buf);
+        if let Some(v) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Vec<u8>>>() {
+            return Keep::Bytes(v.take().unwrap_or_default());
+        }
+        Keep::Any(Box::new(slot))
+    }
+
+    /// The bytes of the `B` given to [`Keep::new`]; they stay where they are when the `Keep`
+    /// moves (a vector's heap buffer, or the box's contents).
+    pub(crate) fn slice<B: super::IoBuf>(&self) -> Option<&[u8]> {
+        match self {
+            Keep::Bytes(v) => Some(v),
+            Keep::Any(b) => b
+                .downcast_ref::<Option<B>>()?
+                .as_ref()
+                .map(super::IoBuf::as_slice),
+        }
+    }
+
+    /// The buffer given to [`Keep::new`], if it was a `B`.
+    pub(crate) fn take<B: 'static>(self) -> Option<B> {
+        match self {
+            Keep::Bytes(v) => {
+                let mut out: Option<B> = None;
+                let slot = (&mut out as &mut dyn Any).downcast_mut::<Option<Vec<u8>>>()?;
+                *slot = Some(v);
+                out
+            }
+            Keep::Any(b) => b.downcast::<Option<B>>().ok().and_then(|b| *b),
+        }
+    }
+}
 
 /// user_data of entries whose completion nobody waits for (cancel, close).
 const UD_IGNORE: u64 = u64::MAX;
@@ -516,7 +556,7 @@ impl Driver {
         let ptr = buf.get().cast::<u8>();
         let sqe = opcode::Read::new(types::Fd(fd), ptr, 8).build();
         // SAFETY: the read targets the boxed 8 bytes, owned by the op slot until its final CQE.
-        let id = unsafe { self.submit(sqe, OpKind::Plain, false, Some(buf)) };
+        let id = unsafe { self.submit(sqe, OpKind::Plain, false, Some(Keep::Any(buf))) };
         self.eventfd_op.set(Some(id));
     }
 

@@ -363,6 +363,7 @@ impl Executor {
 
     fn run_until<T>(&self, root: &JoinHandle<T>) {
         let mut enter_failures = 0u32;
+        super::time::set_turn_now(Some(Instant::now()));
         loop {
             self.pull_remote();
             for _ in 0..BUDGET {
@@ -405,7 +406,9 @@ impl Executor {
                     );
                 }
             }
-            self.drv.timers.fire(Instant::now());
+            let now = Instant::now();
+            super::time::set_turn_now(Some(now));
+            self.drv.timers.fire(now);
         }
     }
 
@@ -441,5 +444,6 @@ impl Drop for Executor {
             l.token.set(0);
             drop(d);
         });
+        super::time::set_turn_now(None);
     }
 }

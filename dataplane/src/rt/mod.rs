@@ -68,7 +68,7 @@ pub use chan::{Receiver, Sender, channel};
 pub use executor::{IdleClock, JoinHandle, spawn, yield_now};
 pub use host::MEMLOCK_NEED;
 pub use net::{ReadHalf, TcpListener, TcpStream, WriteHalf};
-pub use time::{Elapsed, Sleep, sleep, sleep_until, timeout};
+pub use time::{Elapsed, Sleep, now, sleep, sleep_until, timeout};
 
 /// Which io_uring setup flags and features this host gave us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -301,7 +301,7 @@ impl TcpStream {
         let sqe =
             opcode::Connect::new(types::Fd(stream.raw()), sa.as_ptr().cast(), sa.len()).build();
         // SAFETY: the sockaddr is boxed and owned by the op slot until the final CQE.
-        let id = unsafe { drv.submit(sqe, OpKind::Plain, false, Some(sa)) };
+        let id = unsafe { drv.submit(sqe, OpKind::Plain, false, Some(Keep::Any(sa))) };
         let (cqe, _) = OpFuture::new(drv, id).await;
         match cqe.errno() {
             None => Ok(stream),
@@ -331,7 +331,7 @@ impl TcpStream {
                 // which the op slot owns (moving the Vec into the box does not move its buffer).
                 let id = unsafe {
                     self.drv
-                        .submit(sqe, OpKind::Plain, false, Some(Box::new(v)))
+                        .submit(sqe, OpKind::Plain, false, Some(Keep::Bytes(v)))
                 };
                 (id, 0)
             }
@@ -357,8 +357,7 @@ impl TcpStream {
                         (Some(bid), Some(ring)) => {
                             RecvBuf::from_ring(ring, bid, u32::try_from(cqe.res).unwrap_or(0))
                         }
-                        _ => keep.and_then(|k| k.downcast::<Vec<u8>>().ok()).map(|v| {
-                            let mut v = *v;
+                        _ => keep.and_then(Keep::take::<Vec<u8>>).map(|mut v| {
                             let n = usize::try_from(cqe.res).unwrap_or(0);
                             if n <= v.capacity() {
                                 // SAFETY: the kernel initialised the first n bytes (n is
@@ -437,7 +436,7 @@ impl TcpStream {
         let (ptr, len) = (v.as_ptr(), v.len());
         // SAFETY: ptr..ptr+len is the Vec's heap buffer, owned by the op slot through the box
         // (moving a Vec does not move its buffer).
-        let id = unsafe { submit_send(&self.drv, self.raw(), ptr, len, Box::new(v)) };
+        let id = unsafe { submit_send(&self.drv, self.raw(), ptr, len, Keep::Bytes(v)) };
         self.wop = Some(InFlightSend {
             id,
             ptr,
@@ -481,8 +480,7 @@ impl TcpStream {
                 Some(e) => self.werr = Some(e),
             }
             self.wop = None;
-            if let Ok(v) = keep.downcast::<Vec<u8>>() {
-                let mut v = *v;
+            if let Some(mut v) = keep.take::<Vec<u8>>() {
                 v.clear();
                 if v.capacity() > self.wspare.capacity() {
                     self.wspare = v;
@@ -637,19 +635,20 @@ async fn send_owned_raw<B: IoBuf>(
     buf: B,
     all: bool,
 ) -> (io::Result<usize>, B) {
-    let boxed = Box::new(buf);
+    let mut keep = Keep::new(buf);
     let (ptr, len) = {
-        let s = boxed.as_slice();
+        let s = keep
+            .slice::<B>()
+            .expect("rt: a send buffer is held as its own type");
         (s.as_ptr(), s.len())
     };
-    let mut keep: Keep = boxed;
     let mut off = 0;
     let res = loop {
         if off >= len {
             break Ok(off);
         }
-        // SAFETY: ptr..ptr+len is the slice of the boxed B; the box (owned by the op slot while
-        // the op is in flight, by `keep` in between) does not move its contents.
+        // SAFETY: ptr..ptr+len is the slice of the B held by `keep` (owned by the op slot while
+        // the op is in flight, by `keep` in between); moving the Keep does not move the bytes.
         let id = unsafe { submit_send(&drv, fd, ptr.add(off), len - off, keep) };
         let (cqe, k) = OpFuture::new(drv.clone(), id).await;
         keep = k.expect("rt: a send op always hands its buffer back");
@@ -665,8 +664,8 @@ async fn send_owned_raw<B: IoBuf>(
             Some(e) => break Err(errno(e)),
         }
     };
-    let buf = *keep
-        .downcast::<B>()
+    let buf = keep
+        .take::<B>()
         .expect("rt: the send buffer comes back with its own type");
     (res, buf)
 }

@@ -12,6 +12,29 @@ use std::time::{Duration, Instant};
 use super::driver::Driver;
 use super::executor::current;
 
+thread_local! {
+    /// The shard's clock as read once per loop turn (after the ring wait); None outside a shard.
+    static TURN_NOW: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The time the current loop turn started (read once per turn, after the ring wait), so the
+/// tasks of a turn share one clock read. It lags the clock by at most one turn's work: use it
+/// for deadlines and durations, not where a few microseconds matter. Outside a shard, the
+/// clock itself.
+#[inline]
+pub fn now() -> Instant {
+    TURN_NOW
+        .try_with(Cell::get)
+        .ok()
+        .flatten()
+        .unwrap_or_else(Instant::now)
+}
+
+/// Set (or, with None, clear) the current turn's time; the executor calls this once per turn.
+pub(crate) fn set_turn_now(t: Option<Instant>) {
+    let _ = TURN_NOW.try_with(|n| n.set(t));
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Timers {
     map: RefCell<BTreeMap<(Instant, u64), Waker>>,
@@ -123,7 +146,9 @@ impl Future for Sleep {
             this.reg = None;
             return Poll::Ready(());
         }
-        if Instant::now() >= this.deadline {
+        // The turn's clock lags, so a due timer may register once more and fire at the end of
+        // this turn (the executor fires timers with a fresh clock read): never early.
+        if now() >= this.deadline {
             return Poll::Ready(());
         }
         let drv = current();
