@@ -102,6 +102,7 @@ pub fn relay<'a>(down: Down, up: Up, m: &'a Meters<'a>, idle: &'a Idle) -> Relay
 }
 
 /// The future returned by [`relay`].
+#[allow(clippy::large_enum_variant)] // the plain relay lives inline in the connection's task: boxing it would add an allocation, not save memory
 pub enum Relay<'a> {
     Plain(PlainRelay<'a>),
     Copy(Pin<Box<dyn Future<Output = Result<(), ProxyError>> + 'a>>),
