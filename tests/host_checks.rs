@@ -29,12 +29,8 @@ fn with_memlock(args: &[&str], bytes: u64) -> Output {
     cmd.output().expect("run meshgate")
 }
 
-/// A seccomp filter that makes io_uring_setup fail with EPERM, as Docker's default profile does.
-fn without_io_uring(args: &[&str]) -> Output {
-    denying(libc::SYS_io_uring_setup, args)
-}
-
-/// Run meshgate with a seccomp filter that makes syscall `nr` fail with EPERM.
+/// Run meshgate with a seccomp filter that makes syscall `nr` fail with EPERM, as Docker's
+/// default profile does for io_uring.
 fn denying(nr: libc::c_long, args: &[&str]) -> Output {
     let mut cmd = Command::new(bin());
     cmd.args(args);
@@ -111,44 +107,32 @@ fn low_memlock_is_named_with_the_fix() {
     }
 }
 
-#[test]
-fn io_uring_blocked_by_seccomp_is_named_with_the_fix() {
+/// `check` and `run` under a seccomp filter denying `nr` exit 71 naming `syscall` and seccomp.
+fn assert_blocked_syscall_is_named(nr: libc::c_long, syscall: &str) {
     let state = tempfile::tempdir().expect("tempdir");
     let state_path = state.path().to_str().expect("utf8").to_string();
     for args in [&["check"][..], &["run", "--state-dir", &state_path][..]] {
-        let out = without_io_uring(args);
+        let out = denying(nr, args);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(out.status.code(), Some(71), "meshgate {args:?}: {text}");
-        assert!(
-            text.contains("io_uring_setup") && text.contains("seccomp"),
-            "{text}"
-        );
+        assert!(text.contains(syscall) && text.contains("seccomp"), "{text}");
     }
+}
+
+#[test]
+fn io_uring_blocked_by_seccomp_is_named_with_the_fix() {
+    assert_blocked_syscall_is_named(libc::SYS_io_uring_setup, "io_uring_setup");
 }
 
 /// A profile that allows creating a ring but not entering it: caught by `check` (a NOP probe)
 /// before any shard starts, not by a shard failing later.
 #[test]
 fn io_uring_enter_blocked_by_seccomp_is_named_with_the_fix() {
-    let state = tempfile::tempdir().expect("tempdir");
-    let state_path = state.path().to_str().expect("utf8").to_string();
-    for args in [&["check"][..], &["run", "--state-dir", &state_path][..]] {
-        let out = denying(libc::SYS_io_uring_enter, args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(71), "meshgate {args:?}: {text}");
-        assert!(
-            text.contains("io_uring_enter") && text.contains("seccomp"),
-            "{text}"
-        );
-    }
+    assert_blocked_syscall_is_named(libc::SYS_io_uring_enter, "io_uring_enter");
 }
 
 /// `meshgate check` names the ring's setup flags. This kernel (5.11+ is required, the CI's is
