@@ -749,3 +749,73 @@ fn concurrent_accepts_on_one_listener_and_drop_closes_it() {
         }
     });
 }
+
+/// After a burst that wrote many receive buffers, the cold ones are given back to the kernel:
+/// with light traffic after it, the pool's resident size falls back to about the hot window
+/// within a few trim periods (shortened to 1 s here; 10 s by default).
+#[test]
+fn cold_receive_buffers_are_released_after_a_burst() {
+    rt::set_trim_period(Duration::from_secs(1));
+    run(async {
+        let l = TcpListener::bind(localhost(), &opts()).expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = rt::spawn(echo_server(l));
+        // 64 connections each push 1 MiB through the echo at once: the window grows and many
+        // buffers get written.
+        let mut clients = Vec::new();
+        for i in 0..64u64 {
+            clients.push(rt::spawn(async move {
+                let s = TcpStream::connect(addr).await.expect("connect");
+                let (mut rd, mut wr) = s.into_split();
+                let data = payload(i, 1 << 20);
+                let sum = fnv(&data);
+                let writer = rt::spawn(async move {
+                    let (res, _) = wr.write_all_owned(data).await;
+                    res.expect("send");
+                    wr.shutdown_write().await.expect("shutdown");
+                });
+                let mut got = Vec::with_capacity(1 << 20);
+                while let Some(b) = rd.recv_buf().await.expect("recv") {
+                    got.extend_from_slice(&b);
+                }
+                writer.await;
+                assert_eq!(fnv(&got), sum, "echo of connection {i} intact");
+            }));
+        }
+        for c in clients {
+            c.await;
+        }
+        let s = rt::shard_stats();
+        let buf = s.recv_buffer_bytes as usize;
+        let burst = s.recv_pool_resident_bytes;
+        assert!(
+            burst > 16 * buf,
+            "the burst wrote more than the hot window: {s:?}"
+        );
+        // Light traffic: one small echo every 20 ms.
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            c.write_all(b"ping").await.expect("ping");
+            let mut b = [0u8; 4];
+            let mut n = 0;
+            while n < 4 {
+                n += c.read(&mut b[n..]).await.expect("pong");
+            }
+            let s = rt::shard_stats();
+            // The hot window (8 buffers, plus the few used within the last period) may stay;
+            // everything else goes.
+            if s.recv_pool_resident_bytes <= 16 * buf {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "resident pool still {} KiB (after the burst {} KiB): {s:?}",
+                s.recv_pool_resident_bytes / 1024,
+                burst / 1024
+            );
+            rt::sleep(Duration::from_millis(20)).await;
+        }
+        server.cancel();
+    });
+}

@@ -3,7 +3,9 @@
 //!
 //! Two engines, one contract:
 //! - plain <-> plain: zero-copy in user space. Each direction receives into a buffer the kernel
-//!   picked from the shard's provided-buffer ring and sends that same buffer on.
+//!   picked from the shard's provided-buffer ring and sends that same buffer on. Both directions
+//!   and the idle timer are one hand-written state machine ([`PlainRelay`]): an idle connection
+//!   holds two streams, two small direction states and one timer entry, and no buffer.
 //! - anything with TLS on a side: a poll-driven copy over `futures_io` streams (rustls needs the
 //!   plaintext in its own buffers anyway). Each read lands in the shard's one 16 KiB scratch
 //!   buffer and goes straight to the writer; a direction keeps bytes of its own only while the
@@ -82,19 +84,49 @@ impl Idle {
 }
 
 /// Relay until both directions end, an error, or the idle timeout.
-pub async fn relay(down: Down, up: Up, m: &Meters<'_>, idle: &Idle) -> Result<(), ProxyError> {
+///
+/// Not an `async fn`: the future lives as long as the connection, and an `async fn` would keep
+/// its `Down`/`Up` arguments in its state next to the streams moved out of them. The plain path
+/// is one hand-written state machine ([`PlainRelay`]); the TLS paths are boxed (their rustls
+/// state and copy buffers are large anyway).
+pub fn relay<'a>(down: Down, up: Up, m: &'a Meters<'a>, idle: &'a Idle) -> Relay<'a> {
     match (down, up) {
-        (Down::Plain(d), Up::Plain(u)) => {
-            let (down_rd, down_wr) = d.into_split();
-            let (up_rd, up_wr) = u.into_split();
-            let to_upstream = pump(down_rd, up_wr, Blame::Downstream, m.up, m.received, idle);
-            let to_downstream = pump(up_rd, down_wr, Blame::Upstream, m.down, m.sent, idle);
-            let both = pin!(both_or_first_error(to_upstream, to_downstream));
-            with_idle_clock(both, idle).await
+        (Down::Plain(d), Up::Plain(u)) => Relay::Plain(PlainRelay::new(d, u, m, idle)),
+        (Down::Plain(mut d), Up::Tls(mut u)) => Relay::Copy(Box::pin(async move {
+            copy_both(&mut d, &mut *u, m, idle).await
+        })),
+        (Down::Tls(mut d), Up::Plain(mut u)) => Relay::Copy(Box::pin(async move {
+            copy_both(&mut *d, &mut u, m, idle).await
+        })),
+        (Down::Tls(mut d), Up::Tls(mut u)) => Relay::Copy(Box::pin(async move {
+            copy_both(&mut *d, &mut *u, m, idle).await
+        })),
+    }
+}
+
+/// The future returned by [`relay`].
+#[allow(clippy::large_enum_variant)] // the plain relay lives inline in the connection's task: boxing it would add an allocation, not save memory
+pub enum Relay<'a> {
+    Plain(PlainRelay<'a>),
+    Copy(Pin<Box<dyn Future<Output = Result<(), ProxyError>> + 'a>>),
+}
+
+impl std::fmt::Debug for Relay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Relay::Plain(_) => "Relay::Plain",
+            Relay::Copy(_) => "Relay::Copy",
+        })
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = Result<(), ProxyError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Relay::Plain(p) => p.poll_relay(cx),
+            Relay::Copy(f) => f.as_mut().poll(cx),
         }
-        (Down::Plain(mut d), Up::Tls(mut u)) => copy_both(&mut d, &mut *u, m, idle).await,
-        (Down::Tls(mut d), Up::Plain(mut u)) => copy_both(&mut *d, &mut u, m, idle).await,
-        (Down::Tls(mut d), Up::Tls(mut u)) => copy_both(&mut *d, &mut *u, m, idle).await,
     }
 }
 
@@ -117,13 +149,89 @@ where
     }
 }
 
-/// Copy `from` -> `to` until EOF (then half-close `to`) or an error (zero-copy path). The idle
-/// timeout is applied around both directions by [`with_idle_clock`], so a send stuck on a peer
-/// that stopped reading ends the connection too.
-///
-/// Generic over the byte streams so an HTTP/1.1 connection that switched protocols (WebSocket,
-/// `proxy::http`'s upgrade) relays through the same loop; the TCP path instantiates it with the
-/// runtime's socket halves, as before.
+/// Plain <-> plain, zero-copy in user space: each direction receives into a buffer the kernel
+/// picked from the shard's provided-buffer ring and sends that same buffer on. Both directions
+/// and the idle timer are one poll-driven object, so an idle connection costs the two streams,
+/// two small direction states and one timer entry; no buffer is held while nothing is in
+/// flight (the receives wait in the kernel without one).
+pub struct PlainRelay<'a> {
+    down: rt::TcpStream,
+    up: rt::TcpStream,
+    /// Downstream -> upstream.
+    to_up: Dir,
+    /// Upstream -> downstream.
+    to_down: Dir,
+    m: &'a Meters<'a>,
+    idle: &'a Idle,
+    /// The connection's one idle timer (re-armed only when it fires).
+    timer: rt::Sleep,
+}
+
+/// Where one direction of a [`PlainRelay`] is.
+enum Dir {
+    /// A receive is armed (or about to be).
+    Recv,
+    /// Sending a received buffer on (`Some` until the send is started); `u64` = its length.
+    Send(Option<rt::RecvBuf>, u64),
+    /// The reader hit EOF: half-closing the writer.
+    Shutdown,
+    Done,
+}
+
+impl<'a> PlainRelay<'a> {
+    fn new(down: rt::TcpStream, up: rt::TcpStream, m: &'a Meters<'a>, idle: &'a Idle) -> Self {
+        PlainRelay {
+            down,
+            up,
+            to_up: Dir::Recv,
+            to_down: Dir::Recv,
+            m,
+            idle,
+            timer: rt::sleep(idle.timeout),
+        }
+    }
+
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        let m = self.m;
+        let up = poll_dir(
+            &mut self.to_up,
+            &mut self.down,
+            &mut self.up,
+            cx,
+            Blame::Downstream,
+            m.up,
+            m.received,
+            self.idle,
+        )?;
+        let down = poll_dir(
+            &mut self.to_down,
+            &mut self.up,
+            &mut self.down,
+            cx,
+            Blame::Upstream,
+            m.down,
+            m.sent,
+            self.idle,
+        )?;
+        if up.is_ready() && down.is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        // Neither direction can move: the idle clock decides.
+        while Pin::new(&mut self.timer).poll(cx).is_ready() {
+            let Some(left) = self.idle.remaining() else {
+                return Poll::Ready(Err(ProxyError::idle()));
+            };
+            self.timer = rt::sleep(left);
+        }
+        Poll::Pending
+    }
+}
+
+/// Copy `from` -> `to` until EOF (then half-close `to`) or an error, for an HTTP/1.1 connection
+/// that switched protocols (WebSocket, `proxy::http`'s upgrade): generic over the HTTP streams,
+/// plain or TLS. The idle timeout is applied around both directions by [`with_idle_clock`], so a
+/// send stuck on a peer that stopped reading ends the connection too. (Plain TCP listeners use
+/// [`PlainRelay`], which holds less per idle connection.)
 pub(crate) async fn pump<R: HttpRead, W: HttpWrite>(
     mut from: R,
     mut to: W,
@@ -155,13 +263,6 @@ pub(crate) async fn pump<R: HttpRead, W: HttpWrite>(
     }
 }
 
-fn other(b: Blame) -> Blame {
-    match b {
-        Blame::Downstream => Blame::Upstream,
-        _ => Blame::Downstream,
-    }
-}
-
 /// Run both directions; finish when both finished, or at the first error (dropping the other).
 pub async fn both_or_first_error<A, B>(a: A, b: B) -> Result<(), ProxyError>
 where
@@ -187,6 +288,58 @@ where
         }
     })
     .await
+}
+
+/// Drive one direction of a [`PlainRelay`] as far as it goes: Ready(Ok) once the reader hit EOF
+/// and the writer was half-closed. A send stuck on a peer that stopped reading is covered by the
+/// relay's idle timer.
+#[allow(clippy::too_many_arguments)] // one direction's streams, blame and meters
+fn poll_dir(
+    dir: &mut Dir,
+    from: &mut rt::TcpStream,
+    to: &mut rt::TcpStream,
+    cx: &mut Context<'_>,
+    reader_blame: Blame,
+    [read_counter, write_counter]: [&Counter; 2],
+    moved: &Cell<u64>,
+    idle: &Idle,
+) -> Poll<Result<(), ProxyError>> {
+    loop {
+        match dir {
+            Dir::Recv => match ready!(from.poll_recv_buf(cx)) {
+                Err(e) => return Poll::Ready(Err(ProxyError::io(reader_blame, e))),
+                Ok(None) => *dir = Dir::Shutdown,
+                Ok(Some(buf)) => {
+                    let n = buf.len() as u64;
+                    read_counter.add(n);
+                    idle.touch();
+                    *dir = Dir::Send(Some(buf), n);
+                }
+            },
+            Dir::Send(buf, n) => {
+                let n = *n;
+                ready!(to.poll_send_owned(cx, buf))
+                    .map_err(|e| ProxyError::io(other(reader_blame), e))?;
+                write_counter.add(n);
+                moved.set(moved.get() + n);
+                idle.touch();
+                *dir = Dir::Recv;
+            }
+            Dir::Shutdown => {
+                // Pass the half-close on; a peer that already went away is not an error.
+                let _ = ready!(to.poll_shutdown(cx));
+                *dir = Dir::Done;
+            }
+            Dir::Done => return Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn other(b: Blame) -> Blame {
+    match b {
+        Blame::Downstream => Blame::Upstream,
+        _ => Blame::Downstream,
+    }
 }
 
 const COPY_BUF: usize = 16 * 1024;

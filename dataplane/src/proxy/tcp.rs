@@ -43,7 +43,7 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
     let idx = guard.listener;
     let listener = &snap.config.listeners[idx];
     let lstats = &snap.listeners[idx].stats;
-    let (down, seen) = match listener.protocol {
+    let (down, mut seen) = match listener.protocol {
         Protocol::Tcp => (Down::Plain(stream), Seen::default()),
         Protocol::Http | Protocol::Https => {
             tracing::error!(listener = %listener.name, "http listener handed to the L4 path; closing");
@@ -208,14 +208,16 @@ pub async fn serve(guard: ConnGuard, stream: rt::TcpStream, peer: SocketAddr) {
             }
         };
         if !seen.prefix.is_empty() {
-            write_prefix(&mut up_conn, seen.prefix.clone())
+            // Taken, not cloned: the ClientHello must not stay allocated for the connection's
+            // lifetime.
+            let prefix = std::mem::take(&mut seen.prefix);
+            let len = prefix.len() as u64;
+            write_prefix(&mut up_conn, prefix)
                 .await
                 .map_err(|e| ProxyError::io(crate::error::Blame::Upstream, e))?;
-            lstats.bytes_in.add(seen.prefix.len() as u64);
-            snap.clusters[cluster]
-                .bytes_sent
-                .add(seen.prefix.len() as u64);
-            received.set(seen.prefix.len() as u64);
+            lstats.bytes_in.add(len);
+            snap.clusters[cluster].bytes_sent.add(len);
+            received.set(len);
         }
         let cstats = &snap.clusters[cluster];
         let meters = Meters {

@@ -15,14 +15,24 @@
 //! whenever a receive finds the ring dry while spare buffers exist, so a shard with many
 //! receives completing per loop turn ends up publishing what it needs. The executor tops the
 //! ring up to the window once per loop turn, before its `io_uring_enter`.
+//!
+//! **Trim.** Pages of the pool stay resident once a receive wrote them. Every 10 s
+//! (only while there is something to release) the spare buffers that were not used for a whole
+//! period (the bottom of the LIFO) are released with `MADV_DONTNEED`, and a window that a burst
+//! grew shrinks back to twice what the period used. Buffers still published to the kernel are
+//! never released (the kernel may write into them); they move to `spare` as receives use them.
+//! So the resident pool is bounded by the pool size (`count * size`, see [`Tuning`]) during a
+//! burst and returns to about the hot window once traffic is light again; a shard that goes
+//! completely quiet right after a burst keeps the pages of the buffers it still publishes.
 
 use std::alloc::{self, Layout};
 use std::cell::{Cell, RefCell};
 use std::ops::Deref;
 use std::ptr::NonNull;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
 use io_uring::types::BufRingEntry;
@@ -34,14 +44,17 @@ use super::IoBuf;
 pub(crate) const BGID: u16 = 0;
 /// Size of a receive buffer when buffer rings are not available (one TLS record fits).
 pub(crate) const FALLBACK_BUF_SIZE: u32 = 16 * 1024;
-/// Size of one provided receive buffer (one TLS record fits). 256 KiB buffers cut tcp-bulk's ring
-/// operations from ~130 to 8 per MB and measured 1.3-1.7x haproxy per CPU-second (ADR 0001), but
-/// made the runtime's own leak test (`dataplane/tests/rt_leak.rs`) see 60-120 MiB of RSS growth
-/// in 2 of 6 runs (64 KiB: 2 of 8; 16 KiB: 0 of 8). Until that is explained, the default stays
-/// 16 KiB; `MESHGATE_RT_RECV_BUF_KIB` selects larger buffers for measurements.
-pub(crate) const BUF_SIZE: u32 = 16 * 1024;
+/// Size of one provided receive buffer. 256 KiB: a busy relay moves up to 256 KiB per receive
+/// and per send (8 ring operations per MB instead of ~130 with 16 KiB), 1.3-1.7x haproxy's
+/// bytes per CPU-second on tcp-bulk (ADR 0001). Small receives touch only the pages they fill,
+/// an idle connection holds no buffer, and the pool is bounded by [`POOL_MAX`] and trimmed when
+/// cold (see "Trim" above).
+pub(crate) const BUF_SIZE: u32 = 256 * 1024;
 /// Most buffers in a shard's pool.
 const MAX_BUFS: u32 = 1024;
+/// Largest default pool per shard (virtual size; resident only where receives wrote): caps the
+/// buffer count at 256 for 256 KiB buffers.
+const POOL_MAX: u64 = 64 * 1024 * 1024;
 /// Buffers published to the kernel at first (see "Hot reuse" above).
 pub(crate) const HOT_WINDOW: u16 = 8;
 const PAGE: usize = 4096;
@@ -68,8 +81,34 @@ pub(crate) struct BufRing {
     spare: RefCell<Vec<u16>>,
     /// How many buffers we try to keep published.
     window: Cell<u16>,
-    /// Our estimate of how many published buffers the kernel has not taken yet.
+    /// Published buffers the kernel has not taken yet (pushed minus completions carrying one).
     published: Cell<u16>,
+    /// Buffers that were published since they were last released (their pages may be resident),
+    /// one bit per buffer.
+    dirty: RefCell<Vec<u64>>,
+    /// The lowest depth of `spare` since the last trim: the buffers below it were not used for
+    /// a whole trim period (see [`BufRing::maybe_trim`]).
+    spare_low: Cell<usize>,
+    /// Whether a buffer went onto `spare` since the last trim (else a trim has nothing to do and
+    /// the shard need not wake up for it).
+    trim_armed: Cell<bool>,
+    next_trim: Cell<Instant>,
+    /// Most buffers out at once since the last trim (to shrink a window grown by a burst).
+    in_use_high: Cell<u32>,
+}
+
+/// How long a spare buffer must stay unused before its pages are given back to the kernel
+/// (milliseconds; 10 s unless a test shortens it with [`set_trim_period`]).
+static TRIM_AFTER_MS: AtomicU64 = AtomicU64::new(10_000);
+
+fn trim_after() -> Duration {
+    Duration::from_millis(TRIM_AFTER_MS.load(Ordering::Relaxed))
+}
+
+/// Set the trim period of every shard's receive-buffer pool (process-wide; for tests).
+pub fn set_trim_period(d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    TRIM_AFTER_MS.store(ms, Ordering::Relaxed);
 }
 
 impl std::fmt::Debug for BufRing {
@@ -148,6 +187,11 @@ impl BufRing {
                 window.min(count)
             }),
             published: Cell::new(0),
+            dirty: RefCell::new(vec![0; usize::from(count).div_ceil(64)]),
+            spare_low: Cell::new(usize::from(count)),
+            trim_armed: Cell::new(false),
+            next_trim: Cell::new(Instant::now() + trim_after()),
+            in_use_high: Cell::new(0),
         };
         // SAFETY: `entries` is a page-aligned allocation of `count` entries that lives until this
         // BufRing is dropped; the driver drops (or leaks) the ring before its BufRing.
@@ -176,6 +220,9 @@ impl BufRing {
     /// A completion handed out a buffer.
     pub(crate) fn note_taken(&self) {
         self.in_use.set(self.in_use.get().saturating_add(1));
+        if self.in_use.get() > self.in_use_high.get() {
+            self.in_use_high.set(self.in_use.get());
+        }
         self.published.set(self.published.get().saturating_sub(1));
     }
 
@@ -191,6 +238,9 @@ impl BufRing {
         while self.published.get() < want {
             let Some(bid) = spare.pop() else { break };
             self.push_entry(bid);
+            if spare.len() < self.spare_low.get() {
+                self.spare_low.set(spare.len());
+            }
             self.published.set(self.published.get() + 1);
             pushed = true;
         }
@@ -205,8 +255,10 @@ impl BufRing {
     /// A receive found the ring empty. If spare buffers exist the window was too small for this
     /// load: double it and publish at once (the epoch moves on, so the receive retries).
     pub(crate) fn ran_dry(&self) {
-        // The kernel says the ring is empty now; our count may lag behind.
-        self.published.set(0);
+        // `published` is exact (buffers pushed minus completions that carried one), so it is
+        // not reset here: the ENOBUFS may be older than buffers published since, and a count
+        // reset to zero would leave those buffers in the kernel's ring unaccounted (never moved
+        // to `spare`, so never trimmed).
         if !self.spare.borrow().is_empty() {
             self.window
                 .set(self.window.get().saturating_mul(2).min(self.count));
@@ -222,7 +274,28 @@ impl BufRing {
         self.count
     }
 
+    /// Bytes of the pool that are resident (pages a receive wrote at some point and that were
+    /// not released since), from `mincore(2)`. For stats and tests; not for the hot path.
+    pub(crate) fn resident_bytes(&self) -> usize {
+        let pages = self.data_len.div_ceil(PAGE);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `data` is our page-aligned mapping of `data_len` bytes; mincore writes one
+        // byte per page into `vec`, which has exactly that many.
+        let rc = unsafe {
+            libc::mincore(
+                self.data.as_ptr().cast(),
+                self.data_len,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count() * PAGE
+    }
+
     fn push_entry(&self, bid: u16) {
+        self.dirty.borrow_mut()[usize::from(bid / 64)] |= 1 << (bid % 64);
         let tail = self.tail.get();
         let idx = usize::from(tail & self.mask);
         // SAFETY: idx < count, inside the entries allocation. The slot at our tail is not being
@@ -234,6 +307,61 @@ impl BufRing {
         entry.set_len(self.buf_size);
         entry.set_bid(bid);
         self.tail.set(tail.wrapping_add(1));
+    }
+
+    /// When the shard should wake up to trim, if a trim could release anything.
+    pub(crate) fn trim_deadline(&self) -> Option<Instant> {
+        self.trim_armed.get().then(|| self.next_trim.get())
+    }
+
+    /// Once per loop turn (cheap unless a trim period ended): give the pages of spare buffers
+    /// that stayed unused for a whole period back to the kernel (`MADV_DONTNEED`; they read as
+    /// zeros and fault in again when next used). The LIFO keeps the hot buffers on top, so the
+    /// cold ones are exactly the bottom of `spare` below its lowest depth in the period. After a
+    /// burst the pool's resident size so returns to the hot window within two periods.
+    pub(crate) fn maybe_trim(&self, now: Instant) {
+        if now < self.next_trim.get() {
+            return;
+        }
+        self.next_trim.set(now + trim_after());
+        // A window that a burst grew and that the last period did not need shrinks back (to
+        // twice what the period used): published buffers beyond it go to `spare` as receives
+        // use them up, where they can be released. (Published buffers are never released
+        // directly: the kernel may write into them.)
+        let high = self.in_use_high.replace(self.in_use.get());
+        let window = self.window.get();
+        if u32::from(window) > high.saturating_mul(2) && window > HOT_WINDOW {
+            let want = u16::try_from(high.saturating_mul(2).next_power_of_two()).unwrap_or(window);
+            self.window.set(want.clamp(HOT_WINDOW, window));
+            self.trim_armed.set(true);
+        }
+        let spare = self.spare.borrow();
+        let cold = self.spare_low.replace(spare.len()).min(spare.len());
+        if cold < spare.len() {
+            self.trim_armed.set(true);
+        } else if self.window.get() == window {
+            self.trim_armed.set(false);
+        }
+        let mut dirty = self.dirty.borrow_mut();
+        for &bid in &spare[..cold] {
+            let (word, bit) = (usize::from(bid / 64), 1u64 << (bid % 64));
+            if dirty[word] & bit == 0 {
+                continue;
+            }
+            dirty[word] &= !bit;
+            // SAFETY: the range is buffer `bid` of our own mapping; the buffer is on `spare`, so
+            // neither the kernel (it is not published) nor a `RecvBuf` refers to it.
+            let rc = unsafe {
+                libc::madvise(
+                    self.buf_ptr(bid).cast(),
+                    self.buf_size as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "rt: madvise of a cold receive buffer failed");
+            }
+        }
     }
 
     fn publish(&self) {
@@ -267,6 +395,7 @@ impl BufRing {
             self.publish();
         } else {
             self.spare.borrow_mut().push(bid);
+            self.trim_armed.set(true);
         }
         self.epoch.set(self.epoch.get().wrapping_add(1));
         self.returned.set(true);
@@ -454,7 +583,10 @@ impl Tuning {
     /// 1..=32768) and `MESHGATE_RT_RECV_WINDOW` (0 = publish every buffer). Out-of-range values
     /// are ignored with a warning.
     pub(crate) fn from_env(ring_entries: u32) -> Tuning {
-        let count = ring_entries.clamp(64, MAX_BUFS).next_power_of_two();
+        let by_pool = u32::try_from(POOL_MAX / u64::from(BUF_SIZE)).unwrap_or(MAX_BUFS);
+        let count = ring_entries
+            .clamp(64, MAX_BUFS.min(by_pool))
+            .next_power_of_two();
         let mut t = Tuning {
             count: u16::try_from(count).expect("clamped to at most MAX_BUFS"),
             size: BUF_SIZE,

@@ -121,26 +121,36 @@ struct Op {
     abandoned: bool,
     cancel_sent: bool,
     waker: Option<Waker>,
+    first: Option<Cqe>,
+    /// Only multishot ops (accept) ever need these; boxed so that the slot of every receive and
+    /// send (two per idle relayed connection) stays small.
+    multi: Option<Box<Multi>>,
+    keep: Option<Keep>,
+}
+
+#[derive(Default)]
+struct Multi {
     /// More tasks waiting on the same multishot op (concurrent accepts on one listener).
     extra: Vec<Waker>,
-    first: Option<Cqe>,
     rest: VecDeque<Cqe>,
-    keep: Option<Keep>,
 }
 
 impl Op {
     fn push(&mut self, cqe: Cqe) {
-        if self.first.is_none() && self.rest.is_empty() {
+        let rest_empty = self.multi.as_ref().is_none_or(|m| m.rest.is_empty());
+        if self.first.is_none() && rest_empty {
             self.first = Some(cqe);
         } else {
-            self.rest.push_back(cqe);
+            self.multi.get_or_insert_default().rest.push_back(cqe);
         }
     }
     fn pop(&mut self) -> Option<Cqe> {
-        self.first.take().or_else(|| self.rest.pop_front())
+        self.first
+            .take()
+            .or_else(|| self.multi.as_mut().and_then(|m| m.rest.pop_front()))
     }
     fn queued(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
+        usize::from(self.first.is_some()) + self.multi.as_ref().map_or(0, |m| m.rest.len())
     }
     fn take_results(&mut self) -> Vec<Cqe> {
         let mut v = Vec::new();
@@ -256,9 +266,8 @@ impl Driver {
             abandoned: false,
             cancel_sent: false,
             waker: None,
-            extra: Vec::new(),
             first: None,
-            rest: VecDeque::new(),
+            multi: None,
             keep,
         });
         let id = OpId {
@@ -375,8 +384,9 @@ impl Driver {
             None => op.waker = Some(w.clone()),
             Some(cur) if cur.will_wake(w) => {}
             Some(_) => {
-                if !op.extra.iter().any(|e| e.will_wake(w)) {
-                    op.extra.push(w.clone());
+                let multi = op.multi.get_or_insert_default();
+                if !multi.extra.iter().any(|e| e.will_wake(w)) {
+                    multi.extra.push(w.clone());
                 }
             }
         }
@@ -406,7 +416,9 @@ impl Driver {
         }
         op.abandoned = true;
         op.waker = None;
-        op.extra.clear();
+        if let Some(m) = &mut op.multi {
+            m.extra.clear();
+        }
         let results = op.take_results();
         let send_cancel = !op.cancel_sent;
         op.cancel_sent = true;
@@ -467,7 +479,11 @@ impl Driver {
             op.cancel_sent = true;
         }
         let waker = op.waker.take();
-        let extra = std::mem::take(&mut op.extra);
+        let extra = op
+            .multi
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.extra))
+            .unwrap_or_default();
         drop(ops);
         if backlog_full {
             self.push_cancel(user_data);

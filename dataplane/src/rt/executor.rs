@@ -381,7 +381,12 @@ impl Executor {
                 Wait::No
             } else {
                 self.drv.arm_eventfd(self.remote.eventfd.as_raw_fd());
-                let wait = match self.drv.timers.next_deadline() {
+                let trim = self.drv.bufs.as_ref().and_then(|b| b.trim_deadline());
+                let next = match (self.drv.timers.next_deadline(), trim) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let wait = match next {
                     Some(d) => Wait::Upto(d.saturating_duration_since(Instant::now())),
                     None => Wait::Forever,
                 };
@@ -409,6 +414,9 @@ impl Executor {
             let now = Instant::now();
             super::time::set_turn_now(Some(now));
             self.drv.timers.fire(now);
+            if let Some(b) = &self.drv.bufs {
+                b.maybe_trim(now);
+            }
         }
     }
 

@@ -161,11 +161,30 @@ pub(crate) fn check() -> Result<RingFeatures, RtError> {
         return Err(RtError::Disabled { value: disabled });
     }
     memlock_check()?;
-    let (ring, mut features) = build_ring(64)?;
+    let (mut ring, mut features) = build_ring(64)?;
+    enter_probe(&mut ring)?;
     features.provided_buffer_rings = super::bufring::probe(&ring);
     features.multishot_accept = multishot_accept_supported();
     drop(ring);
     Ok(features)
+}
+
+/// One NOP through the ring: a seccomp profile may allow `io_uring_setup` but not
+/// `io_uring_enter`, and then no shard could ever run.
+fn enter_probe(ring: &mut IoUring) -> Result<(), RtError> {
+    let nop = opcode::Nop::new().build().user_data(7);
+    // SAFETY: a NOP carries no pointers.
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| RtError::Io(io::Error::other("probe ring full")))?;
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(RtError::EnterFailed { source: e }),
+        }
+    }
+    ring.completion().for_each(drop);
+    Ok(())
 }
 
 /// CPUs this process may run on (from `sched_getaffinity` of the process, so `taskset` works).

@@ -63,7 +63,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-pub use bufring::RecvBuf;
+pub use bufring::{RecvBuf, set_trim_period};
 pub use chan::{Receiver, Sender, channel};
 pub use executor::{IdleClock, JoinHandle, spawn, yield_now};
 pub use host::MEMLOCK_NEED;
@@ -87,6 +87,7 @@ impl std::fmt::Display for RingFeatures {
             (self.defer_taskrun, "defer_taskrun"),
             (self.single_issuer, "single_issuer"),
             (self.coop_taskrun, "coop_taskrun"),
+            (self.taskrun_flag, "taskrun_flag"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -120,6 +121,10 @@ pub enum RtError {
         "io_uring_setup failed: {source}; io_uring may be blocked by a seccomp profile (containers: allow io_uring_setup/io_uring_enter/io_uring_register)"
     )]
     Unavailable { source: io::Error },
+    #[error(
+        "io_uring_enter failed: {source}; io_uring is probably blocked by a seccomp profile (containers: allow io_uring_setup/io_uring_enter/io_uring_register)"
+    )]
+    EnterFailed { source: io::Error },
     #[error(
         "the locked-memory limit (RLIMIT_MEMLOCK) is {have_kib} KiB, meshgate needs at least {need_kib} KiB; raise it with `ulimit -l {need_kib}` or LimitMEMLOCK= in the systemd unit"
     )]
@@ -160,6 +165,12 @@ pub struct ShardStats {
     pub recv_buffers_in_use: u32,
     /// Size of the provided-buffer pool (0 without buffer rings).
     pub recv_buffers_total: u32,
+    /// Bytes of one provided receive buffer (0 without buffer rings).
+    pub recv_buffer_bytes: u32,
+    /// Resident bytes of the pool's mapping: pages receives wrote and that were not released
+    /// yet. Bounded by `recv_buffers_total * recv_buffer_bytes`; cold buffers are released after
+    /// a quiet spell (see `bufring.rs`). Computed with `mincore(2)` on every call.
+    pub recv_pool_resident_bytes: usize,
 }
 
 /// Stats of the current shard. Panics outside a shard.
@@ -171,6 +182,8 @@ pub fn shard_stats() -> ShardStats {
         timers: drv.timers.len(),
         recv_buffers_in_use: drv.bufs.as_ref().map_or(0, |b| b.in_use()),
         recv_buffers_total: drv.bufs.as_ref().map_or(0, |b| u32::from(b.count())),
+        recv_buffer_bytes: drv.bufs.as_ref().map_or(0, |b| b.buf_size()),
+        recv_pool_resident_bytes: drv.bufs.as_ref().map_or(0, |b| b.resident_bytes()),
     }
 }
 
@@ -187,8 +200,8 @@ pub struct ShardConfig {
     pub id: usize,
     /// CPU to pin the thread to; None = not pinned.
     pub cpu: Option<usize>,
-    /// Submission queue entries. Also sizes the shard's receive-buffer pool: this many 16 KiB
-    /// buffers, clamped to 64..=1024 (see `bufring.rs`).
+    /// Submission queue entries. Also sizes the shard's receive-buffer pool: this many 256 KiB
+    /// buffers, clamped to 64..=256 (a pool of at most 64 MiB; see `bufring.rs`).
     pub ring_entries: u32,
 }
 
@@ -358,7 +371,7 @@ mod tests {
         };
         assert_eq!(
             all.to_string(),
-            "defer_taskrun+single_issuer+coop_taskrun, provided buffers, multishot accept"
+            "defer_taskrun+single_issuer+coop_taskrun+taskrun_flag, provided buffers, multishot accept"
         );
         let none = RingFeatures {
             coop_taskrun: false,

@@ -625,6 +625,62 @@ impl TcpStream {
     pub fn nodelay(&self) -> io::Result<bool> {
         self.sock()?.nodelay()
     }
+
+    // ---- poll-level surface for hand-written state machines (the L4 relay) ----
+
+    /// Poll for received bytes (see [`TcpStream::recv_buf`]): Ready(Ok(None)) at EOF. The receive
+    /// stays armed across polls; the waker of the latest poll is woken.
+    pub fn poll_recv_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<RecvBuf>>> {
+        self.poll_recv(cx)
+    }
+
+    /// Poll an owned-buffer send to completion. The first poll takes the buffer out of `buf` (after
+    /// anything queued by the buffered write path has gone out) and hands it to the op slot, which
+    /// keeps it until the kernel is done with it; later polls drive the send (partial sends are
+    /// continued). Ready(Ok) once every byte was sent; the buffer is then dropped (a [`RecvBuf`]
+    /// goes back to the ring). Cancel-safe in the sense that dropping the stream abandons the
+    /// send and the buffer stays owned by the op slot until the final completion.
+    pub fn poll_send_owned<B: IoBuf>(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Option<B>,
+    ) -> Poll<io::Result<()>> {
+        if buf.is_some() {
+            ready!(self.poll_flush_inner(cx))?;
+            if let Some(e) = self.werr {
+                return Poll::Ready(Err(errno(e)));
+            }
+            let Some(b) = buf.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            let keep = Keep::new(b);
+            let (ptr, len) = {
+                let s = keep
+                    .slice::<B>()
+                    .expect("rt: a send buffer is held as its own type");
+                (s.as_ptr(), s.len())
+            };
+            if len == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // SAFETY: ptr..ptr+len is the slice of the B held by `keep`, which the op slot owns
+            // until the final completion; moving the Keep does not move the bytes.
+            let id = unsafe { submit_send(&self.drv, self.raw(), ptr, len, keep) };
+            self.wop = Some(InFlightSend {
+                id,
+                ptr,
+                len,
+                off: 0,
+            });
+        }
+        self.poll_send_step(cx)
+    }
+
+    /// Poll `shutdown(SHUT_WR)` (after flushing anything queued): see
+    /// [`TcpStream::shutdown_write`].
+    pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_shutdown_write(cx)
+    }
 }
 
 /// The owned-buffer send loop. `fd` must stay open while this runs (the caller borrows the
