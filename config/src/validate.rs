@@ -571,6 +571,37 @@ impl Validator {
         out
     }
 
+    /// `{path}.listener`: the index of the listener it names, or an error saying what is
+    /// missing or which listeners exist. `what`: how the owner uses it, for the hint.
+    fn listener_ref(
+        &mut self,
+        path: &str,
+        name: Option<&str>,
+        listeners: &Names,
+        what: &str,
+    ) -> Option<usize> {
+        let Some(name) = name else {
+            self.error(
+                format!("{path}.listener"),
+                "missing `listener`",
+                format!(
+                    "name the listener {what}; {}",
+                    listeners.suggest("", "listener")
+                ),
+            );
+            return None;
+        };
+        let found = listeners.index(name);
+        if found.is_none() {
+            self.error(
+                format!("{path}.listener"),
+                format!("no listener named \"{name}\""),
+                listeners.suggest(name, "listener"),
+            );
+        }
+        found
+    }
+
     fn name_syntax(&mut self, path: &str, kind: &str, name: &str) {
         let problem = if name.is_empty() {
             "it is empty".to_owned()
@@ -890,30 +921,12 @@ impl Validator {
                 .route_match(&format!("{path}.match"), matcher, listener)
                 .map(Some),
         };
-        let listener_index = match raw.listener.as_deref() {
-            None => {
-                self.error(
-                    format!("{path}.listener"),
-                    "missing `listener`",
-                    format!(
-                        "name the listener this route serves, e.g. listener = \"tcp-in\"; {}",
-                        listeners.suggest("", "listener")
-                    ),
-                );
-                None
-            }
-            Some(name) => match listeners.index(name) {
-                Some(i) => Some(i),
-                None => {
-                    self.error(
-                        format!("{path}.listener"),
-                        format!("no listener named \"{name}\""),
-                        listeners.suggest(name, "listener"),
-                    );
-                    None
-                }
-            },
-        };
+        let listener_index = self.listener_ref(
+            &path,
+            raw.listener.as_deref(),
+            listeners,
+            "this route serves, e.g. listener = \"tcp-in\"",
+        );
         let protocol = listener.and_then(|l| l.protocol.as_deref());
         let action = self.route_action(&path, &mut raw, clusters, protocol);
         let matched_path = matcher

@@ -20,30 +20,12 @@ impl Validator {
         bound: &[BoundListener],
     ) -> Option<Policy> {
         let path = format!("policies[{index}]");
-        let listener_index = match raw.listener.as_deref() {
-            None => {
-                self.error(
-                    format!("{path}.listener"),
-                    "missing `listener`",
-                    format!(
-                        "name the listener this policy guards, e.g. listener = \"ingress\"; {}",
-                        listeners.suggest("", "listener")
-                    ),
-                );
-                None
-            }
-            Some(name) => match listeners.index(name) {
-                Some(i) => Some(i),
-                None => {
-                    self.error(
-                        format!("{path}.listener"),
-                        format!("no listener named \"{name}\""),
-                        listeners.suggest(name, "listener"),
-                    );
-                    None
-                }
-            },
-        };
+        let listener_index = self.listener_ref(
+            &path,
+            raw.listener.as_deref(),
+            listeners,
+            "this policy guards, e.g. listener = \"ingress\"",
+        );
         let action = match raw.action.as_deref() {
             Some("allow") => Some(PolicyAction::Allow),
             Some("deny") => Some(PolicyAction::Deny),
