@@ -335,21 +335,31 @@ trust_bundle = "{ca}"
     assert!(body.starts_with("proto=HTTP/2.0 "), "{body}");
 
     // `expect: 100-continue` from an HTTP/2 client: the gateway answers 100 once the upstream
-    // stream is open (curl would otherwise wait 10 s before sending the body).
+    // stream is open (curl would otherwise wait 10 s before sending the body), and the whole
+    // body reaches the origin, which stores it before answering 201.
     let body_file = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(body_file.path(), vec![b'x'; 256 * 1024]).expect("write body");
-    let data = format!("@{}", body_file.path().display());
+    let sent: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(body_file.path(), &sent).expect("write body");
     let started = std::time::Instant::now();
     let out = Command::new("curl")
         .args(["-sS", "-v", "--max-time", "20", "--expect100-timeout", "10"])
         .args(["--http2-prior-knowledge", "-H", "expect: 100-continue"])
-        .args(["--data-binary", &data, &format!("http://{web}/expect")])
+        .args(["-w", "%{http_code}", "-o", "/dev/null"])
+        .args(["-T", &body_file.path().display().to_string()])
+        .arg(format!("http://{web}/upload/expect.bin"))
         .output()
         .expect("curl");
     let verbose = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{verbose}");
+    assert!(out.status.success(), "{:?} {verbose}", out.status);
     assert!(verbose.contains("< HTTP/2 100"), "{verbose}");
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("proto=HTTP/2.0 "));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "201", "{verbose}");
+    let stored = std::fs::read(h2c.dir.path().join("upload/expect.bin")).expect("stored body");
+    assert!(
+        stored == sent,
+        "origin stored {} of {} bytes",
+        stored.len(),
+        sent.len()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -368,6 +368,9 @@ pub fn raw(gw: SocketAddr, request: &[u8]) -> (String, bool) {
 /// `proto=$server_protocol conn=$connection uri=$request_uri` and logs
 /// `$server_protocol $connection $connection_requests "$request" $status` per request.
 /// `keepalive_requests`: requests per connection before nginx sends GOAWAY.
+/// `PUT /upload/NAME` stores the whole request body as `dir/upload/NAME` before nginx answers 201
+/// (`return 200` answers before the body arrives, and curl 7.88 over HTTP/2 then often reports
+/// "Empty reply from server" even against nginx directly).
 #[derive(Debug)]
 pub struct NginxH2 {
     child: Child,
@@ -380,6 +383,7 @@ impl NginxH2 {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         std::fs::create_dir_all(d.join("tmp")).expect("mkdir");
+        std::fs::create_dir_all(d.join("upload")).expect("mkdir");
         let addr = addr(free_port());
         let listen = match tls {
             None => format!("listen {addr} http2;"),
@@ -398,6 +402,11 @@ impl NginxH2 {
     {listen}
     location / {{
       return 200 "proto=$server_protocol conn=$connection uri=$request_uri\n";
+    }}
+    location /upload/ {{
+      root {d};
+      dav_methods PUT;
+      client_max_body_size 16m;
     }}
   }}
 }}
