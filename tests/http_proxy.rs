@@ -756,9 +756,11 @@ fn wrk_smoke() {
     let ng = Nginx::start(&nginx);
     let silent = Silent::start();
     let gw = Gateway::start(&ng, addr(free_port()), silent.addr);
+    // More concurrent connections than a pool used to keep idle (32): the upstream
+    // connections are reused, not opened and closed at the request rate.
     let run = |url: &str| {
         let out = Command::new(&wrk)
-            .args(["-t", "1", "-c", "16", "-d", "2s", url])
+            .args(["-t", "1", "-c", "100", "-d", "2s", url])
             .output()
             .expect("wrk");
         assert!(out.status.success());
@@ -773,13 +775,23 @@ fn wrk_smoke() {
             .unwrap_or(0.0)
     };
     eprintln!(
-        "wrk 2 s, 16 connections: through meshgate {:.0} req/s, nginx direct {:.0} req/s",
+        "wrk 2 s, 100 connections: through meshgate {:.0} req/s, nginx direct {:.0} req/s",
         rps(&through),
         rps(&direct)
     );
     assert!(rps(&through) > 100.0, "{through}");
     assert!(!through.contains("Non-2xx"), "{through}");
     assert!(!through.contains("Socket errors"), "{through}");
+    let m = gw.mg.metrics();
+    let opened = metric_sum(
+        &m,
+        "meshgate_cluster_upstream_connections_total",
+        &[("cluster", "stable")],
+    );
+    assert!(
+        opened <= 100.0,
+        "{opened} upstream connections for 100 client connections: the pool closed connections it needed\n{through}"
+    );
 }
 
 /// Resident memory of process `pid`, in bytes.

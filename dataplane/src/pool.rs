@@ -38,7 +38,7 @@ use crate::tls::setup::ClusterTlsState;
 use crate::tls::stream::ClientTlsStream;
 
 /// Idle connections kept per key.
-pub const MAX_IDLE_PER_KEY: usize = 32;
+pub const MAX_IDLE_PER_KEY: usize = 1024;
 /// Longest time a connection may sit idle in the pool.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
