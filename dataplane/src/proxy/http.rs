@@ -44,6 +44,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use meshgate_config::{ClientAuth, RouteAction, UpstreamProtocol};
+use smallvec::SmallVec;
 
 use crate::accesslog::Record;
 use crate::authz;
@@ -270,7 +271,13 @@ async fn serve_conn<R: HttpRead, W: ClientOut>(
         let Some(routes) = snap.http.listener(guard.listener) else {
             break false;
         };
-        match Box::pin(request(&guard, &snap, routes, &mut conn, read)).await {
+        // Written straight into its box: built on the stack and moved, the request's
+        // future (several KiB) cost a copy per request.
+        let fut = Box::write(
+            Box::new_uninit(),
+            request(&guard, &snap, routes, &mut conn, read),
+        );
+        match Box::into_pin(fut).await {
             Next::KeepAlive => {}
             Next::Close { linger } => break linger,
         }
@@ -882,6 +889,7 @@ fn plan<'r, R, W>(
         },
         &mut upstream_head,
     );
+    drop(edits);
     bufpool::give(xff);
     match encoded {
         Ok(()) => Plan::Forward {
@@ -1132,7 +1140,10 @@ async fn forward<R: HttpRead, W: ClientOut>(
                     }
                 };
                 let connected =
-                    pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls).await;
+                    // Boxed, like the other rare stages below: a future held inline is
+                    // copied whole with every request's.
+                    Box::pin(pool::connect(endpoint, ccfg.connect_timeout, cstats, cluster_tls))
+                        .await;
                 drop(pending);
                 match connected {
                     Ok(up) => up,
@@ -1200,8 +1211,14 @@ async fn forward<R: HttpRead, W: ClientOut>(
                 ex.answer(resp.status, if attempts.exhausted() { "URX" } else { "-" });
                 bufpool::give(std::mem::take(&mut head_bytes));
                 if resp.upgraded {
-                    let relayed =
-                        upgrade::tunnel(conn, &mut up, routes.idle_timeout, cstats, &meters).await;
+                    let relayed = Box::pin(upgrade::tunnel(
+                        conn,
+                        &mut up,
+                        routes.idle_timeout,
+                        cstats,
+                        &meters,
+                    ))
+                    .await;
                     if let Err(e) = relayed {
                         tracing::debug!(peer = %conn.peer, error = %e, "upgraded connection ended");
                     }
@@ -1501,8 +1518,10 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                 }
                 Ok(Parsed::Complete { head, consumed }) => {
                     if head.status() == 101 && cx.upgrade.is_some() {
-                        return upgrade::switched(down, &head, rbuf, consumed, cx, shared, meters)
-                            .await;
+                        return Box::pin(upgrade::switched(
+                            down, &head, rbuf, consumed, cx, shared, meters,
+                        ))
+                        .await;
                     }
                     if head.status() == 101 || head.is_tunnel() {
                         // Never asked for: only upgrades the route allows go upstream.
@@ -2014,60 +2033,36 @@ pub(crate) fn reason(status: u16) -> &'static str {
 }
 
 /// A route's edits plus the gateway's own fields, as the borrowed lists the codec takes; on
-/// the stack (no allocation), bounded by the config's limit per list.
+/// the stack (no allocation within [`MAX_EDITS`] per list), and only the slots in use are
+/// written.
 struct EditSet<'a> {
-    remove: [&'a str; MAX_EDITS],
-    removes: usize,
-    set: [(&'a str, &'a [u8]); MAX_EDITS],
-    sets: usize,
-    add: [(&'a str, &'a [u8]); MAX_EDITS],
-    adds: usize,
+    remove: SmallVec<[&'a str; MAX_EDITS]>,
+    set: SmallVec<[(&'a str, &'a [u8]); MAX_EDITS]>,
+    add: SmallVec<[(&'a str, &'a [u8]); MAX_EDITS]>,
 }
 
 impl<'a> EditSet<'a> {
     fn new(edits: &'a Edits) -> Self {
-        let mut out = EditSet {
-            remove: [""; MAX_EDITS],
-            removes: 0,
-            set: [("", &[]); MAX_EDITS],
-            sets: 0,
-            add: [("", &[]); MAX_EDITS],
-            adds: 0,
-        };
-        for (slot, name) in out.remove.iter_mut().zip(edits.remove.iter()) {
-            *slot = name;
-            out.removes += 1;
+        EditSet {
+            remove: edits.remove.iter().map(String::as_str).collect(),
+            set: edits.set.iter().map(|(n, v)| (n.as_str(), &**v)).collect(),
+            add: edits.add.iter().map(|(n, v)| (n.as_str(), &**v)).collect(),
         }
-        for (slot, (name, value)) in out.set.iter_mut().zip(edits.set.iter()) {
-            *slot = (name, value);
-            out.sets += 1;
-        }
-        for (slot, (name, value)) in out.add.iter_mut().zip(edits.add.iter()) {
-            *slot = (name, value);
-            out.adds += 1;
-        }
-        out
     }
 
     fn remove(&mut self, name: &'a str) {
-        if let Some(slot) = self.remove.get_mut(self.removes) {
-            *slot = name;
-            self.removes += 1;
-        }
+        self.remove.push(name);
     }
 
     fn set(&mut self, name: &'a str, value: &'a [u8]) {
-        if let Some(slot) = self.set.get_mut(self.sets) {
-            *slot = (name, value);
-            self.sets += 1;
-        }
+        self.set.push((name, value));
     }
 
     fn headers(&self) -> HeaderEdits<'_> {
         HeaderEdits {
-            remove: &self.remove[..self.removes],
-            set: &self.set[..self.sets],
-            add: &self.add[..self.adds],
+            remove: &self.remove,
+            set: &self.set,
+            add: &self.add,
         }
     }
 }
