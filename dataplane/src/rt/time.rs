@@ -170,10 +170,16 @@ impl Drop for Sleep {
 #[error("timed out")]
 pub struct Elapsed;
 
-/// Run `f` for at most `d`.
+/// Run `f` for at most `d`, counted from the current loop turn's clock ([`now`]: no clock read
+/// per call; the limit may end up to one turn's work early, which no I/O timeout notices).
 pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
     let mut f = std::pin::pin!(f);
-    let mut s = sleep(d);
+    let start = now();
+    let mut s = sleep_until(
+        start
+            .checked_add(d)
+            .unwrap_or(start + Duration::from_secs(86400 * 365 * 30)),
+    );
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = f.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
