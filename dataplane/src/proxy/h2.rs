@@ -110,15 +110,20 @@ pub(crate) async fn serve<T>(
                 idle_since = None;
                 state.open.set(state.open.get() + 1);
                 state.accepted.set(state.accepted.get() + 1);
-                let task = stream(
-                    guard.clone(),
-                    req,
-                    respond,
-                    peer,
-                    tls.clone(),
-                    state.clone(),
+                // The stream's future (several KiB) is written straight into a box, and the
+                // task holds only the pointer: spawning it by value copied it twice.
+                let task = Box::write(
+                    Box::new_uninit(),
+                    stream(
+                        guard.clone(),
+                        req,
+                        respond,
+                        peer,
+                        tls.clone(),
+                        state.clone(),
+                    ),
                 );
-                drop(rt::spawn(task));
+                drop(rt::spawn(Box::into_pin(task)));
             }
             Ok(Some(Err(e))) => {
                 tracing::debug!(%peer, error = %e, "HTTP/2 connection error");
