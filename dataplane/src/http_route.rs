@@ -238,9 +238,10 @@ impl Edits {
         }
     }
 
-    /// `name` is set or removed by these edits.
+    /// `name` (in any case) is set or removed by these edits.
     pub fn takes_over(&self, name: &str) -> bool {
-        self.remove.iter().any(|n| n == name) || self.set.iter().any(|(n, _)| n == name)
+        self.remove.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || self.set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 }
 

@@ -504,10 +504,13 @@ impl ClientOut for H2Out {
         let mut resp = Response::new(());
         *resp.status_mut() = StatusCode::from_u16(head.status())
             .map_err(|_| H1Error::Response(Violation::InvalidStatusLine))?;
-        let headers = resp.headers_mut();
         let edits = cx.edits;
+        // Sized once: growing the map field by field cost allocations per response.
+        *resp.headers_mut() =
+            http::HeaderMap::with_capacity(head.header_count() + edits.set.len() + edits.add.len());
+        let headers = resp.headers_mut();
         for (name, value) in head.headers(buf) {
-            if connection_specific(name) || edits.takes_over(&name.to_ascii_lowercase()) {
+            if connection_specific(name) || edits.takes_over(name) {
                 continue;
             }
             push_field(headers, name, value, true);
