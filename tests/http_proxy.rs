@@ -869,6 +869,7 @@ direct_response = {{ status = 200, body = "ok" }}
     }));
     let per_conn = rss(mg.pid()).saturating_sub(before) / CONNS as u64;
     eprintln!("idle connection: {per_conn} bytes of gateway memory each");
-    assert!(per_conn < 4096, "{per_conn} bytes per idle connection");
+    // ~1.3 KiB measured since tasks store their future once (issue 9); the target is 2 KiB.
+    assert!(per_conn < 2048, "{per_conn} bytes per idle connection");
     drop(held);
 }

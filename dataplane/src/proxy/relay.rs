@@ -85,47 +85,27 @@ impl Idle {
 
 /// Relay until both directions end, an error, or the idle timeout.
 ///
-/// Not an `async fn`: the future lives as long as the connection, and an `async fn` would keep
-/// its `Down`/`Up` arguments in its state next to the streams moved out of them. The plain path
-/// is one hand-written state machine ([`PlainRelay`]); the TLS paths are boxed (their rustls
-/// state and copy buffers are large anyway).
-pub fn relay<'a>(down: Down, up: Up, m: &'a Meters<'a>, idle: &'a Idle) -> Relay<'a> {
+/// Plain <-> plain connections do not come here: the caller runs them as a [`PlainRelay`] in a
+/// task of their own (see `proxy::tcp`). Boxed: the rustls state and copy buffers are large and
+/// must not size the future of every connection.
+pub fn relay<'a>(
+    down: Down,
+    up: Up,
+    m: &'a Meters<'a>,
+    idle: &'a Idle,
+) -> Pin<Box<dyn Future<Output = Result<(), ProxyError>> + 'a>> {
     match (down, up) {
-        (Down::Plain(d), Up::Plain(u)) => Relay::Plain(PlainRelay::new(d, u, m, idle)),
-        (Down::Plain(mut d), Up::Tls(mut u)) => Relay::Copy(Box::pin(async move {
-            copy_both(&mut d, &mut *u, m, idle).await
-        })),
-        (Down::Tls(mut d), Up::Plain(mut u)) => Relay::Copy(Box::pin(async move {
-            copy_both(&mut *d, &mut u, m, idle).await
-        })),
-        (Down::Tls(mut d), Up::Tls(mut u)) => Relay::Copy(Box::pin(async move {
-            copy_both(&mut *d, &mut *u, m, idle).await
-        })),
-    }
-}
-
-/// The future returned by [`relay`].
-#[allow(clippy::large_enum_variant)] // the plain relay lives inline in the connection's task: boxing it would add an allocation, not save memory
-pub enum Relay<'a> {
-    Plain(PlainRelay<'a>),
-    Copy(Pin<Box<dyn Future<Output = Result<(), ProxyError>> + 'a>>),
-}
-
-impl std::fmt::Debug for Relay<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Relay::Plain(_) => "Relay::Plain",
-            Relay::Copy(_) => "Relay::Copy",
-        })
-    }
-}
-
-impl Future for Relay<'_> {
-    type Output = Result<(), ProxyError>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Relay::Plain(p) => p.poll_relay(cx),
-            Relay::Copy(f) => f.as_mut().poll(cx),
+        (Down::Plain(mut d), Up::Plain(mut u)) => {
+            Box::pin(async move { copy_both(&mut d, &mut u, m, idle).await })
+        }
+        (Down::Plain(mut d), Up::Tls(mut u)) => {
+            Box::pin(async move { copy_both(&mut d, &mut *u, m, idle).await })
+        }
+        (Down::Tls(mut d), Up::Plain(mut u)) => {
+            Box::pin(async move { copy_both(&mut *d, &mut u, m, idle).await })
+        }
+        (Down::Tls(mut d), Up::Tls(mut u)) => {
+            Box::pin(async move { copy_both(&mut *d, &mut *u, m, idle).await })
         }
     }
 }
@@ -153,18 +133,26 @@ where
 /// picked from the shard's provided-buffer ring and sends that same buffer on. Both directions
 /// and the idle timer are one poll-driven object, so an idle connection costs the two streams,
 /// two small direction states and one timer entry; no buffer is held while nothing is in
-/// flight (the receives wait in the kernel without one).
-pub struct PlainRelay<'a> {
+/// flight (the receives wait in the kernel without one). It borrows nothing: the meters and the
+/// idle clock come with each poll, so it can live in a small task of its own.
+pub struct PlainRelay {
     down: rt::TcpStream,
     up: rt::TcpStream,
     /// Downstream -> upstream.
     to_up: Dir,
     /// Upstream -> downstream.
     to_down: Dir,
-    m: &'a Meters<'a>,
-    idle: &'a Idle,
     /// The connection's one idle timer (re-armed only when it fires).
     timer: rt::Sleep,
+}
+
+impl std::fmt::Debug for PlainRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainRelay")
+            .field("down", &self.down)
+            .field("up", &self.up)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where one direction of a [`PlainRelay`] is.
@@ -178,21 +166,26 @@ enum Dir {
     Done,
 }
 
-impl<'a> PlainRelay<'a> {
-    fn new(down: rt::TcpStream, up: rt::TcpStream, m: &'a Meters<'a>, idle: &'a Idle) -> Self {
+impl PlainRelay {
+    pub fn new(down: rt::TcpStream, up: rt::TcpStream, idle: &Idle) -> Self {
         PlainRelay {
             down,
             up,
             to_up: Dir::Recv,
             to_down: Dir::Recv,
-            m,
-            idle,
             timer: rt::sleep(idle.timeout),
         }
     }
 
-    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        let m = self.m;
+    /// Move what can be moved; Ready once both directions ended, at the first error, or when
+    /// `idle` says neither side moved data for its timeout. Pass the same meters and clock to
+    /// every poll.
+    pub fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        m: &Meters<'_>,
+        idle: &Idle,
+    ) -> Poll<Result<(), ProxyError>> {
         let up = poll_dir(
             &mut self.to_up,
             &mut self.down,
@@ -201,7 +194,7 @@ impl<'a> PlainRelay<'a> {
             Blame::Downstream,
             m.up,
             m.received,
-            self.idle,
+            idle,
         )?;
         let down = poll_dir(
             &mut self.to_down,
@@ -211,14 +204,14 @@ impl<'a> PlainRelay<'a> {
             Blame::Upstream,
             m.down,
             m.sent,
-            self.idle,
+            idle,
         )?;
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Ok(()));
         }
         // Neither direction can move: the idle clock decides.
         while Pin::new(&mut self.timer).poll(cx).is_ready() {
-            let Some(left) = self.idle.remaining() else {
+            let Some(left) = idle.remaining() else {
                 return Poll::Ready(Err(ProxyError::idle()));
             };
             self.timer = rt::sleep(left);

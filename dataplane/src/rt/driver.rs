@@ -22,24 +22,32 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::bufring::{self, BufRing};
+use super::bufring::{self, BufRing, RecvBuf};
 use super::executor::Remote;
 use super::time::Timers;
 use super::{RingFeatures, RtError};
 
 /// Resources an op keeps alive while the kernel may use them. Byte vectors (the HTTP heads,
-/// the buffered write queue) are held as they are, not boxed: no allocation per send.
+/// the buffered write queue) and received buffers (the L4 relay sends them on) are held as
+/// they are, not boxed: no allocation per send.
 pub(crate) enum Keep {
     Bytes(Vec<u8>),
+    Recv(RecvBuf),
     Any(Box<dyn Any>),
 }
 
 impl Keep {
-    /// Hold `buf` (a `Vec<u8>` without boxing it).
+    /// Hold `buf` (a `Vec<u8>` or a [`RecvBuf`] without boxing it).
     pub(crate) fn new<B: 'static>(buf: B) -> Keep {
         let mut slot = Some(buf);
-        if let Some(v) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Vec<u8>>>() {
+        let any = &mut slot as &mut dyn Any;
+        if let Some(v) = any.downcast_mut::<Option<Vec<u8>>>() {
             return Keep::Bytes(v.take().unwrap_or_default());
+        }
+        if let Some(b) = any.downcast_mut::<Option<RecvBuf>>()
+            && let Some(b) = b.take()
+        {
+            return Keep::Recv(b);
         }
         Keep::Any(Box::new(slot))
     }
@@ -49,6 +57,7 @@ impl Keep {
     pub(crate) fn slice<B: super::IoBuf>(&self) -> Option<&[u8]> {
         match self {
             Keep::Bytes(v) => Some(v),
+            Keep::Recv(b) => Some(b),
             Keep::Any(b) => b
                 .downcast_ref::<Option<B>>()?
                 .as_ref()
@@ -63,6 +72,12 @@ impl Keep {
                 let mut out: Option<B> = None;
                 let slot = (&mut out as &mut dyn Any).downcast_mut::<Option<Vec<u8>>>()?;
                 *slot = Some(v);
+                out
+            }
+            Keep::Recv(b) => {
+                let mut out: Option<B> = None;
+                let slot = (&mut out as &mut dyn Any).downcast_mut::<Option<RecvBuf>>()?;
+                *slot = Some(b);
                 out
             }
             Keep::Any(b) => b.downcast::<Option<B>>().ok().and_then(|b| *b),

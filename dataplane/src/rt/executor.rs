@@ -186,6 +186,25 @@ impl Drop for TaskGuard {
     }
 }
 
+/// A task's future with its registry entry. Hand-written rather than an `async move` block:
+/// a block that awaits a captured future stores it twice (the capture and the awaited local),
+/// which doubled every task (and pushed connection tasks over async-task's 2 KiB limit, past
+/// which it boxes the future separately).
+struct Tracked<F> {
+    fut: F,
+    // Dropped after `fut`: the entry goes once the future is gone.
+    _guard: TaskGuard,
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: structural pinning of `fut`: it is never moved out of `self` and `Tracked`
+        // has no Drop impl or Unpin impl of its own that could move it.
+        unsafe { self.map_unchecked_mut(|t| &mut t.fut) }.poll(cx)
+    }
+}
+
 /// Spawn a task on the current shard. Dropping the handle detaches the task.
 pub fn spawn<F>(fut: F) -> JoinHandle<F::Output>
 where
@@ -195,10 +214,9 @@ where
     let remote = current().remote.clone();
     LOCAL.with(|l| {
         let key = l.tasks.borrow().vacant_key();
-        let guard = TaskGuard(key);
-        let fut = async move {
-            let _guard = guard;
-            fut.await
+        let fut = Tracked {
+            fut,
+            _guard: TaskGuard(key),
         };
         let (runnable, task) = async_task::Builder::new()
             .propagate_panic(true)
@@ -453,5 +471,34 @@ impl Drop for Executor {
             drop(d);
         });
         super::time::set_turn_now(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the wrapper that ties a task to its registry entry was an `async move`
+    /// block, which stored the task's future twice.
+    #[test]
+    fn a_spawned_future_is_stored_once() {
+        async fn big() -> usize {
+            let data = [7u8; 1000];
+            yield_now().await;
+            std::hint::black_box(&data).len()
+        }
+        fn tracked<F: Future>(fut: F) -> Tracked<F> {
+            Tracked {
+                fut,
+                _guard: TaskGuard(0),
+            }
+        }
+        let inner = size_of_val(&big());
+        let wrapped = size_of_val(&tracked(big()));
+        assert!(inner >= 1000);
+        assert!(
+            wrapped <= inner + 16,
+            "{inner}-byte future takes {wrapped} bytes in its task"
+        );
     }
 }
