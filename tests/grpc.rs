@@ -14,55 +14,27 @@
 //!   take over.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use meshgate_testkit::grpc::{Code, GrpcClient, GrpcServer, raw_call, stream_message};
 use meshgate_testkit::http::{NginxH2, curl, curl_version, nginx_or_skip, tool};
 use meshgate_testkit::pki::{LeafSpec, TestPki};
-use meshgate_testkit::{Meshgate, access_log_record, fill_pseudo_random, free_port, metric_sum};
+use meshgate_testkit::web::{WebGateway, loopback};
+use meshgate_testkit::{access_log_record, fill_pseudo_random, free_port, metric_sum};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-struct Gateway {
-    mg: Meshgate,
-    web: SocketAddr,
-    down: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start(upstream: SocketAddr) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("access.log");
-        let admin = addr(free_port());
-        let web = addr(free_port());
-        let down = addr(free_port());
-        let nothing = addr(free_port());
-        let config = format!(
-            r#"version = 1
-[admin]
-address = "{admin}"
-[runtime]
-cores = 2
-drain_timeout = "2s"
-[access_log]
-path = "{log}"
-format = "json"
-
-[[listeners]]
-name = "web"
-address = "{web}"
-protocol = "http"
-
+/// The gateway of the gRPC test: `web` routes `test.Echo` to `upstream` over HTTP/2; a second
+/// listener (returned) routes to a port nobody listens on.
+fn grpc_gateway(upstream: SocketAddr) -> (WebGateway, SocketAddr) {
+    let down = loopback(free_port());
+    let nothing = loopback(free_port());
+    let body = format!(
+        r#"
 [[listeners]]
 name = "down"
 address = "{down}"
@@ -98,24 +70,15 @@ name = "nothing"
 endpoints = ["{nothing}"]
 protocol = "http2"
 connect_timeout = "1s"
-"#,
-            log = log.display(),
-        );
-        let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
-        Gateway {
-            mg,
-            web,
-            down,
-            log,
-            _dir: dir,
-        }
-    }
+"#
+    );
+    (WebGateway::start(bin(), 2, &body), down)
 }
 
 #[test]
 fn grpc_calls_statuses_and_deadlines_through_the_gateway() {
     let server = GrpcServer::start();
-    let gw = Gateway::start(server.addr);
+    let (gw, down) = grpc_gateway(server.addr);
     let client = GrpcClient::connect(gw.web).expect("client connects");
 
     // Unary, 200 KiB each way (past every initial flow-control window).
@@ -166,7 +129,7 @@ fn grpc_calls_statuses_and_deadlines_through_the_gateway() {
     assert_eq!(rec["grpc_status"], 12, "{rec}");
 
     // Upstream down: UNAVAILABLE (502 UF), fast.
-    let down = GrpcClient::connect(gw.down).expect("client connects");
+    let down = GrpcClient::connect(down).expect("client connects");
     let started = std::time::Instant::now();
     let status = down.unary(b"hello".to_vec()).expect_err("upstream down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -269,18 +232,8 @@ fn nginx_h2c_and_h2_over_tls_upstreams_reuse_and_survive_goaway() {
     let h2c = NginxH2::start(&nginx, None, 100_000);
     let goaway = NginxH2::start(&nginx, None, 10);
     let tls = NginxH2::start(&nginx, Some((&ocert, &okey)), 100_000);
-    let admin = addr(free_port());
-    let web = addr(free_port());
-    let config = format!(
-        r#"version = 1
-[admin]
-address = "{admin}"
-[runtime]
-cores = 2
-[[listeners]]
-name = "web"
-address = "{web}"
-protocol = "http"
+    let body = format!(
+        r#"
 [[routes]]
 name = "goaway"
 listener = "web"
@@ -316,7 +269,8 @@ trust_bundle = "{ca}"
         tls = tls.addr,
         ca = ca.display(),
     );
-    let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
+    let gw = WebGateway::start(bin(), 2, &body);
+    let (mg, web) = (&gw.mg, gw.web);
 
     // curl with prior knowledge to the gateway; nginx says the upstream side is HTTP/2 too.
     let (code, version, body) =
