@@ -2,8 +2,10 @@
 //! h2 client connections and the forwarding of one request over a stream, trailers included
 //! (gRPC's `grpc-status` lives there).
 //!
-//! Where it sits: `proxy::http::forward` picks the cluster; for an HTTP/2 cluster it hands the
-//! request here instead of the HTTP/1.1 keep-alive pool. The request arrives as the same
+//! Where it sits: `proxy::http::forward` picks the cluster and runs the attempt loop (retries,
+//! budget, circuit breakers, outlier reports: the same steps as for HTTP/1.1 clusters); for an
+//! HTTP/2 cluster each attempt is [`attempt`] on the endpoint the loop picked, instead of the
+//! HTTP/1.1 keep-alive pool, and returns how it ended ([`Tried`]). The request arrives as the same
 //! HTTP/1 head every request becomes (route edits applied, `x-forwarded-*` set), is turned into
 //! an `http::Request` (hop-by-hop fields were removed by the codec; `te: trailers` is added for
 //! gRPC), and its body is decoded from its HTTP/1 framing into DATA frames within the upstream's
@@ -18,12 +20,16 @@
 //! full another is opened, up to [`MAX_CONNS_PER_KEY`], after which h2 queues the stream until
 //! one frees. A connection is opened by its own task (connect timeout, TLS with ALPN `h2`,
 //! the h2 handshake), which then drives it; requests that arrive meanwhile wait for that
-//! connection instead of opening their own, and all see its failure at once. A connection that
+//! connection instead of opening their own, and all see its failure at once. The cluster's
+//! circuit breakers: opening needs `max_connections` room (past it, streams queue on a busy
+//! connection of the key, or the request overflows when there is none), and every waiting
+//! request holds a `max_pending_requests` slot. A stream refused unprocessed (REFUSED_STREAM,
+//! above a GOAWAY's last stream ID) is [`Tried::Refused`]: retried whatever the method. A connection that
 //! received GOAWAY (or failed) takes no new requests; its open streams finish. A connection
 //! idle (no open stream) for [`IDLE_TIMEOUT`] is closed.
 //!
-//! gRPC (`content-type: application/grpc*`): `grpc-timeout` is the request's deadline, capped
-//! by the route timeout; a deadline that passes mid-response ends it with `grpc-status: 4`.
+//! gRPC (`content-type: application/grpc*`): `grpc-timeout` is the request's deadline over all
+//! its attempts, capped by the route timeout; a deadline that passes mid-response ends it with `grpc-status: 4`.
 //! The gateway's own failures reach gRPC clients as trailers-only responses (`proxy::h2`).
 
 use std::cell::{Cell, RefCell};

@@ -27,7 +27,8 @@
 //! the cluster's retry budget ([`crate::retry`]): a connect failure may be retried for any
 //! request (nothing was sent); once the head went out, only an idempotent request without a
 //! body, and never after the response head reached the client. The last failure of several
-//! attempts gets `URX`.
+//! attempts gets `URX`. HTTP/2 clusters run the same loop: each attempt is
+//! [`h2_upstream::attempt`], whose outcome ([`Tried`]) goes through the same steps.
 
 use std::borrow::Cow;
 use std::cell::Cell;
