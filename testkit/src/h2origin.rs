@@ -12,6 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::grpc::ServerThread;
+
 /// How an [`H2Origin`] treats what arrives instead of answering 200.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum H2Fault {
@@ -56,8 +58,7 @@ impl State {
 pub struct H2Origin {
     pub addr: SocketAddr,
     state: Arc<State>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _runtime: ServerThread,
 }
 
 impl H2Origin {
@@ -86,32 +87,24 @@ impl H2Origin {
             fault: Mutex::new(fault),
             counts: Counts::default(),
         });
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        accepted = listener.accept() => {
-                            let Ok((tcp, _)) = accepted else { continue };
-                            st.counts.connections.fetch_add(1, Ordering::SeqCst);
-                            tokio::spawn(serve(tcp, st.clone()));
-                        }
+        let runtime = ServerThread::spawn(move |mut stopped| async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => {
+                        let Ok((tcp, _)) = accepted else { continue };
+                        st.counts.connections.fetch_add(1, Ordering::SeqCst);
+                        tokio::spawn(serve(tcp, st.clone()));
                     }
                 }
-            });
+            }
         });
         H2Origin {
             addr,
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _runtime: runtime,
         }
     }
 
@@ -133,17 +126,6 @@ impl H2Origin {
     /// Request body bytes received so far.
     pub fn body_bytes(&self) -> usize {
         self.state.counts.body_bytes.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for H2Origin {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -66,3 +66,23 @@ impl WebGateway {
         metric_sum(&self.mg.metrics(), name, labels)
     }
 }
+
+/// A `[[routes]]` table on listener `web`: paths under `prefix` go to `cluster`. `extra`: more
+/// lines of the table (`retry = { ... }`). Its name is `cluster` plus the prefix's letters.
+pub fn prefix_route(prefix: &str, cluster: &str, extra: &str) -> String {
+    let tag: String = prefix.chars().filter(char::is_ascii_alphanumeric).collect();
+    format!(
+        "\n[[routes]]\nname = \"{cluster}-{tag}\"\nlistener = \"web\"\n\
+         match = {{ path = {{ prefix = \"{prefix}\" }} }}\ncluster = \"{cluster}\"\n{extra}\n"
+    )
+}
+
+/// A `[[clusters]]` table: `name` over `endpoints`; `extra`: more lines (fields first, then
+/// sub-tables such as `[clusters.tls]`).
+pub fn cluster(name: &str, endpoints: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "\n[[clusters]]\nname = \"{name}\"\nendpoints = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
