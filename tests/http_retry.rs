@@ -523,6 +523,23 @@ fn http2_endpoints_retry_resets_refused_streams_goaway_connect_failures_and_5xx(
     );
     assert_eq!(healthy.count() - healthy_before, ok);
 
+    // A POST whose stream was refused was not processed: its body (small, and all there) is
+    // sent again to the next endpoint.
+    let (refused_before, healthy_bytes) = (refuse.count(), healthy.body_bytes());
+    for i in 0..6 {
+        let path = format!("/refuse/post-{i}");
+        let (status, body) = http_request(gw.web, "POST", &path, Some(b"order=3"))
+            .unwrap_or_else(|e| panic!("POST {path}: {e:#}"));
+        assert_eq!((status, body.as_str()), (200, "healthy"), "POST {path}");
+    }
+    assert!(refuse.count() - refused_before >= 2);
+    assert_eq!(
+        healthy.body_bytes() - healthy_bytes,
+        6 * 7,
+        "each body arrived once"
+    );
+    assert_eq!(refuse.body_bytes(), 0);
+
     // A POST refused at connect reached nobody: it goes to the next endpoint, body and all.
     let healthy_bytes = healthy.body_bytes();
     for i in 0..4 {

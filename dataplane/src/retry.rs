@@ -48,8 +48,9 @@ pub enum Failure {
     /// A complete response head with this status.
     Status(u16),
     /// HTTP/2: the upstream refused the stream (`REFUSED_STREAM`) or it was above a GOAWAY's
-    /// last stream ID, before any of the request body was taken from the client. The upstream
-    /// did not process it, so it is retried whatever `on` lists and whatever the method.
+    /// last stream ID, and the gateway still holds every body byte it took from the client
+    /// (`proxy::h2_upstream` keeps up to 64 KiB). The upstream did not process it, so it is
+    /// retried whatever `on` lists and whatever the method.
     Refused,
 }
 

@@ -24,7 +24,10 @@
 //! circuit breakers: opening needs `max_connections` room (past it, streams queue on a busy
 //! connection of the key, or the request overflows when there is none), and every waiting
 //! request holds a `max_pending_requests` slot. A stream refused unprocessed (REFUSED_STREAM,
-//! above a GOAWAY's last stream ID) is [`Tried::Refused`]: retried whatever the method. A connection that
+//! above a GOAWAY's last stream ID) is [`Tried::Refused`]: retried whatever the method, as
+//! long as the gateway still holds every request body byte it took (a copy of up to
+//! [`MAX_REPLAY_BODY`] is kept per request, so small bodies such as gRPC unary calls can be
+//! sent again). A connection that
 //! received GOAWAY (or failed) takes no new requests; its open streams finish. A connection
 //! idle (no open stream) for [`IDLE_TIMEOUT`] is closed.
 //!
@@ -77,6 +80,10 @@ const TICK: Duration = Duration::from_secs(1);
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// Largest DATA frame payload handed to h2 at once.
 const MAX_DATA_CHUNK: usize = 16 * 1024;
+/// The request body bytes taken from the client are also kept (one copy) up to this size, so
+/// that a stream the upstream refuses unprocessed can be sent again on another attempt; past
+/// it the copy is dropped and such a request is not retried.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 /// One upstream HTTP/2 connection, shared by the requests multiplexed on it.
 #[derive(Debug)]
@@ -335,6 +342,8 @@ async fn open(
 pub(crate) struct Prepared {
     /// The first attempt's request; later attempts build theirs again from the head.
     first: Option<Built>,
+    /// What of the request body earlier attempts took from the client.
+    replay: Replay,
     expect_continue: bool,
     /// A gRPC request's deadline (`grpc-timeout`, capped by the route timeout), over every
     /// attempt.
@@ -348,6 +357,7 @@ impl Prepared {
         let first = build_request(head, tls)?;
         Ok(Prepared {
             expect_continue: first.expect_continue,
+            replay: Replay::default(),
             deadline: None,
             first: Some(first),
             tls,
@@ -398,7 +408,18 @@ pub(crate) async fn attempt<R: HttpRead, W: ClientOut>(
     ex: &Exchange,
     meters: &Meters<'_>,
 ) -> Tried {
-    let h2c = match pool.acquire(&key, target).await {
+    let acquired = match prepared.deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            match rt::timeout(left, pool.acquire(&key, target)).await {
+                Ok(r) => r,
+                // The gRPC deadline passed while the connection was being opened.
+                Err(rt::Elapsed) => return Tried::Failed(UpFail::Timeout, FailedAt::default()),
+            }
+        }
+        None => pool.acquire(&key, target).await,
+    };
+    let h2c = match acquired {
         Ok(c) => c,
         Err(AcquireFail::Connect(f)) => {
             return Tried::ConnectFailed {
@@ -412,9 +433,12 @@ pub(crate) async fn attempt<R: HttpRead, W: ClientOut>(
         return Tried::Failed(UpFail::Protocol, FailedAt::default());
     };
     let (expect_continue, deadline) = (prepared.expect_continue, prepared.deadline);
+    // Only the first attempt may answer `100 Continue`.
+    prepared.expect_continue = false;
     exchange(
         h2c,
         built.request,
+        &mut prepared.replay,
         expect_continue,
         conn,
         req,
@@ -425,6 +449,37 @@ pub(crate) async fn attempt<R: HttpRead, W: ClientOut>(
         meters,
     )
     .await
+}
+
+/// The request body bytes (payload, without HTTP/1 framing) taken from the client so far, and
+/// its trailers once it ended, kept while they fit in [`MAX_REPLAY_BODY`].
+#[derive(Debug, Default)]
+struct Replay {
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+    /// The whole body was taken.
+    ended: bool,
+    /// Bytes were taken that are not kept: the request cannot be sent again.
+    lost: bool,
+}
+
+impl Replay {
+    fn keep(&mut self, payload: &[u8]) {
+        if self.lost {
+            return;
+        }
+        if self.data.len() + payload.len() > MAX_REPLAY_BODY {
+            self.lost = true;
+            self.data = Vec::new();
+        } else {
+            self.data.extend_from_slice(payload);
+        }
+    }
+
+    /// Something is kept to send before the rest of the body.
+    fn has_some(&self) -> bool {
+        !self.lost && (self.ended || !self.data.is_empty())
+    }
 }
 
 /// An upstream request and what its fields ask of the gateway.
@@ -560,8 +615,6 @@ pub(crate) fn grpc_status_for(status: u16) -> (u16, &'static str) {
 #[derive(Default)]
 struct Shared {
     req_done_at: Cell<Option<Instant>>,
-    /// A body byte of the request was taken from the client (the request cannot be re-sent).
-    body_started: Cell<bool>,
     responded: Cell<bool>,
     status: Cell<u16>,
 }
@@ -591,6 +644,7 @@ enum RespEnd {
 async fn exchange<R: HttpRead, W: ClientOut>(
     h2c: Rc<H2Conn>,
     request: Request<()>,
+    replay: &mut Replay,
     expect_continue: bool,
     conn: &mut Conn<R, W>,
     req: &mut ReqInfo<'_>,
@@ -601,7 +655,8 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     meters: &Meters<'_>,
 ) -> Tried {
     let slot = StreamSlot::new(h2c.clone());
-    let body_done = req.decoder.is_done();
+    // A body an earlier attempt took is sent again by the pump, from its copy.
+    let body_done = req.decoder.is_done() && !replay.has_some();
     let mut send = h2c.send.clone();
     if let Err(e) = poll_fn(|cx| send.poll_ready(cx)).await {
         tracing::debug!(error = %e, "upstream HTTP/2 connection cannot take a stream");
@@ -627,7 +682,7 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     }
     let (method, version) = (req.method, req.version);
     // The stream is open, so the body has somewhere to go: let the client send it.
-    if expect_continue && !body_done && version == Version::Http11 {
+    if expect_continue && !req.decoder.is_done() && version == Version::Http11 {
         match conn.wr.interim_continue().await {
             Ok(n) => meters.client_out(n),
             Err(_) => {
@@ -643,15 +698,27 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     };
     let joined = {
         let Conn { rd, wr, buf, .. } = &mut *conn;
-        let pump = pump_request(
-            rd,
-            buf,
-            &mut req.decoder,
-            &mut stream,
-            client_idle,
-            &shared,
-            meters,
-        );
+        let decoder = &mut req.decoder;
+        let stream = &mut stream;
+        let shared = &shared;
+        let replay = &mut *replay;
+        let pump = async move {
+            let from_copy = replay.has_some();
+            if from_copy && let Some(end) = resend(stream, replay, shared, meters).await {
+                return Ok(end);
+            }
+            pump_request(
+                rd,
+                buf,
+                decoder,
+                stream,
+                client_idle,
+                shared,
+                meters,
+                replay,
+            )
+            .await
+        };
         let relay = relay_response(
             response, wr, method, version, rctx, deadline, &shared, meters, &h2c,
         );
@@ -688,7 +755,7 @@ async fn exchange<R: HttpRead, W: ClientOut>(
             },
         },
         // Not processed, and nothing of the body was consumed: any request may go again.
-        Ok(RespEnd::Refused) if !shared.body_started.get() && !at.responded => Tried::Refused,
+        Ok(RespEnd::Refused) if !replay.lost && !at.responded => Tried::Refused,
         Ok(RespEnd::Refused) => Tried::Failed(UpFail::Closed, at),
         Ok(RespEnd::Upstream(f)) => Tried::Failed(f, at),
         Ok(RespEnd::ClientGone) | Err(PumpFail::ClientGone) => {
@@ -734,8 +801,39 @@ pub(crate) async fn send_flow(
     Ok(())
 }
 
+/// Send again what an earlier attempt took of the body ([`Replay`]). `Some`: the pump is
+/// over (the body ended with the copy, or the upstream is gone); `None`: go on with the rest
+/// from the client.
+async fn resend(
+    stream: &mut SendStream<Bytes>,
+    replay: &Replay,
+    shared: &Shared,
+    meters: &Meters<'_>,
+) -> Option<PumpEnd> {
+    let n = replay.data.len();
+    let end = replay.ended && replay.trailers.is_none();
+    if send_flow(stream, Bytes::copy_from_slice(&replay.data), end)
+        .await
+        .is_err()
+    {
+        return Some(PumpEnd::UpstreamGone);
+    }
+    meters.upstream_out(n);
+    if !replay.ended {
+        return None;
+    }
+    if let Some(t) = replay.trailers.clone()
+        && stream.send_trailers(t).is_err()
+    {
+        return Some(PumpEnd::UpstreamGone);
+    }
+    shared.req_done_at.set(Some(Instant::now()));
+    Some(PumpEnd::Complete)
+}
+
 /// The request body, decoded from its HTTP/1 framing, as DATA frames (and the client's
 /// trailers, when it sent any over HTTP/2).
+#[allow(clippy::too_many_arguments)] // both ends of the body and what is kept of it
 async fn pump_request<R: HttpRead>(
     rd: &mut R,
     buf: &mut Vec<u8>,
@@ -744,6 +842,7 @@ async fn pump_request<R: HttpRead>(
     idle: Duration,
     shared: &Shared,
     meters: &Meters<'_>,
+    replay: &mut Replay,
 ) -> Result<PumpEnd, PumpFail> {
     let mut payload = Vec::new();
     loop {
@@ -752,9 +851,13 @@ async fn pump_request<R: HttpRead>(
         buf.drain(..used);
         let done = decoder.is_done();
         if !payload.is_empty() || done {
-            shared.body_started.set(true);
+            replay.keep(&payload);
             let n = payload.len();
             let trailers = if done { rd.take_trailers() } else { None };
+            if done && !replay.lost {
+                replay.ended = true;
+                replay.trailers = trailers.clone();
+            }
             let data = Bytes::from(std::mem::take(&mut payload));
             let end = done && trailers.is_none();
             if (n > 0 || end) && send_flow(stream, data, end).await.is_err() {
@@ -1170,6 +1273,20 @@ mod tests {
             drop(busy);
         })
         .expect("ring");
+    }
+
+    #[test]
+    fn a_body_is_kept_for_another_attempt_up_to_the_limit() {
+        let mut r = Replay::default();
+        assert!(!r.has_some());
+        r.keep(b"hello");
+        assert!(r.has_some() && !r.lost);
+        r.keep(&vec![0u8; MAX_REPLAY_BODY - 5]);
+        assert_eq!(r.data.len(), MAX_REPLAY_BODY, "exactly the limit is kept");
+        r.keep(b"!");
+        assert!(r.lost, "one byte more is not");
+        assert!(!r.has_some());
+        assert_eq!(r.data.capacity(), 0, "the copy is given back");
     }
 
     #[test]

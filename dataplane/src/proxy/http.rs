@@ -1324,7 +1324,8 @@ pub(crate) enum Tried {
     ConnectFailed { timed_out: bool },
     /// A circuit breaker refused a new connection (or a wait for one).
     Overflow(Limit),
-    /// The upstream did not process the request ([`Failure::Refused`]).
+    /// The upstream did not process the request and it can be sent again
+    /// ([`Failure::Refused`]).
     Refused,
     /// The upstream failed the attempt after the request (or part of it) went out.
     Failed(UpFail, FailedAt),
