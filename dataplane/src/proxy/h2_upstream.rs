@@ -720,7 +720,7 @@ async fn exchange<R: HttpRead, W: ClientOut>(
             .await
         };
         let relay = relay_response(
-            response, wr, method, version, rctx, deadline, &shared, meters, &h2c,
+            response, wr, method, version, rctx, deadline, shared, meters, &h2c,
         );
         let mut pump = pin!(pump);
         let mut relay = pin!(relay);
