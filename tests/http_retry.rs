@@ -438,12 +438,13 @@ fn retried_records(gw: &WebGateway, prefix: &str, n: usize) -> Vec<serde_json::V
 }
 
 #[test]
-fn http2_endpoints_retry_resets_refused_streams_goaway_connect_failures_and_5xx() {
+fn http2_endpoints_retry_resets_refused_streams_goaway_connect_failures_5xx_and_slow_heads() {
     let healthy = H2Origin::start("healthy");
     let reset = H2Origin::start_failing(H2Fault::Reset);
     let refuse = H2Origin::start_failing(H2Fault::Refuse);
     let goaway = H2Origin::start_failing(H2Fault::GoAway);
     let failing = H2Origin::start_failing(H2Fault::Status(503));
+    let slow = H2Origin::start_with_delay("slow", Duration::from_secs(3));
     let dead = loopback(free_port());
     // One core: strict round robin over each cluster's two endpoints. Refused streams and
     // GOAWAY are retried although `on` lists neither reset nor connect failures.
@@ -455,11 +456,17 @@ fn http2_endpoints_retry_resets_refused_streams_goaway_connect_failures_and_5xx(
         prefix_route("/goaway/", "goaway", policy),
         prefix_route("/dead/", "dead", ""),
         prefix_route("/5xx/", "5xx", r#"retry = { on = ["5xx"] }"#),
+        prefix_route(
+            "/slow/",
+            "slow",
+            "timeout = \"5s\"\nretry = { on = [\"reset\"], per_try_timeout = \"300ms\" }",
+        ),
         cluster("reset", &[reset.addr, healthy.addr], H2),
         cluster("refuse", &[refuse.addr, healthy.addr], H2),
         cluster("goaway", &[goaway.addr, healthy.addr], H2),
         cluster("dead", &[dead, healthy.addr], H2),
         cluster("5xx", &[failing.addr, healthy.addr], H2),
+        cluster("slow", &[slow.addr, healthy.addr], H2),
     ];
     let gw = gateway(1, &config.concat());
     let retries = |cluster: &str, reason: &str| {
@@ -508,6 +515,20 @@ fn http2_endpoints_retry_resets_refused_streams_goaway_connect_failures_and_5xx(
             .all(|r| r["response_code"] == 200 && r["response_flags"] == "-"),
         "{rec:?}"
     );
+
+    // The per-try timeout moves a request on from an endpoint that sends no response head.
+    for i in 0..4 {
+        let started = Instant::now();
+        assert_eq!(gw.get(&format!("/slow/{i}")), (200, "healthy".to_owned()));
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "GET /slow/{i} took {took:?}"
+        );
+    }
+    let seen = slow.count();
+    assert!(seen >= 2, "{seen}");
+    assert_eq!(retries("slow", "per-try-timeout"), seen as f64);
 
     // An HTTP/2 client's requests take the same loop.
     h2_clients_get_the_healthy_answer(&gw, "/reset/h2-", || reset.count());
