@@ -1078,12 +1078,15 @@ async fn forward<R: HttpRead, W: ClientOut>(
         cstats,
         req.method.is_idempotent() && body_done,
     );
-    // HTTP/2 clusters take the same attempt loop; only the exchange differs.
-    let mut h2 = None;
+    // HTTP/2 clusters take the same attempt loop; only the exchange differs. Boxed, like the
+    // HTTP/2 attempt itself: the connection's future (what an idle connection costs) keeps
+    // the size the HTTP/1.1 path needs.
+    let mut h2: Option<Box<h2_upstream::Prepared>> = None;
     if ccfg.protocol == UpstreamProtocol::Http2 {
         match h2_upstream::Prepared::new(&upstream_head, cluster_tls.is_some()) {
             Ok(p) => {
-                h2 = Some(p.with_deadline(conn.wr.grpc_timeout(), ex, route.timeout, &attempts))
+                let p = p.with_deadline(conn.wr.grpc_timeout(), ex, route.timeout, &attempts);
+                h2 = Some(Box::new(p));
             }
             Err(status) => {
                 ex.answer(status, "DPE");
