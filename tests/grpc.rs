@@ -12,57 +12,33 @@
 //!   `HTTP/2.0` for every request over a few reused connections; with nginx's
 //!   `keepalive_requests 10` (GOAWAY after 10 requests) no request fails and new connections
 //!   take over.
+//! - A `protocol = "http2"` cluster where one endpoint refuses every stream (REFUSED_STREAM):
+//!   gRPC calls are sent again, message and all, to the other endpoint; a call's
+//!   `grpc-timeout` runs over all its attempts.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use meshgate_testkit::grpc::{Code, GrpcClient, GrpcServer, raw_call, stream_message};
+use meshgate_testkit::h2origin::{H2Fault, H2Origin};
 use meshgate_testkit::http::{NginxH2, curl, curl_version, nginx_or_skip, tool};
 use meshgate_testkit::pki::{LeafSpec, TestPki};
-use meshgate_testkit::{Meshgate, access_log_record, fill_pseudo_random, free_port, metric_sum};
+use meshgate_testkit::web::{WebGateway, cluster, loopback, prefix_route};
+use meshgate_testkit::{access_log_record, fill_pseudo_random, free_port, metric_sum};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_meshgate"))
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-struct Gateway {
-    mg: Meshgate,
-    web: SocketAddr,
-    down: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start(upstream: SocketAddr) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("access.log");
-        let admin = addr(free_port());
-        let web = addr(free_port());
-        let down = addr(free_port());
-        let nothing = addr(free_port());
-        let config = format!(
-            r#"version = 1
-[admin]
-address = "{admin}"
-[runtime]
-cores = 2
-drain_timeout = "2s"
-[access_log]
-path = "{log}"
-format = "json"
-
-[[listeners]]
-name = "web"
-address = "{web}"
-protocol = "http"
-
+/// The gateway of the gRPC test: `web` routes `test.Echo` to `upstream` over HTTP/2; a second
+/// listener (returned) routes to a port nobody listens on.
+fn grpc_gateway(upstream: SocketAddr) -> (WebGateway, SocketAddr) {
+    let down = loopback(free_port());
+    let nothing = loopback(free_port());
+    let body = format!(
+        r#"
 [[listeners]]
 name = "down"
 address = "{down}"
@@ -98,24 +74,15 @@ name = "nothing"
 endpoints = ["{nothing}"]
 protocol = "http2"
 connect_timeout = "1s"
-"#,
-            log = log.display(),
-        );
-        let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
-        Gateway {
-            mg,
-            web,
-            down,
-            log,
-            _dir: dir,
-        }
-    }
+"#
+    );
+    (WebGateway::start(bin(), 2, &body), down)
 }
 
 #[test]
 fn grpc_calls_statuses_and_deadlines_through_the_gateway() {
     let server = GrpcServer::start();
-    let gw = Gateway::start(server.addr);
+    let (gw, down) = grpc_gateway(server.addr);
     let client = GrpcClient::connect(gw.web).expect("client connects");
 
     // Unary, 200 KiB each way (past every initial flow-control window).
@@ -166,7 +133,7 @@ fn grpc_calls_statuses_and_deadlines_through_the_gateway() {
     assert_eq!(rec["grpc_status"], 12, "{rec}");
 
     // Upstream down: UNAVAILABLE (502 UF), fast.
-    let down = GrpcClient::connect(gw.down).expect("client connects");
+    let down = GrpcClient::connect(down).expect("client connects");
     let started = std::time::Instant::now();
     let status = down.unary(b"hello".to_vec()).expect_err("upstream down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -269,18 +236,8 @@ fn nginx_h2c_and_h2_over_tls_upstreams_reuse_and_survive_goaway() {
     let h2c = NginxH2::start(&nginx, None, 100_000);
     let goaway = NginxH2::start(&nginx, None, 10);
     let tls = NginxH2::start(&nginx, Some((&ocert, &okey)), 100_000);
-    let admin = addr(free_port());
-    let web = addr(free_port());
-    let config = format!(
-        r#"version = 1
-[admin]
-address = "{admin}"
-[runtime]
-cores = 2
-[[listeners]]
-name = "web"
-address = "{web}"
-protocol = "http"
+    let body = format!(
+        r#"
 [[routes]]
 name = "goaway"
 listener = "web"
@@ -316,7 +273,8 @@ trust_bundle = "{ca}"
         tls = tls.addr,
         ca = ca.display(),
     );
-    let mg = Meshgate::start(bin(), &config, admin).expect("gateway starts");
+    let gw = WebGateway::start(bin(), 2, &body);
+    let (mg, web) = (&gw.mg, gw.web);
 
     // curl with prior knowledge to the gateway; nginx says the upstream side is HTTP/2 too.
     let (code, version, body) =
@@ -418,4 +376,74 @@ trust_bundle = "{ca}"
     assert_eq!(lines.len(), 60, "{lines:?}");
     let conns = connections(&lines);
     assert!(conns.len() >= 6, "{} connections: {lines:?}", conns.len());
+}
+
+#[test]
+fn grpc_calls_refused_by_an_http2_endpoint_are_retried_within_their_deadline() {
+    let server = GrpcServer::start();
+    let refuse = H2Origin::start_failing(H2Fault::Refuse);
+    let slow = H2Origin::start_with_delay("slow", Duration::from_secs(3));
+    // One core: strict round robin, so every other call meets the refusing endpoint first.
+    let config = [
+        prefix_route("/test.Echo/", "grpc", ""),
+        prefix_route("/slow.Svc/", "slow", ""),
+        cluster("grpc", &[refuse.addr, server.addr], "protocol = \"http2\""),
+        cluster("slow", &[refuse.addr, slow.addr], "protocol = \"http2\""),
+    ];
+    let gw = WebGateway::start(bin(), 1, &config.concat());
+    for i in 0..6 {
+        let message = format!("call {i}").into_bytes();
+        let reply = raw_call(
+            gw.web,
+            "/test.Echo/Unary",
+            &message,
+            &[("grpc-timeout", "5S")],
+        )
+        .expect("raw call");
+        assert_eq!(
+            reply.grpc_status.as_deref(),
+            Some("0"),
+            "{reply:?}\n{}",
+            gw.mg.log()
+        );
+        assert_eq!(
+            &reply.body[5..],
+            &message[..],
+            "the message reached the server once"
+        );
+    }
+    assert!(refuse.count() >= 3, "{}", refuse.count());
+    assert_eq!(
+        gw.metric(
+            "meshgate_http_retries_total",
+            &[("cluster", "grpc"), ("reason", "refused-stream")]
+        ),
+        refuse.count() as f64
+    );
+
+    // The deadline runs from the call's arrival over every attempt: a call refused by one
+    // endpoint, then held by the other, ends when its 300 ms are over.
+    let before = refuse.count();
+    for _ in 0..2 {
+        let reply = raw_call(gw.web, "/slow.Svc/Call", b"x", &[("grpc-timeout", "300m")])
+            .expect("raw call");
+        assert_eq!(reply.grpc_status.as_deref(), Some("4"), "{reply:?}");
+        assert!(
+            reply.elapsed >= Duration::from_millis(290)
+                && reply.elapsed < Duration::from_millis(1500),
+            "answered after {:?}",
+            reply.elapsed
+        );
+    }
+    assert_eq!(
+        refuse.count() - before,
+        2,
+        "round robin: each retry takes the other endpoint's turn, so each call met it first"
+    );
+    let rec = access_log_record(&gw.log, |r| {
+        r["path"] == "/slow.Svc/Call" && r["upstream_request_attempt_count"] == 2
+    })
+    .expect("the refused call's record");
+    assert_eq!(rec["grpc_status"], 4, "{rec}");
+    assert_eq!(rec["response_flags"], "UT,URX", "{rec}");
 }

@@ -209,7 +209,7 @@ pub struct ClusterStats {
     /// Of those, requests that retried (the retry budget's count).
     pub retries_active: Gauge,
     /// HTTP retries by reason (`retry::RETRY_REASONS`).
-    pub retries: [Counter; 4],
+    pub retries: [Counter; crate::retry::RETRY_REASONS.len()],
     /// Retries the cluster's retry budget refused.
     pub retry_budget_exhausted: Counter,
     /// Requests refused by a circuit breaker, by limit (`retry::LIMIT_NAMES`).
@@ -1044,7 +1044,7 @@ fn cluster_retry_families(
     family(
         enc,
         "meshgate_http_retries",
-        "HTTP requests tried again on another attempt, by cluster and reason (connect-failure, reset, per-try-timeout, status)",
+        "HTTP requests tried again on another attempt, by cluster and reason (connect-failure, reset, per-try-timeout, status, refused-stream)",
         MetricType::Counter,
         labelled(&RETRY_REASONS, "reason", |c| &c.retries),
     )?;

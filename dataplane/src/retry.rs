@@ -1,7 +1,8 @@
 //! Retries, retry budgets and circuit breakers of HTTP routes (Envoy's semantics).
 //!
 //! Where it sits: `proxy::http::forward` runs the attempt loop (`balance::pick` ->
-//! `upstream::connect` -> exchange); this module decides, for each failed attempt, whether
+//! `upstream::connect` -> exchange), for HTTP/1.1 and HTTP/2 clusters alike (the HTTP/2
+//! exchange is `proxy::h2_upstream::attempt`); this module decides, for each failed attempt, whether
 //! another one is made ([`Attempts::retry`]), picks its endpoint away from the ones tried
 //! ([`Attempts::endpoint`], through [`EndpointPicker::pick_excluding`]) and holds the
 //! request's place in its cluster's limits ([`Breaker`]).
@@ -46,6 +47,11 @@ pub enum Failure {
     PerTryTimeout,
     /// A complete response head with this status.
     Status(u16),
+    /// HTTP/2: the upstream refused the stream (`REFUSED_STREAM`) or it was above a GOAWAY's
+    /// last stream ID, and the gateway still holds every body byte it took from the client
+    /// (`proxy::h2_upstream` keeps up to 64 KiB). The upstream did not process it, so it is
+    /// retried whatever `on` lists and whatever the method.
+    Refused,
 }
 
 impl Failure {
@@ -56,12 +62,19 @@ impl Failure {
             Failure::Reset => 1,
             Failure::PerTryTimeout => 2,
             Failure::Status(_) => 3,
+            Failure::Refused => 4,
         }
     }
 }
 
 /// The `reason` label of `meshgate_http_retries_total`, by [`Failure`].
-pub const RETRY_REASONS: [&str; 4] = ["connect-failure", "reset", "per-try-timeout", "status"];
+pub const RETRY_REASONS: [&str; 5] = [
+    "connect-failure",
+    "reset",
+    "per-try-timeout",
+    "status",
+    "refused-stream",
+];
 
 /// Whether `policy` lists a condition that covers `failure`.
 pub fn covers(policy: &RetryPolicy, failure: Failure) -> bool {
@@ -80,6 +93,7 @@ pub fn covers(policy: &RetryPolicy, failure: Failure) -> bool {
                 || (policy.on(RetryOn::GatewayError) && matches!(code, 502..=504))
                 || (policy.on(RetryOn::RetriableStatusCodes) && policy.status_codes.contains(&code))
         }
+        Failure::Refused => true,
     }
 }
 
@@ -171,6 +185,13 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// A deadline over every attempt known before the first send (a gRPC request's
+    /// `grpc-timeout`, capped by the route timeout): no attempt starts past it.
+    pub fn limit(&self, deadline: Instant) {
+        let d = self.deadline.get().map_or(deadline, |d| d.min(deadline));
+        self.deadline.set(Some(d));
+    }
+
     /// What is left of the route timeout for an attempt; `None` before the first send.
     pub fn time_left(&self, now: Instant) -> Option<Duration> {
         self.deadline
@@ -190,7 +211,9 @@ impl<'a> Attempts<'a> {
         if !covers(self.policy, failure) {
             return false;
         }
-        if failure != Failure::ConnectFailure && !self.replayable {
+        // Nothing reached (or was processed by) an upstream: any request may go again.
+        let unsent = matches!(failure, Failure::ConnectFailure | Failure::Refused);
+        if !unsent && !self.replayable {
             return false;
         }
         if self.made.get() >= self.policy.attempts as usize {
@@ -335,12 +358,24 @@ impl Breaker {
     /// A request waits for a new connection (`max_pending_requests`), which may not be
     /// opened when the cluster has `max_connections` open already.
     pub fn connect(&self, limits: &CircuitBreakers) -> Result<Slot<'_>, Limit> {
+        self.may_open(limits)?;
+        self.pending(limits)
+    }
+
+    /// Whether another connection may be opened (`max_connections`).
+    pub fn may_open(&self, limits: &CircuitBreakers) -> Result<(), Limit> {
         if let Some(max) = limits.max_connections {
             let open: i64 = self.shards.iter().map(|s| s.active.get()).sum();
             if open >= i64::from(max) {
                 return Err(Limit::Connections);
             }
         }
+        Ok(())
+    }
+
+    /// A request waits for a connection being opened (`max_pending_requests`); HTTP/2
+    /// requests waiting for a connection another request opens count too.
+    pub fn pending(&self, limits: &CircuitBreakers) -> Result<Slot<'_>, Limit> {
         take(
             &self.pending,
             limits.max_pending_requests,
@@ -504,6 +539,41 @@ mod tests {
             Duration::from_secs(1),
         );
         assert!(!a.retry(Failure::Reset));
+    }
+
+    #[test]
+    fn refused_streams_retry_whatever_the_policy_and_method() {
+        let stats = ClusterStats::default();
+        let p = policy(&[RetryOn::RetriableStatusCodes], 2);
+        let post = Attempts::new(&p, RetryBudget::default(), &stats, false);
+        post.endpoint(&picker(2), None);
+        assert!(!post.retry(Failure::Reset));
+        assert!(
+            post.retry(Failure::Refused),
+            "the upstream did not process it"
+        );
+        assert_eq!(stats.retries[4].get(), 1);
+        post.endpoint(&picker(2), None);
+        assert!(!post.retry(Failure::Refused), "within the attempts");
+    }
+
+    #[test]
+    fn a_grpc_deadline_bounds_every_attempt() {
+        let stats = ClusterStats::default();
+        let p = policy(&[RetryOn::Reset], 3);
+        let a = Attempts::new(&p, RetryBudget::default(), &stats, true);
+        let now = Instant::now();
+        a.limit(now + Duration::from_millis(200));
+        a.sent(now, Duration::from_secs(15));
+        let left = a.time_left(now).expect("deadline");
+        assert_eq!(
+            left,
+            Duration::from_millis(200),
+            "the earlier deadline stands"
+        );
+        a.endpoint(&picker(2), None);
+        a.limit(now);
+        assert!(!a.retry(Failure::Reset), "no retry past the deadline");
     }
 
     #[test]

@@ -176,8 +176,7 @@ impl Service<http::Request<tonic::body::Body>> for Echo {
 pub struct GrpcServer {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _runtime: ServerThread,
 }
 
 impl GrpcServer {
@@ -186,34 +185,26 @@ impl GrpcServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let count = accepted.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
-                    move |s: std::io::Result<tokio::net::TcpStream>| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        s
-                    },
-                );
-                let _ = tonic::transport::Server::builder()
-                    .add_service(Echo)
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+        let runtime = ServerThread::spawn(move |stopped| async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
+                move |s: std::io::Result<tokio::net::TcpStream>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    s
+                },
+            );
+            let _ = tonic::transport::Server::builder()
+                .add_service(Echo)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
         });
         GrpcServer {
             addr,
             accepted,
-            stop: Some(stop),
-            thread: Some(thread),
+            _runtime: runtime,
         }
     }
 
@@ -223,7 +214,36 @@ impl GrpcServer {
     }
 }
 
-impl Drop for GrpcServer {
+/// A server's own thread and current-thread tokio runtime, running the future `spawn` was given
+/// until it ends; dropping this signals the future (the receiver it got) and joins the thread.
+#[derive(Debug)]
+pub(crate) struct ServerThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    pub(crate) fn spawn<F, Fut>(serve: F) -> ServerThread
+    where
+        F: FnOnce(tokio::sync::oneshot::Receiver<()>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(serve(stopped));
+        });
+        ServerThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerThread {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

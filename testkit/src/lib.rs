@@ -13,14 +13,21 @@
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`rss_bytes`], [`fd_count`], [`raise_nofile_limit`]: what a process holds, for leak tests.
 //! - [`cli`]: run the `meshgate` binary and other tools as an operator's script would.
+//! - [`web`]: the gateway with an `http` listener and a JSON access log, as the HTTP proxy
+//!   tests start it.
 //! - [`pki`]: test PKI over several SPIFFE trust domains and the bad-certificate matrix.
+//! - `h2origin` (feature `grpc`): an h2c origin that answers with its name or misbehaves on
+//!   demand (stream resets, REFUSED_STREAM, GOAWAY, a status, a stall).
 
 pub mod cli;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "grpc")]
+pub mod h2origin;
 pub mod http;
 pub mod pki;
 pub mod tlsload;
+pub mod web;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -2,8 +2,10 @@
 //! h2 client connections and the forwarding of one request over a stream, trailers included
 //! (gRPC's `grpc-status` lives there).
 //!
-//! Where it sits: `proxy::http::forward` picks the cluster; for an HTTP/2 cluster it hands the
-//! request here instead of the HTTP/1.1 keep-alive pool. The request arrives as the same
+//! Where it sits: `proxy::http::forward` picks the cluster and runs the attempt loop (retries,
+//! budget, circuit breakers, outlier reports: the same steps as for HTTP/1.1 clusters); for an
+//! HTTP/2 cluster each attempt is [`attempt`] on the endpoint the loop picked, instead of the
+//! HTTP/1.1 keep-alive pool, and returns how it ended ([`Tried`]). The request arrives as the same
 //! HTTP/1 head every request becomes (route edits applied, `x-forwarded-*` set), is turned into
 //! an `http::Request` (hop-by-hop fields were removed by the codec; `te: trailers` is added for
 //! gRPC), and its body is decoded from its HTTP/1 framing into DATA frames within the upstream's
@@ -18,12 +20,19 @@
 //! full another is opened, up to [`MAX_CONNS_PER_KEY`], after which h2 queues the stream until
 //! one frees. A connection is opened by its own task (connect timeout, TLS with ALPN `h2`,
 //! the h2 handshake), which then drives it; requests that arrive meanwhile wait for that
-//! connection instead of opening their own, and all see its failure at once. A connection that
+//! connection instead of opening their own, and all see its failure at once. The cluster's
+//! circuit breakers: opening needs `max_connections` room (past it, streams queue on a busy
+//! connection of the key, or the request overflows when there is none), and every waiting
+//! request holds a `max_pending_requests` slot. A stream refused unprocessed (REFUSED_STREAM,
+//! above a GOAWAY's last stream ID) is [`Tried::Refused`]: retried whatever the method, as
+//! long as the gateway still holds every request body byte it took (a copy of up to
+//! [`MAX_REPLAY_BODY`] is kept per request, so small bodies such as gRPC unary calls can be
+//! sent again). A connection that
 //! received GOAWAY (or failed) takes no new requests; its open streams finish. A connection
 //! idle (no open stream) for [`IDLE_TIMEOUT`] is closed.
 //!
-//! gRPC (`content-type: application/grpc*`): `grpc-timeout` is the request's deadline, capped
-//! by the route timeout; a deadline that passes mid-response ends it with `grpc-status: 4`.
+//! gRPC (`content-type: application/grpc*`): `grpc-timeout` is the request's deadline over all
+//! its attempts, capped by the route timeout; a deadline that passes mid-response ends it with `grpc-status: 4`.
 //! The gateway's own failures reach gRPC clients as trailers-only responses (`proxy::h2`).
 
 use std::cell::{Cell, RefCell};
@@ -41,23 +50,23 @@ use bytes::Bytes;
 use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+use meshgate_config::CircuitBreakers;
 
 use crate::error::ProxyErrorKind;
-use crate::http_route::{CompiledRoute, ListenerRoutes};
 use crate::http1::{
     BodyDecoder, H1Error, HeadProgress, Limits, Method, Parsed, RequestHead, ResponseHead, Version,
     parse_request, parse_response_resumable,
 };
-use crate::listen::ConnGuard;
 use crate::metrics::ClusterStats;
 use crate::pool::PoolKey;
 use crate::proxy::h2::TokioIo;
 use crate::proxy::http::{
-    ClientOut, Conn, Exchange, Meters, Next, ReqInfo, RespCtx, UpFail, decode_payload, local,
+    ClientOut, Conn, Exchange, FailedAt, Meters, Next, ReqInfo, RespCtx, Tried, UpFail,
+    decode_payload, local,
 };
 use crate::proxy::http_io::HttpRead;
+use crate::retry::{Attempts, Breaker, Failure, Limit, Slot};
 use crate::rt;
-use crate::shard::ShardGen;
 use crate::tls::setup::ClusterTlsState;
 
 /// Connections opened per key before streams queue on the existing ones.
@@ -71,6 +80,10 @@ const TICK: Duration = Duration::from_secs(1);
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// Largest DATA frame payload handed to h2 at once.
 const MAX_DATA_CHUNK: usize = 16 * 1024;
+/// The request body bytes taken from the client are also kept (one copy) up to this size, so
+/// that a stream the upstream refuses unprocessed can be sent again on another attempt; past
+/// it the copy is dropped and such a request is not retried.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 /// One upstream HTTP/2 connection, shared by the requests multiplexed on it.
 #[derive(Debug)]
@@ -140,17 +153,29 @@ pub struct H2Pool {
     map: Rc<Map>,
 }
 
-/// What it takes to open a connection for a key.
-struct Target<'a> {
-    endpoint: SocketAddr,
-    connect_timeout: Duration,
-    stats: &'a Arc<ClusterStats>,
-    tls: Option<&'a ClusterTlsState>,
+/// What it takes to open a connection for a key, and the cluster's circuit breakers.
+pub(crate) struct Target<'a> {
+    pub(crate) endpoint: SocketAddr,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) stats: &'a Arc<ClusterStats>,
+    pub(crate) tls: Option<&'a ClusterTlsState>,
+    pub(crate) breaker: &'a Breaker,
+    pub(crate) limits: &'a CircuitBreakers,
 }
 
-enum Pick {
+/// Why no connection could be had for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcquireFail {
+    Connect(ConnectFail),
+    /// A circuit breaker refused (`max_connections` with no connection of the key to queue
+    /// on, or `max_pending_requests`).
+    Overflow(Limit),
+}
+
+enum Pick<'a> {
     Use(Rc<H2Conn>),
-    Wait(Rc<Opening>),
+    /// Wait for a connection being opened, counted in `max_pending_requests` meanwhile.
+    Wait(Rc<Opening>, Slot<'a>),
 }
 
 impl H2Pool {
@@ -158,8 +183,10 @@ impl H2Pool {
         H2Pool::default()
     }
 
-    /// A connection for `key` with a free stream, or a new one.
-    async fn acquire(&self, key: &PoolKey, t: &Target<'_>) -> Result<Rc<H2Conn>, ConnectFail> {
+    /// A connection for `key` with a free stream, or a new one. Past the per-key cap or the
+    /// cluster's `max_connections`, streams queue on the least busy connection of the key.
+    async fn acquire<'t>(&self, key: &PoolKey, t: &Target<'t>) -> Result<Rc<H2Conn>, AcquireFail> {
+        let pending = || t.breaker.pending(t.limits).map_err(AcquireFail::Overflow);
         let pick = {
             let mut map = self.map.borrow_mut();
             let entry = map.entry(key.clone()).or_default();
@@ -167,8 +194,10 @@ impl H2Pool {
             if let Some(c) = entry.conns.iter().find(|c| c.has_room()) {
                 Pick::Use(c.clone())
             } else if let Some(o) = &entry.opening {
-                Pick::Wait(o.clone())
-            } else if entry.conns.len() < MAX_CONNS_PER_KEY {
+                Pick::Wait(o.clone(), pending()?)
+            } else if entry.conns.len() < MAX_CONNS_PER_KEY && t.breaker.may_open(t.limits).is_ok()
+            {
+                let slot = pending()?;
                 let opening = Rc::new(Opening::default());
                 entry.opening = Some(opening.clone());
                 let task = open(
@@ -181,18 +210,22 @@ impl H2Pool {
                     t.tls.cloned(),
                 );
                 drop(rt::spawn(task));
-                Pick::Wait(opening)
+                Pick::Wait(opening, slot)
             } else {
                 // Every connection is full: h2 queues the stream on the least busy one.
                 let least = entry.conns.iter().min_by_key(|c| c.active.get());
-                Pick::Use(least.cloned().ok_or(ConnectFail::Refused)?)
+                Pick::Use(
+                    least
+                        .cloned()
+                        .ok_or(AcquireFail::Overflow(Limit::Connections))?,
+                )
             }
         };
         match pick {
             Pick::Use(c) => Ok(c),
-            Pick::Wait(opening) => {
+            Pick::Wait(opening, _pending) => {
                 poll_fn(|cx| match &*opening.done.borrow() {
-                    Some(r) => Poll::Ready(r.clone()),
+                    Some(r) => Poll::Ready(r.clone().map_err(AcquireFail::Connect)),
                     None => {
                         opening.waiters.borrow_mut().push(cx.waker().clone());
                         Poll::Pending
@@ -305,175 +338,148 @@ async fn open(
     }
 }
 
-/// The cluster and route facts the forwarding needs.
-pub(crate) struct Upstream<'a> {
-    pub pool: &'a H2Pool,
-    pub key: PoolKey,
-    pub endpoint: SocketAddr,
-    pub connect_timeout: Duration,
-    pub stats: &'a Arc<ClusterStats>,
-    pub tls: Option<&'a ClusterTlsState>,
+/// An HTTP/2 request prepared once for all its attempts.
+pub(crate) struct Prepared {
+    /// The first attempt's request; later attempts build theirs again from the head.
+    first: Option<Built>,
+    /// What of the request body earlier attempts took from the client.
+    replay: Replay,
+    expect_continue: bool,
+    /// A gRPC request's deadline (`grpc-timeout`, capped by the route timeout), over every
+    /// attempt.
+    deadline: Option<Instant>,
+    tls: bool,
 }
 
-/// How one attempt ended.
-enum Attempt {
-    Done(Next),
-    /// Nothing of the request reached the upstream: another connection may take it.
-    Refused,
-}
+impl Prepared {
+    /// Err: the status for a head that cannot be sent as HTTP/2.
+    pub(crate) fn new(head: &[u8], tls: bool) -> Result<Prepared, u16> {
+        let first = build_request(head, tls)?;
+        Ok(Prepared {
+            expect_continue: first.expect_continue,
+            replay: Replay::default(),
+            deadline: None,
+            first: Some(first),
+            tls,
+        })
+    }
 
-/// Forward one request over HTTP/2. `pick_endpoint`: the next endpoint of the cluster (a
-/// connect failure moves on to it once, as the HTTP/1 path does).
-#[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
-pub(crate) async fn forward<R: HttpRead, W: ClientOut>(
-    mut up: Upstream<'_>,
-    mut pick_endpoint: impl FnMut() -> Option<(SocketAddr, PoolKey)>,
-    conn: &mut Conn<R, W>,
-    req: &mut ReqInfo<'_>,
-    upstream_head: &[u8],
-    rctx: &RespCtx<'_>,
-    client_idle: Duration,
-    ex: &Exchange,
-    meters: &Meters<'_>,
-) -> Next {
-    let body_done = req.decoder.is_done();
-    let grpc_timeout = match build_request(upstream_head, up.tls.is_some()) {
-        Ok(b) => conn.wr.grpc_timeout().or(b.grpc_timeout),
-        Err(status) => {
-            ex.answer(status, "DPE");
-            let ok = local(conn, meters, req.version, false, None).await;
-            return Next::Close { linger: ok };
+    /// A gRPC request's deadline: the client's `grpc-timeout` (an HTTP/2 client's, taken from
+    /// its HEADERS) or the head's, capped by `route_timeout`, from the start of the exchange.
+    /// No attempt starts past it ([`Attempts::limit`]).
+    pub(crate) fn with_deadline(
+        mut self,
+        client: Option<Duration>,
+        ex: &Exchange,
+        route_timeout: Duration,
+        attempts: &Attempts<'_>,
+    ) -> Prepared {
+        let grpc = client.or(self.first.as_ref().and_then(|b| b.grpc_timeout));
+        self.deadline = grpc.map(|t| ex.started + t.min(route_timeout));
+        if let Some(d) = self.deadline {
+            attempts.limit(d);
         }
-    };
-    let deadline = grpc_timeout.map(|t| ex.started + t.min(rctx.timeout));
-    let mut retried = false;
-    let mut attempt = 0;
-    let fail = loop {
-        attempt += 1;
-        ex.upstream_host.set(Some(up.endpoint));
-        let target = Target {
-            endpoint: up.endpoint,
-            connect_timeout: up.connect_timeout,
-            stats: up.stats,
-            tls: up.tls,
-        };
-        let h2c = match up.pool.acquire(&up.key, &target).await {
-            Ok(c) => c,
-            Err(f) => {
-                if attempt < 2
-                    && let Some((endpoint, key)) = pick_endpoint()
-                {
-                    retried = true;
-                    up.endpoint = endpoint;
-                    up.key = key;
-                    continue;
-                }
-                break match f {
-                    ConnectFail::TimedOut => UpFail::ConnectTimeout,
-                    ConnectFail::Refused => UpFail::ConnectRefused,
-                };
-            }
-        };
-        let Ok(built) = build_request(upstream_head, up.tls.is_some()) else {
-            break UpFail::Protocol;
-        };
-        let one = exchange(
-            h2c,
-            built,
-            conn,
-            req,
-            rctx,
-            client_idle,
-            deadline,
-            ex,
-            meters,
-            retried,
-        )
-        .await;
-        match one {
-            Attempt::Done(next) => return next,
-            Attempt::Refused if attempt < 3 => {
-                retried = true;
-                continue;
-            }
-            Attempt::Refused => break UpFail::Closed,
-        }
-    };
-    ex.answer(fail.status(), fail.flags(retried));
-    let ok = local(conn, meters, req.version, req.keep_alive && body_done, None).await;
-    if ok && req.keep_alive && body_done {
-        Next::KeepAlive
-    } else {
-        Next::Close {
-            linger: ok && !body_done,
+        self
+    }
+
+    fn request(&mut self, head: &[u8]) -> Result<Built, u16> {
+        match self.first.take() {
+            Some(b) => Ok(b),
+            None => build_request(head, self.tls),
         }
     }
 }
 
-/// `proxy::http::forward`'s hook for clusters with `protocol = "http2"`: the endpoint, pool
-/// key and response context of this request, then [`forward`].
-#[allow(clippy::too_many_arguments)] // the stages of one request; a struct would only rename them
-pub(crate) async fn forward_cluster<R: HttpRead, W: ClientOut>(
-    guard: &ConnGuard,
-    snap: &Rc<ShardGen>,
-    routes: &ListenerRoutes,
-    route: &CompiledRoute,
-    cluster: usize,
+/// One attempt of the attempt loop in `proxy::http::forward` on an HTTP/2 endpoint: a
+/// connection from the pool (or a new one, within the circuit breakers), a stream, the body
+/// and the response. What the loop does next (retry, answer) is decided there, from the
+/// returned [`Tried`], as for HTTP/1.1 endpoints.
+#[allow(clippy::too_many_arguments)] // one attempt's context
+pub(crate) async fn attempt<R: HttpRead, W: ClientOut>(
+    pool: &H2Pool,
+    key: PoolKey,
+    target: &Target<'_>,
+    prepared: &mut Prepared,
+    head: &[u8],
     conn: &mut Conn<R, W>,
     req: &mut ReqInfo<'_>,
-    upstream_head: &[u8],
+    rctx: &RespCtx<'_>,
+    client_idle: Duration,
     ex: &Exchange,
     meters: &Meters<'_>,
-) -> Next {
-    let ccfg = &snap.config.clusters[cluster];
-    let cluster_tls = snap.cluster_tls.get(cluster).and_then(Option::as_deref);
-    // The cluster's balancer (healthy, not ejected endpoints; consistent hashing keys).
-    let picker = &snap.balancers[cluster];
-    let hash_key = picker.hash_key(
-        req.header_hash,
-        conn.peer,
-        conn.tls.as_deref().and_then(|t| t.peer.as_ref()),
-    );
-    let pick = || {
-        let endpoint = *ccfg.endpoints.get(picker.pick(hash_key)?)?;
-        Some((endpoint, PoolKey::new(endpoint, cluster_tls)))
+) -> Tried {
+    let acquired = match prepared.deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            match rt::timeout(left, pool.acquire(&key, target)).await {
+                Ok(r) => r,
+                // The gRPC deadline passed while the connection was being opened.
+                Err(rt::Elapsed) => return Tried::Failed(UpFail::Timeout, FailedAt::default()),
+            }
+        }
+        None => pool.acquire(&key, target).await,
     };
-    let Some((endpoint, key)) = pick() else {
-        ex.answer(503, "UH");
-        let ok = local(conn, meters, req.version, false, None).await;
-        return Next::Close { linger: ok };
+    let h2c = match acquired {
+        Ok(c) => c,
+        Err(AcquireFail::Connect(f)) => {
+            return Tried::ConnectFailed {
+                timed_out: f == ConnectFail::TimedOut,
+            };
+        }
+        Err(AcquireFail::Overflow(limit)) => return Tried::Overflow(limit),
     };
-    let rctx = RespCtx {
-        method: req.method,
-        version: req.version,
-        client_keep_alive: req.keep_alive,
-        edits: &route.response_edits,
-        timeout: route.timeout,
-        draining: &guard.shard.shared.draining,
-        per_try: None,
-        retry: None,
-        upgrade: None,
+    let Ok(built) = prepared.request(head) else {
+        // The same head was built for the first attempt.
+        return Tried::Failed(UpFail::Protocol, FailedAt::default());
     };
-    let up = Upstream {
-        pool: &guard.shard.h2_pool,
-        key,
-        endpoint,
-        connect_timeout: ccfg.connect_timeout,
-        stats: &snap.clusters[cluster],
-        tls: cluster_tls,
-    };
-    forward(
-        up,
-        pick,
+    let (expect_continue, deadline) = (prepared.expect_continue, prepared.deadline);
+    // Only the first attempt may answer `100 Continue`.
+    prepared.expect_continue = false;
+    exchange(
+        h2c,
+        built.request,
+        &mut prepared.replay,
+        expect_continue,
         conn,
         req,
-        upstream_head,
-        &rctx,
-        routes.request_timeout,
+        rctx,
+        client_idle,
+        deadline,
         ex,
         meters,
     )
     .await
+}
+
+/// The request body bytes (payload, without HTTP/1 framing) taken from the client so far, and
+/// its trailers once it ended, kept while they fit in [`MAX_REPLAY_BODY`].
+#[derive(Debug, Default)]
+struct Replay {
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+    /// The whole body was taken.
+    ended: bool,
+    /// Bytes were taken that are not kept: the request cannot be sent again.
+    lost: bool,
+}
+
+impl Replay {
+    fn keep(&mut self, payload: &[u8]) {
+        if self.lost {
+            return;
+        }
+        if self.data.len() + payload.len() > MAX_REPLAY_BODY {
+            self.lost = true;
+            self.data = Vec::new();
+        } else {
+            self.data.extend_from_slice(payload);
+        }
+    }
+
+    /// Something is kept to send before the rest of the body.
+    fn has_some(&self) -> bool {
+        !self.lost && (self.ended || !self.data.is_empty())
+    }
 }
 
 /// An upstream request and what its fields ask of the gateway.
@@ -609,8 +615,6 @@ pub(crate) fn grpc_status_for(status: u16) -> (u16, &'static str) {
 #[derive(Default)]
 struct Shared {
     req_done_at: Cell<Option<Instant>>,
-    /// A body byte of the request was taken from the client (the request cannot be re-sent).
-    body_started: Cell<bool>,
     responded: Cell<bool>,
     status: Cell<u16>,
 }
@@ -639,7 +643,9 @@ enum RespEnd {
 #[allow(clippy::too_many_arguments)] // one attempt's context
 async fn exchange<R: HttpRead, W: ClientOut>(
     h2c: Rc<H2Conn>,
-    built: Built,
+    request: Request<()>,
+    replay: &mut Replay,
+    expect_continue: bool,
     conn: &mut Conn<R, W>,
     req: &mut ReqInfo<'_>,
     rctx: &RespCtx<'_>,
@@ -647,37 +653,41 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     deadline: Option<Instant>,
     ex: &Exchange,
     meters: &Meters<'_>,
-    retried: bool,
-) -> Attempt {
+) -> Tried {
     let slot = StreamSlot::new(h2c.clone());
-    let body_done = req.decoder.is_done();
+    // A body an earlier attempt took is sent again by the pump, from its copy.
+    let body_done = req.decoder.is_done() && !replay.has_some();
     let mut send = h2c.send.clone();
     if let Err(e) = poll_fn(|cx| send.poll_ready(cx)).await {
         tracing::debug!(error = %e, "upstream HTTP/2 connection cannot take a stream");
         h2c.draining.set(true);
-        return Attempt::Refused;
+        return Tried::Refused;
     }
-    let (response, mut stream) = match send.send_request(built.request, body_done) {
+    let (response, mut stream) = match send.send_request(request, body_done) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "upstream HTTP/2 stream refused");
             h2c.draining.set(true);
-            return Attempt::Refused;
+            return Tried::Refused;
         }
     };
     drop(send);
     let shared = Shared::default();
     if body_done {
-        shared.req_done_at.set(Some(Instant::now()));
+        let now = Instant::now();
+        shared.req_done_at.set(Some(now));
+        if let Some(attempts) = rctx.retry {
+            attempts.sent(now, rctx.timeout);
+        }
     }
     let (method, version) = (req.method, req.version);
     // The stream is open, so the body has somewhere to go: let the client send it.
-    if built.expect_continue && !body_done && version == Version::Http11 {
+    if expect_continue && !req.decoder.is_done() && version == Version::Http11 {
         match conn.wr.interim_continue().await {
             Ok(n) => meters.client_out(n),
             Err(_) => {
                 ex.answer(0, "DC");
-                return Attempt::Done(Next::Close { linger: false });
+                return Tried::Answered(Next::Close { linger: false });
             }
         }
     }
@@ -688,17 +698,29 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     };
     let joined = {
         let Conn { rd, wr, buf, .. } = &mut *conn;
-        let pump = pump_request(
-            rd,
-            buf,
-            &mut req.decoder,
-            &mut stream,
-            client_idle,
-            &shared,
-            meters,
-        );
+        let decoder = &mut req.decoder;
+        let stream = &mut stream;
+        let shared = &shared;
+        let replay = &mut *replay;
+        let pump = async move {
+            let from_copy = replay.has_some();
+            if from_copy && let Some(end) = resend(stream, replay, shared, meters).await {
+                return Ok(end);
+            }
+            pump_request(
+                rd,
+                buf,
+                decoder,
+                stream,
+                client_idle,
+                shared,
+                meters,
+                replay,
+            )
+            .await
+        };
         let relay = relay_response(
-            response, wr, method, version, rctx, deadline, &shared, meters, &h2c,
+            response, wr, method, version, rctx, deadline, shared, meters, &h2c,
         );
         let mut pump = pin!(pump);
         let mut relay = pin!(relay);
@@ -716,68 +738,41 @@ async fn exchange<R: HttpRead, W: ClientOut>(
     };
     let req_complete = matches!(pump_end, Some(PumpEnd::Complete));
     drop(slot);
-    let flags_ok = if retried { "URX" } else { "-" };
+    let at = FailedAt {
+        responded: shared.responded.get(),
+        status: shared.status.get(),
+        req_done: shared.req_done_at.get().is_some(),
+    };
     match joined {
-        Ok(RespEnd::Ok { keep_down }) => {
-            ex.answer(shared.status.get(), flags_ok);
-            Attempt::Done(if keep_down && req_complete {
+        Ok(RespEnd::Ok { keep_down }) => Tried::Responded {
+            status: at.status,
+            next: if keep_down && req_complete {
                 Next::KeepAlive
             } else {
                 Next::Close {
                     linger: !req_complete,
                 }
-            })
-        }
-        Ok(RespEnd::Refused) if !shared.body_started.get() && !shared.responded.get() => {
-            Attempt::Refused
-        }
-        Ok(RespEnd::Refused) => {
-            fail_after(conn, ex, meters, req, &shared, UpFail::Closed, retried).await
-        }
-        Ok(RespEnd::Upstream(f)) => fail_after(conn, ex, meters, req, &shared, f, retried).await,
+            },
+        },
+        // Not processed, and nothing of the body was consumed: any request may go again.
+        Ok(RespEnd::Refused) if !replay.lost && !at.responded => Tried::Refused,
+        Ok(RespEnd::Refused) => Tried::Failed(UpFail::Closed, at),
+        Ok(RespEnd::Upstream(f)) => Tried::Failed(f, at),
         Ok(RespEnd::ClientGone) | Err(PumpFail::ClientGone) => {
-            ex.answer(shared.status.get(), "DC");
-            Attempt::Done(Next::Close { linger: false })
+            ex.answer(at.status, "DC");
+            Tried::Answered(Next::Close { linger: false })
         }
         Err(PumpFail::Body(e)) => {
             let flags = e.response_flag().unwrap_or("-");
-            if shared.responded.get() {
-                ex.answer(shared.status.get(), flags);
+            if at.responded {
+                ex.answer(at.status, flags);
             } else {
                 ex.answer(e.status(), flags);
                 local(conn, meters, req.version, false, None).await;
             }
-            Attempt::Done(Next::Close { linger: true })
+            Tried::Answered(Next::Close { linger: true })
         }
     }
-}
-
-/// The upstream failed after the stream was opened.
-async fn fail_after<R: HttpRead, W: ClientOut>(
-    conn: &mut Conn<R, W>,
-    ex: &Exchange,
-    meters: &Meters<'_>,
-    req: &ReqInfo<'_>,
-    shared: &Shared,
-    f: UpFail,
-    retried: bool,
-) -> Attempt {
-    if shared.responded.get() {
-        // The response had started: all that is left is to cut it off.
-        ex.answer(shared.status.get(), f.flags(retried));
-        return Attempt::Done(Next::Close { linger: false });
-    }
-    let req_done = shared.req_done_at.get().is_some();
-    ex.answer(f.status(), f.flags(retried));
-    let keep = req.keep_alive && req_done;
-    let ok = local(conn, meters, req.version, keep, None).await;
-    Attempt::Done(if ok && keep {
-        Next::KeepAlive
-    } else {
-        Next::Close {
-            linger: ok && !req_done,
-        }
-    })
 }
 
 /// Send `data` within the peer's flow-control window; `end`: it ends the stream (an empty
@@ -806,8 +801,39 @@ pub(crate) async fn send_flow(
     Ok(())
 }
 
+/// Send again what an earlier attempt took of the body ([`Replay`]). `Some`: the pump is
+/// over (the body ended with the copy, or the upstream is gone); `None`: go on with the rest
+/// from the client.
+async fn resend(
+    stream: &mut SendStream<Bytes>,
+    replay: &Replay,
+    shared: &Shared,
+    meters: &Meters<'_>,
+) -> Option<PumpEnd> {
+    let n = replay.data.len();
+    let end = replay.ended && replay.trailers.is_none();
+    if send_flow(stream, Bytes::copy_from_slice(&replay.data), end)
+        .await
+        .is_err()
+    {
+        return Some(PumpEnd::UpstreamGone);
+    }
+    meters.upstream_out(n);
+    if !replay.ended {
+        return None;
+    }
+    if let Some(t) = replay.trailers.clone()
+        && stream.send_trailers(t).is_err()
+    {
+        return Some(PumpEnd::UpstreamGone);
+    }
+    shared.req_done_at.set(Some(Instant::now()));
+    Some(PumpEnd::Complete)
+}
+
 /// The request body, decoded from its HTTP/1 framing, as DATA frames (and the client's
 /// trailers, when it sent any over HTTP/2).
+#[allow(clippy::too_many_arguments)] // both ends of the body and what is kept of it
 async fn pump_request<R: HttpRead>(
     rd: &mut R,
     buf: &mut Vec<u8>,
@@ -816,6 +842,7 @@ async fn pump_request<R: HttpRead>(
     idle: Duration,
     shared: &Shared,
     meters: &Meters<'_>,
+    replay: &mut Replay,
 ) -> Result<PumpEnd, PumpFail> {
     let mut payload = Vec::new();
     loop {
@@ -824,9 +851,13 @@ async fn pump_request<R: HttpRead>(
         buf.drain(..used);
         let done = decoder.is_done();
         if !payload.is_empty() || done {
-            shared.body_started.set(true);
+            replay.keep(&payload);
             let n = payload.len();
             let trailers = if done { rd.take_trailers() } else { None };
+            if done && !replay.lost {
+                replay.ended = true;
+                replay.trailers = trailers.clone();
+            }
             let data = Bytes::from(std::mem::take(&mut payload));
             let end = done && trailers.is_none();
             if (n > 0 || end) && send_flow(stream, data, end).await.is_err() {
@@ -853,25 +884,39 @@ async fn pump_request<R: HttpRead>(
 }
 
 /// Wait for `fut` within the request's deadlines: the route timeout from the end of the
-/// request, and the gRPC deadline.
+/// request, the gRPC deadline and, for the response head (`head`), the route's
+/// `per_try_timeout` ([`UpFail::PerTryTimeout`]).
 async fn within<F: Future>(
     fut: F,
     rctx: &RespCtx<'_>,
     shared: &Shared,
     deadline: Option<Instant>,
+    head: bool,
 ) -> Result<F::Output, UpFail> {
     let mut fut = pin!(fut);
     loop {
         let now = Instant::now();
-        let mut wait = match shared.req_done_at.get() {
-            Some(at) => (at + rctx.timeout).saturating_duration_since(now),
-            None => WAIT_SLICE,
+        let (mut wait, mut fail) = match shared.req_done_at.get() {
+            Some(at) => (
+                (at + rctx.timeout).saturating_duration_since(now),
+                UpFail::Timeout,
+            ),
+            None => (WAIT_SLICE, UpFail::Timeout),
         };
+        if let (true, Some(at), Some(per_try)) = (head, shared.req_done_at.get(), rctx.per_try) {
+            let left = (at + per_try).saturating_duration_since(now);
+            if left < wait {
+                (wait, fail) = (left, UpFail::PerTryTimeout);
+            }
+        }
         if let Some(d) = deadline {
-            wait = wait.min(d.saturating_duration_since(now));
+            let left = d.saturating_duration_since(now);
+            if left <= wait {
+                (wait, fail) = (left, UpFail::Timeout);
+            }
         }
         if wait.is_zero() {
-            return Err(UpFail::Timeout);
+            return Err(fail);
         }
         if let Ok(out) = rt::timeout(wait, fut.as_mut()).await {
             return Ok(out);
@@ -902,7 +947,7 @@ async fn relay_response<W: ClientOut>(
     meters: &Meters<'_>,
     h2c: &H2Conn,
 ) -> RespEnd {
-    let resp = match within(response, rctx, shared, deadline).await {
+    let resp = match within(response, rctx, shared, deadline, true).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "upstream HTTP/2 stream failed");
@@ -919,6 +964,13 @@ async fn relay_response<W: ClientOut>(
         return RespEnd::Upstream(UpFail::Protocol);
     }
     shared.status.set(status);
+    if let Some(attempts) = rctx.retry
+        && status >= 400
+        && attempts.retry(Failure::Status(status))
+    {
+        // Dropped unread (the stream is reset); the next attempt answers.
+        return RespEnd::Upstream(UpFail::RetryStatus);
+    }
     let end = body.is_end_stream();
     let head_only = method == Method::Head || matches!(status, 204 | 304);
     // To an HTTP/1.1 client a body without a length goes chunked; to HTTP/1.0, close-delimited.
@@ -974,7 +1026,7 @@ async fn relay_response<W: ClientOut>(
     }
     let mut out = Vec::new();
     loop {
-        let next = match within(body.data(), rctx, shared, deadline).await {
+        let next = match within(body.data(), rctx, shared, deadline, false).await {
             Ok(n) => n,
             Err(f) => {
                 if f == UpFail::Timeout && is_grpc_response(&parts.headers) {
@@ -1010,7 +1062,7 @@ async fn relay_response<W: ClientOut>(
             None => break,
         }
     }
-    let trailers = match within(body.trailers(), rctx, shared, deadline).await {
+    let trailers = match within(body.trailers(), rctx, shared, deadline, false).await {
         Ok(Ok(t)) => t,
         Ok(Err(_)) => return RespEnd::Upstream(UpFail::Closed),
         Err(f) => return RespEnd::Upstream(f),
@@ -1109,11 +1161,15 @@ mod tests {
             let stats = Arc::new(ClusterStats::default());
             let pool = H2Pool::new();
             let key = PoolKey::plain(addr);
+            let breaker = Breaker::new(vec![stats.clone()].into());
+            let limits = CircuitBreakers::default();
             let target = Target {
                 endpoint: addr,
                 connect_timeout: Duration::from_secs(2),
                 stats: &stats,
                 tls: None,
+                breaker: &breaker,
+                limits: &limits,
             };
             let mut open = Vec::new();
             for i in 0..12 {
@@ -1164,6 +1220,73 @@ mod tests {
             );
         })
         .expect("ring");
+    }
+
+    #[test]
+    fn connections_and_waits_stay_within_the_circuit_breakers() {
+        rt::block_on(256, async {
+            let accepted = Rc::new(Cell::new(0));
+            let release = Rc::new(Cell::new(false));
+            let a = h2_server(1, accepted.clone(), release.clone());
+            let b = h2_server(1, accepted.clone(), release.clone());
+            let stats = Arc::new(ClusterStats::default());
+            let breaker = Breaker::new(vec![stats.clone()].into());
+            let limits = CircuitBreakers {
+                max_connections: Some(1),
+                max_pending_requests: Some(1),
+                max_requests: None,
+            };
+            let target = |endpoint| Target {
+                endpoint,
+                connect_timeout: Duration::from_secs(2),
+                stats: &stats,
+                tls: None,
+                breaker: &breaker,
+                limits: &limits,
+            };
+            let pool = H2Pool::new();
+            let (ta, tb) = (target(a), target(b));
+            let (ka, kb) = (PoolKey::plain(a), PoolKey::plain(b));
+            // A second request while the first waits for the connection it opens: one pending
+            // request at most.
+            let mut first = pin!(pool.acquire(&ka, &ta));
+            let polled = poll_fn(|cx| Poll::Ready(first.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "the connection is being opened");
+            let second = pool.acquire(&ka, &ta).await;
+            assert_eq!(
+                second.err(),
+                Some(AcquireFail::Overflow(Limit::PendingRequests))
+            );
+            let c = first.await.expect("connection");
+            assert!(until(|| c.send.current_max_send_streams() == 1).await);
+            let busy = StreamSlot::new(c.clone());
+            // The connection is full and max_connections is reached: the stream queues on it.
+            let again = pool
+                .acquire(&ka, &ta)
+                .await
+                .expect("queued on the full connection");
+            assert!(Rc::ptr_eq(&again, &c));
+            // Another endpoint has no connection to queue on: overflow.
+            let other = pool.acquire(&kb, &tb).await;
+            assert_eq!(other.err(), Some(AcquireFail::Overflow(Limit::Connections)));
+            assert_eq!(accepted.get(), 1);
+            drop(busy);
+        })
+        .expect("ring");
+    }
+
+    #[test]
+    fn a_body_is_kept_for_another_attempt_up_to_the_limit() {
+        let mut r = Replay::default();
+        assert!(!r.has_some());
+        r.keep(b"hello");
+        assert!(r.has_some() && !r.lost);
+        r.keep(&vec![0u8; MAX_REPLAY_BODY - 5]);
+        assert_eq!(r.data.len(), MAX_REPLAY_BODY, "exactly the limit is kept");
+        r.keep(b"!");
+        assert!(r.lost, "one byte more is not");
+        assert!(!r.has_some());
+        assert_eq!(r.data.capacity(), 0, "the copy is given back");
     }
 
     #[test]

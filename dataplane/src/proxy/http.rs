@@ -27,7 +27,8 @@
 //! the cluster's retry budget ([`crate::retry`]): a connect failure may be retried for any
 //! request (nothing was sent); once the head went out, only an idempotent request without a
 //! body, and never after the response head reached the client. The last failure of several
-//! attempts gets `URX`.
+//! attempts gets `URX`. HTTP/2 clusters run the same loop: each attempt is
+//! [`h2_upstream::attempt`], whose outcome ([`Tried`]) goes through the same steps.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -60,6 +61,7 @@ use crate::http1::{
 use crate::listen::ConnGuard;
 use crate::metrics::{ClusterStats, ListenerStats, RequestRecord};
 use crate::pool::{self, PoolKey, UpConn};
+use crate::proxy::h2_upstream;
 use crate::proxy::http_io::{HttpRead, HttpWrite, tls_split};
 use crate::retry::{Attempts, Failure, Limit};
 use crate::rt;
@@ -1030,15 +1032,8 @@ async fn forward<R: HttpRead, W: ClientOut>(
     };
     let body_done = req.decoder.is_done();
     // The client connection after a local answer: usable only if the body was read.
-    let after_local = |ok: bool, req_done: bool| {
-        if ok && req.keep_alive && req_done {
-            Next::KeepAlive
-        } else {
-            Next::Close {
-                linger: ok && !req_done,
-            }
-        }
-    };
+    let keep_alive = req.keep_alive;
+    let after_local = move |ok: bool, req_done: bool| answered(ok, keep_alive, req_done);
     let RouteAction::Forward { clusters } = &snap.config.routes[route.index].action else {
         ex.answer(500, "-");
         let ok = local(conn, &meters, req.version, false, None).await;
@@ -1085,27 +1080,29 @@ async fn forward<R: HttpRead, W: ClientOut>(
         Ok(slot) => slot,
         Err(limit) => return overflow(conn, &meters, cstats, limit, &req, body_done).await,
     };
-    if ccfg.protocol == UpstreamProtocol::Http2 {
-        let fwd = super::h2_upstream::forward_cluster(
-            guard,
-            snap,
-            routes,
-            route,
-            cluster,
-            conn,
-            &mut req,
-            &upstream_head,
-            ex,
-            &meters,
-        );
-        return Box::pin(fwd).await;
-    }
     let attempts = Attempts::new(
         policy,
         ccfg.retry_budget,
         cstats,
         req.method.is_idempotent() && body_done,
     );
+    // HTTP/2 clusters take the same attempt loop; only the exchange differs. Boxed, like the
+    // HTTP/2 attempt itself: the connection's future (what an idle connection costs) keeps
+    // the size the HTTP/1.1 path needs.
+    let mut h2: Option<Box<h2_upstream::Prepared>> = None;
+    if ccfg.protocol == UpstreamProtocol::Http2 {
+        match h2_upstream::Prepared::new(&upstream_head, cluster_tls.is_some()) {
+            Ok(p) => {
+                let p = p.with_deadline(conn.wr.grpc_timeout(), ex, route.timeout, &attempts);
+                h2 = Some(Box::new(p));
+            }
+            Err(status) => {
+                ex.answer(status, "DPE");
+                let ok = local(conn, &meters, req.version, false, None).await;
+                return after_local(ok, false);
+            }
+        }
+    }
     let mut head_bytes = upstream_head;
     let picker = &snap.balancers[cluster];
     let hash_key = picker.hash_key(
@@ -1128,7 +1125,73 @@ async fn forward<R: HttpRead, W: ClientOut>(
             Some(left) if left.is_zero() => break UpFail::Timeout,
             Some(left) => left,
         };
+        let rctx = RespCtx {
+            method: req.method,
+            version: req.version,
+            client_keep_alive: req.keep_alive,
+            edits: &route.response_edits,
+            timeout,
+            draining: &guard.shard.shared.draining,
+            per_try: attempts.per_try_timeout(),
+            retry: Some(&attempts),
+            upgrade: req.upgrade,
+        };
         let key = PoolKey::new(endpoint, cluster_tls);
+        if let Some(h2) = &mut h2 {
+            let target = h2_upstream::Target {
+                endpoint,
+                connect_timeout: ccfg.connect_timeout,
+                stats: cstats,
+                tls: cluster_tls,
+                breaker,
+                limits,
+            };
+            let tried = h2_upstream::attempt(
+                &guard.shard.h2_pool,
+                key,
+                &target,
+                h2,
+                &head_bytes,
+                conn,
+                &mut req,
+                &rctx,
+                routes.request_timeout,
+                ex,
+                &meters,
+            );
+            match Box::pin(tried).await {
+                Tried::Responded { status, next } => {
+                    responded(picker, index, status, &attempts, ex);
+                    return next;
+                }
+                Tried::Answered(next) => return next,
+                Tried::ConnectFailed { timed_out } => {
+                    match connect_failed(&attempts, picker, index, timed_out).await {
+                        Ok(()) => continue,
+                        Err(f) => break f,
+                    }
+                }
+                Tried::Overflow(limit) => {
+                    cstats.overflow[limit as usize].inc();
+                    break UpFail::Overflow;
+                }
+                Tried::Refused => {
+                    if attempts.retry(Failure::Refused) {
+                        attempts.backoff().await;
+                        continue;
+                    }
+                    break UpFail::Closed;
+                }
+                Tried::Failed(f, at) => {
+                    let failed =
+                        upstream_failed(conn, &meters, &req, &attempts, picker, index, f, at);
+                    match failed.await {
+                        Some(next) => return next,
+                        None => continue,
+                    }
+                }
+            }
+        }
         let mut up = match guard.shard.http_pool.take(&key, cstats) {
             Some(up) => up,
             None => {
@@ -1148,18 +1211,12 @@ async fn forward<R: HttpRead, W: ClientOut>(
                 match connected {
                     Ok(up) => up,
                     Err(e) => {
-                        picker.report(index, crate::health::Outcome::GatewayFailure);
                         let timed_out = matches!(&e.kind, ProxyErrorKind::UpstreamConnect { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
                         // Nothing was sent: any request may go to the next endpoint.
-                        if attempts.retry(Failure::ConnectFailure) {
-                            attempts.backoff().await;
-                            continue;
+                        match connect_failed(&attempts, picker, index, timed_out).await {
+                            Ok(()) => continue,
+                            Err(f) => break f,
                         }
-                        break if timed_out {
-                            UpFail::ConnectTimeout
-                        } else {
-                            UpFail::ConnectRefused
-                        };
                     }
                 }
             }
@@ -1182,17 +1239,6 @@ async fn forward<R: HttpRead, W: ClientOut>(
             shared.req_done_at.set(Some(now));
             attempts.sent(now, route.timeout);
         }
-        let rctx = RespCtx {
-            method: req.method,
-            version: req.version,
-            client_keep_alive: req.keep_alive,
-            edits: &route.response_edits,
-            timeout,
-            draining: &guard.shard.shared.draining,
-            per_try: attempts.per_try_timeout(),
-            retry: Some(&attempts),
-            upgrade: req.upgrade,
-        };
         let joined = exchange(
             conn,
             &mut up,
@@ -1207,8 +1253,7 @@ async fn forward<R: HttpRead, W: ClientOut>(
         .await;
         match joined {
             Joined::Done { resp, req_complete } => {
-                picker.report(index, crate::health::Outcome::Status(resp.status));
-                ex.answer(resp.status, if attempts.exhausted() { "URX" } else { "-" });
+                responded(picker, index, resp.status, &attempts, ex);
                 bufpool::give(std::mem::take(&mut head_bytes));
                 if resp.upgraded {
                     let relayed = Box::pin(upgrade::tunnel(
@@ -1261,27 +1306,16 @@ async fn forward<R: HttpRead, W: ClientOut>(
             }
             Joined::RespFailed(RespFail::Upstream(f)) => {
                 drop(up);
-                picker.report(index, crate::health::Outcome::GatewayFailure);
-                if shared.responded.get() {
-                    // The response had started: all that is left is to cut the connection.
-                    ex.answer(shared.status.get(), f.flags(attempts.retried()));
-                    return Next::Close { linger: false };
-                }
-                let again = match f {
-                    // Decided by the relay, which saw the status.
-                    UpFail::RetryStatus => true,
-                    UpFail::Closed => attempts.retry(Failure::Reset),
-                    UpFail::PerTryTimeout => attempts.retry(Failure::PerTryTimeout),
-                    _ => false,
+                let at = FailedAt {
+                    responded: shared.responded.get(),
+                    status: shared.status.get(),
+                    req_done: shared.req_done_at.get().is_some(),
                 };
-                if again {
-                    attempts.backoff().await;
-                    continue;
+                let failed = upstream_failed(conn, &meters, &req, &attempts, picker, index, f, at);
+                match failed.await {
+                    Some(next) => return next,
+                    None => continue,
                 }
-                let req_done = shared.req_done_at.get().is_some();
-                ex.answer(f.status(), f.flags(attempts.retried()));
-                let ok = local(conn, &meters, req.version, req.keep_alive && req_done, None).await;
-                return after_local(ok, req_done);
             }
         }
     };
@@ -1296,6 +1330,125 @@ async fn forward<R: HttpRead, W: ClientOut>(
     )
     .await;
     after_local(ok, body_done)
+}
+
+/// How one HTTP/2 attempt ended ([`h2_upstream::attempt`]), for the attempt loop of
+/// [`forward`]; the HTTP/1.1 exchange's outcomes map to the same steps.
+pub(crate) enum Tried {
+    /// A response head came (its status, for outlier detection) and the response went to the
+    /// client; what the client connection does next.
+    Responded { status: u16, next: Next },
+    /// The attempt answered the client itself (the client left, its body was refused).
+    Answered(Next),
+    /// No connection could be had: nothing was sent.
+    ConnectFailed { timed_out: bool },
+    /// A circuit breaker refused a new connection (or a wait for one).
+    Overflow(Limit),
+    /// The upstream did not process the request and it can be sent again
+    /// ([`Failure::Refused`]).
+    Refused,
+    /// The upstream failed the attempt after the request (or part of it) went out.
+    Failed(UpFail, FailedAt),
+}
+
+/// Where an attempt stood when its upstream failed.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FailedAt {
+    /// The response head had gone to the client: nothing but cutting it off is left.
+    pub(crate) responded: bool,
+    /// The status of that response head, or of the response a retry dropped.
+    pub(crate) status: u16,
+    /// The request had been sent in full.
+    pub(crate) req_done: bool,
+}
+
+/// A response from endpoint `index` went to the client: outlier detection sees its status,
+/// the access log the response (`URX` when retries ran out on a retriable status).
+fn responded(
+    picker: &crate::balance::EndpointPicker,
+    index: usize,
+    status: u16,
+    attempts: &Attempts<'_>,
+    ex: &Exchange,
+) {
+    picker.report(index, crate::health::Outcome::Status(status));
+    ex.answer(status, if attempts.exhausted() { "URX" } else { "-" });
+}
+
+/// A connect to endpoint `index` failed (nothing was sent): `Ok` when the request is tried
+/// again (the backoff waited), else the failure to answer with.
+async fn connect_failed(
+    attempts: &Attempts<'_>,
+    picker: &crate::balance::EndpointPicker,
+    index: usize,
+    timed_out: bool,
+) -> Result<(), UpFail> {
+    picker.report(index, crate::health::Outcome::GatewayFailure);
+    if attempts.retry(Failure::ConnectFailure) {
+        attempts.backoff().await;
+        return Ok(());
+    }
+    Err(if timed_out {
+        UpFail::ConnectTimeout
+    } else {
+        UpFail::ConnectRefused
+    })
+}
+
+/// Endpoint `index` failed an attempt with `f` after the request went out: `None` when the
+/// request is tried again (the backoff waited), else the client was answered (or the response
+/// cut off) and this is what its connection does next.
+#[allow(clippy::too_many_arguments)] // one failed attempt's context
+async fn upstream_failed<R: HttpRead, W: ClientOut>(
+    conn: &mut Conn<R, W>,
+    meters: &Meters<'_>,
+    req: &ReqInfo<'_>,
+    attempts: &Attempts<'_>,
+    picker: &crate::balance::EndpointPicker,
+    index: usize,
+    f: UpFail,
+    at: FailedAt,
+) -> Option<Next> {
+    let ex = meters.ex;
+    picker.report(
+        index,
+        match f {
+            // Decided by the relay, which saw the status.
+            UpFail::RetryStatus => crate::health::Outcome::Status(at.status),
+            _ => crate::health::Outcome::GatewayFailure,
+        },
+    );
+    if at.responded {
+        // The response had started: all that is left is to cut the connection.
+        ex.answer(at.status, f.flags(attempts.retried()));
+        return Some(Next::Close { linger: false });
+    }
+    let again = match f {
+        UpFail::RetryStatus => true,
+        UpFail::Closed => attempts.retry(Failure::Reset),
+        UpFail::PerTryTimeout => attempts.retry(Failure::PerTryTimeout),
+        _ => false,
+    };
+    if again {
+        attempts.backoff().await;
+        return None;
+    }
+    ex.answer(f.status(), f.flags(attempts.retried()));
+    let keep = req.keep_alive && at.req_done;
+    let ok = local(conn, meters, req.version, keep, None).await;
+    Some(answered(ok, req.keep_alive, at.req_done))
+}
+
+/// What the client connection does after a local answer (`ok`: it was written): it is
+/// usable only if the request was read in full.
+pub(crate) fn answered(ok: bool, keep_alive: bool, req_done: bool) -> Next {
+    if ok && keep_alive && req_done {
+        Next::KeepAlive
+    } else {
+        Next::Close {
+            linger: ok && !req_done,
+        }
+    }
 }
 
 /// State both directions of an exchange see.
@@ -1532,6 +1685,7 @@ async fn relay_response<U: HttpRead, W: ClientOut>(
                         && attempts.retry(Failure::Status(head.status()))
                     {
                         // Dropped unread with its connection; the next attempt answers.
+                        shared.status.set(head.status());
                         return Err(RespFail::Upstream(UpFail::RetryStatus));
                     }
                     break (head, consumed);
