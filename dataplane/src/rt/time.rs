@@ -97,13 +97,14 @@ impl Timers {
 
 /// Completes after `d`.
 pub fn sleep(d: Duration) -> Sleep {
-    let now = Instant::now();
-    Sleep {
-        deadline: now
-            .checked_add(d)
-            .unwrap_or(now + Duration::from_secs(86400 * 365 * 30)),
-        reg: None,
-    }
+    sleep_until(deadline_after(Instant::now(), d))
+}
+
+/// `start + d`, or 30 years from `start` when that overflows (a "never" duration).
+fn deadline_after(start: Instant, d: Duration) -> Instant {
+    start
+        .checked_add(d)
+        .unwrap_or(start + Duration::from_secs(86400 * 365 * 30))
 }
 
 /// Completes at `deadline`.
@@ -174,12 +175,7 @@ pub struct Elapsed;
 /// per call; the limit may end up to one turn's work early, which no I/O timeout notices).
 pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
     let mut f = std::pin::pin!(f);
-    let start = now();
-    let mut s = sleep_until(
-        start
-            .checked_add(d)
-            .unwrap_or(start + Duration::from_secs(86400 * 365 * 30)),
-    );
+    let mut s = sleep_until(deadline_after(now(), d));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = f.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
