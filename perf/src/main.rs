@@ -9,6 +9,7 @@
 
 mod certs;
 mod chart;
+mod floor;
 mod http_origin;
 mod httpload;
 mod load;
@@ -42,7 +43,9 @@ struct Cli {
     /// meshgate binary [default: <workspace>/target/release/meshgate].
     #[arg(long, value_name = "PATH")]
     meshgate: Option<PathBuf>,
-    /// Proxies to run (comma-separated); the others stay in the table as "not selected".
+    /// Proxies to run (comma-separated); the others stay in the table as "not selected". Add
+    /// `uring-floor` for a reference column: a protocol-less io_uring byte relay, the least any
+    /// proxy can cost on this machine (tcp-rr and http-12 only).
     #[arg(long, value_delimiter = ',', default_value = "meshgate,haproxy,nginx")]
     proxies: Vec<String>,
     /// Rounds per proxy (interleaved); the report shows medians.
@@ -96,6 +99,18 @@ fn scenario_help() -> String {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(floor::ARG) {
+        let (Some(listen), Some(upstream)) = (args.get(2), args.get(3)) else {
+            eprintln!("usage: meshgate-perf {} LISTEN UPSTREAM", floor::ARG);
+            std::process::exit(2);
+        };
+        if let Err(e) = floor::main(listen, upstream) {
+            eprintln!("meshgate-perf {}: {e:#}", floor::ARG);
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run() {
         eprintln!("meshgate-perf: {e:#}");
         std::process::exit(1);
@@ -173,7 +188,7 @@ fn run() -> Result<()> {
         .meshgate
         .clone()
         .unwrap_or_else(|| workspace_root().join("target/release/meshgate"));
-    let proxies = proxy::all(&meshgate_bin);
+    let proxies = proxy::all(&meshgate_bin, &cli.proxies);
     let mut missing = false;
     for p in &proxies {
         match p.check() {

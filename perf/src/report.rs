@@ -207,9 +207,14 @@ pub fn table(results: &[ScenarioResult]) -> String {
     for b in BASELINES {
         let _ = write!(s, " meshgate/{b} |");
     }
+    // The reference relay, when it ran: how far below nginx any proxy could go here.
+    let floor = names.iter().any(|n| n == crate::proxy::FLOOR);
+    if floor {
+        let _ = write!(s, " {}/nginx |", crate::proxy::FLOOR);
+    }
     s.push('\n');
     s.push_str("|---|---|");
-    for _ in 0..names.len() + BASELINES.len() {
+    for _ in 0..names.len() + BASELINES.len() + usize::from(floor) {
         s.push_str("---:|");
     }
     s.push('\n');
@@ -234,6 +239,15 @@ pub fn table(results: &[ScenarioResult]) -> String {
                     String::new()
                 } else {
                     ratio(m, idx(b).and_then(|i| row.values[i]))
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            if floor {
+                let f = idx(crate::proxy::FLOOR).and_then(|i| row.values[i]);
+                let cell = if row.better == Better::Info {
+                    String::new()
+                } else {
+                    ratio(f, idx("nginx").and_then(|i| row.values[i]))
                 };
                 let _ = write!(s, " {cell} |");
             }

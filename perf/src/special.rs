@@ -217,6 +217,10 @@ fn key(q: &str, pct: u32) -> String {
     format!("added_{q}_{pct}")
 }
 
+fn cpu_key(pct: u32) -> String {
+    format!("cpu_us_per_request_{pct}")
+}
+
 /// Runs the latency scenario (see the module doc); fills `results` and returns the rows.
 pub fn run_latency(
     proxies: &[Box<dyn Proxy>],
@@ -318,6 +322,8 @@ pub fn run_latency(
                 let mut sample = Sample::bare(round, 0.0);
                 for pct in LOAD_LEVELS {
                     let r = rate * f64::from(pct) / 100.0;
+                    let ticks = || sys::ProcSnapshot::take().tree_ticks(proxy.pid());
+                    let cpu0 = ticks();
                     let res = openloop::run(
                         spec.listen,
                         "12",
@@ -326,7 +332,15 @@ pub fn run_latency(
                         warm,
                         st.window_secs,
                     )?;
+                    let cpu = ticks().saturating_sub(cpu0) as f64 / sys::clk_tck() as f64;
                     proxy.check_alive()?;
+                    // CPU per request at a fixed rate, where every proxy does the same work per
+                    // second: the warm-up's requests are in the CPU reading, so in the count.
+                    if res.achieved >= r * 0.95 {
+                        sample
+                            .metrics
+                            .insert(cpu_key(pct), cpu * 1e6 / (r * (warm + st.window_secs)));
+                    }
                     for (q, v) in [
                         ("p50", res.latency.p50_us),
                         ("p99", res.latency.p99_us),
@@ -407,6 +421,14 @@ pub fn run_latency(
                 Better::Lower,
             ));
         }
+    }
+    for pct in LOAD_LEVELS {
+        let r = fmt_num(rate * f64::from(pct) / 100.0);
+        rows.push((
+            cpu_key(pct),
+            format!("proxy CPU per request at {pct}% ({r} req/s, fixed rate), µs"),
+            Better::Lower,
+        ));
     }
     Ok(rows)
 }

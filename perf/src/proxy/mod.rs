@@ -19,10 +19,12 @@ use crate::certs::Certs;
 use crate::scenarios::Listener;
 use crate::sys;
 
+mod floor;
 mod haproxy;
 mod meshgate;
 mod nginx;
 
+pub use floor::NAME as FLOOR;
 pub use meshgate::{Meshgate, NOT_SUPPORTED};
 
 /// The Debian packages the harness can use (nginx's stream module is its own package on
@@ -229,12 +231,17 @@ pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// The proxies in report column order; meshgate's binary path comes from the command line.
-pub fn all(meshgate: &Path) -> Vec<Box<dyn Proxy>> {
-    vec![
+/// `uring-floor`, a reference rather than a proxy, gets a column only when `--proxies` names it.
+pub fn all(meshgate: &Path, selected: &[String]) -> Vec<Box<dyn Proxy>> {
+    let mut v: Vec<Box<dyn Proxy>> = vec![
         Box::new(Meshgate::new(meshgate.to_path_buf())),
         Box::new(haproxy::Haproxy),
         Box::new(nginx::Nginx),
-    ]
+    ];
+    if selected.iter().any(|s| s == FLOOR) {
+        v.push(Box::new(floor::Floor));
+    }
+    v
 }
 
 #[cfg(test)]
