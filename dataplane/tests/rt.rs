@@ -230,6 +230,61 @@ fn timeouts_and_sleeps_fire() {
     });
 }
 
+/// The loop parks with one ring timeout armed for the nearest deadline: a nearer timer added
+/// while a far one is armed must replace it, and a timer that goes away early must not stop a
+/// later one from firing (the armed timeout fires early, the loop re-arms).
+#[test]
+fn parked_shard_wakes_for_the_nearest_timer() {
+    let (tx, rx) = rt::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let handle = rt::spawn_shard(
+        ShardConfig {
+            id: 11,
+            cpu: None,
+            ring_entries: 64,
+        },
+        move || async move {
+            // Only a 30 s timer pending: the shard parks with a timeout armed for it.
+            let far = rt::spawn(rt::sleep(Duration::from_secs(30)));
+            rx.recv().await.expect("test alive");
+            // Woken by the channel; a 40 ms sleep must not wait for the 30 s timeout.
+            let t0 = Instant::now();
+            rt::sleep(Duration::from_millis(40)).await;
+            let nearer = t0.elapsed();
+            // Arm 20 ms, then drop it before it fires; a 60 ms sleep still ends on time.
+            drop(rt::timeout(
+                Duration::from_millis(20),
+                std::future::pending::<()>(),
+            ));
+            let early = rt::spawn(rt::sleep(Duration::from_millis(20)));
+            rt::sleep(Duration::from_millis(5)).await;
+            early.cancel();
+            let t1 = Instant::now();
+            rt::sleep(Duration::from_millis(60)).await;
+            let later = t1.elapsed();
+            far.cancel();
+            rt::sleep(Duration::from_millis(1)).await;
+            done_tx
+                .send((nearer, later, rt::shard_stats().ops_in_flight))
+                .expect("test alive");
+        },
+    )
+    .expect("shard");
+    // Let the shard park with only the far timer.
+    std::thread::sleep(Duration::from_millis(50));
+    tx.send(()).expect("shard alive");
+    let (nearer, later, ops) = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the shard woke for its timers");
+    assert!(nearer >= Duration::from_millis(40), "{nearer:?}");
+    assert!(nearer < Duration::from_secs(2), "{nearer:?}");
+    assert!(later >= Duration::from_millis(60), "{later:?}");
+    assert!(later < Duration::from_secs(2), "{later:?}");
+    assert_eq!(ops, 0, "the wake-up timer is not an op in flight");
+    drop(tx);
+    handle.join().expect("shard exits");
+}
+
 #[test]
 fn dropped_read_keeps_data_for_the_next_read() {
     run(async {

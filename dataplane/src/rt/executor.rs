@@ -60,21 +60,26 @@ impl IdleClock {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.ns_at(Instant::now())
     }
 
-    /// The shard is about to block; returns the start to pass to [`IdleClock::end_park`].
-    fn begin_park(&self) -> u64 {
-        let t = self.now_ns();
+    fn ns_at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The shard is about to block (`now`: the clock just read); returns the start to pass to
+    /// [`IdleClock::end_park`].
+    fn begin_park(&self, now: Instant) -> u64 {
+        let t = self.ns_at(now);
         self.parked_at.store(t.saturating_add(1), Ordering::Release);
         t
     }
 
-    fn end_park(&self, started: u64) {
+    fn end_park(&self, started: u64, now: Instant) {
         // Clear first, then add: a reader in between undercounts (and is held up by
         // `reported_ns`), never counts the park twice.
         self.parked_at.store(0, Ordering::Release);
-        let ns = self.now_ns().saturating_sub(started);
+        let ns = self.ns_at(now).saturating_sub(started);
         self.done_ns.store(
             self.done_ns.load(Ordering::Relaxed).wrapping_add(ns),
             Ordering::Release,
@@ -395,6 +400,9 @@ impl Executor {
                 b.top_up();
                 b.wake_waiters();
             }
+            // Only a turn that may block is idle time; it reads the clock once before the wait
+            // and shares the read after it with the turn's timers.
+            let mut parked_at = None;
             let wait = if !self.queue_is_empty() || !self.rx.is_empty() {
                 Wait::No
             } else {
@@ -404,18 +412,22 @@ impl Executor {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                let wait = match next {
-                    Some(d) => Wait::Upto(d.saturating_duration_since(Instant::now())),
-                    None => Wait::Forever,
-                };
+                let now = Instant::now();
+                if let Some(d) = next {
+                    self.drv.arm_wake_timer(d, now);
+                }
                 self.remote.parked.store(true, Ordering::SeqCst);
-                if self.rx.is_empty() { wait } else { Wait::No }
+                if self.rx.is_empty() {
+                    parked_at = Some(self.remote.idle.begin_park(now));
+                    Wait::Forever
+                } else {
+                    Wait::No
+                }
             };
-            // Only a turn that may block is idle time: two clock reads when there is no work.
-            let parked_at = (!matches!(wait, Wait::No)).then(|| self.remote.idle.begin_park());
             let res = self.drv.turn(wait);
+            let now = Instant::now();
             if let Some(t) = parked_at {
-                self.remote.idle.end_park(t);
+                self.remote.idle.end_park(t, now);
             }
             self.remote.parked.store(false, Ordering::SeqCst);
             match res {
@@ -429,7 +441,6 @@ impl Executor {
                     );
                 }
             }
-            let now = Instant::now();
             super::time::set_turn_now(Some(now));
             self.drv.timers.fire(now);
             if let Some(b) = &self.drv.bufs {

@@ -157,7 +157,7 @@ pub struct ShardStats {
     /// Live tasks (spawned, not finished or dropped).
     pub tasks: usize,
     /// Ring operations whose final completion has not been collected (not counting the shard's
-    /// own eventfd read).
+    /// own eventfd read and wake-up timer).
     pub ops_in_flight: usize,
     /// Pending timers.
     pub timers: usize,
