@@ -1,5 +1,6 @@
-//! Timers, kept in userspace: an ordered map of deadlines. The loop bounds its one
-//! `io_uring_enter` by the nearest deadline; no timer ever costs a syscall or an SQE.
+//! Timers, kept in userspace: an ordered map of deadlines. A parked loop is woken for the
+//! nearest one by a single ring timeout kept armed across turns (`Driver::arm_wake_timer`); no
+//! timer of its own ever costs a syscall or an SQE.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
