@@ -825,7 +825,7 @@ fn plan<'r, R, W>(
     if !xff.is_empty() {
         xff.extend_from_slice(b", ");
     }
-    let _ = write!(xff, "{}", conn.peer.ip().to_canonical());
+    push_ip(&mut xff, conn.peer.ip().to_canonical());
     let kept_id = head.header(buf, "x-request-id").filter(|v| {
         !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.iter().all(|b| (0x21..=0x7e).contains(b))
     });
@@ -2236,6 +2236,30 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// Appends `ip` as text: IPv4 without the formatting machinery (it ran on every request, ~1 %
+/// of an HTTP/1.1 request's CPU), IPv6 through `Display`.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// A new request ID, UUID-shaped (`8-4-4-4-12` hex digits): the shard's random prefix and its
 /// counter. Unique per process run without coordination between shards.
 fn request_id() -> [u8; 36] {
@@ -2338,6 +2362,31 @@ async fn lingering_close<R: HttpRead, W: ClientOut>(conn: &mut Conn<R, W>) {
         match rt::timeout(left, conn.rd.recv_buf()).await {
             Ok(Ok(Some(rb))) => drained += rb.len() as u64,
             _ => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::push_ip;
+
+    #[test]
+    fn ip_text_matches_display() {
+        let mut ips: Vec<IpAddr> = vec![
+            Ipv6Addr::LOCALHOST.into(),
+            "2001:db8::1".parse().expect("valid"),
+        ];
+        for a in [0u8, 1, 9, 10, 99, 100, 199, 200, 255] {
+            for b in [0u8, 7, 42, 255] {
+                ips.push(Ipv4Addr::new(a, b, 255 - a, a / 2).into());
+            }
+        }
+        for ip in ips {
+            let mut out = b"x, ".to_vec();
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x, {ip}").into_bytes(), "{ip}");
         }
     }
 }
