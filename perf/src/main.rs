@@ -45,7 +45,7 @@ struct Cli {
     meshgate: Option<PathBuf>,
     /// Proxies to run (comma-separated); the others stay in the table as "not selected". Add
     /// `uring-floor` for a reference column: a protocol-less io_uring byte relay, the least any
-    /// proxy can cost on this machine (tcp-rr and http-12 only).
+    /// proxy can cost on this machine (scenarios with plain TCP or HTTP/1.1 listeners).
     #[arg(long, value_delimiter = ',', default_value = "meshgate,haproxy,nginx")]
     proxies: Vec<String>,
     /// Rounds per proxy (interleaved); the report shows medians.
