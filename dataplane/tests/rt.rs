@@ -236,6 +236,7 @@ fn timeouts_and_sleeps_fire() {
 #[test]
 fn parked_shard_wakes_for_the_nearest_timer() {
     let (tx, rx) = rt::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let handle = rt::spawn_shard(
         ShardConfig {
@@ -246,33 +247,42 @@ fn parked_shard_wakes_for_the_nearest_timer() {
         move || async move {
             // Only a 30 s timer pending: the shard parks with a timeout armed for it.
             let far = rt::spawn(rt::sleep(Duration::from_secs(30)));
+            ready_tx.send(rt::idle_counter()).expect("test alive");
             rx.recv().await.expect("test alive");
             // Woken by the channel; a 40 ms sleep must not wait for the 30 s timeout.
             let t0 = Instant::now();
             rt::sleep(Duration::from_millis(40)).await;
             let nearer = t0.elapsed();
-            // Arm 20 ms, then drop it before it fires; a 60 ms sleep still ends on time.
-            drop(rt::timeout(
-                Duration::from_millis(20),
-                std::future::pending::<()>(),
-            ));
+            // Park with a 20 ms timeout armed, then drop that timer: a 60 ms sleep still ends
+            // on time.
             let early = rt::spawn(rt::sleep(Duration::from_millis(20)));
-            rt::sleep(Duration::from_millis(5)).await;
+            ready_tx.send(rt::idle_counter()).expect("test alive");
+            rx.recv().await.expect("test alive");
             early.cancel();
             let t1 = Instant::now();
             rt::sleep(Duration::from_millis(60)).await;
             let later = t1.elapsed();
             far.cancel();
-            rt::sleep(Duration::from_millis(1)).await;
             done_tx
                 .send((nearer, later, rt::shard_stats().ops_in_flight))
                 .expect("test alive");
         },
     )
     .expect("shard");
-    // Let the shard park with only the far timer.
-    std::thread::sleep(Duration::from_millis(50));
-    tx.send(()).expect("shard alive");
+    for _ in 0..2 {
+        let idle = ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("shard ready");
+        // Parked: its idle time grows (nothing but the message or a timer can wake it).
+        let before = idle.idle();
+        assert!(
+            meshgate_testkit::wait_until(Duration::from_secs(5), || {
+                idle.idle() > before + Duration::from_millis(2)
+            }),
+            "the shard parks"
+        );
+        tx.send(()).expect("shard alive");
+    }
     let (nearer, later, ops) = done_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the shard woke for its timers");

@@ -48,6 +48,11 @@ pub fn main(listen: &str, upstream: &str) -> Result<()> {
     let listen: SocketAddr = listen.parse().context("listen address")?;
     let upstream: SocketAddr = upstream.parse().context("upstream address")?;
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    serve(&listener, upstream)
+}
+
+/// Relays every connection `listener` accepts to `upstream`, until an error.
+fn serve(listener: &TcpListener, upstream: SocketAddr) -> Result<()> {
     let mut ring: IoUring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_taskrun_flag()
@@ -222,7 +227,7 @@ fn set_nodelay(fd: RawFd) {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::*;
 
@@ -243,25 +248,16 @@ mod tests {
         Ok(addr)
     }
 
-    fn connect(addr: SocketAddr) -> Result<TcpStream> {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            match TcpStream::connect(addr) {
-                Ok(s) => return Ok(s),
-                Err(e) if Instant::now() > until => return Err(e).context("relay never listened"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
     #[test]
     fn relays_both_ways_and_frees_connections() -> Result<()> {
         let upstream = echo()?;
-        let listen = crate::sys::free_port()?;
-        std::thread::spawn(move || main(&listen.to_string(), &upstream.to_string()));
+        // Bound here, so connections queue until the relay's first accept.
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listen = listener.local_addr()?;
+        std::thread::spawn(move || serve(&listener, upstream));
         // Several connections in turn, so closed ones' slots are reused.
         for round in 0..3 {
-            let mut c = connect(listen)?;
+            let mut c = TcpStream::connect(listen)?;
             c.set_read_timeout(Some(Duration::from_secs(10)))?;
             for i in 0..50 {
                 let msg = format!("request {round}/{i}");
