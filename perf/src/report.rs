@@ -233,21 +233,14 @@ pub fn table(results: &[ScenarioResult]) -> String {
                 };
                 let _ = write!(s, " {cell} |");
             }
-            let m = idx("meshgate").and_then(|i| row.values[i]);
-            for b in BASELINES {
+            let value = |name: &str| idx(name).and_then(|i| row.values[i]);
+            let pairs = BASELINES.iter().map(|b| ("meshgate", *b));
+            let floor_pair = floor.then_some((crate::proxy::FLOOR, "nginx"));
+            for (a, b) in pairs.chain(floor_pair) {
                 let cell = if row.better == Better::Info {
                     String::new()
                 } else {
-                    ratio(m, idx(b).and_then(|i| row.values[i]))
-                };
-                let _ = write!(s, " {cell} |");
-            }
-            if floor {
-                let f = idx(crate::proxy::FLOOR).and_then(|i| row.values[i]);
-                let cell = if row.better == Better::Info {
-                    String::new()
-                } else {
-                    ratio(f, idx("nginx").and_then(|i| row.values[i]))
+                    ratio(value(a), value(b))
                 };
                 let _ = write!(s, " {cell} |");
             }
